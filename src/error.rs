@@ -1,0 +1,134 @@
+//! The engine's error type and its mapping onto the contract's exit codes.
+//!
+//! Owns: [`Error`], [`ErrorKind`]'s stable names for JSON reports, and the rule that
+//! every I/O error carries the path it happened on.
+//!
+//! Exit codes (contract §5): 0 done; 1 the operation failed and the previous stack is
+//! intact; 2 bad usage or bad manifest (nothing touched); 3 directory locked;
+//! 4 `verify` found violations or the journal is corrupt.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Every way a `stack` operation can fail.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The manifest breaks a rule of contract §1; nothing was touched.
+    #[error("bad manifest: {0}")]
+    BadManifest(String),
+    /// The command line or its environment is wrong; nothing was touched.
+    #[error("{0}")]
+    Usage(String),
+    /// Another process holds the directory's lock.
+    #[error("{dir} is locked by {holder}")]
+    Locked { dir: PathBuf, holder: String },
+    /// Fetching a table or bundle failed; the previous stack is intact.
+    #[error("fetching {what}: {message}")]
+    Fetch { what: String, message: String },
+    /// Downloaded bytes do not have the md5 the manifest promised.
+    #[error("{what}: expected md5 {expected}, got {actual}")]
+    Checksum {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// The journal is damaged in a way that is not a torn tail.
+    #[error("journal {path} is corrupt at byte offset {offset} (record {record}): {reason}")]
+    JournalCorrupt {
+        path: PathBuf,
+        offset: u64,
+        record: u64,
+        reason: String,
+    },
+    /// The journal was written by a format this build does not know.
+    #[error("journal {path} has format version {found}, this build reads version {supported}")]
+    JournalVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    /// `sync_state.json` or another engine file is unreadable and cannot be rebuilt.
+    #[error("{path}: {message}")]
+    State { path: PathBuf, message: String },
+    /// The filesystem refused an operation.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// `verify` found invariant violations.
+    #[error("{0} invariant violation(s)")]
+    Violations(usize),
+    /// The run was interrupted (Ctrl-C); the previous stack is intact.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The process exit code this error maps to (contract §5).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::BadManifest(_) | Error::Usage(_) => 2,
+            Error::Locked { .. } => 3,
+            Error::JournalCorrupt { .. } | Error::JournalVersion { .. } | Error::Violations(_) => 4,
+            Error::Fetch { .. }
+            | Error::Checksum { .. }
+            | Error::State { .. }
+            | Error::Io { .. }
+            | Error::Interrupted => 1,
+        }
+    }
+
+    /// A stable machine-readable name for the JSON report.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::BadManifest(_) => "bad_manifest",
+            Error::Usage(_) => "usage",
+            Error::Locked { .. } => "locked",
+            Error::Fetch { .. } => "fetch",
+            Error::Checksum { .. } => "checksum",
+            Error::JournalCorrupt { .. } => "journal_corrupt",
+            Error::JournalVersion { .. } => "journal_version",
+            Error::State { .. } => "state",
+            Error::Io { .. } => "io",
+            Error::Violations(_) => "violations",
+            Error::Interrupted => "interrupted",
+        }
+    }
+
+    /// Is this the simulated crash of a test filesystem? Such an error must
+    /// propagate untouched: no cleanup may run after it.
+    pub fn is_crash(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if is_crash_io(source))
+    }
+}
+
+/// The marker a simulated filesystem puts in the io::Error of a crash.
+pub const CRASH_MARKER: &str = "stack-sim: crashed";
+
+/// Is this io::Error a simulated crash?
+pub fn is_crash_io(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.to_string() == CRASH_MARKER)
+}
+
+/// Attach the operation and path to an io::Error.
+pub trait IoContext<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

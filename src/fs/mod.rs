@@ -1,0 +1,368 @@
+//! The filesystem seam: the one door through which `stack` touches the disk.
+//!
+//! Owns: every filesystem operation the engine performs, reads and mutations alike
+//! (create/write, fsync of a file or a folder, rename, link, symlink, unlink, mkdir,
+//! rmdir, chmod, truncate, lock).
+//!
+//! Architecture invariant: nothing outside `src/fs` calls a `std::fs` mutator. The
+//! engine is written against [`Fs`]; [`RealFs`] calls the operating system, and the
+//! test implementations in [`sim`] keep an in-memory tree with a separate durable
+//! image, so crash injection, power-loss simulation and fuzzing all see every
+//! mutation the engine makes, in order.
+//!
+//! Durability contract (what callers may assume, and what the simulator enforces):
+//! - File contents written through a [`FileWrite`] survive a crash only once
+//!   [`FileWrite::sync`] returned.
+//! - A name created, replaced or removed in a folder (create, rename, link, symlink,
+//!   unlink, mkdir, rmdir) survives a crash only once [`Fs::sync_dir`] of that folder
+//!   returned.
+//! - `rename` within one filesystem is atomic: after a crash the destination name
+//!   shows either the old or the new file, never neither, never a mix.
+
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// What a directory entry or a path is (never following a final symlink).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// The subset of `lstat`/`stat` the engine uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: Kind,
+    pub len: u64,
+    pub mtime_ns: i128,
+    pub ino: u64,
+    pub readonly: bool,
+}
+
+/// One entry of a folder listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub kind: Kind,
+}
+
+/// An open file being written. Dropping it closes it without syncing.
+pub trait FileWrite: Write + Send {
+    /// Make the bytes written so far durable (fdatasync).
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// A held exclusive lock; released when dropped (or when the holder dies).
+pub trait LockGuard: Send {}
+
+/// The filesystem seam. Every method's paths are absolute or relative to the
+/// process's working directory, exactly as `std::fs` takes them.
+pub trait Fs: Send + Sync {
+    // ---- reads ----------------------------------------------------------
+    /// `lstat`: metadata of the path itself (a symlink is reported as a symlink).
+    fn symlink_metadata(&self, path: &Path) -> io::Result<Meta>;
+    /// `stat`: metadata following symlinks.
+    fn metadata(&self, path: &Path) -> io::Result<Meta>;
+    /// Entries of a folder, sorted by name, without `.` and `..`.
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
+    /// The target of a symlink.
+    fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
+    /// Open a file for reading (following symlinks).
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>>;
+
+    // ---- mutations --------------------------------------------------------
+    /// Create or truncate a file for writing.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn FileWrite>>;
+    /// Open an existing file (or create it) for appending at its end.
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FileWrite>>;
+    /// Cut a file to `len` bytes and make that durable.
+    fn truncate(&self, path: &Path, len: u64) -> io::Result<()>;
+    /// fsync a folder, making the names created or removed in it durable.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    /// `syncfs`: make every write, name and folder change on the filesystem that
+    /// holds `path` durable, in one call (no ordering among them is promised).
+    fn sync_fs(&self, path: &Path) -> io::Result<()>;
+    /// Atomically rename `from` to `to`, replacing a file at `to`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Make `link` a new hard link to `original`.
+    fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()>;
+    /// Make `link` a symlink whose content is `target`.
+    fn symlink(&self, target: &Path, link: &Path) -> io::Result<()>;
+    /// Clone `src` into a new file `dst` sharing extents (copy-on-write).
+    /// Fails with `Unsupported` (or the OS's error) where the filesystem cannot.
+    fn reflink(&self, src: &Path, dst: &Path) -> io::Result<()>;
+    /// Remove a file or a symlink.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Create one folder (its parent must exist).
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
+    /// Remove one empty folder.
+    fn remove_dir(&self, path: &Path) -> io::Result<()>;
+    /// Set or clear the write permission bits (0444 vs 0644).
+    fn set_readonly(&self, path: &Path, readonly: bool) -> io::Result<()>;
+    /// Take an exclusive lock on `path` (created if missing). `Ok(None)` means
+    /// another holder has it (only when `wait` is false).
+    fn lock(&self, path: &Path, wait: bool) -> io::Result<Option<Box<dyn LockGuard>>>;
+
+    // ---- provided helpers, built only from the methods above -----------------
+    /// Read a whole file.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.open_read(path)?.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    /// Does anything (file, folder, even a dangling symlink) exist at `path`?
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        match self.symlink_metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Copy the bytes of `src` (followed) into a new file `dst`, synced if asked.
+    fn copy_file(&self, src: &Path, dst: &Path, sync: bool) -> io::Result<u64> {
+        let mut r = self.open_read(src)?;
+        let mut w = self.create(dst)?;
+        let n = io::copy(&mut r, &mut w)?;
+        w.flush()?;
+        if sync {
+            w.sync()?;
+        }
+        Ok(n)
+    }
+
+    /// Create `path` and every missing parent; returns the folders it created
+    /// (outermost first), so a caller can fsync their parents.
+    fn create_dir_all(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        let mut missing = Vec::new();
+        let mut cur = Some(path);
+        while let Some(p) = cur {
+            if p.as_os_str().is_empty() || self.exists(p)? {
+                break;
+            }
+            missing.push(p.to_path_buf());
+            cur = p.parent();
+        }
+        missing.reverse();
+        for p in &missing {
+            match self.create_dir(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Remove `path` and everything under it; a missing path is fine.
+    fn remove_tree(&self, path: &Path) -> io::Result<()> {
+        let meta = match self.symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if meta.kind != Kind::Dir {
+            return not_found_ok(self.remove_file(path));
+        }
+        for entry in self.read_dir(path)? {
+            self.remove_tree(&path.join(&entry.name))?;
+        }
+        not_found_ok(self.remove_dir(path))
+    }
+}
+
+/// Treat "not found" as success: removal is idempotent (recovery may redo it).
+pub fn not_found_ok(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The real implementation.
+// ---------------------------------------------------------------------------
+
+/// [`Fs`] over the operating system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+struct RealFile(std::fs::File);
+
+impl Write for RealFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl FileWrite for RealFile {
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+struct RealLock(#[allow(dead_code)] std::fs::File);
+impl LockGuard for RealLock {}
+impl Drop for RealLock {
+    fn drop(&mut self) {
+        let _ = fs2::FileExt::unlock(&self.0);
+    }
+}
+
+fn meta_of(m: &std::fs::Metadata) -> Meta {
+    use std::os::unix::fs::MetadataExt;
+    let ft = m.file_type();
+    let kind = if ft.is_symlink() {
+        Kind::Symlink
+    } else if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_file() {
+        Kind::File
+    } else {
+        Kind::Other
+    };
+    Meta {
+        kind,
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ino: m.ino(),
+        readonly: m.permissions().readonly(),
+    }
+}
+
+impl Fs for RealFs {
+    fn symlink_metadata(&self, path: &Path) -> io::Result<Meta> {
+        Ok(meta_of(&std::fs::symlink_metadata(path)?))
+    }
+    fn metadata(&self, path: &Path) -> io::Result<Meta> {
+        Ok(meta_of(&std::fs::metadata(path)?))
+    }
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(path)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            let kind = if ft.is_symlink() {
+                Kind::Symlink
+            } else if ft.is_dir() {
+                Kind::Dir
+            } else if ft.is_file() {
+                Kind::File
+            } else {
+                Kind::Other
+            };
+            out.push(DirEntry {
+                name: e.file_name().to_string_lossy().into_owned(),
+                kind,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+    fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
+        std::fs::read_link(path)
+    }
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(std::fs::File::open(path)?))
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        std::fs::read(path)
+    }
+    fn create(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
+        Ok(Box::new(RealFile(std::fs::File::create(path)?)))
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Box::new(RealFile(f)))
+    }
+    fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(len)?;
+        f.sync_all()
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::File::open(path)?.sync_all()
+    }
+    fn sync_fs(&self, path: &Path) -> io::Result<()> {
+        sys::syncfs(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
+        std::fs::hard_link(original, link)
+    }
+    fn symlink(&self, target: &Path, link: &Path) -> io::Result<()> {
+        std::os::unix::fs::symlink(target, link)
+    }
+    fn reflink(&self, src: &Path, dst: &Path) -> io::Result<()> {
+        reflink_copy::reflink(src, dst)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir(path)
+    }
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir(path)
+    }
+    fn set_readonly(&self, path: &Path, readonly: bool) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if readonly { 0o444 } else { 0o644 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+    fn lock(&self, path: &Path, wait: bool) -> io::Result<Option<Box<dyn LockGuard>>> {
+        use fs2::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        if wait {
+            f.lock_exclusive()?;
+            return Ok(Some(Box::new(RealLock(f))));
+        }
+        match f.try_lock_exclusive() {
+            Ok(()) => Ok(Some(Box::new(RealLock(f)))),
+            Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+mod sys {
+    use std::io;
+    use std::path::Path;
+
+    /// syncfs(2) on Linux; elsewhere, a full `sync(2)`, which is at least as strong.
+    pub fn syncfs(path: &Path) -> io::Result<()> {
+        let f = std::fs::File::open(path)?;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: `f` is an open descriptor for the duration of the call.
+            let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            drop(f);
+            // SAFETY: sync(2) takes no arguments and cannot fail.
+            unsafe { libc::sync() };
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,255 @@
+//! Byte format of the journal: header and frames. Pure functions over byte slices.
+//!
+//! Owns: encoding a batch of records into one frame, and [`scan`], the single
+//! reader every caller (recovery, `journal verify`, `journal show`, the fuzzer)
+//! uses, so they can never disagree about where the valid prefix ends.
+
+use crate::journal::event::Record;
+
+/// File magic.
+pub const MAGIC: &[u8; 8] = b"STACKJNL";
+/// Current format version.
+pub const FORMAT_VERSION: u32 = 1;
+/// Header: magic (8) + version u32 LE (4) + crc32 of those 12 bytes, u32 LE (4).
+pub const HEADER_LEN: usize = 16;
+/// Frame header: payload length u32 LE (4) + crc32 over length and payload (4).
+pub const FRAME_HEADER_LEN: usize = 8;
+/// The largest payload a frame may claim; checked before anything is allocated.
+pub const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_PAYLOAD>()
+}
+
+/// The 16-byte header of a new journal.
+pub fn header() -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let crc = crc32fast::hash(&h[..12]);
+    h[12..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Encode a batch of records as one frame. A frame is the unit of atomicity: after
+/// a crash it is either entirely valid or not there.
+pub fn encode_frame(records: &[Record]) -> Result<Vec<u8>, String> {
+    let payload = bincode::serde::encode_to_vec(records, bincode_config())
+        .map_err(|e| format!("encoding journal records: {e}"))?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(format!(
+            "journal batch of {} bytes exceeds the {} byte frame limit",
+            payload.len(),
+            MAX_PAYLOAD
+        ));
+    }
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len);
+    hasher.update(&payload);
+    let crc = hasher.finalize().to_le_bytes();
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&crc);
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// How the scan of a journal ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Every byte belongs to a valid frame.
+    Clean,
+    /// The bytes from `offset` on are an incomplete or damaged last frame with
+    /// nothing valid after it: a torn append. Recovery may cut them (keeping a copy).
+    TornTail { offset: u64, reason: String },
+    /// A bad frame at `offset` is followed by valid data, or a valid frame breaks
+    /// the sequence: the journal is corrupt and must not be cut or rewritten.
+    Corrupt {
+        offset: u64,
+        record: u64,
+        reason: String,
+    },
+    /// The header names a format version this build does not read.
+    UnknownVersion { found: u32 },
+}
+
+/// The result of reading a journal's bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scan {
+    /// Valid records in order, each with the byte offset of its frame.
+    pub records: Vec<(u64, Record)>,
+    /// Length of the valid prefix (header + whole valid frames).
+    pub valid_len: u64,
+    pub end: End,
+}
+
+/// Try to read one valid frame at `at`. `Ok((records, next_offset))` or the reason
+/// it is not a valid frame.
+fn frame_at(bytes: &[u8], at: usize) -> Result<(Vec<Record>, usize), String> {
+    let rest = &bytes[at..];
+    if rest.len() < FRAME_HEADER_LEN {
+        return Err(format!("incomplete frame header ({} bytes)", rest.len()));
+    }
+    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    if len == 0 {
+        return Err("empty frame".to_string());
+    }
+    if len > MAX_PAYLOAD {
+        return Err(format!("frame length {len} exceeds the limit"));
+    }
+    if rest.len() - FRAME_HEADER_LEN < len {
+        return Err(format!(
+            "incomplete frame: {} of {len} payload bytes",
+            rest.len() - FRAME_HEADER_LEN
+        ));
+    }
+    let payload = &rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&rest[..4]);
+    hasher.update(payload);
+    if hasher.finalize() != crc {
+        return Err("checksum mismatch".to_string());
+    }
+    let (records, used): (Vec<Record>, usize) =
+        bincode::serde::decode_from_slice(payload, bincode_config())
+            .map_err(|e| format!("checksum valid but payload undecodable: {e}"))?;
+    if used != len {
+        return Err("checksum valid but payload has trailing bytes".to_string());
+    }
+    if records.is_empty() {
+        return Err("checksum valid but frame holds no record".to_string());
+    }
+    Ok((records, at + FRAME_HEADER_LEN + len))
+}
+
+/// Is there any valid frame starting anywhere in `bytes[from..]`?
+fn valid_frame_after(bytes: &[u8], from: usize) -> bool {
+    (from..bytes.len().saturating_sub(FRAME_HEADER_LEN - 1)).any(|at| {
+        let rest = &bytes[at..];
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        // Cheap filter before the checksum: the claimed length must fit.
+        len != 0 && len <= rest.len() - FRAME_HEADER_LEN && frame_at(bytes, at).is_ok()
+    })
+}
+
+/// Read a journal's bytes: the valid records, and how the valid prefix ends.
+///
+/// The torn-tail rule: the first bad frame ends the valid prefix. If no valid frame
+/// starts anywhere after it, the rest is a torn tail (an append that a crash cut
+/// short); otherwise it is corruption. Records must continue the sequence
+/// (`seq` strictly +1); a valid frame that breaks it is corruption too.
+pub fn scan(bytes: &[u8]) -> Scan {
+    let mut records = Vec::new();
+    // The header.
+    if bytes.len() < HEADER_LEN {
+        let expected = header();
+        let end = if bytes[..] == expected[..bytes.len()]
+            || bytes.len() < 8 && MAGIC.starts_with(bytes)
+        {
+            End::TornTail {
+                offset: 0,
+                reason: format!("incomplete header ({} bytes)", bytes.len()),
+            }
+        } else {
+            End::Corrupt {
+                offset: 0,
+                record: 0,
+                reason: "not a stack journal (bad magic)".to_string(),
+            }
+        };
+        return Scan {
+            records,
+            valid_len: 0,
+            end,
+        };
+    }
+    if &bytes[..8] != MAGIC {
+        return Scan {
+            records,
+            valid_len: 0,
+            end: End::Corrupt {
+                offset: 0,
+                record: 0,
+                reason: "not a stack journal (bad magic)".to_string(),
+            },
+        };
+    }
+    let crc = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+    if crc32fast::hash(&bytes[..12]) != crc {
+        return Scan {
+            records,
+            valid_len: 0,
+            end: End::Corrupt {
+                offset: 0,
+                record: 0,
+                reason: "header checksum mismatch".to_string(),
+            },
+        };
+    }
+    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if version != FORMAT_VERSION {
+        return Scan {
+            records,
+            valid_len: 0,
+            end: End::UnknownVersion { found: version },
+        };
+    }
+    let mut at = HEADER_LEN;
+    let mut next_seq: Option<u64> = None;
+    loop {
+        if at == bytes.len() {
+            return Scan {
+                records,
+                valid_len: at as u64,
+                end: End::Clean,
+            };
+        }
+        match frame_at(bytes, at) {
+            Ok((batch, next)) => {
+                for r in &batch {
+                    if let Some(want) = next_seq {
+                        if r.seq != want {
+                            return Scan {
+                                valid_len: at as u64,
+                                end: End::Corrupt {
+                                    offset: at as u64,
+                                    record: records.len() as u64,
+                                    reason: format!(
+                                        "sequence jumps from {} to {}",
+                                        want - 1,
+                                        r.seq
+                                    ),
+                                },
+                                records,
+                            };
+                        }
+                    }
+                    next_seq = Some(r.seq + 1);
+                }
+                records.extend(batch.into_iter().map(|r| (at as u64, r)));
+                at = next;
+            }
+            Err(reason) => {
+                let end = if valid_frame_after(bytes, at + 1) {
+                    End::Corrupt {
+                        offset: at as u64,
+                        record: records.len() as u64,
+                        reason: format!("{reason}, followed by valid records"),
+                    }
+                } else {
+                    End::TornTail {
+                        offset: at as u64,
+                        reason,
+                    }
+                };
+                return Scan {
+                    records,
+                    valid_len: at as u64,
+                    end,
+                };
+            }
+        }
+    }
+}

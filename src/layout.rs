@@ -1,0 +1,113 @@
+//! The local directory's layout (contract §2): the one place that turns ids, names
+//! and slugs into paths.
+//!
+//! Invariant kept: every path built here is `<dir>` joined with components that
+//! manifest validation proved to be single safe path components, so no path can
+//! leave the local directory.
+
+use std::path::{Path, PathBuf};
+
+use crate::journal::event::Slot;
+
+/// The state file, relative to the local directory.
+pub const STATE_FILE: &str = "sync_state.json";
+/// The engine-private folder.
+pub const PRIVATE_DIR: &str = ".stack";
+/// The shared-table folder, relative.
+pub const SHARED_DIR: &str = "data/_shared";
+
+/// `data/_shared/<table_id>.parquet`
+pub fn shared_rel(table_id: &str) -> String {
+    format!("{SHARED_DIR}/{table_id}.parquet")
+}
+
+/// The folder of a slot, relative: `data/_direct` or `data/<slug>`.
+pub fn slot_dir_rel(slot: &Slot) -> String {
+    match slot {
+        Slot::Direct => "data/_direct".to_string(),
+        Slot::Package(slug) => format!("data/{slug}"),
+    }
+}
+
+/// `data/_direct/<name>.parquet` or `data/<slug>/<name>.parquet`
+pub fn ref_rel(slot: &Slot, name: &str) -> String {
+    format!("{}/{name}.parquet", slot_dir_rel(slot))
+}
+
+/// `memory/<slug>/bundle.md`
+pub fn bundle_rel(slug: &str) -> String {
+    format!("memory/{slug}/bundle.md")
+}
+
+/// `memory/<slug>`
+pub fn domain_dir_rel(slug: &str) -> String {
+    format!("memory/{slug}")
+}
+
+/// The symlink target of a reference: relative, so the directory can move.
+pub fn symlink_target(table_id: &str) -> PathBuf {
+    PathBuf::from(format!("../_shared/{table_id}.parquet"))
+}
+
+/// Absolute (or cwd-relative) paths of one local directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+    pub fn state_file(&self) -> PathBuf {
+        self.root.join(STATE_FILE)
+    }
+    pub fn private(&self) -> PathBuf {
+        self.root.join(PRIVATE_DIR)
+    }
+    pub fn journal(&self) -> PathBuf {
+        self.private().join("journal")
+    }
+    pub fn lock_file(&self) -> PathBuf {
+        self.private().join("lock")
+    }
+    pub fn staging(&self) -> PathBuf {
+        self.private().join("staging")
+    }
+    /// A complete, verified staged file.
+    pub fn staged(&self, md5: &str) -> PathBuf {
+        self.staging().join(md5)
+    }
+    /// A download in progress (kept across rollbacks so the next pull resumes it).
+    pub fn partial(&self, md5: &str) -> PathBuf {
+        self.staging().join(format!("{md5}.part"))
+    }
+    /// Scratch folder for files made before being renamed into place.
+    pub fn tmp(&self) -> PathBuf {
+        self.private().join("tmp")
+    }
+    pub fn trash(&self) -> PathBuf {
+        self.private().join("trash")
+    }
+    pub fn data(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    pub fn memory(&self) -> PathBuf {
+        self.root.join("memory")
+    }
+    pub fn shared_dir(&self) -> PathBuf {
+        self.root.join(SHARED_DIR)
+    }
+}
+
+/// Is `rel` (a relative path from the state file) one the engine could have made?
+/// Used when reading a state file a user may have edited.
+pub fn is_engine_path(rel: &str) -> bool {
+    let p = Path::new(rel);
+    !p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}

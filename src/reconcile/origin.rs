@@ -1,0 +1,211 @@
+//! Origins: where a manifest's tables and bundles come from.
+//!
+//! Owns: the [`Origin`] trait (the one seam between the engine and any server),
+//! URL resolution against a manifest's origin (contract §1), the local-folder origin
+//! and the adapter for the library API's injected closures.
+//!
+//! Invariants kept: an origin writes only to the partial path the engine gives it,
+//! through the engine's [`Fs`]; a URL that would resolve outside the origin is
+//! refused by [`Origin::resolve`] before anything is touched.
+
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use md5::{Digest, Md5};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fs::Fs;
+
+/// What is being fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A table, by id.
+    Table { id: String },
+    /// A memory bundle, by domain slug.
+    Bundle { slug: String },
+}
+
+impl Item {
+    pub fn describe(&self) -> String {
+        match self {
+            Item::Table { id } => format!("table {id}"),
+            Item::Bundle { slug } => format!("memory bundle {slug}"),
+        }
+    }
+}
+
+/// One download request.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub item: &'a Item,
+    /// The URL exactly as the manifest gave it (after [`Origin::resolve`] accepted it).
+    pub url: &'a str,
+    /// The md5 the manifest promises (partial downloads are keyed by it).
+    pub md5: &'a str,
+    /// The size the manifest announces, if any.
+    pub size: Option<u64>,
+}
+
+/// What a finished download produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// md5 (lowercase hex) of the whole file at `part`.
+    pub md5: String,
+    /// Bytes transferred over the wire (or read from the origin) by this call.
+    pub bytes_fetched: u64,
+}
+
+/// A source of tables and bundles.
+pub trait Origin: Send + Sync {
+    /// Check that `url` is one this origin may fetch (contract §1); an `Err` is a
+    /// bad-manifest message naming the URL.
+    fn resolve(&self, url: &str) -> std::result::Result<(), String>;
+    /// Download `req` into `part` through `fs` (resuming it if the origin can),
+    /// returning the md5 of the complete file. Must not sync: the engine makes all
+    /// staged files durable at once.
+    fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> Result<Fetched>;
+}
+
+/// Stream `r` into a new file `part`, hashing on the way (one pass over the bytes).
+pub fn stream_to_part(fs: &dyn Fs, mut r: impl Read, part: &Path) -> Result<Fetched> {
+    let mut w = fs.create(part).at("create", part)?;
+    let mut hasher = Md5::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).at("read", part),
+        };
+        hasher.update(&buf[..n]);
+        w.write_all(&buf[..n]).at("write", part)?;
+        total += n as u64;
+    }
+    w.flush().at("write", part)?;
+    Ok(Fetched {
+        md5: hex(&hasher.finalize()),
+        bytes_fetched: total,
+    })
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// md5 of a file read through the seam.
+pub fn md5_file(fs: &dyn Fs, path: &Path) -> std::io::Result<String> {
+    let mut r = fs.open_read(path)?;
+    let mut hasher = Md5::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Check that an absolute-path URL (`/api/...`) has only normal components and
+/// return it relative (`api/...`).
+pub fn origin_relative(url: &str) -> std::result::Result<PathBuf, String> {
+    let path = url.split(['?', '#']).next().unwrap_or("");
+    if !path.starts_with('/') {
+        return Err(format!("URL {url:?} is not an absolute path (/api/...)"));
+    }
+    let rel = Path::new(&path[1..]);
+    let mut out = PathBuf::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            _ => return Err(format!("URL {url:?} resolves outside the origin")),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(format!("URL {url:?} names no file"));
+    }
+    Ok(out)
+}
+
+/// A manifest given as a local file: its folder is the origin (contract §1).
+#[derive(Debug, Clone)]
+pub struct LocalOrigin {
+    pub root: PathBuf,
+}
+
+impl LocalOrigin {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalOrigin { root: root.into() }
+    }
+}
+
+impl Origin for LocalOrigin {
+    fn resolve(&self, url: &str) -> std::result::Result<(), String> {
+        origin_relative(url).map(|_| ())
+    }
+
+    fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> Result<Fetched> {
+        let rel = origin_relative(req.url).map_err(Error::BadManifest)?;
+        let src = self.root.join(rel);
+        // Reading the origin is not a mutation of the local directory, so it does
+        // not go through the seam (the origin may live on another filesystem).
+        let file = std::fs::File::open(&src).map_err(|e| Error::Fetch {
+            what: req.item.describe(),
+            message: format!("{}: {e}", src.display()),
+        })?;
+        stream_to_part(fs, file, part)
+    }
+}
+
+/// `fetcher(url, dest)` of the library API (contract §6).
+pub type FetchFn = Box<dyn Fn(&str, &Path) -> std::io::Result<()> + Send + Sync>;
+/// `md5_of(path)` of the library API.
+pub type Md5Fn = Box<dyn Fn(&Path) -> std::io::Result<String> + Send + Sync>;
+/// `bundle_fetcher(slug)` of the library API.
+pub type BundleFn = Box<dyn Fn(&str) -> std::io::Result<Vec<u8>> + Send + Sync>;
+
+/// The library API's injected closures, seen as an [`Origin`]. The table fetcher
+/// writes to the real path itself, so this origin is for the real filesystem.
+pub struct ClosureOrigin<'a> {
+    pub fetcher: &'a FetchFn,
+    pub md5_of: &'a Md5Fn,
+    pub bundle_fetcher: &'a BundleFn,
+}
+
+impl Origin for ClosureOrigin<'_> {
+    fn resolve(&self, _url: &str) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> Result<Fetched> {
+        let fetch_err = |e: std::io::Error| Error::Fetch {
+            what: req.item.describe(),
+            message: e.to_string(),
+        };
+        match req.item {
+            Item::Table { .. } => {
+                (self.fetcher)(req.url, part).map_err(fetch_err)?;
+                let md5 = (self.md5_of)(part).map_err(fetch_err)?;
+                let bytes_fetched = fs.metadata(part).map(|m| m.len).unwrap_or(0);
+                Ok(Fetched { md5, bytes_fetched })
+            }
+            Item::Bundle { slug } => {
+                let body = (self.bundle_fetcher)(slug).map_err(fetch_err)?;
+                stream_to_part(fs, body.as_slice(), part)
+            }
+        }
+    }
+}

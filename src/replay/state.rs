@@ -1,0 +1,198 @@
+//! `sync_state.json`: the projection of the journal (contract §3).
+//!
+//! Owns: the serde model of the state file, its atomic replacement, and reading it
+//! back. Invariant kept: the file is only ever replaced whole (temp file, fsync,
+//! rename, fsync folder), and it is never the source of truth: `replay::project`
+//! can always rebuild it from the journal.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fs::Fs;
+use crate::layout::Layout;
+
+/// The state-file format version.
+pub const STATE_VERSION: u32 = 1;
+
+/// How a reference was actually made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Symlink,
+    Hardlink,
+    Copy,
+    Reflink,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Symlink => "symlink",
+            Strategy::Hardlink => "hardlink",
+            Strategy::Copy => "copy",
+            Strategy::Reflink => "reflink",
+        }
+    }
+}
+
+/// A stat fingerprint: if any of these changed since the engine wrote the file,
+/// its content is re-hashed on the next pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatFp {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ino: u64,
+}
+
+/// Where the last applied transaction stands in the journal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalPos {
+    pub txn: u64,
+    pub seq: u64,
+}
+
+/// One table reference (direct or in a package).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableEntry {
+    pub name: String,
+    pub md5: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    pub ref_path: String,
+    pub shared_path: String,
+    pub strategy: Strategy,
+    /// Fingerprint of the reference as the engine left it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ref_fp: Option<StatFp>,
+    /// Fingerprint of the shared file as the engine left it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_fp: Option<StatFp>,
+}
+
+/// One memory domain in the stack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainEntry {
+    pub md5: String,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp: Option<StatFp>,
+}
+
+/// The whole state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    pub version: u32,
+    #[serde(default)]
+    pub journal: JournalPos,
+    #[serde(default)]
+    pub direct_tables: BTreeMap<String, TableEntry>,
+    #[serde(default)]
+    pub data_packages: BTreeMap<String, BTreeMap<String, TableEntry>>,
+    #[serde(default)]
+    pub memory_domains: BTreeMap<String, DomainEntry>,
+}
+
+impl Default for SyncState {
+    fn default() -> Self {
+        SyncState {
+            version: STATE_VERSION,
+            journal: JournalPos::default(),
+            direct_tables: BTreeMap::new(),
+            data_packages: BTreeMap::new(),
+            memory_domains: BTreeMap::new(),
+        }
+    }
+}
+
+impl SyncState {
+    /// Every table entry with its slot, direct tables first, in a stable order.
+    pub fn entries(
+        &self,
+    ) -> impl Iterator<Item = (crate::journal::event::Slot, &str, &TableEntry)> {
+        use crate::journal::event::Slot;
+        let direct = self
+            .direct_tables
+            .iter()
+            .map(|(id, e)| (Slot::Direct, id.as_str(), e));
+        let pkgs = self.data_packages.iter().flat_map(|(slug, tables)| {
+            tables
+                .iter()
+                .map(move |(id, e)| (Slot::Package(slug.clone()), id.as_str(), e))
+        });
+        direct.chain(pkgs)
+    }
+
+    /// The same state with every fingerprint dropped (for comparing contents).
+    pub fn without_fingerprints(&self) -> SyncState {
+        let mut s = self.clone();
+        for e in s.direct_tables.values_mut() {
+            e.ref_fp = None;
+            e.shared_fp = None;
+        }
+        for t in s.data_packages.values_mut() {
+            for e in t.values_mut() {
+                e.ref_fp = None;
+                e.shared_fp = None;
+            }
+        }
+        for d in s.memory_domains.values_mut() {
+            d.fp = None;
+        }
+        s
+    }
+
+    /// Serialize as the state file's bytes (pretty JSON with a final newline).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain maps of strings and integers cannot fail.
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+}
+
+/// Read `sync_state.json`. `Ok(None)` if it does not exist; `Err(State)` if it
+/// exists but is not a state this build understands (the caller rebuilds it).
+pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
+    let path = layout.state_file();
+    let bytes = match fs.read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).at("read", &path),
+    };
+    let state: SyncState = serde_json::from_slice(&bytes).map_err(|e| Error::State {
+        path: path.clone(),
+        message: format!("unreadable state file: {e}"),
+    })?;
+    if state.version != STATE_VERSION {
+        return Err(Error::State {
+            path,
+            message: format!("state version {} is not {}", state.version, STATE_VERSION),
+        });
+    }
+    Ok(Some(state))
+}
+
+/// Replace `sync_state.json` atomically: temp file in `.stack/tmp`, fsync, rename,
+/// fsync the local directory.
+pub fn write_state(fs: &dyn Fs, layout: &Layout, state: &SyncState) -> Result<()> {
+    let tmp_dir = layout.tmp();
+    fs.create_dir_all(&tmp_dir).at("mkdir", &tmp_dir)?;
+    let tmp = tmp_dir.join("sync_state.json.tmp");
+    let mut f = fs.create(&tmp).at("create", &tmp)?;
+    f.write_all(&state.to_json()).at("write", &tmp)?;
+    f.sync().at("fsync", &tmp)?;
+    drop(f);
+    let dst = layout.state_file();
+    fs.rename(&tmp, &dst).at("rename", &dst)?;
+    fs.sync_dir(&layout.root).at("fsync", &layout.root)?;
+    Ok(())
+}
+
+/// Does `path` exist as a state file reference that is safe to follow?
+pub fn is_safe_rel(rel: &str) -> bool {
+    crate::layout::is_engine_path(rel) && !Path::new(rel).as_os_str().is_empty()
+}
