@@ -1,1 +1,396 @@
-fn main() {}
+//! The `stack` command line: parse arguments, call the library, print the report.
+//! Nothing here decides anything the library does not.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use stack::error::{Error, Result};
+use stack::fs::{Fs, RealFs};
+use stack::journal::{self, End, LinkMode};
+use stack::layout::Layout;
+use stack::reconcile::{self, origin::Origin, pull::PullConfig};
+use stack::replay;
+use stack::verify::{audit, Contents};
+
+#[derive(Parser)]
+#[command(
+    name = "stack",
+    version,
+    about = "Keep a local data stack identical to a server manifest, crash-safely"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Link {
+    Auto,
+    Symlink,
+    Hardlink,
+    Copy,
+    Reflink,
+}
+
+#[derive(clap::Args)]
+struct DirArg {
+    /// The local directory (default: $STACK_DIR, else the current directory).
+    #[arg(long, env = "STACK_DIR", default_value = ".")]
+    dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make the directory equal to the manifest.
+    Pull {
+        #[arg(long)]
+        manifest: String,
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long, value_enum, default_value = "auto")]
+        link: Link,
+        /// Parallel downloads.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Say what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print one JSON report on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Wait for the directory lock instead of failing.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// What a pull would do; changes nothing.
+    Status {
+        #[arg(long)]
+        manifest: String,
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check invariants 1-5.
+    Verify {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Re-hash every reference.
+        #[arg(long)]
+        contents: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The operation journal.
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
+    /// Remove staging leftovers and anything no state entry holds.
+    Gc {
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Finish or roll back an interrupted pull; rebuild sync_state.json.
+    Replay {
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List the records.
+    Show {
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checksum every record; report the first bad offset.
+    Verify {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Checkpoint, then drop what the checkpoint covers.
+    Compact {
+        #[command(flatten)]
+        dir: DirArg,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+fn link_mode(l: Link) -> LinkMode {
+    match l {
+        Link::Auto => LinkMode::Auto,
+        Link::Symlink => LinkMode::Symlink,
+        Link::Hardlink => LinkMode::Hardlink,
+        Link::Copy => LinkMode::Copy,
+        Link::Reflink => LinkMode::Reflink,
+    }
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string(v).unwrap_or_default());
+}
+
+fn human_counts(name: &str, c: &stack::Counts) {
+    println!(
+        "{name:15} {} added, {} updated, {} removed, {} unchanged, {} skipped",
+        c.added, c.updated, c.removed, c.unchanged, c.skipped
+    );
+}
+
+fn pull_like(
+    manifest: &str,
+    dir: &Path,
+    link: LinkMode,
+    jobs: usize,
+    dry_run: bool,
+    json: bool,
+    wait: bool,
+) -> Result<i32> {
+    let (manifest, origin) = reconcile::source::open_manifest(manifest)?;
+    let fs: Arc<dyn Fs> = Arc::new(RealFs);
+    let hash = reconcile::pull::default_hash(fs.as_ref());
+    let tty = std::io::stderr().is_terminal() && !json;
+    let progress = |bytes: u64| {
+        if tty {
+            eprint!("\rstack: fetched a file ({bytes} bytes)          ");
+        }
+    };
+    let cfg = PullConfig {
+        fs: fs.clone(),
+        layout: Layout::new(dir),
+        origin: origin.as_ref() as &dyn Origin,
+        link,
+        jobs: jobs.max(1),
+        dry_run,
+        wait,
+        command: command_line(),
+        hash: &hash,
+        bundles: stack::BundleCheck::Verify,
+        progress: &progress,
+    };
+    let rep = reconcile::pull::pull(&manifest, &cfg)?;
+    if tty {
+        eprintln!();
+    }
+    for note in &rep.recovered {
+        eprintln!("stack: {note}");
+    }
+    if json {
+        print_json(&serde_json::to_value(&rep).unwrap_or_default());
+    } else {
+        let verb = if dry_run { "would change" } else { "pulled" };
+        println!("{verb} {} (transaction {})", dir.display(), rep.txn);
+        human_counts("direct tables", &rep.direct_tables);
+        human_counts("data packages", &rep.data_packages);
+        human_counts("memory domains", &rep.memory_domains);
+        if !dry_run {
+            println!(
+                "{} bytes fetched in {} ms",
+                rep.bytes_fetched, rep.elapsed_ms
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn verify_cmd(dir: &Path, contents: bool, json: bool) -> Result<i32> {
+    let fs = RealFs;
+    let layout = Layout::new(dir);
+    let state = match replay::state::read_state(&fs, &layout)? {
+        Some(s) => s,
+        None => {
+            let records = match journal::scan_file(&fs, &layout)? {
+                Some(scan) => scan.records.into_iter().map(|(_, r)| r).collect(),
+                None => Vec::new(),
+            };
+            replay::project::project(&records).state
+        }
+    };
+    let hash = reconcile::pull::default_hash(&fs);
+    let mode = if contents {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Contents::Rehash(&hash, threads)
+    } else {
+        Contents::Fingerprint(&hash)
+    };
+    let violations = audit(&fs, &layout, &state, mode)?;
+    if json {
+        print_json(&json!({"ok": violations.is_empty(), "violations": violations}));
+    } else if violations.is_empty() {
+        println!("ok: invariants 1-5 hold in {}", dir.display());
+    }
+    for v in &violations {
+        eprintln!("stack: {v}");
+    }
+    Ok(if violations.is_empty() { 0 } else { 4 })
+}
+
+fn journal_show(dir: &Path, json: bool) -> Result<i32> {
+    let layout = Layout::new(dir);
+    let Some(scan) = journal::scan_file(&RealFs, &layout)? else {
+        return Err(Error::Usage(format!("{} has no journal", dir.display())));
+    };
+    if json {
+        let records: Vec<_> = scan
+            .records
+            .iter()
+            .map(|(off, r)| json!({"offset": off, "seq": r.seq, "txn": r.txn, "kind": r.event.kind(), "summary": r.event.summary()}))
+            .collect();
+        print_json(&json!({"ok": true, "records": records, "end": format!("{:?}", scan.end)}));
+    } else {
+        for (off, r) in &scan.records {
+            println!(
+                "{off:>10} {:>8} {:>6} {:14} {}",
+                r.seq,
+                r.txn,
+                r.event.kind(),
+                r.event.summary()
+            );
+        }
+    }
+    journal::check_end(&layout, &scan)?;
+    Ok(0)
+}
+
+fn journal_verify(dir: &Path) -> Result<i32> {
+    let layout = Layout::new(dir);
+    let Some(scan) = journal::scan_file(&RealFs, &layout)? else {
+        return Err(Error::Usage(format!("{} has no journal", dir.display())));
+    };
+    journal::check_end(&layout, &scan)?;
+    match &scan.end {
+        End::TornTail { offset, reason } => println!(
+            "ok: {} records in {} valid bytes; torn tail at byte offset {offset} ({reason}), cut by the next mutating command",
+            scan.records.len(),
+            scan.valid_len
+        ),
+        _ => println!("ok: {} records in {} bytes", scan.records.len(), scan.valid_len),
+    }
+    Ok(0)
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Pull {
+            manifest,
+            dir,
+            link,
+            jobs,
+            dry_run,
+            json,
+            wait,
+        } => pull_like(
+            &manifest,
+            &dir.dir,
+            link_mode(link),
+            jobs,
+            dry_run,
+            json,
+            wait,
+        ),
+        Command::Status {
+            manifest,
+            dir,
+            json,
+        } => pull_like(&manifest, &dir.dir, LinkMode::Auto, 1, true, json, false),
+        Command::Verify {
+            dir,
+            contents,
+            json,
+        } => verify_cmd(&dir.dir, contents, json),
+        Command::Journal { command } => match command {
+            JournalCommand::Replay { dir, wait } => {
+                let layout = Layout::new(&dir.dir);
+                let fs: Arc<dyn Fs> = Arc::new(RealFs);
+                let _lock = journal::lock::acquire(fs.as_ref(), &layout, &command_line(), wait)?;
+                let rec = replay::recover::recover(fs, &layout)?;
+                for note in &rec.notes {
+                    println!("{note}");
+                }
+                println!(
+                    "ok: {} is at transaction {}",
+                    dir.dir.display(),
+                    rec.state.journal.txn
+                );
+                Ok(0)
+            }
+            JournalCommand::Show { dir, json } => journal_show(&dir.dir, json),
+            JournalCommand::Verify { dir } => journal_verify(&dir.dir),
+            JournalCommand::Compact { dir, wait } => {
+                let layout = Layout::new(&dir.dir);
+                let fs: Arc<dyn Fs> = Arc::new(RealFs);
+                let _lock = journal::lock::acquire(fs.as_ref(), &layout, &command_line(), wait)?;
+                let mut rec = replay::recover::recover(fs, &layout)?;
+                let before = rec.journal.len();
+                rec.journal.compact(&rec.state)?;
+                println!(
+                    "ok: journal compacted from {before} to {} bytes",
+                    rec.journal.len()
+                );
+                Ok(0)
+            }
+        },
+        Command::Gc { dir, wait } => {
+            let removed = reconcile::gc::gc(
+                Arc::new(RealFs),
+                &Layout::new(&dir.dir),
+                &command_line(),
+                wait,
+            )?;
+            for r in &removed {
+                println!("removed {r}");
+            }
+            println!("ok: {} strays removed", removed.len());
+            Ok(0)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let json = args.iter().any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            if json && code == 2 {
+                print_json(
+                    &json!({"ok": false, "error": {"exit_code": 2, "kind": "usage", "message": e.to_string()}}),
+                );
+            }
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            let code = e.exit_code();
+            if json {
+                print_json(
+                    &json!({"ok": false, "error": {"exit_code": code, "kind": e.kind(), "message": e.to_string()}}),
+                );
+            }
+            eprintln!("stack: error: {e}");
+            ExitCode::from(code as u8)
+        }
+    }
+}

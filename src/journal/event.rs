@@ -90,6 +90,9 @@ pub enum Event {
     Aborted { reason: String },
     /// The whole projection at this point; compaction starts a journal with it.
     Checkpoint { state: Box<SyncState> },
+    /// `stack gc`: move `rel` (a file or folder under `data/` or `memory/` that no
+    /// state entry holds) to the trash.
+    RemoveStray { rel: String },
 }
 
 impl Event {
@@ -109,6 +112,7 @@ impl Event {
             Event::Committed { .. } => "committed",
             Event::Aborted { .. } => "aborted",
             Event::Checkpoint { .. } => "checkpoint",
+            Event::RemoveStray { .. } => "remove_stray",
         }
     }
 
@@ -147,6 +151,7 @@ impl Event {
                 state.data_packages.len(),
                 state.memory_domains.len()
             ),
+            Event::RemoveStray { rel } => rel.clone(),
         }
     }
 }

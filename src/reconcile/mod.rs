@@ -6,4 +6,12 @@
 //! Architecture invariant: `plan` does no I/O; every mutation in `stage` and `apply`
 //! goes through `crate::fs::Fs` and, for `apply`, is in the journal first.
 
+pub mod apply;
+pub mod gc;
+pub mod heal;
+pub mod manifest;
 pub mod origin;
+pub mod plan;
+pub mod pull;
+pub mod source;
+pub mod stage;

@@ -5,4 +5,6 @@
 //! alone; recovery rolls a transaction back before its commit point and forward
 //! after it.
 
+pub mod project;
+pub mod recover;
 pub mod state;

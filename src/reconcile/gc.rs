@@ -1,0 +1,52 @@
+//! `stack gc`: remove staging leftovers and anything no state entry holds.
+//!
+//! Owns: turning verify's orphan/untracked/unexpected findings into a journaled
+//! transaction of `RemoveStray` events. Invariant kept: like a pull, every removal
+//! is in the journal before it runs, and goes to the trash first.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::fs::Fs;
+use crate::journal::event::{Event, Record};
+use crate::journal::lock;
+use crate::layout::Layout;
+use crate::reconcile::apply::{finish, Applier};
+use crate::replay::recover::recover;
+use crate::verify::{audit, Contents};
+
+/// Run gc; returns the relative paths removed.
+pub fn gc(fs: Arc<dyn Fs>, layout: &Layout, command: &str, wait: bool) -> Result<Vec<String>> {
+    let _lock = lock::acquire(fs.as_ref(), layout, command, wait)?;
+    let rec = recover(fs.clone(), layout)?;
+    let mut journal = rec.journal;
+    let state = rec.state;
+    let strays: Vec<String> = audit(fs.as_ref(), layout, &state, Contents::Skip)?
+        .into_iter()
+        .filter(|v| matches!(v.kind, "orphan" | "untracked" | "unexpected_domain"))
+        .map(|v| v.path)
+        .collect();
+    if strays.is_empty() {
+        return Ok(strays);
+    }
+    let txn = journal.new_txn();
+    let mut records = Vec::new();
+    for rel in &strays {
+        let event = Event::RemoveStray { rel: rel.clone() };
+        let seq = journal.append(txn, event.clone());
+        records.push(Record { seq, txn, event });
+    }
+    journal.append(txn, Event::Prepared);
+    journal.sync()?;
+    Applier::new(fs.as_ref(), layout, txn).apply_all(&records)?;
+    finish(
+        fs.as_ref(),
+        layout,
+        &mut journal,
+        &state,
+        txn,
+        &records,
+        &[],
+    )?;
+    Ok(strays)
+}

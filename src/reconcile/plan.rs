@@ -1,0 +1,311 @@
+//! The planner: (current projection, desired stack, link strategy, damage found) →
+//! the ordered operations of one pull, plus its report counts.
+//!
+//! Architecture invariant: this module does no I/O. Everything it needs to know
+//! about the disk comes in as [`Damage`] (found by `reconcile::heal`) and a resolved
+//! [`Strategy`]; everything it decides goes out as journal [`Event`]s.
+//!
+//! Order of operations (and why): reference removals first, so that a new reference
+//! may take a path an old one held; then shared files, then references (which need
+//! their shared file), then shared removals, bundles, and empty package folders last.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::journal::event::{Event, LinkMode, Slot};
+use crate::reconcile::manifest::Desired;
+use crate::reconcile::origin::Item;
+use crate::replay::state::{Strategy, SyncState};
+
+/// Report counts of one section (contract §5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub added: u64,
+    pub updated: u64,
+    pub removed: u64,
+    pub unchanged: u64,
+    pub skipped: u64,
+}
+
+/// Counts of the three sections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    pub direct_tables: Counts,
+    pub data_packages: Counts,
+    pub memory_domains: Counts,
+}
+
+impl Tally {
+    fn of(&mut self, slot: &Slot) -> &mut Counts {
+        match slot {
+            Slot::Direct => &mut self.direct_tables,
+            Slot::Package(_) => &mut self.data_packages,
+        }
+    }
+}
+
+/// What the disk check found wrong with the current stack.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Damage {
+    /// Table ids whose shared file is missing or has the wrong content.
+    pub shared: BTreeSet<String>,
+    /// References that are missing or wrong.
+    pub refs: BTreeSet<(Slot, String)>,
+    /// Domains whose bundle is missing or changed.
+    pub domains: BTreeSet<String>,
+    /// Relative paths whose stat changed but whose content is right: only their
+    /// fingerprints need recording.
+    pub refresh: Vec<String>,
+}
+
+/// One download to stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageItem {
+    pub md5: String,
+    pub url: String,
+    pub item: Item,
+    pub size: Option<u64>,
+}
+
+/// The plan of one pull.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Downloads, one per distinct md5.
+    pub stage: Vec<StageItem>,
+    /// The apply operations, in order.
+    pub ops: Vec<Event>,
+    pub tally: Tally,
+    /// Fingerprints to refresh (see [`Damage::refresh`]).
+    pub refresh: Vec<String>,
+}
+
+impl Plan {
+    /// Does applying this plan change anything?
+    pub fn is_noop(&self) -> bool {
+        self.ops.is_empty() && self.refresh.is_empty()
+    }
+
+    /// Does it make any reference (so the link strategy matters)?
+    pub fn makes_refs(&self) -> bool {
+        self.ops.iter().any(|e| matches!(e, Event::MakeRef { .. }))
+    }
+}
+
+/// What the filesystem can do, probed once per pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub reflink: bool,
+    pub hardlink: bool,
+}
+
+/// The strategy a `--link` mode gives on a filesystem with `caps` (contract §2).
+pub fn resolve_strategy(mode: LinkMode, caps: Caps) -> Strategy {
+    match mode {
+        LinkMode::Auto if caps.reflink => Strategy::Reflink,
+        LinkMode::Auto | LinkMode::Symlink => Strategy::Symlink,
+        LinkMode::Hardlink if caps.hardlink => Strategy::Hardlink,
+        LinkMode::Reflink if caps.reflink => Strategy::Reflink,
+        LinkMode::Hardlink | LinkMode::Reflink | LinkMode::Copy => Strategy::Copy,
+    }
+}
+
+/// Plan one pull. Pure.
+pub fn plan(
+    state: &SyncState,
+    desired: &Desired,
+    mode: LinkMode,
+    strategy: Strategy,
+    damage: &Damage,
+) -> Plan {
+    let mut p = Plan {
+        refresh: damage.refresh.clone(),
+        ..Plan::default()
+    };
+    p.tally.direct_tables.skipped = desired.skipped.direct;
+    p.tally.data_packages.skipped = desired.skipped.packages;
+
+    // Current md5 of each table id (one per id: the state came from valid manifests).
+    let mut current_md5: BTreeMap<&str, &str> = BTreeMap::new();
+    for (_, id, e) in state.entries() {
+        current_md5.insert(id, &e.md5);
+    }
+
+    // Which shared files must be (re)placed.
+    let mut put_shared: BTreeSet<&str> = BTreeSet::new();
+    for (id, want) in &desired.tables {
+        let fresh = current_md5.get(id.as_str()) != Some(&want.md5.as_str());
+        if fresh || damage.shared.contains(id) {
+            put_shared.insert(id);
+        }
+    }
+
+    // Reference removals and (re)makes.
+    let mut removals = Vec::new();
+    let mut makes = Vec::new();
+    for (slot, id, e) in state.entries() {
+        let key = (slot.clone(), id.to_string());
+        match desired.refs.get(&key) {
+            None => {
+                p.tally.of(&slot).removed += 1;
+                removals.push(Event::RemoveRef {
+                    slot,
+                    table_id: id.to_string(),
+                    name: e.name.clone(),
+                });
+            }
+            Some(want) if want.name != e.name => {
+                // Same table, new file name: move the reference.
+                removals.push(Event::RemoveRef {
+                    slot: slot.clone(),
+                    table_id: id.to_string(),
+                    name: e.name.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    for ((slot, id), want) in &desired.refs {
+        let key = (slot.clone(), id.clone());
+        let mut use_strategy = strategy;
+        let remake = match state_entry(state, slot, id) {
+            None => {
+                p.tally.of(slot).added += 1;
+                true
+            }
+            Some(e) => {
+                let changed = e.md5 != want.md5 || e.name != want.name;
+                let content_moved =
+                    put_shared.contains(id.as_str()) && e.strategy != Strategy::Symlink;
+                let restrategy = mode != LinkMode::Auto && e.strategy != strategy;
+                let damaged = damage.refs.contains(&key) || damage.shared.contains(id);
+                if mode == LinkMode::Auto {
+                    // `auto` keeps whatever strategy an existing reference was given.
+                    use_strategy = e.strategy;
+                }
+                if changed || damaged || restrategy {
+                    p.tally.of(slot).updated += 1;
+                    true
+                } else if content_moved {
+                    // The shared file is re-placed (heal) and this reference holds
+                    // its own copy of the bytes: re-make it silently.
+                    true
+                } else {
+                    p.tally.of(slot).unchanged += 1;
+                    false
+                }
+            }
+        };
+        if remake {
+            makes.push(Event::MakeRef {
+                slot: slot.clone(),
+                table_id: id.clone(),
+                name: want.name.clone(),
+                md5: want.md5.clone(),
+                size: want.size,
+                strategy: use_strategy,
+            });
+        }
+    }
+
+    // Staging: one download per distinct md5.
+    let mut staged: BTreeSet<&str> = BTreeSet::new();
+    for id in &put_shared {
+        let want = &desired.tables[*id];
+        if staged.insert(&want.md5) {
+            p.stage.push(StageItem {
+                md5: want.md5.clone(),
+                url: want.url.clone(),
+                item: Item::Table { id: id.to_string() },
+                size: want.size,
+            });
+        }
+    }
+
+    p.ops.extend(removals);
+    for id in &put_shared {
+        p.ops.push(Event::PutShared {
+            table_id: id.to_string(),
+            md5: desired.tables[*id].md5.clone(),
+        });
+    }
+    p.ops.extend(makes);
+    for id in current_md5.keys() {
+        if !desired.tables.contains_key(*id) {
+            p.ops.push(Event::RemoveShared {
+                table_id: id.to_string(),
+            });
+        }
+    }
+
+    // Memory domains.
+    for (slug, want) in &desired.domains {
+        let put = match state.memory_domains.get(slug) {
+            None => {
+                p.tally.memory_domains.added += 1;
+                true
+            }
+            Some(e) if e.md5 != want.md5 || damage.domains.contains(slug) => {
+                p.tally.memory_domains.updated += 1;
+                true
+            }
+            Some(_) => {
+                p.tally.memory_domains.unchanged += 1;
+                false
+            }
+        };
+        if put {
+            if staged.insert(&want.md5) {
+                p.stage.push(StageItem {
+                    md5: want.md5.clone(),
+                    url: want.url.clone(),
+                    item: Item::Bundle { slug: slug.clone() },
+                    size: None,
+                });
+            }
+            p.ops.push(Event::PutBundle {
+                slug: slug.clone(),
+                md5: want.md5.clone(),
+            });
+        }
+    }
+    for slug in state.memory_domains.keys() {
+        if !desired.domains.contains_key(slug) {
+            p.tally.memory_domains.removed += 1;
+            p.ops.push(Event::RemoveBundle { slug: slug.clone() });
+        }
+    }
+
+    // Folders of packages (and of direct tables) that end up with no reference.
+    let mut folders_left: BTreeSet<String> = BTreeSet::new();
+    for (slot, _) in desired.refs.keys() {
+        folders_left.insert(slot_folder(slot));
+    }
+    let mut folders_before: BTreeSet<String> = BTreeSet::new();
+    for (slot, _, _) in state.entries() {
+        folders_before.insert(slot_folder(&slot));
+    }
+    for f in folders_before.difference(&folders_left) {
+        p.ops.push(Event::RemoveDir { slug: f.clone() });
+    }
+    p
+}
+
+/// The folder name under `data/` of a slot (`_direct` or the slug).
+pub fn slot_folder(slot: &Slot) -> String {
+    match slot {
+        Slot::Direct => "_direct".to_string(),
+        Slot::Package(slug) => slug.clone(),
+    }
+}
+
+fn state_entry<'a>(
+    state: &'a SyncState,
+    slot: &Slot,
+    id: &str,
+) -> Option<&'a crate::replay::state::TableEntry> {
+    match slot {
+        Slot::Direct => state.direct_tables.get(id),
+        Slot::Package(slug) => state.data_packages.get(slug).and_then(|t| t.get(id)),
+    }
+}

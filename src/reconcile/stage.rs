@@ -1,0 +1,118 @@
+//! Staging: download and verify everything a plan needs, out of sight.
+//!
+//! Owns: `.stack/staging/`. Each download streams into `<md5>.part` (hashing while
+//! writing), is checked against the manifest's md5, and is renamed to `<md5>`.
+//! Invariant kept: nothing visible changes while staging; a partial download keeps
+//! its `.part` name so a later pull can resume it, and a complete file exists only
+//! with the content its name promises (or, with [`BundleCheck::TrustServer`], the
+//! bytes the server sent for that version).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, IoContext, Result};
+use crate::fs::{not_found_ok, Fs};
+use crate::layout::Layout;
+use crate::reconcile::origin::{Item, Origin, Request};
+use crate::reconcile::plan::StageItem;
+
+/// How bundle md5s are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BundleCheck {
+    /// A bundle's bytes must have the manifest's md5 (the default).
+    #[default]
+    Verify,
+    /// The manifest's md5 is only a version tag (the reference engine's behaviour).
+    TrustServer,
+}
+
+/// Download every item into staging with up to `jobs` parallel workers. Returns
+/// the bytes fetched. On error, every complete staged file this call made is
+/// removed again (unless the error is a simulated crash).
+pub fn stage_all(
+    fs: &dyn Fs,
+    layout: &Layout,
+    origin: &dyn Origin,
+    items: &[StageItem],
+    jobs: usize,
+    bundles: BundleCheck,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<u64> {
+    if items.is_empty() {
+        return Ok(0);
+    }
+    let staging = layout.staging();
+    fs.create_dir_all(&staging).at("mkdir", &staging)?;
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let bytes = AtomicU64::new(0);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let worker = || {
+        while !failed.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { break };
+            match stage_one(fs, layout, origin, item, bundles) {
+                Ok(n) => {
+                    bytes.fetch_add(n, Ordering::Relaxed);
+                    progress(n);
+                }
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                    // A crash wins over any other error: it must reach the caller.
+                    if slot.is_none() || e.is_crash() {
+                        *slot = Some(e);
+                    }
+                }
+            }
+        }
+    };
+    let jobs = jobs.clamp(1, items.len());
+    std::thread::scope(|s| {
+        for _ in 1..jobs {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        None => Ok(bytes.into_inner()),
+        Some(e) if e.is_crash() => Err(e),
+        Some(e) => {
+            for item in items {
+                let p = layout.staged(&item.md5);
+                not_found_ok(fs.remove_file(&p)).at("remove", &p)?;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn stage_one(
+    fs: &dyn Fs,
+    layout: &Layout,
+    origin: &dyn Origin,
+    item: &StageItem,
+    bundles: BundleCheck,
+) -> Result<u64> {
+    let part = layout.partial(&item.md5);
+    let req = Request {
+        item: &item.item,
+        url: &item.url,
+        md5: &item.md5,
+        size: item.size,
+    };
+    let got = origin.fetch(fs, &req, &part)?;
+    let trust = matches!(item.item, Item::Bundle { .. }) && bundles == BundleCheck::TrustServer;
+    if got.md5 != item.md5 && !trust {
+        // Wrong bytes are useless for resuming: drop them.
+        not_found_ok(fs.remove_file(&part)).at("remove", &part)?;
+        return Err(Error::Checksum {
+            what: format!("{} from {}", item.item.describe(), item.url),
+            expected: item.md5.clone(),
+            actual: got.md5,
+        });
+    }
+    let staged = layout.staged(&item.md5);
+    fs.rename(&part, &staged).at("rename", &staged)?;
+    Ok(got.bytes_fetched)
+}

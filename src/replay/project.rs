@@ -1,0 +1,189 @@
+//! The projection: folding the journal into a [`SyncState`].
+//!
+//! Owns: the meaning of each event for the state file. Architecture invariant: the
+//! state is a function of the journal's records alone; a transaction changes it only
+//! if its `Committed` record is in the journal (recovery appends that record for a
+//! transaction past its `Prepared` commit point once it has rolled it forward).
+
+use std::collections::BTreeMap;
+
+use crate::journal::event::{Event, Record, Slot};
+use crate::layout;
+use crate::replay::state::{DomainEntry, JournalPos, StatFp, SyncState, TableEntry};
+
+/// The last transaction, if it neither committed nor aborted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub txn: u64,
+    /// Did it reach its commit point?
+    pub prepared: bool,
+    /// Its records, in order.
+    pub records: Vec<Record>,
+}
+
+/// The state the journal describes, and the transaction left open, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Projection {
+    pub state: SyncState,
+    pub pending: Option<Pending>,
+}
+
+/// Fold records into the committed state.
+pub fn project(records: &[Record]) -> Projection {
+    let mut state = SyncState::default();
+    let mut open: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        match &r.event {
+            Event::Checkpoint { state: s } => {
+                state = (**s).clone();
+                open.clear();
+            }
+            Event::Committed { fingerprints } => {
+                let txn_records = open.remove(&r.txn).unwrap_or_default();
+                for tr in txn_records {
+                    apply_event(&mut state, &tr.event);
+                }
+                apply_fingerprints(&mut state, fingerprints);
+                state.journal = JournalPos {
+                    txn: r.txn,
+                    seq: r.seq,
+                };
+            }
+            Event::Aborted { .. } => {
+                open.remove(&r.txn);
+            }
+            _ => open.entry(r.txn).or_default().push(r),
+        }
+    }
+    // Only the newest open transaction can be pending: a writer recovers an open
+    // one before starting another. Older open ones (impossible unless a journal was
+    // assembled by hand) are ignored, as never committed.
+    let pending = open.into_iter().next_back().map(|(txn, recs)| Pending {
+        txn,
+        prepared: recs.iter().any(|r| r.event == Event::Prepared),
+        records: recs.into_iter().cloned().collect(),
+    });
+    Projection { state, pending }
+}
+
+/// The state effect of one applied event.
+pub fn apply_event(state: &mut SyncState, ev: &Event) {
+    match ev {
+        Event::MakeRef {
+            slot,
+            table_id,
+            name,
+            md5,
+            size,
+            strategy,
+        } => {
+            let entry = TableEntry {
+                name: name.clone(),
+                md5: md5.clone(),
+                size: *size,
+                ref_path: layout::ref_rel(slot, name),
+                shared_path: layout::shared_rel(table_id),
+                strategy: *strategy,
+                ref_fp: None,
+                shared_fp: None,
+            };
+            match slot {
+                Slot::Direct => {
+                    state.direct_tables.insert(table_id.clone(), entry);
+                }
+                Slot::Package(slug) => {
+                    state
+                        .data_packages
+                        .entry(slug.clone())
+                        .or_default()
+                        .insert(table_id.clone(), entry);
+                }
+            }
+        }
+        Event::RemoveRef {
+            slot,
+            table_id,
+            name,
+        } => {
+            // Drop the entry only if it still is the reference of that name (the
+            // planner removes before it makes, so this is a guard, not a rule).
+            let matches = |e: &TableEntry| e.name == *name;
+            match slot {
+                Slot::Direct => {
+                    if state.direct_tables.get(table_id).is_some_and(matches) {
+                        state.direct_tables.remove(table_id);
+                    }
+                }
+                Slot::Package(slug) => {
+                    if let Some(tables) = state.data_packages.get_mut(slug) {
+                        if tables.get(table_id).is_some_and(matches) {
+                            tables.remove(table_id);
+                        }
+                        if tables.is_empty() {
+                            state.data_packages.remove(slug);
+                        }
+                    }
+                }
+            }
+        }
+        Event::PutBundle { slug, md5 } => {
+            state.memory_domains.insert(
+                slug.clone(),
+                DomainEntry {
+                    md5: md5.clone(),
+                    path: layout::bundle_rel(slug),
+                    fp: None,
+                },
+            );
+        }
+        Event::RemoveBundle { slug } => {
+            state.memory_domains.remove(slug);
+        }
+        Event::PutShared { table_id, .. } => {
+            // The shared file is new: every entry's old fingerprint of it is stale.
+            let shared = layout::shared_rel(table_id);
+            for_each_entry(state, |e| {
+                if e.shared_path == shared {
+                    e.shared_fp = None;
+                }
+            });
+        }
+        Event::Begin { .. }
+        | Event::Stage { .. }
+        | Event::RemoveShared { .. }
+        | Event::RemoveDir { .. }
+        | Event::Prepared
+        | Event::Committed { .. }
+        | Event::Aborted { .. }
+        | Event::Checkpoint { .. }
+        | Event::RemoveStray { .. } => {}
+    }
+}
+
+fn for_each_entry(state: &mut SyncState, mut f: impl FnMut(&mut TableEntry)) {
+    state.direct_tables.values_mut().for_each(&mut f);
+    for tables in state.data_packages.values_mut() {
+        tables.values_mut().for_each(&mut f);
+    }
+}
+
+/// Record fingerprints (relative path → stat) on the entries that hold those paths.
+pub fn apply_fingerprints(state: &mut SyncState, fps: &[(String, StatFp)]) {
+    if fps.is_empty() {
+        return;
+    }
+    let by_path: BTreeMap<&str, StatFp> = fps.iter().map(|(p, fp)| (p.as_str(), *fp)).collect();
+    for_each_entry(state, |e| {
+        if let Some(fp) = by_path.get(e.ref_path.as_str()) {
+            e.ref_fp = Some(*fp);
+        }
+        if let Some(fp) = by_path.get(e.shared_path.as_str()) {
+            e.shared_fp = Some(*fp);
+        }
+    });
+    for d in state.memory_domains.values_mut() {
+        if let Some(fp) = by_path.get(d.path.as_str()) {
+            d.fp = Some(*fp);
+        }
+    }
+}
