@@ -247,7 +247,7 @@ impl Image {
         self.dir(dir).and_then(|e| e.get(name).copied())
     }
 
-    /// Walk `comps` from the root (or from `start`'s folder chain).
+    /// Walk `comps` from the root, following symlinks (the last one if asked).
     fn resolve(&self, path: &Path, comps: Vec<Comp>, follow_last: bool) -> io::Result<Ino> {
         let mut queue: std::collections::VecDeque<Comp> = comps.into();
         let mut stack = vec![ROOT];
