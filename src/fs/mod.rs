@@ -22,6 +22,8 @@
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+pub mod sim;
+
 /// What a directory entry or a path is (never following a final symlink).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
