@@ -1,9 +1,10 @@
 //! Reconcile: from a manifest to an applied stack.
 //!
-//! Owns: the manifest model and its validation (`manifest`), origins (`origin`), the
+//! Owns: the manifest model and its validation (`manifest`), origins (`origin`, `http`), the
 //! pure planner (`plan`), staging downloads (`stage`) and applying a plan (`apply`).
 //!
 //! Architecture invariant: `plan` does no I/O; every mutation in `stage` and `apply`
 //! goes through `crate::fs::Fs` and, for `apply`, is in the journal first.
 
+pub mod http;
 pub mod origin;
