@@ -217,10 +217,11 @@ impl Failure {
 }
 
 /// A download's progress so far: `written` bytes are in `part` and `hasher` has
-/// seen exactly them.
+/// seen exactly them; `inherited` says some of them predate this fetch.
 struct Partial {
     written: u64,
     hasher: Md5,
+    inherited: bool,
 }
 
 impl Partial {
@@ -228,6 +229,7 @@ impl Partial {
         Partial {
             written: 0,
             hasher: Md5::new(),
+            inherited: false,
         }
     }
 
@@ -252,6 +254,7 @@ impl Partial {
             p.hasher.update(&buf[..n]);
             p.written += n as u64;
         }
+        p.inherited = p.written > 0;
         Ok(p)
     }
 
@@ -279,6 +282,10 @@ impl HttpOrigin {
             .timeout_recv_response(Some(opts.read_timeout))
             .redirect_auth_headers(ureq::config::RedirectAuthHeaders::Never)
             .user_agent(concat!("stack/", env!("CARGO_PKG_VERSION")))
+            // Byte ranges, Content-Length and md5 are about the stored bytes: ask for
+            // them as they are, even if a feature elsewhere in the build enables
+            // ureq's decompression.
+            .accept_encoding("identity")
             .build();
         Ok(HttpOrigin {
             manifest_url: manifest_url.to_string(),
@@ -431,7 +438,10 @@ impl HttpOrigin {
                     failures += 1;
                     if failures > self.opts.retries {
                         return Err(Failure::Transient {
-                            message: format!("{message} (gave up after {failures} attempts)"),
+                            message: format!(
+                                "{message} (gave up after {failures} attempt{})",
+                                if failures == 1 { "" } else { "s" }
+                            ),
                             retry_after: None,
                         });
                     }
@@ -608,12 +618,11 @@ impl Origin for HttpOrigin {
                 st = Partial::empty();
             }
         }
-        let resumed = st.written > 0;
         let mut fetched = 0u64;
         let mut md5 = self
             .with_retries(|| self.attempt(fs, &target, part, &mut st, &mut fetched))
             .map_err(|f| self.fetch_error(req, &target.url, f))?;
-        if resumed && md5 != req.md5 {
+        if st.inherited && md5 != req.md5 {
             // The bytes kept from an earlier pull may be what is wrong: one more
             // try from zero before reporting a checksum mismatch.
             st = Partial::empty();
