@@ -1,6 +1,6 @@
 //! Reconcile: from a manifest to an applied stack.
 //!
-//! Owns: the manifest model and its validation (`manifest`), origins (`origin`), the
+//! Owns: the manifest model and its validation (`manifest`), origins (`origin`, `http`), the
 //! pure planner (`plan`), staging downloads (`stage`) and applying a plan (`apply`).
 //!
 //! Architecture invariant: `plan` does no I/O; every mutation in `stage` and `apply`
@@ -9,6 +9,7 @@
 pub mod apply;
 pub mod gc;
 pub mod heal;
+pub mod http;
 pub mod manifest;
 pub mod origin;
 pub mod plan;

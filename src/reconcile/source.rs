@@ -7,15 +7,16 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::reconcile::http::{HttpOptions, HttpOrigin};
 use crate::reconcile::manifest::Manifest;
 use crate::reconcile::origin::{LocalOrigin, Origin};
 
 /// Read the manifest named on the command line and the origin its URLs resolve against.
 pub fn open_manifest(arg: &str) -> Result<(Manifest, Box<dyn Origin>)> {
     if arg.starts_with("http://") || arg.starts_with("https://") {
-        return Err(Error::Usage(format!(
-            "{arg}: HTTP manifests are not supported by this build"
-        )));
+        let origin = HttpOrigin::new(arg, HttpOptions::from_env())?;
+        let manifest = Manifest::from_json(&origin.fetch_manifest()?)?;
+        return Ok((manifest, Box::new(origin)));
     }
     let path = Path::new(arg.strip_prefix("file://").unwrap_or(arg));
     let bytes = std::fs::read(path)
