@@ -24,8 +24,22 @@ use stack::verify::{audit, Contents};
     about = "Keep a local data stack identical to a server manifest, crash-safely"
 )]
 struct Cli {
+    /// Print only errors on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// Print more: recovery notes, per-pull details.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How much goes to stderr.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Quiet,
+    Normal,
+    Verbose,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -98,6 +112,11 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -155,24 +174,82 @@ fn human_counts(name: &str, c: &stack::Counts) {
     );
 }
 
-fn pull_like(
-    manifest: &str,
-    dir: &Path,
+struct PullArgs<'a> {
+    manifest: &'a str,
+    dir: &'a Path,
     link: LinkMode,
     jobs: usize,
     dry_run: bool,
     json: bool,
     wait: bool,
-) -> Result<i32> {
+    level: Level,
+}
+
+/// Progress of downloads: a bar on a TTY, a line at most every two seconds otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+    state: std::sync::Mutex<(u64, u64, std::time::Instant)>,
+}
+
+impl Progress {
+    fn new(a: &PullArgs<'_>) -> Self {
+        let show = a.level >= Level::Normal && !a.json && !a.dry_run;
+        let tty = std::io::stderr().is_terminal();
+        let bar = (show && tty).then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {msg} [{elapsed}] {bytes} at {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
+        Progress {
+            bar,
+            plain: show && !tty,
+            state: std::sync::Mutex::new((0, 0, std::time::Instant::now())),
+        }
+    }
+
+    fn file_done(&self, bytes: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 += 1;
+        st.1 += bytes;
+        if let Some(bar) = &self.bar {
+            bar.set_position(st.1);
+            bar.set_message(format!("fetched {} files", st.0));
+        } else if self.plain && st.2.elapsed().as_secs() >= 2 {
+            eprintln!("stack: fetched {} files, {} bytes", st.0, st.1);
+            st.2 = std::time::Instant::now();
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn pull_like(a: PullArgs<'_>) -> Result<i32> {
+    let PullArgs {
+        manifest,
+        dir,
+        link,
+        jobs,
+        dry_run,
+        json,
+        wait,
+        level,
+    } = a;
     let (manifest, origin) = reconcile::source::open_manifest(manifest)?;
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
     let hash = reconcile::pull::default_hash(fs.as_ref());
-    let tty = std::io::stderr().is_terminal() && !json;
-    let progress = |bytes: u64| {
-        if tty {
-            eprint!("\rstack: fetched a file ({bytes} bytes)          ");
-        }
-    };
+    let bar = Progress::new(&a);
+    let progress = |bytes: u64| bar.file_done(bytes);
     let cfg = PullConfig {
         fs: fs.clone(),
         layout: Layout::new(dir),
@@ -186,12 +263,13 @@ fn pull_like(
         bundles: stack::BundleCheck::Verify,
         progress: &progress,
     };
-    let rep = reconcile::pull::pull(&manifest, &cfg)?;
-    if tty {
-        eprintln!();
-    }
-    for note in &rep.recovered {
-        eprintln!("stack: {note}");
+    let rep = reconcile::pull::pull(&manifest, &cfg);
+    bar.finish();
+    let rep = rep?;
+    if level >= Level::Normal {
+        for note in &rep.recovered {
+            eprintln!("stack: {note}");
+        }
     }
     if json {
         print_json(&serde_json::to_value(&rep).unwrap_or_default());
@@ -288,6 +366,13 @@ fn journal_verify(dir: &Path) -> Result<i32> {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    let level = if cli.quiet {
+        Level::Quiet
+    } else if cli.verbose {
+        Level::Verbose
+    } else {
+        Level::Normal
+    };
     match cli.command {
         Command::Pull {
             manifest,
@@ -297,20 +382,35 @@ fn run(cli: Cli) -> Result<i32> {
             dry_run,
             json,
             wait,
-        } => pull_like(
-            &manifest,
-            &dir.dir,
-            link_mode(link),
+        } => pull_like(PullArgs {
+            manifest: &manifest,
+            dir: &dir.dir,
+            link: link_mode(link),
             jobs,
             dry_run,
             json,
             wait,
-        ),
+            level,
+        }),
         Command::Status {
             manifest,
             dir,
             json,
-        } => pull_like(&manifest, &dir.dir, LinkMode::Auto, 1, true, json, false),
+        } => pull_like(PullArgs {
+            manifest: &manifest,
+            dir: &dir.dir,
+            link: LinkMode::Auto,
+            jobs: 1,
+            dry_run: true,
+            json,
+            wait: false,
+            level,
+        }),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "stack", &mut std::io::stdout());
+            Ok(0)
+        }
         Command::Verify {
             dir,
             contents,
@@ -324,6 +424,9 @@ fn run(cli: Cli) -> Result<i32> {
                 let rec = replay::recover::recover(fs, &layout)?;
                 for note in &rec.notes {
                     println!("{note}");
+                }
+                if rec.notes.is_empty() && level >= Level::Verbose {
+                    println!("nothing to recover");
                 }
                 println!(
                     "ok: {} is at transaction {}",
@@ -365,6 +468,12 @@ fn run(cli: Cli) -> Result<i32> {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`stack journal show | head`), as Unix tools do,
+    // instead of panicking in `println!`.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
     let cli = match Cli::try_parse() {
