@@ -290,6 +290,12 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
 }
 
 fn verify_cmd(dir: &Path, contents: bool, json: bool) -> Result<i32> {
+    if !dir.is_dir() {
+        return Err(Error::Usage(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
     let fs = RealFs;
     let layout = Layout::new(dir);
     let state = match replay::state::read_state(&fs, &layout)? {

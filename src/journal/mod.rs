@@ -110,6 +110,8 @@ pub struct Opened {
     pub records: Vec<Record>,
     /// A torn tail that was cut: (offset, bytes cut, reason).
     pub torn: Option<(u64, u64, String)>,
+    /// The journal did not exist and was created by this call.
+    pub created: bool,
 }
 
 impl Journal {
@@ -118,9 +120,11 @@ impl Journal {
     pub fn open(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Opened> {
         let path = layout.journal();
         let private = layout.private();
+        let mut created = false;
         let scan = match scan_file(fs.as_ref(), layout)? {
             Some(scan) => scan,
             None => {
+                created = true;
                 let made = fs.create_dir_all(&private).at("mkdir", &private)?;
                 let mut f = fs.create(&path).at("create", &path)?;
                 f.write_all(&frame::header()).at("write", &path)?;
@@ -172,6 +176,7 @@ impl Journal {
             },
             records,
             torn,
+            created,
         })
     }
 

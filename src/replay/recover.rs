@@ -36,6 +36,20 @@ pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
             "journal: cut a torn tail of {cut} bytes at offset {offset} ({reason}); copy kept in .stack/journal.broken"
         ));
     }
+    if opened.created {
+        // No journal but a readable state file (a journal deleted by hand, or a
+        // directory from an older engine): adopt the state file as a checkpoint, so
+        // the history starts from what the directory holds instead of from nothing.
+        if let Ok(Some(adopted)) = read_state(fs.as_ref(), layout) {
+            journal.compact(&adopted)?;
+            notes.push("journal was missing; started a new one from sync_state.json".to_string());
+            return Ok(Recovered {
+                journal,
+                state: adopted,
+                notes,
+            });
+        }
+    }
     let projection = project(&opened.records);
     let mut state = projection.state;
     if let Some(p) = projection.pending {
