@@ -13,7 +13,8 @@
 //! ```text
 //! header  = "STACKJNL" | version: u32 LE | crc32(magic ‖ version): u32 LE      (16 bytes)
 //! frame   = len: u32 LE | crc32(len bytes ‖ payload): u32 LE | payload        (len ≤ 256 MiB)
-//! payload = bincode 2 (standard config, decode limited to 256 MiB) of Vec<Record>
+//! payload = bincode 2 (standard config) of Vec<Record>, decoded under a limit of
+//!           about 8-32 × its length (see `frame::decode_payload`)
 //! Record  = { seq: u64, txn: u64, event: Event }
 //! ```
 //!
