@@ -102,6 +102,9 @@ pub struct Journal {
     next_seq: u64,
     last_txn: u64,
     pending: Vec<Record>,
+    /// Why this writer may append nothing more (the file's end is no longer known
+    /// to be `len`, or the file is no longer the journal); `None` while usable.
+    broken: Option<String>,
 }
 
 /// What opening a journal for writing found.
@@ -170,6 +173,7 @@ impl Journal {
                 next_seq,
                 last_txn,
                 pending: Vec::new(),
+                broken: None,
             },
             records,
             torn,
@@ -213,20 +217,53 @@ impl Journal {
     }
 
     /// Write the queued batch as one frame and make it durable with one fdatasync.
+    ///
+    /// If the write or the fdatasync fails, the bytes of the frame that may have
+    /// reached the file are cut off again (the batch stays queued, so a later `sync`
+    /// retries it): a frame must never be appended after a partial one, which would
+    /// make the journal corrupt, nor twice. If the cut fails too, this writer refuses
+    /// every later `sync` and `compact`; reopening the journal cuts the torn tail.
     pub fn sync(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.check_usable()?;
         let path = self.layout.journal();
         let bytes = frame::encode_frame(&self.pending).map_err(|message| Error::State {
             path: path.clone(),
             message,
         })?;
-        self.file.write_all(&bytes).at("append", &path)?;
-        self.file.sync().at("fsync", &path)?;
+        let written = self
+            .file
+            .write_all(&bytes)
+            .at("append", &path)
+            .and_then(|()| self.file.sync().at("fsync", &path));
+        if let Err(e) = written {
+            // A simulated crash must propagate untouched: no cleanup after it.
+            if !e.is_crash() {
+                if let Err(cut) = self.fs.truncate(&path, self.len) {
+                    self.broken = Some(format!("a failed append could not be cut off ({cut})"));
+                }
+            }
+            return Err(e);
+        }
         self.len += bytes.len() as u64;
         self.pending.clear();
         Ok(())
+    }
+
+    /// `Err` if an earlier failure left this writer unable to append safely.
+    fn check_usable(&self) -> Result<()> {
+        match &self.broken {
+            None => Ok(()),
+            Some(why) => Err(Error::Io {
+                op: "append",
+                path: self.layout.journal(),
+                source: std::io::Error::other(format!(
+                    "{why}; the journal must be reopened before appending"
+                )),
+            }),
+        }
     }
 
     /// Should a pull compact now? (See [`AUTO_COMPACT_BYTES`].)
@@ -237,6 +274,7 @@ impl Journal {
     /// Replace the journal by one holding a single checkpoint of `state`, under a new
     /// transaction. Temp file, fsync, rename, fsync folder.
     pub fn compact(&mut self, state: &crate::replay::state::SyncState) -> Result<()> {
+        self.check_usable()?;
         self.sync()?;
         let txn = self.new_txn();
         let record = Record {
@@ -261,11 +299,16 @@ impl Journal {
         f.sync().at("fsync", &tmp)?;
         drop(f);
         self.fs.rename(&tmp, &path).at("rename", &path)?;
-        self.fs.sync_dir(&private).at("fsync", &private)?;
-        self.file = self.fs.open_append(&path).at("open", &path)?;
+        // The journal is now the new file: follow it before anything else can
+        // fail, and if something does, append nothing more through this writer
+        // (neither into the replaced file, nor into a name not yet durable).
         self.next_seq += 1;
         self.len = bytes.len() as u64;
         self.len_after_compaction = self.len;
+        self.broken = Some("a compaction did not complete".to_string());
+        self.file = self.fs.open_append(&path).at("open", &path)?;
+        self.fs.sync_dir(&private).at("fsync", &private)?;
+        self.broken = None;
         Ok(())
     }
 }
