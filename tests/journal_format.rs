@@ -1026,7 +1026,7 @@ mod faulty {
     use std::io::{self, Read, Write};
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use stack::fs::{DirEntry, FileWrite, Fs, LockGuard, Meta, RealFs};
 
@@ -1038,6 +1038,8 @@ mod faulty {
         pub fail_fsync: AtomicBool,
         pub fail_sync_dir: AtomicBool,
         pub fail_truncate: AtomicBool,
+        /// Every folder fsynced, in order.
+        pub synced_dirs: Mutex<Vec<PathBuf>>,
     }
 
     impl Faults {
@@ -1120,6 +1122,7 @@ mod faulty {
             if self.0.fail_sync_dir.load(Ordering::SeqCst) {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
+            self.0.synced_dirs.lock().unwrap().push(path.to_path_buf());
             RealFs.sync_dir(path)
         }
         fn sync_fs(&self, path: &Path) -> io::Result<()> {
@@ -1264,4 +1267,31 @@ fn compaction_failing_after_its_rename_appends_nothing_until_reopened() {
         .map(|r| r.event)
         .collect();
     assert_eq!(events, [checkpoint, aborted()]);
+}
+
+#[test]
+fn creating_the_journal_makes_the_names_leading_to_it_durable() {
+    for take_lock_first in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("stack"));
+        let faults = faulty::Faults::none();
+        let fs: Arc<dyn Fs> = Arc::new(faulty::FaultyFs(faults.clone()));
+        // The lock creates `.stack` (without syncing) before the journal is opened.
+        let _lock = take_lock_first
+            .then(|| stack::journal::lock::acquire(fs.as_ref(), &layout, "test", false).unwrap());
+        Journal::open(fs, &layout).unwrap();
+
+        let synced = faults.synced_dirs.lock().unwrap().clone();
+        for folder in [
+            layout.private(),
+            layout.root.clone(),
+            dir.path().to_path_buf(),
+        ] {
+            assert!(
+                synced.contains(&folder),
+                "lock first: {take_lock_first}: {} not fsynced (fsynced: {synced:?})",
+                folder.display()
+            );
+        }
+    }
 }

@@ -47,7 +47,7 @@ pub mod frame;
 pub mod lock;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
@@ -92,6 +92,21 @@ pub fn check_end(layout: &Layout, scan: &Scan) -> Result<()> {
     }
 }
 
+/// The folders to fsync, deepest first, so that `.stack` and every folder made on
+/// the way to it survive a crash once a new journal exists in it: the parent of each
+/// folder in `made`, and always the local directory and its parent, because `.stack`
+/// (and the local directory) may already exist without being durable: the directory
+/// lock creates them without syncing, before the journal is opened.
+fn folders_holding_new_names<'a>(layout: &'a Layout, made: &'a [PathBuf]) -> Vec<&'a Path> {
+    let mut dirs: Vec<&Path> = made.iter().filter_map(|p| p.parent()).collect();
+    dirs.push(&layout.root);
+    dirs.extend(layout.root.parent());
+    dirs.retain(|d| !d.as_os_str().is_empty());
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    dirs.dedup();
+    dirs
+}
+
 /// The single writer of a journal. Hold the directory lock while it lives.
 pub struct Journal {
     fs: Arc<dyn Fs>,
@@ -131,8 +146,8 @@ impl Journal {
                 f.sync().at("fsync", &path)?;
                 drop(f);
                 fs.sync_dir(&private).at("fsync", &private)?;
-                if let Some(first) = made.first().and_then(|p| p.parent()) {
-                    fs.sync_dir(first).at("fsync", first)?;
+                for dir in folders_holding_new_names(layout, &made) {
+                    fs.sync_dir(dir).at("fsync", dir)?;
                 }
                 frame::scan(&frame::header())
             }
