@@ -89,7 +89,11 @@ pub enum Event {
     /// The transaction was rolled back before its commit point; nothing visible changed.
     Aborted { reason: String },
     /// The whole projection at this point; compaction starts a journal with it.
-    Checkpoint { state: Box<SyncState> },
+    /// Encoded in the journal through [`checkpoint_state`] (see there why).
+    Checkpoint {
+        #[serde(with = "checkpoint_state")]
+        state: Box<SyncState>,
+    },
     /// `stack gc`: move `rel` (a file or folder under `data/` or `memory/` that no
     /// state entry holds) to the trash.
     RemoveStray { rel: String },
@@ -153,5 +157,258 @@ impl Event {
             ),
             Event::RemoveStray { rel } => rel.clone(),
         }
+    }
+}
+
+/// The journal encoding of a checkpoint's [`SyncState`].
+///
+/// `SyncState` is shaped for `sync_state.json`: its optional fields (`size`,
+/// `ref_fp`, `shared_fp`, a domain's `fp`) are left out when absent
+/// (`skip_serializing_if`). bincode is not self-describing: it decodes a struct as
+/// every one of its fields in order, so a state with any absent optional field was
+/// written without that field and then could not be read back; the checkpoint frame
+/// failed to decode and, being the last frame after a compaction, was cut as a torn
+/// tail, losing the whole state. In the journal (a non-human-readable format) a
+/// checkpoint is therefore written through a mirror of the state in which every
+/// field is always present, in the same order, so a state whose optional fields are
+/// all present has exactly the bytes it had before. Human-readable formats (JSON, for
+/// `journal show --json`) still see `SyncState` itself.
+pub mod checkpoint_state {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::replay::state::{DomainEntry, JournalPos, StatFp, Strategy, SyncState, TableEntry};
+
+    #[derive(Serialize, Deserialize)]
+    struct WireTable {
+        name: String,
+        md5: String,
+        size: Option<u64>,
+        ref_path: String,
+        shared_path: String,
+        strategy: Strategy,
+        ref_fp: Option<StatFp>,
+        shared_fp: Option<StatFp>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct WireDomain {
+        md5: String,
+        path: String,
+        fp: Option<StatFp>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct WireState {
+        version: u32,
+        journal: JournalPos,
+        direct_tables: BTreeMap<String, WireTable>,
+        data_packages: BTreeMap<String, BTreeMap<String, WireTable>>,
+        memory_domains: BTreeMap<String, WireDomain>,
+    }
+
+    fn table_to_wire(t: &TableEntry) -> WireTable {
+        WireTable {
+            name: t.name.clone(),
+            md5: t.md5.clone(),
+            size: t.size,
+            ref_path: t.ref_path.clone(),
+            shared_path: t.shared_path.clone(),
+            strategy: t.strategy,
+            ref_fp: t.ref_fp,
+            shared_fp: t.shared_fp,
+        }
+    }
+
+    fn table_from_wire(t: WireTable) -> TableEntry {
+        TableEntry {
+            name: t.name,
+            md5: t.md5,
+            size: t.size,
+            ref_path: t.ref_path,
+            shared_path: t.shared_path,
+            strategy: t.strategy,
+            ref_fp: t.ref_fp,
+            shared_fp: t.shared_fp,
+        }
+    }
+
+    fn tables_to_wire(m: &BTreeMap<String, TableEntry>) -> BTreeMap<String, WireTable> {
+        m.iter()
+            .map(|(k, t)| (k.clone(), table_to_wire(t)))
+            .collect()
+    }
+
+    fn tables_from_wire(m: BTreeMap<String, WireTable>) -> BTreeMap<String, TableEntry> {
+        m.into_iter()
+            .map(|(k, t)| (k, table_from_wire(t)))
+            .collect()
+    }
+
+    pub fn serialize<S: Serializer>(state: &SyncState, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            return state.serialize(s);
+        }
+        WireState {
+            version: state.version,
+            journal: state.journal,
+            direct_tables: tables_to_wire(&state.direct_tables),
+            data_packages: state
+                .data_packages
+                .iter()
+                .map(|(slug, tables)| (slug.clone(), tables_to_wire(tables)))
+                .collect(),
+            memory_domains: state
+                .memory_domains
+                .iter()
+                .map(|(slug, d)| {
+                    let wire = WireDomain {
+                        md5: d.md5.clone(),
+                        path: d.path.clone(),
+                        fp: d.fp,
+                    };
+                    (slug.clone(), wire)
+                })
+                .collect(),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<SyncState>, D::Error> {
+        if d.is_human_readable() {
+            return SyncState::deserialize(d).map(Box::new);
+        }
+        let w = WireState::deserialize(d)?;
+        Ok(Box::new(SyncState {
+            version: w.version,
+            journal: w.journal,
+            direct_tables: tables_from_wire(w.direct_tables),
+            data_packages: w
+                .data_packages
+                .into_iter()
+                .map(|(slug, tables)| (slug, tables_from_wire(tables)))
+                .collect(),
+            memory_domains: w
+                .memory_domains
+                .into_iter()
+                .map(|(slug, d)| {
+                    let entry = DomainEntry {
+                        md5: d.md5,
+                        path: d.path,
+                        fp: d.fp,
+                    };
+                    (slug, entry)
+                })
+                .collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::frame;
+    use crate::replay::state::{DomainEntry, TableEntry};
+
+    const FP: StatFp = StatFp {
+        size: 3,
+        mtime_ns: -4,
+        ino: 5,
+    };
+
+    fn entry(with_optionals: bool) -> TableEntry {
+        TableEntry {
+            name: "orders".into(),
+            md5: "0123456789abcdef0123456789abcdef".into(),
+            size: with_optionals.then_some(10),
+            ref_path: "data/_direct/orders.parquet".into(),
+            shared_path: "data/_shared/tbl_a.parquet".into(),
+            strategy: Strategy::Copy,
+            ref_fp: with_optionals.then_some(FP),
+            shared_fp: with_optionals.then_some(FP),
+        }
+    }
+
+    fn state(with_optionals: bool) -> SyncState {
+        let mut s = SyncState::default();
+        s.direct_tables
+            .insert("tbl_a".into(), entry(with_optionals));
+        s.data_packages
+            .entry("sales".into())
+            .or_default()
+            .insert("tbl_a".into(), entry(with_optionals));
+        s.memory_domains.insert(
+            "ops".into(),
+            DomainEntry {
+                md5: "d41d8cd98f00b204e9800998ecf8427e".into(),
+                path: "memory/ops/bundle.md".into(),
+                fp: with_optionals.then_some(FP),
+            },
+        );
+        s
+    }
+
+    fn checkpoint(state: SyncState) -> Record {
+        Record {
+            seq: 1,
+            txn: 1,
+            event: Event::Checkpoint {
+                state: Box::new(state),
+            },
+        }
+    }
+
+    /// Regression: a checkpoint whose state has absent optional fields did not
+    /// decode (`skip_serializing_if` under bincode), so its frame scanned as a
+    /// torn tail.
+    #[test]
+    fn checkpoint_with_absent_optional_fields_round_trips() {
+        let record = checkpoint(state(false));
+        let mut bytes = frame::header().to_vec();
+        bytes.extend(frame::encode_frame(std::slice::from_ref(&record)).unwrap());
+        let scan = frame::scan(&bytes);
+        assert_eq!(scan.end, frame::End::Clean);
+        assert_eq!(scan.records, vec![(frame::HEADER_LEN as u64, record)]);
+    }
+
+    /// A state with every optional field present encodes exactly as before the
+    /// mirror existed (`SyncState` itself), so existing journals still read.
+    #[test]
+    fn checkpoint_with_all_fields_present_keeps_its_old_bytes() {
+        #[derive(Serialize)]
+        enum OldEvent<'a> {
+            _V0,
+            _V1,
+            _V2,
+            _V3,
+            _V4,
+            _V5,
+            _V6,
+            _V7,
+            _V8,
+            _V9,
+            _V10,
+            _V11,
+            Checkpoint { state: &'a SyncState },
+        }
+        let s = state(true);
+        let cfg = bincode::config::standard();
+        let old = bincode::serde::encode_to_vec(OldEvent::Checkpoint { state: &s }, cfg).unwrap();
+        let new = bincode::serde::encode_to_vec(checkpoint(s.clone()).event, cfg).unwrap();
+        assert_eq!(old, new);
+    }
+
+    /// JSON (`journal show --json`) still renders the state as `sync_state.json` does.
+    #[test]
+    fn checkpoint_json_is_the_state_file_shape() {
+        let s = state(false);
+        let json = serde_json::to_value(checkpoint(s.clone()).event).unwrap();
+        assert_eq!(
+            json["Checkpoint"]["state"],
+            serde_json::to_value(&s).unwrap()
+        );
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, checkpoint(s).event);
     }
 }

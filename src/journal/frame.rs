@@ -21,6 +21,62 @@ fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_PAYLOAD>()
 }
 
+/// bincode "claims" at most 8 bytes against its decode limit per byte of input (a
+/// varint of one byte decodes as a u64 and claims 8; string bytes claim 1 each), so
+/// any payload of `n` bytes that `encode_frame` wrote decodes within a limit of `8n`.
+const CLAIM_PER_BYTE: usize = 8;
+
+/// Decode limits, smallest first: powers of four from 4 KiB, then the largest
+/// claim a payload of [`MAX_PAYLOAD`] bytes can make.
+const DECODE_LIMITS: [usize; 11] = [
+    1 << 12,
+    1 << 14,
+    1 << 16,
+    1 << 18,
+    1 << 20,
+    1 << 22,
+    1 << 24,
+    1 << 26,
+    1 << 28,
+    1 << 30,
+    MAX_PAYLOAD * CLAIM_PER_BYTE,
+];
+
+/// The decode limit for a payload of `len` bytes: the first of [`DECODE_LIMITS`] at
+/// or above `8 × len`, so never below what a valid payload claims, and never more
+/// than 32 × `len` (or 4 KiB).
+fn decode_limit(len: usize) -> usize {
+    let need = len.saturating_mul(CLAIM_PER_BYTE);
+    DECODE_LIMITS
+        .into_iter()
+        .find(|&limit| limit >= need)
+        .unwrap_or(DECODE_LIMITS[DECODE_LIMITS.len() - 1])
+}
+
+/// Decode a frame's payload (a `Vec<Record>`) under [`decode_limit`].
+///
+/// bincode allocates a string's buffer from its *declared* length as soon as that
+/// length passes the limit, before reading the bytes. The fixed limit of
+/// [`MAX_PAYLOAD`] used before let a frame of a few bytes with a valid checksum make
+/// the reader allocate up to 256 MiB; it also rejected a valid frame larger than
+/// `MAX_PAYLOAD / 8` bytes made of small integers (its claims exceed 256 MiB), which
+/// recovery would then have cut as a torn tail.
+fn decode_payload(payload: &[u8]) -> Result<(Vec<Record>, usize), String> {
+    fn with_limit<const LIMIT: usize>(payload: &[u8]) -> Result<(Vec<Record>, usize), String> {
+        let config = bincode::config::standard().with_limit::<LIMIT>();
+        bincode::serde::decode_from_slice(payload, config).map_err(|e| e.to_string())
+    }
+    macro_rules! dispatch {
+        ($($i:literal)*) => {
+            match decode_limit(payload.len()) {
+                $(l if l == DECODE_LIMITS[$i] => with_limit::<{ DECODE_LIMITS[$i] }>(payload),)*
+                _ => with_limit::<{ MAX_PAYLOAD * CLAIM_PER_BYTE }>(payload),
+            }
+        };
+    }
+    dispatch!(0 1 2 3 4 5 6 7 8 9)
+}
+
 /// The 16-byte header of a new journal.
 pub fn header() -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
@@ -112,9 +168,8 @@ fn frame_at(bytes: &[u8], at: usize) -> Result<(Vec<Record>, usize), String> {
     if hasher.finalize() != crc {
         return Err("checksum mismatch".to_string());
     }
-    let (records, used): (Vec<Record>, usize) =
-        bincode::serde::decode_from_slice(payload, bincode_config())
-            .map_err(|e| format!("checksum valid but payload undecodable: {e}"))?;
+    let (records, used) = decode_payload(payload)
+        .map_err(|e| format!("checksum valid but payload undecodable: {e}"))?;
     if used != len {
         return Err("checksum valid but payload has trailing bytes".to_string());
     }
@@ -251,5 +306,84 @@ pub fn scan(bytes: &[u8]) -> Scan {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::event::Event;
+    use crate::replay::state::StatFp;
+
+    /// A frame with a correct length and checksum around `payload`.
+    fn raw_frame(payload: &[u8]) -> Vec<u8> {
+        let mut out = header().to_vec();
+        let len = (payload.len() as u32).to_le_bytes();
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&len);
+        hasher.update(payload);
+        out.extend_from_slice(&len);
+        out.extend_from_slice(&hasher.finalize().to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn decode_limit_covers_every_valid_payload_and_stays_proportional() {
+        for len in [
+            1,
+            7,
+            512,
+            513,
+            4096,
+            100_000,
+            1 << 24,
+            MAX_PAYLOAD / 8 + 1,
+            MAX_PAYLOAD,
+        ] {
+            let limit = decode_limit(len);
+            assert!(limit >= CLAIM_PER_BYTE * len, "len {len}: limit {limit}");
+            assert!(limit <= (32 * len).max(4096), "len {len}: limit {limit}");
+        }
+    }
+
+    /// Regression: 27 bytes of payload declaring a 128 MiB string made the reader
+    /// allocate 128 MiB before failing; now the declared length fails the limit.
+    #[test]
+    fn tiny_frame_declaring_a_huge_string_fails_the_limit_before_allocating() {
+        // One record: seq 1, txn 1, variant 1 (Stage), md5 of 2^27 bytes (u64 varint).
+        let mut payload = vec![1u8, 1, 1, 1, 253];
+        payload.extend_from_slice(&(1u64 << 27).to_le_bytes());
+        payload.extend_from_slice(b"abc");
+        let scan = scan(&raw_frame(&payload));
+        match scan.end {
+            End::TornTail { offset: 16, reason } => {
+                assert!(reason.contains("LimitExceeded"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A payload of small integers claims up to 8 bytes per byte; it must decode.
+    #[test]
+    fn integer_heavy_payload_decodes_within_the_limit() {
+        let zero = StatFp {
+            size: 0,
+            mtime_ns: 0,
+            ino: 0,
+        };
+        let record = Record {
+            seq: 1,
+            txn: 1,
+            event: Event::Committed {
+                fingerprints: vec![(String::new(), zero); 20_000],
+            },
+        };
+        let frame = encode_frame(std::slice::from_ref(&record)).unwrap();
+        let mut bytes = header().to_vec();
+        bytes.extend(frame);
+        let scan = scan(&bytes);
+        assert_eq!(scan.end, End::Clean);
+        assert_eq!(scan.records, vec![(HEADER_LEN as u64, record)]);
     }
 }

@@ -13,7 +13,8 @@
 //! ```text
 //! header  = "STACKJNL" | version: u32 LE | crc32(magic ‖ version): u32 LE      (16 bytes)
 //! frame   = len: u32 LE | crc32(len bytes ‖ payload): u32 LE | payload        (len ≤ 256 MiB)
-//! payload = bincode 2 (standard config, decode limited to 256 MiB) of Vec<Record>
+//! payload = bincode 2 (standard config) of Vec<Record>, decoded under a limit of
+//!           about 8-32 × its length (see `frame::decode_payload`)
 //! Record  = { seq: u64, txn: u64, event: Event }
 //! ```
 //!
@@ -46,7 +47,7 @@ pub mod frame;
 pub mod lock;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
@@ -91,6 +92,21 @@ pub fn check_end(layout: &Layout, scan: &Scan) -> Result<()> {
     }
 }
 
+/// The folders to fsync, deepest first, so that `.stack` and every folder made on
+/// the way to it survive a crash once a new journal exists in it: the parent of each
+/// folder in `made`, and always the local directory and its parent, because `.stack`
+/// (and the local directory) may already exist without being durable: the directory
+/// lock creates them without syncing, before the journal is opened.
+fn folders_holding_new_names<'a>(layout: &'a Layout, made: &'a [PathBuf]) -> Vec<&'a Path> {
+    let mut dirs: Vec<&Path> = made.iter().filter_map(|p| p.parent()).collect();
+    dirs.push(&layout.root);
+    dirs.extend(layout.root.parent());
+    dirs.retain(|d| !d.as_os_str().is_empty());
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    dirs.dedup();
+    dirs
+}
+
 /// The single writer of a journal. Hold the directory lock while it lives.
 pub struct Journal {
     fs: Arc<dyn Fs>,
@@ -101,6 +117,9 @@ pub struct Journal {
     next_seq: u64,
     last_txn: u64,
     pending: Vec<Record>,
+    /// Why this writer may append nothing more (the file's end is no longer known
+    /// to be `len`, or the file is no longer the journal); `None` while usable.
+    broken: Option<String>,
 }
 
 /// What opening a journal for writing found.
@@ -131,8 +150,8 @@ impl Journal {
                 f.sync().at("fsync", &path)?;
                 drop(f);
                 fs.sync_dir(&private).at("fsync", &private)?;
-                if let Some(first) = made.first().and_then(|p| p.parent()) {
-                    fs.sync_dir(first).at("fsync", first)?;
+                for dir in folders_holding_new_names(layout, &made) {
+                    fs.sync_dir(dir).at("fsync", dir)?;
                 }
                 frame::scan(&frame::header())
             }
@@ -173,6 +192,7 @@ impl Journal {
                 next_seq,
                 last_txn,
                 pending: Vec::new(),
+                broken: None,
             },
             records,
             torn,
@@ -217,20 +237,53 @@ impl Journal {
     }
 
     /// Write the queued batch as one frame and make it durable with one fdatasync.
+    ///
+    /// If the write or the fdatasync fails, the bytes of the frame that may have
+    /// reached the file are cut off again (the batch stays queued, so a later `sync`
+    /// retries it): a frame must never be appended after a partial one, which would
+    /// make the journal corrupt, nor twice. If the cut fails too, this writer refuses
+    /// every later `sync` and `compact`; reopening the journal cuts the torn tail.
     pub fn sync(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        self.check_usable()?;
         let path = self.layout.journal();
         let bytes = frame::encode_frame(&self.pending).map_err(|message| Error::State {
             path: path.clone(),
             message,
         })?;
-        self.file.write_all(&bytes).at("append", &path)?;
-        self.file.sync().at("fsync", &path)?;
+        let written = self
+            .file
+            .write_all(&bytes)
+            .at("append", &path)
+            .and_then(|()| self.file.sync().at("fsync", &path));
+        if let Err(e) = written {
+            // A simulated crash must propagate untouched: no cleanup after it.
+            if !e.is_crash() {
+                if let Err(cut) = self.fs.truncate(&path, self.len) {
+                    self.broken = Some(format!("a failed append could not be cut off ({cut})"));
+                }
+            }
+            return Err(e);
+        }
         self.len += bytes.len() as u64;
         self.pending.clear();
         Ok(())
+    }
+
+    /// `Err` if an earlier failure left this writer unable to append safely.
+    fn check_usable(&self) -> Result<()> {
+        match &self.broken {
+            None => Ok(()),
+            Some(why) => Err(Error::Io {
+                op: "append",
+                path: self.layout.journal(),
+                source: std::io::Error::other(format!(
+                    "{why}; the journal must be reopened before appending"
+                )),
+            }),
+        }
     }
 
     /// Should a pull compact now? (See [`AUTO_COMPACT_BYTES`].)
@@ -241,6 +294,7 @@ impl Journal {
     /// Replace the journal by one holding a single checkpoint of `state`, under a new
     /// transaction. Temp file, fsync, rename, fsync folder.
     pub fn compact(&mut self, state: &crate::replay::state::SyncState) -> Result<()> {
+        self.check_usable()?;
         self.sync()?;
         let txn = self.new_txn();
         let record = Record {
@@ -265,11 +319,16 @@ impl Journal {
         f.sync().at("fsync", &tmp)?;
         drop(f);
         self.fs.rename(&tmp, &path).at("rename", &path)?;
-        self.fs.sync_dir(&private).at("fsync", &private)?;
-        self.file = self.fs.open_append(&path).at("open", &path)?;
+        // The journal is now the new file: follow it before anything else can
+        // fail, and if something does, append nothing more through this writer
+        // (neither into the replaced file, nor into a name not yet durable).
         self.next_seq += 1;
         self.len = bytes.len() as u64;
         self.len_after_compaction = self.len;
+        self.broken = Some("a compaction did not complete".to_string());
+        self.file = self.fs.open_append(&path).at("open", &path)?;
+        self.fs.sync_dir(&private).at("fsync", &private)?;
+        self.broken = None;
         Ok(())
     }
 }
