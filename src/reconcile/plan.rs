@@ -309,3 +309,145 @@ fn state_entry<'a>(
         Slot::Package(slug) => state.data_packages.get(slug).and_then(|t| t.get(id)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::manifest::{validate, Manifest};
+    use crate::reconcile::origin::LocalOrigin;
+    use crate::replay::project::apply_event;
+
+    fn md5(c: char) -> String {
+        c.to_string().repeat(32)
+    }
+
+    fn desired(json: serde_json::Value) -> Desired {
+        let m: Manifest = serde_json::from_value(json).unwrap();
+        validate(&m, &LocalOrigin::new("/nowhere")).unwrap()
+    }
+
+    fn table(id: &str, name: &str, m: char) -> serde_json::Value {
+        serde_json::json!({"id": id, "name": name, "md5": md5(m), "parquet_url": format!("/api/data/{id}/download")})
+    }
+
+    /// Plan from `state`, then return the plan and the state it leads to.
+    fn check(state: &SyncState, d: &Desired, mode: LinkMode) -> (Plan, SyncState) {
+        let p = plan(
+            state,
+            d,
+            mode,
+            resolve_strategy(
+                mode,
+                Caps {
+                    reflink: false,
+                    hardlink: true,
+                },
+            ),
+            &Damage::default(),
+        );
+        let mut next = state.clone();
+        for e in &p.ops {
+            apply_event(&mut next, e);
+        }
+        (p, next)
+    }
+
+    fn kinds(p: &Plan) -> Vec<&'static str> {
+        p.ops.iter().map(Event::kind).collect()
+    }
+
+    #[test]
+    fn shared_table_is_staged_once_and_referenced_twice() {
+        let d = desired(serde_json::json!({"data_packages": [
+            {"slug": "p1", "tables": [table("tbl_a", "a", 'a')]},
+            {"slug": "p2", "tables": [table("tbl_a", "a", 'a')]}]}));
+        let (p, next) = check(&SyncState::default(), &d, LinkMode::Auto);
+        assert_eq!(p.stage.len(), 1);
+        assert_eq!(kinds(&p), ["put_shared", "make_ref", "make_ref"]);
+        assert_eq!(p.tally.data_packages.added, 2);
+        // Re-planning from the result is a no-op.
+        let (again, _) = check(&next, &d, LinkMode::Auto);
+        assert!(again.is_noop());
+        assert_eq!(again.tally.data_packages.unchanged, 2);
+    }
+
+    #[test]
+    fn dropping_one_package_keeps_the_shared_file() {
+        let both = desired(serde_json::json!({"data_packages": [
+            {"slug": "p1", "tables": [table("tbl_a", "a", 'a')]},
+            {"slug": "p2", "tables": [table("tbl_a", "a", 'a')]}]}));
+        let (_, s1) = check(&SyncState::default(), &both, LinkMode::Auto);
+        let one = desired(
+            serde_json::json!({"data_packages": [{"slug": "p1", "tables": [table("tbl_a", "a", 'a')]}]}),
+        );
+        let (p, s2) = check(&s1, &one, LinkMode::Auto);
+        assert_eq!(kinds(&p), ["remove_ref", "remove_dir"]);
+        assert!(p.stage.is_empty());
+        let (p, _) = check(&s2, &desired(serde_json::json!({})), LinkMode::Auto);
+        assert_eq!(kinds(&p), ["remove_ref", "remove_shared", "remove_dir"]);
+    }
+
+    #[test]
+    fn md5_change_replaces_shared_before_references() {
+        let v1 = desired(serde_json::json!({"direct_tables": [table("tbl_a", "a", 'a')]}));
+        let (_, s1) = check(&SyncState::default(), &v1, LinkMode::Copy);
+        let v2 = desired(serde_json::json!({"direct_tables": [table("tbl_a", "a", 'b')]}));
+        let (p, s2) = check(&s1, &v2, LinkMode::Copy);
+        assert_eq!(kinds(&p), ["put_shared", "make_ref"]);
+        assert_eq!(p.tally.direct_tables.updated, 1);
+        assert_eq!(s2.direct_tables["tbl_a"].md5, md5('b'));
+    }
+
+    #[test]
+    fn a_freed_path_is_removed_before_it_is_reused() {
+        let v1 = desired(
+            serde_json::json!({"data_packages": [{"slug": "p", "tables": [table("tbl_a", "x", 'a')]}]}),
+        );
+        let (_, s1) = check(&SyncState::default(), &v1, LinkMode::Symlink);
+        let v2 = desired(
+            serde_json::json!({"data_packages": [{"slug": "p", "tables": [table("tbl_b", "x", 'b')]}]}),
+        );
+        let (p, s2) = check(&s1, &v2, LinkMode::Symlink);
+        let k = kinds(&p);
+        let remove = k.iter().position(|k| *k == "remove_ref").unwrap();
+        let make = k.iter().position(|k| *k == "make_ref").unwrap();
+        assert!(remove < make, "{k:?}");
+        assert_eq!(s2.data_packages["p"].len(), 1);
+        assert!(s2.data_packages["p"].contains_key("tbl_b"));
+    }
+
+    #[test]
+    fn damage_remakes_without_fetching_unless_the_shared_file_is_bad() {
+        let v1 = desired(serde_json::json!({"direct_tables": [table("tbl_a", "a", 'a')]}));
+        let (_, s1) = check(&SyncState::default(), &v1, LinkMode::Copy);
+        let mut damage = Damage::default();
+        damage.refs.insert((Slot::Direct, "tbl_a".to_string()));
+        let p = plan(&s1, &v1, LinkMode::Copy, Strategy::Copy, &damage);
+        assert_eq!(kinds(&p), ["make_ref"]);
+        assert!(p.stage.is_empty());
+        let mut damage = Damage::default();
+        damage.shared.insert("tbl_a".to_string());
+        let p = plan(&s1, &v1, LinkMode::Copy, Strategy::Copy, &damage);
+        assert_eq!(kinds(&p), ["put_shared", "make_ref"]);
+        assert_eq!(p.stage.len(), 1);
+    }
+
+    #[test]
+    fn auto_keeps_existing_strategies_and_explicit_modes_change_them() {
+        let v1 = desired(serde_json::json!({"direct_tables": [table("tbl_a", "a", 'a')]}));
+        let (_, s1) = check(&SyncState::default(), &v1, LinkMode::Copy);
+        assert!(check(&s1, &v1, LinkMode::Auto).0.is_noop());
+        let (p, s2) = check(&s1, &v1, LinkMode::Symlink);
+        assert_eq!(kinds(&p), ["make_ref"]);
+        assert_eq!(s2.direct_tables["tbl_a"].strategy, Strategy::Symlink);
+    }
+
+    #[test]
+    fn remote_tables_are_counted_as_skipped() {
+        let d = desired(serde_json::json!({"direct_tables": [
+            {"id": "tbl_r", "name": "r", "md5": md5('c'), "query_mode": "remote"}]}));
+        let (p, _) = check(&SyncState::default(), &d, LinkMode::Auto);
+        assert!(p.is_noop());
+        assert_eq!(p.tally.direct_tables.skipped, 1);
+    }
+}
