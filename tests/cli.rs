@@ -1,0 +1,9 @@
+//! Black-box tests of the `stack` binary (contract §1-§5): each runs the real
+//! executable against local origin folders generated in tempdirs. The themes live
+//! in `tests/cli/` so that they build into one test binary.
+
+#[path = "cli/support.rs"]
+mod support;
+
+#[path = "cli/manifest.rs"]
+mod manifest;
