@@ -7,3 +7,9 @@ mod support;
 
 #[path = "cli/manifest.rs"]
 mod manifest;
+
+#[path = "cli/faults.rs"]
+mod faults;
+
+#[path = "cli/verify.rs"]
+mod verify;

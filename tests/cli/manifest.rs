@@ -193,7 +193,10 @@ fn unparsable_and_missing_manifests_are_refused() {
             "a table as an array",
         ),
         (b"{\"data_packages\": [[\"p1\"]]}", "a package as an array"),
-        (b"{\"memory_domains\": [[\"finance\"]]}", "a domain as an array"),
+        (
+            b"{\"memory_domains\": [[\"finance\"]]}",
+            "a domain as an array",
+        ),
         (b"{\"direct_tables\": [{\"id\": \"x\"}]}", "missing fields"),
     ] {
         std::fs::write(&bad, body).unwrap();
