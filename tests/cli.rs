@@ -13,3 +13,6 @@ mod faults;
 
 #[path = "cli/verify.rs"]
 mod verify;
+
+#[path = "cli/links.rs"]
+mod links;
