@@ -16,3 +16,6 @@ mod verify;
 
 #[path = "cli/links.rs"]
 mod links;
+
+#[path = "cli/lock.rs"]
+mod lock;
