@@ -19,3 +19,6 @@ mod links;
 
 #[path = "cli/lock.rs"]
 mod lock;
+
+#[path = "cli/journal.rs"]
+mod journal;
