@@ -22,3 +22,6 @@ mod lock;
 
 #[path = "cli/journal.rs"]
 mod journal;
+
+#[path = "cli/shape.rs"]
+mod shape;
