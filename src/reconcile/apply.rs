@@ -260,13 +260,30 @@ pub fn fingerprint(fs: &dyn Fs, layout: &Layout, rel: &str) -> Result<Option<Sta
 }
 
 /// The relative paths a transaction wrote, whose fingerprints `Committed` records.
+/// A `MakeRef` also names its shared file: the entry it (re)makes starts without a
+/// shared fingerprint, and heal would otherwise re-hash that file and spend a
+/// transaction refreshing it on the next, otherwise no-op, pull.
 pub fn written_paths(records: &[Record]) -> Vec<String> {
     let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut push = |p: String| {
+        if seen.insert(p.clone()) {
+            out.push(p);
+        }
+    };
     for r in records {
         match &r.event {
-            Event::PutShared { table_id, .. } => out.push(layout::shared_rel(table_id)),
-            Event::MakeRef { slot, name, .. } => out.push(layout::ref_rel(slot, name)),
-            Event::PutBundle { slug, .. } => out.push(layout::bundle_rel(slug)),
+            Event::PutShared { table_id, .. } => push(layout::shared_rel(table_id)),
+            Event::MakeRef {
+                slot,
+                name,
+                table_id,
+                ..
+            } => {
+                push(layout::ref_rel(slot, name));
+                push(layout::shared_rel(table_id));
+            }
+            Event::PutBundle { slug, .. } => push(layout::bundle_rel(slug)),
             _ => {}
         }
     }
