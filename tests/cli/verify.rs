@@ -193,3 +193,125 @@ fn a_noop_pull_writes_nothing() {
         assert_same(&strip(&before), &strip(&snapshot(&dir)), link);
     }
 }
+
+#[test]
+fn heal_covers_bundles_and_replaced_links_and_the_next_pull_is_a_noop() {
+    let (o, l) = pulled("symlink");
+    let dir = l.dir();
+    let good = visible(&snapshot(&dir));
+    std::fs::write(dir.join("memory/finance/bundle.md"), b"# my notes\n").unwrap();
+    // A symlink replaced by a regular file with other bytes.
+    let r = dir.join("data/p2/c.parquet");
+    std::fs::remove_file(&r).unwrap();
+    std::fs::write(&r, b"not c at all\n").unwrap();
+    has(&violations(&dir, true), 5, "data/p2/c.parquet");
+    let rep = pull(&o.manifest(), &dir, &["--link", "symlink", "--json"]);
+    rep.ok();
+    assert_verify_clean(&dir);
+    let healed = visible(&snapshot(&dir));
+    for (p, n) in &good {
+        if p.starts_with("data") || p.starts_with("memory") {
+            assert_eq!(healed.get(p), Some(n), "{} not healed", p.display());
+        }
+    }
+    // The heal refreshed the fingerprints: the next pull finds nothing to do.
+    let before = snapshot(&dir);
+    let journal = std::fs::read(dir.join(".stack/journal")).unwrap();
+    let r = pull(&o.manifest(), &dir, &["--link", "symlink", "--json"]);
+    r.ok();
+    assert_eq!(r.json()["bytes_fetched"], json!(0));
+    assert!(
+        std::fs::read(dir.join(".stack/journal")).unwrap() == journal,
+        "the pull after the heal wrote to the journal: {}",
+        stack(&["journal", "show", "--dir", dir.to_str().unwrap()]).stdout
+    );
+    let strip = |s: &Snapshot| -> Snapshot {
+        s.iter()
+            .filter(|(p, _)| p.as_path() != Path::new(".stack/lock"))
+            .map(|(p, n)| (p.clone(), n.clone()))
+            .collect()
+    };
+    assert_same(&strip(&before), &strip(&snapshot(&dir)), "pull after heal");
+}
+
+#[test]
+fn removed_packages_and_renamed_tables_leave_no_folders_behind() {
+    let (o, l) = pulled("auto");
+    let dir = l.dir();
+    // p2 dropped, p1's alpha renamed to first, md5s given in upper case.
+    let ts = vec![
+        t("tbl_a", "a", None, b"table a, version 1\n"),
+        t("tbl_a", "first", Some("p1"), b"table a, version 1\n"),
+        t(
+            "tbl_b",
+            "b",
+            Some("p1"),
+            b"table b, version 1 -- a bit longer\n",
+        ),
+    ];
+    let mut m = o.manifest_value(&ts, &[]);
+    for tb in m["data_packages"][0]["tables"].as_array_mut().unwrap() {
+        let up = tb["md5"].as_str().unwrap().to_uppercase();
+        tb["md5"] = json!(up);
+    }
+    let m2 = o.write_manifest(&m, "v2.json");
+    let r = pull(&m2, &dir, &["--json"]);
+    r.ok();
+    let v = r.json();
+    // References are keyed by (package, table id): the rename is an update.
+    assert_eq!(counts(&v, "data_packages"), [0, 1, 2, 1, 0]);
+    assert_eq!(counts(&v, "memory_domains"), [0, 0, 1, 0, 0]);
+    assert_verify_clean(&dir);
+    let paths: Vec<String> = visible(&snapshot(&dir))
+        .keys()
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| p.starts_with("data") || p.starts_with("memory"))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "data",
+            "data/_direct",
+            "data/_direct/a.parquet",
+            "data/_shared",
+            "data/_shared/tbl_a.parquet",
+            "data/_shared/tbl_b.parquet",
+            "data/p1",
+            "data/p1/b.parquet",
+            "data/p1/first.parquet",
+            "memory",
+        ],
+        "{paths:#?}"
+    );
+    for (_, _, e) in entries(&dir) {
+        let md5 = e["md5"].as_str().unwrap();
+        assert_eq!(md5, md5.to_lowercase());
+    }
+    // Upper-case md5s are the same md5s: the next pull is a no-op.
+    let r = pull(&m2, &dir, &["--json"]);
+    r.ok();
+    assert_eq!(r.json()["txn"], json!(2));
+}
+
+#[test]
+fn a_pull_that_adds_a_reference_to_a_known_table_is_followed_by_a_noop() {
+    for link in ["symlink", "copy"] {
+        let (o, l) = pulled(link);
+        let dir = l.dir();
+        let mut ts = base_tables();
+        ts.push(t("tbl_c", "c", Some("p3"), b"table c\n"));
+        let m2 = o.write(&ts, &base_domains(), "v2.json");
+        let r = pull(&m2, &dir, &["--link", link, "--json"]);
+        r.ok();
+        assert_eq!(counts(&r.json(), "data_packages"), [1, 0, 0, 4, 0]);
+        let journal = std::fs::read(dir.join(".stack/journal")).unwrap();
+        let r = pull(&m2, &dir, &["--link", link, "--json"]);
+        r.ok();
+        assert_eq!(r.json()["txn"], json!(2), "{link}");
+        assert!(
+            std::fs::read(dir.join(".stack/journal")).unwrap() == journal,
+            "{link}: the second pull wrote to the journal: {}",
+            stack(&["journal", "show", "--dir", dir.to_str().unwrap()]).stdout
+        );
+    }
+}
