@@ -333,6 +333,8 @@ fn journal_show(dir: &Path, json: bool) -> Result<i32> {
         return Err(Error::Usage(format!("{} has no journal", dir.display())));
     };
     if json {
+        // One JSON object on stdout: a corrupt journal is an error report only.
+        journal::check_end(&layout, &scan)?;
         let records: Vec<_> = scan
             .records
             .iter()

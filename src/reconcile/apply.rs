@@ -121,6 +121,22 @@ impl<'a> Applier<'a> {
         }
     }
 
+    /// Redoing a put whose staged file is gone: was it applied and cleaned up
+    /// already? That is the case when a transaction's `Committed` record was lost
+    /// after its cleanup (a torn tail cut by recovery); `dst` then already holds
+    /// `md5`, and the step is done. Otherwise the put must run (and fails if the
+    /// staged file is missing).
+    fn done_before(&self, staged: &Path, dst: &Path, md5: &str) -> Result<bool> {
+        if self.fs.exists(staged).at("stat", staged)? {
+            return Ok(false);
+        }
+        match crate::reconcile::origin::md5_file(self.fs, dst) {
+            Ok(h) => Ok(h == md5),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).at("read", dst),
+        }
+    }
+
     fn ensure_dir(&self, dir: &Path) -> Result<()> {
         self.fs.create_dir_all(dir).map(|_| ()).at("mkdir", dir)
     }
@@ -131,9 +147,12 @@ impl<'a> Applier<'a> {
         match ev {
             Event::PutShared { table_id, md5 } => {
                 let dst = l.join(&layout::shared_rel(table_id));
+                let staged = l.staged(md5);
+                if self.done_before(&staged, &dst, md5)? {
+                    return Ok(());
+                }
                 self.ensure_dir(&l.shared_dir())?;
                 let tmp = self.tmp_path(seq)?;
-                let staged = l.staged(md5);
                 // A hard link from staging costs no copy; staging is on the same
                 // filesystem. Where links are refused, copy.
                 self.link_or_copy(Strategy::Hardlink, &staged, &tmp, &staged)?;
@@ -167,11 +186,14 @@ impl<'a> Applier<'a> {
             }
             Event::PutBundle { slug, md5 } => {
                 let dir = l.join(&layout::domain_dir_rel(slug));
+                let staged = l.staged(md5);
+                let dst = l.join(&layout::bundle_rel(slug));
+                if self.done_before(&staged, &dst, md5)? {
+                    return Ok(());
+                }
                 self.ensure_dir(&dir)?;
                 let tmp = self.tmp_path(seq)?;
-                let staged = l.staged(md5);
                 self.fs.copy_file(&staged, &tmp, false).at("copy", &tmp)?;
-                let dst = l.join(&layout::bundle_rel(slug));
                 self.fs.rename(&tmp, &dst).at("rename", &dst)
             }
             Event::RemoveBundle { slug } => {
@@ -238,13 +260,30 @@ pub fn fingerprint(fs: &dyn Fs, layout: &Layout, rel: &str) -> Result<Option<Sta
 }
 
 /// The relative paths a transaction wrote, whose fingerprints `Committed` records.
+/// A `MakeRef` also names its shared file: the entry it (re)makes starts without a
+/// shared fingerprint, and heal would otherwise re-hash that file and spend a
+/// transaction refreshing it on the next, otherwise no-op, pull.
 pub fn written_paths(records: &[Record]) -> Vec<String> {
     let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut push = |p: String| {
+        if seen.insert(p.clone()) {
+            out.push(p);
+        }
+    };
     for r in records {
         match &r.event {
-            Event::PutShared { table_id, .. } => out.push(layout::shared_rel(table_id)),
-            Event::MakeRef { slot, name, .. } => out.push(layout::ref_rel(slot, name)),
-            Event::PutBundle { slug, .. } => out.push(layout::bundle_rel(slug)),
+            Event::PutShared { table_id, .. } => push(layout::shared_rel(table_id)),
+            Event::MakeRef {
+                slot,
+                name,
+                table_id,
+                ..
+            } => {
+                push(layout::ref_rel(slot, name));
+                push(layout::shared_rel(table_id));
+            }
+            Event::PutBundle { slug, .. } => push(layout::bundle_rel(slug)),
             _ => {}
         }
     }

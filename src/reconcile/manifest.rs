@@ -13,6 +13,46 @@ use crate::error::{Error, Result};
 use crate::journal::event::Slot;
 use crate::reconcile::origin::Origin;
 
+/// Check that the manifest and every table, package and domain in it is a JSON
+/// object (lists that are not arrays are left to serde's own error).
+fn require_objects(v: &serde_json::Value) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    let items = |v: &Value, key: &str| -> Vec<Value> {
+        match v.get(key) {
+            Some(Value::Array(a)) => a.clone(),
+            _ => Vec::new(),
+        }
+    };
+    let object = |v: &Value, what: &str| {
+        if v.is_object() {
+            Ok(())
+        } else {
+            let kind = match v {
+                Value::Array(_) => "an array",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                Value::Bool(_) => "a boolean",
+                _ => "null",
+            };
+            Err(format!("{what} must be a JSON object, not {kind}"))
+        }
+    };
+    object(v, "the manifest")?;
+    for t in items(v, "direct_tables") {
+        object(&t, "a direct table")?;
+    }
+    for p in items(v, "data_packages") {
+        object(&p, "a data package")?;
+        for t in items(&p, "tables") {
+            object(&t, "a package table")?;
+        }
+    }
+    for d in items(v, "memory_domains") {
+        object(&d, "a memory domain")?;
+    }
+    Ok(())
+}
+
 /// A table as the manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
@@ -71,8 +111,14 @@ where
 impl Manifest {
     /// Parse manifest JSON; a parse error is a bad manifest (exit 2).
     pub fn from_json(bytes: &[u8]) -> Result<Manifest> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| Error::BadManifest(format!("not a valid manifest: {e}")))
+        let bad = |e: String| Error::BadManifest(format!("not a valid manifest: {e}"));
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        // serde's derived structs also accept JSON arrays (fields by position), so
+        // `[]` would read as an empty stack and a pull would delete everything.
+        // Contract §1 manifests, tables, packages and domains are objects.
+        require_objects(&value).map_err(bad)?;
+        serde_json::from_value(value).map_err(|e| bad(e.to_string()))
     }
 }
 

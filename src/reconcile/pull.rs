@@ -133,7 +133,26 @@ fn make_plan(
         return Ok(first);
     }
     let caps = if probe {
-        probe_caps(fs, &cfg.layout, cfg.link)?
+        let caps = probe_caps(fs, &cfg.layout, cfg.link)?;
+        // Contract §2: an explicit reflink/hardlink the filesystem refuses falls
+        // back to copy and says so once on stderr.
+        let refused = match cfg.link {
+            LinkMode::Reflink => !caps.reflink,
+            LinkMode::Hardlink => !caps.hardlink,
+            _ => false,
+        };
+        if refused {
+            eprintln!(
+                "stack: {} refused by the filesystem of {}; copying instead",
+                if cfg.link == LinkMode::Reflink {
+                    "reflink"
+                } else {
+                    "hardlink"
+                },
+                cfg.layout.root.display()
+            );
+        }
+        caps
     } else {
         // A dry run must not touch the disk: assume the portable outcome.
         Caps {

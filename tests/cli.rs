@@ -1,0 +1,27 @@
+//! Black-box tests of the `stack` binary (contract §1-§5): each runs the real
+//! executable against local origin folders generated in tempdirs. The themes live
+//! in `tests/cli/` so that they build into one test binary.
+
+#[path = "cli/support.rs"]
+mod support;
+
+#[path = "cli/manifest.rs"]
+mod manifest;
+
+#[path = "cli/faults.rs"]
+mod faults;
+
+#[path = "cli/verify.rs"]
+mod verify;
+
+#[path = "cli/links.rs"]
+mod links;
+
+#[path = "cli/lock.rs"]
+mod lock;
+
+#[path = "cli/journal.rs"]
+mod journal;
+
+#[path = "cli/shape.rs"]
+mod shape;

@@ -1,0 +1,255 @@
+//! Journal commands on a pulled directory: show, verify, corruption (exit 4, never
+//! rewritten), torn tails (cut into journal.broken), compaction, replay.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+fn show(dir: &Path) -> Vec<Value> {
+    let r = stack(&["journal", "show", "--json", "--dir", dir.to_str().unwrap()]);
+    r.ok();
+    let v = r.json();
+    assert_eq!(v["ok"], json!(true));
+    v["records"].as_array().unwrap().clone()
+}
+
+fn journal_verify(dir: &Path) -> Run {
+    stack(&["journal", "verify", "--dir", dir.to_str().unwrap()])
+}
+
+/// The distinct frame offsets, in order.
+fn frames(records: &[Value]) -> Vec<u64> {
+    let mut out: Vec<u64> = records
+        .iter()
+        .map(|r| r["offset"].as_u64().unwrap())
+        .collect();
+    out.dedup();
+    out
+}
+
+/// A stack with three pulls behind it (v1, v2, v1).
+fn history() -> (Origin, Local, std::path::PathBuf) {
+    let (o, l) = pulled("auto");
+    let mut ts = base_tables();
+    ts[2] = t("tbl_b", "b", Some("p1"), b"table b, version 2\n");
+    ts.remove(4);
+    let m2 = o.write(&ts, &[], "v2.json");
+    pull(&m2, &l.dir(), &["--json"]).ok();
+    pull(&o.manifest(), &l.dir(), &["--json"]).ok();
+    (o, l, m2)
+}
+
+#[test]
+fn show_lists_every_record() {
+    let (_o, l) = pulled("auto");
+    let records = show(&l.dir());
+    assert!(records.len() >= 3);
+    let mut last_seq = 0;
+    for r in &records {
+        for k in ["offset", "seq", "txn"] {
+            assert!(r[k].is_u64(), "{k} in {r}");
+        }
+        assert!(r["kind"].as_str().is_some_and(|k| !k.is_empty()), "{r}");
+        assert!(r["summary"].is_string(), "{r}");
+        let seq = r["seq"].as_u64().unwrap();
+        assert!(seq > last_seq, "seq rises: {records:?}");
+        last_seq = seq;
+        assert_eq!(r["txn"], json!(1));
+    }
+    let kinds: Vec<&str> = records
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"begin"));
+    assert_eq!(kinds.last(), Some(&"committed"));
+    assert!(kinds.contains(&"prepared"));
+    assert_eq!(state(&l.dir())["journal"]["seq"], json!(last_seq));
+    // The human listing has one line per record.
+    let r = stack(&["journal", "show", "--dir", l.dir().to_str().unwrap()]);
+    r.ok();
+    assert_eq!(r.stdout.lines().count(), records.len());
+    journal_verify(&l.dir()).ok();
+}
+
+#[test]
+fn a_flipped_byte_in_the_middle_is_corruption_and_nothing_rewrites_it() {
+    let (o, l) = pulled("auto");
+    let dir = l.dir();
+    let offs = frames(&show(&dir));
+    assert!(offs.len() >= 3, "{offs:?}");
+    let mid = offs[offs.len() / 2];
+    let jpath = dir.join(".stack/journal");
+    let mut bytes = std::fs::read(&jpath).unwrap();
+    bytes[mid as usize + 12] ^= 0x40;
+    std::fs::write(&jpath, &bytes).unwrap();
+
+    let r = journal_verify(&dir);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(r.stderr.contains(&format!("byte offset {mid}")), "{r:?}");
+    assert!(r.stderr.contains("record"), "{r:?}");
+
+    let before = snapshot(&dir);
+    let no_lock = |s: &Snapshot| -> Snapshot {
+        s.iter()
+            .filter(|(p, _)| p.as_path() != Path::new(".stack/lock"))
+            .map(|(p, n)| (p.clone(), n.clone()))
+            .collect()
+    };
+    let r = pull(&o.manifest(), &dir, &["--json"]);
+    let msg = r.json_error(4);
+    assert!(msg.contains(&format!("byte offset {mid}")), "{msg}");
+    for args in [
+        vec!["gc"],
+        vec!["journal", "replay"],
+        vec!["journal", "compact"],
+    ] {
+        let mut c = bin();
+        c.args(&args).arg("--dir").arg(&dir);
+        assert_eq!(output(c).code, 4, "{args:?}");
+    }
+    let r = stack(&["journal", "show", "--json", "--dir", dir.to_str().unwrap()]);
+    r.json_error(4);
+    assert_eq!(std::fs::read(&jpath).unwrap(), bytes, "journal rewritten");
+    assert_same(
+        &no_lock(&before),
+        &no_lock(&snapshot(&dir)),
+        "corrupt journal",
+    );
+}
+
+#[test]
+fn a_torn_tail_is_reported_then_cut_by_the_next_pull() {
+    let (o, l, _) = history();
+    torn_tail(&o, &l, 3);
+}
+
+#[test]
+fn a_torn_tail_after_one_pull() {
+    let (o, l) = pulled("copy");
+    torn_tail(&o, &l, 1);
+}
+
+fn torn_tail(o: &Origin, l: &Local, txn: u64) {
+    let dir = l.dir();
+    let jpath = dir.join(".stack/journal");
+    let bytes = std::fs::read(&jpath).unwrap();
+    let cut = bytes.len() - 3;
+    std::fs::write(&jpath, &bytes[..cut]).unwrap();
+
+    let r = journal_verify(&dir);
+    r.ok();
+    assert!(r.stdout.contains("torn tail"), "{r:?}");
+    let r = pull(&o.manifest(), &dir, &["--json"]);
+    r.ok();
+    let broken = dir.join(".stack/journal.broken");
+    assert!(broken.exists(), "the cut bytes are kept");
+    let kept = std::fs::read(&broken).unwrap();
+    assert!(
+        !kept.is_empty() && bytes[..cut].ends_with(&kept),
+        "journal.broken holds the cut bytes"
+    );
+    // The cut transaction was past its commit point: rolled forward, committed.
+    let records = show(&dir);
+    let last = records.last().unwrap();
+    assert_eq!(last["kind"], json!("committed"));
+    assert_eq!(last["txn"], json!(txn));
+    assert_eq!(state(&dir)["journal"]["txn"], json!(txn));
+    let r = journal_verify(&dir);
+    r.ok();
+    assert!(!r.stdout.contains("torn tail"), "{r:?}");
+    assert_verify_clean(&dir);
+}
+
+#[test]
+fn compact_shrinks_the_journal_and_pulls_go_on() {
+    let (o, l, m2) = history();
+    let dir = l.dir();
+    let jpath = dir.join(".stack/journal");
+    let size = std::fs::metadata(&jpath).unwrap().len();
+    let state_before = state(&dir);
+    let r = stack(&["journal", "compact", "--dir", dir.to_str().unwrap()]);
+    r.ok();
+    let after = std::fs::metadata(&jpath).unwrap().len();
+    assert!(after < size, "{size} -> {after}");
+    let records = show(&dir);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["kind"], json!("checkpoint"));
+    journal_verify(&dir).ok();
+    assert_verify_clean(&dir);
+    let mut s = state(&dir);
+    let mut b = state_before.clone();
+    s["journal"] = json!(null);
+    b["journal"] = json!(null);
+    assert_eq!(s, b, "compaction changed the stack");
+
+    // Replay of checkpoint + tail, and later pulls, still work.
+    let r = pull(&m2, &dir, &["--json"]);
+    r.ok();
+    assert_eq!(counts(&r.json(), "data_packages"), [0, 1, 1, 2, 0]);
+    assert_verify_clean(&dir);
+    let st = std::fs::read(dir.join("sync_state.json")).unwrap();
+    std::fs::remove_file(dir.join("sync_state.json")).unwrap();
+    stack(&["journal", "replay", "--dir", dir.to_str().unwrap()]).ok();
+    assert_eq!(std::fs::read(dir.join("sync_state.json")).unwrap(), st);
+    pull(&o.manifest(), &dir, &["--json"]).ok();
+    assert_verify_clean(&dir);
+}
+
+#[test]
+fn replay_rebuilds_a_deleted_state_file_identically() {
+    for link in ["copy", "auto"] {
+        let (o, l) = pulled(link);
+        let dir = l.dir();
+        let mut ts = base_tables();
+        ts[0].bytes = b"table a, version 2\n".to_vec();
+        ts[1].bytes = ts[0].bytes.clone();
+        ts[3].bytes = ts[0].bytes.clone();
+        let m2 = o.write(
+            &ts,
+            &[("finance", b"# v2\n"), ("ops", b"# ops\n")],
+            "v2.json",
+        );
+        pull(&m2, &dir, &["--link", link, "--json"]).ok();
+        let st = std::fs::read(dir.join("sync_state.json")).unwrap();
+        let tree = snapshot(&dir);
+        std::fs::remove_file(dir.join("sync_state.json")).unwrap();
+        // verify works without the state file (projected from the journal).
+        assert_verify_clean(&dir);
+        let r = stack(&["journal", "replay", "--dir", dir.to_str().unwrap()]);
+        r.ok();
+        let rebuilt = std::fs::read(dir.join("sync_state.json")).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&rebuilt).unwrap(),
+            serde_json::from_slice::<Value>(&st).unwrap(),
+            "{link}"
+        );
+        assert_eq!(rebuilt, st, "{link}: not byte-identical");
+        assert_same(&visible(&tree), &visible(&snapshot(&dir)), "replay");
+        // A garbled state file is rebuilt too.
+        std::fs::write(dir.join("sync_state.json"), b"{garbage").unwrap();
+        stack(&["journal", "replay", "--dir", dir.to_str().unwrap()]).ok();
+        assert_eq!(std::fs::read(dir.join("sync_state.json")).unwrap(), st);
+        // And a pull on a dir without a state file is a no-op.
+        std::fs::remove_file(dir.join("sync_state.json")).unwrap();
+        let r = pull(&m2, &dir, &["--link", link, "--json"]);
+        r.ok();
+        assert_eq!(counts(&r.json(), "data_packages"), [0, 0, 0, 4, 0]);
+        assert_eq!(std::fs::read(dir.join("sync_state.json")).unwrap(), st);
+    }
+}
+
+#[test]
+fn journal_commands_on_a_dir_without_a_journal() {
+    let l = Local::new();
+    std::fs::create_dir_all(l.dir()).unwrap();
+    let d = l.dir();
+    let d = d.to_str().unwrap();
+    let r = stack(&["journal", "verify", "--dir", d]);
+    assert_eq!(r.code, 2, "{r:?}");
+    let r = stack(&["journal", "show", "--json", "--dir", d]);
+    r.json_error(2);
+    let r = stack(&["verify", "--json", "--dir", d]);
+    r.ok();
+}
