@@ -25,7 +25,7 @@ use crate::reconcile::plan::{plan, resolve_strategy, Caps, Counts, Plan};
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
 use crate::replay::recover::recover;
-use crate::replay::state::{Strategy, SyncState};
+use crate::replay::state::SyncState;
 
 /// The report of `pull` and `status` (contract §5).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -161,20 +161,6 @@ fn make_plan(
         }
     };
     let strategy = resolve_strategy(cfg.link, caps);
-    if probe
-        && matches!(cfg.link, LinkMode::Hardlink | LinkMode::Reflink)
-        && strategy == Strategy::Copy
-    {
-        eprintln!(
-            "stack: the filesystem of {} refuses {}; copying instead",
-            cfg.layout.root.display(),
-            if cfg.link == LinkMode::Hardlink {
-                "hard links"
-            } else {
-                "reflinks"
-            }
-        );
-    }
     Ok(plan(state, desired, cfg.link, strategy, &damage))
 }
 
