@@ -4,7 +4,7 @@
 //! by stat fingerprint by default (a changed file is re-hashed) and by re-hashing
 //! every reference with `--contents`, in parallel.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::path::Path;
 use std::sync::Mutex;
@@ -213,37 +213,65 @@ pub fn audit(
         if !ref_paths.contains(&e.ref_path) {
             continue;
         }
-        let unchanged = e.ref_fp.is_some()
-            && e.ref_fp == fp_of(&e.ref_path)
-            && e.shared_fp.is_some()
-            && e.shared_fp == fp_of(&e.shared_path);
-        if always || !unchanged {
+        // With `always`, the fingerprints are not needed: do not stat for them.
+        let unchanged = || {
+            e.ref_fp.is_some()
+                && e.ref_fp == fp_of(&e.ref_path)
+                && e.shared_fp.is_some()
+                && e.shared_fp == fp_of(&e.shared_path)
+        };
+        if always || !unchanged() {
             work.push((e.ref_path.clone(), e.md5.clone()));
+        }
+    }
+    // References are often one file (symlinks and hard links to the shared copy):
+    // hash each file once, then check every reference that resolves to it. A file
+    // is known by what `stat` (following symlinks) says of it: inode, size, mtime.
+    let mut groups: Vec<(String, Vec<(String, String)>)> = Vec::new(); // (rel to hash, [(rel, md5)])
+    let mut by_file: HashMap<(u64, u64, i128), usize> = HashMap::new();
+    for (rel, md5) in work {
+        let key = fs
+            .metadata(&layout.join(&rel))
+            .ok()
+            .map(|m| (m.ino, m.len, m.mtime_ns));
+        match key.and_then(|k| by_file.get(&k).copied()) {
+            Some(i) => groups[i].1.push((rel, md5)),
+            None => {
+                if let Some(k) = key {
+                    by_file.insert(k, groups.len());
+                }
+                groups.push((rel.clone(), vec![(rel, md5)]));
+            }
         }
     }
     let found = Mutex::new(Vec::new());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let worker = || loop {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some((rel, md5)) = work.get(i) else { break };
-        let path = layout.join(rel);
-        let bad = match hash(&path) {
-            Ok(h) if h == *md5 => None,
-            Ok(h) => Some(v(
-                5,
-                "content",
-                rel,
-                format!("md5 is {h}, state says {md5}"),
-            )),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None, // reported as invariant 2
-            Err(e) => Some(v(5, "unreadable", rel, e.to_string())),
+        let Some((first, refs)) = groups.get(i) else {
+            break;
         };
-        if let Some(b) = bad {
-            found.lock().unwrap_or_else(|p| p.into_inner()).push(b);
+        let got = hash(&layout.join(first));
+        let mut bad = Vec::new();
+        for (rel, md5) in refs {
+            match &got {
+                Ok(h) if h == md5 => {}
+                Ok(h) => bad.push(v(
+                    5,
+                    "content",
+                    rel,
+                    format!("md5 is {h}, state says {md5}"),
+                )),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {} // reported as invariant 2
+                Err(e) => bad.push(v(5, "unreadable", rel, e.to_string())),
+            }
+        }
+        if !bad.is_empty() {
+            found.lock().unwrap_or_else(|p| p.into_inner()).extend(bad);
         }
     };
     std::thread::scope(|s| {
-        for _ in 1..threads.min(work.len().max(1)) {
+        for _ in 1..threads.min(groups.len().max(1)) {
             s.spawn(worker);
         }
         worker();

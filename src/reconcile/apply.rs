@@ -6,7 +6,9 @@
 //!
 //! Invariants kept:
 //! - Every step can be redone from the start of the transaction after a crash at any
-//!   point: files are made under `.stack/tmp` and renamed into place; removals move
+//!   point: a link or symlink whose name is free is created in place (it appears
+//!   atomically, content and all); anything else (a replacement, a redo finding the
+//!   name taken, a copy) is made under `.stack/tmp` and renamed into place; removals move
 //!   into `.stack/trash/<txn>/` and treat "not found" as done; staged content stays
 //!   in `.stack/staging/` until `Committed` is durable.
 //! - Nothing temporary is ever created inside `data/` or `memory/`.
@@ -151,6 +153,11 @@ impl<'a> Applier<'a> {
                 if self.done_before(&staged, &dst, md5)? {
                     return Ok(());
                 }
+                // The mode belongs to the inode: set it before the name appears.
+                self.fs.set_readonly(&staged, true).at("chmod", &staged)?;
+                if self.fs.hard_link(&staged, &dst).is_ok() {
+                    return Ok(());
+                }
                 self.ensure_dir(&l.shared_dir())?;
                 let tmp = self.tmp_path(seq)?;
                 // A hard link from staging costs no copy; staging is on the same
@@ -167,9 +174,22 @@ impl<'a> Applier<'a> {
                 ..
             } => {
                 let dst = l.join(&layout::ref_rel(slot, name));
+                let shared = l.join(&layout::shared_rel(table_id));
+                let direct = match strategy {
+                    Strategy::Symlink => self
+                        .fs
+                        .symlink(&layout::symlink_target(table_id), &dst)
+                        .is_ok(),
+                    Strategy::Hardlink => self.fs.hard_link(&shared, &dst).is_ok(),
+                    // A copy or clone is written in place over time: it takes a
+                    // temporary name.
+                    Strategy::Copy | Strategy::Reflink => false,
+                };
+                if direct {
+                    return Ok(());
+                }
                 self.ensure_dir(&l.join(&layout::slot_dir_rel(slot)))?;
                 let tmp = self.tmp_path(seq)?;
-                let shared = l.join(&layout::shared_rel(table_id));
                 self.link_or_copy(*strategy, &shared, &tmp, &layout::symlink_target(table_id))?;
                 if *strategy != Strategy::Symlink && *strategy != Strategy::Hardlink {
                     // A copy of a read-only file may keep its mode; references are the

@@ -88,7 +88,15 @@ pub fn find_damage(
         let bad = match e.strategy {
             Strategy::Symlink => match fs.symlink_metadata(&path) {
                 Ok(m) if m.kind == Kind::Symlink => {
-                    fs.read_link(&path).at("readlink", &path)? != layout::symlink_target(id)
+                    // A symlink cannot be rewritten in place: an unchanged stat
+                    // fingerprint is the same link, trusted as a file's would be.
+                    let now = StatFp {
+                        size: m.len,
+                        mtime_ns: m.mtime_ns as i64,
+                        ino: m.ino,
+                    };
+                    e.ref_fp != Some(now)
+                        && fs.read_link(&path).at("readlink", &path)? != layout::symlink_target(id)
                 }
                 Ok(_) => true,
                 Err(err) if err.kind() == io::ErrorKind::NotFound => true,
