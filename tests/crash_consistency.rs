@@ -705,3 +705,39 @@ fn crash_at_every_op_random_sequences_seed_42() {
 fn crash_at_every_op_random_sequences_seed_1337() {
     random_family(1337, &[99]);
 }
+
+// ---------------------------------------------------------------------------
+// Targeted regressions for durability gaps the exhaustive runs cannot reach.
+// ---------------------------------------------------------------------------
+
+/// `lock::acquire` creates `.stack` without syncing the local directory, so when
+/// `Journal::open` then creates the journal it must make `.stack`'s own name
+/// durable: a batch whose `sync` returned must survive a power loss.
+#[test]
+fn journal_created_after_lock_made_private_dir_survives_power_loss() {
+    use stack::journal::{Event, Journal};
+    let fs = SimFs::new();
+    fs.create_dirs(ROOT).unwrap();
+    let sim: Arc<dyn Fs> = Arc::new(fs.clone());
+    // What `lock::acquire` does first: create `.stack` (not synced).
+    sim.create_dir_all(&layout().private()).unwrap();
+    let mut journal = Journal::open(sim.clone(), &layout()).unwrap().journal;
+    let txn = journal.new_txn();
+    journal.append(
+        txn,
+        Event::Aborted {
+            reason: "test".to_string(),
+        },
+    );
+    journal.sync().unwrap();
+    let lost = fs.reboot(Crash::PowerLossPessimistic);
+    let records = Journal::open(Arc::new(lost.clone()), &layout())
+        .unwrap()
+        .records;
+    assert_eq!(
+        records.len(),
+        1,
+        "a synced journal batch was lost with the unsynced .stack folder; op log:\n{}",
+        fs.op_log().join("\n")
+    );
+}

@@ -127,9 +127,14 @@ impl Journal {
                 f.sync().at("fsync", &path)?;
                 drop(f);
                 fs.sync_dir(&private).at("fsync", &private)?;
-                if let Some(first) = made.first().and_then(|p| p.parent()) {
-                    fs.sync_dir(first).at("fsync", first)?;
-                }
+                // `.stack`'s own name must be durable too, whoever created it (the
+                // lock takes it first and does not sync): else a power loss drops
+                // the whole journal, synced batches included. Once per directory.
+                let outer = made
+                    .first()
+                    .and_then(|p| p.parent())
+                    .unwrap_or(&layout.root);
+                fs.sync_dir(outer).at("fsync", outer)?;
                 frame::scan(&frame::header())
             }
         };
