@@ -2,6 +2,8 @@
 //! executable against local origin folders generated in tempdirs. The themes live
 //! in `tests/cli/` so that they build into one test binary.
 
+#![allow(clippy::disallowed_methods)] // fixtures edit, corrupt and delete files of a pulled stack directly
+
 #[path = "cli/support.rs"]
 mod support;
 

@@ -2,6 +2,8 @@
 //! binary, a manifest served over HTTP, parallel jobs, the bearer token, refused
 //! `file://` URLs, wrong bytes, and lock contention over a slow server.
 
+#![allow(clippy::disallowed_methods)] // test fixtures write the real disk directly
+
 mod support;
 
 use std::path::Path;

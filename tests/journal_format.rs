@@ -5,6 +5,8 @@
 //! Every exhaustive test states the exact outcome expected at each byte position,
 //! derived from where the frames of the file start and end.
 
+#![allow(clippy::disallowed_methods)] // fixtures corrupt and truncate journal files directly
+
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
