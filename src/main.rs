@@ -298,7 +298,17 @@ fn verify_cmd(dir: &Path, contents: bool, json: bool) -> Result<i32> {
     }
     let fs = RealFs;
     let layout = Layout::new(dir);
-    let state = match replay::state::read_state(&fs, &layout)? {
+    let from_file = match replay::state::read_state(&fs, &layout) {
+        Ok(s) => s,
+        Err(Error::State { message, .. }) => {
+            eprintln!(
+                "stack: sync_state.json: {message}; checking the journal's projection instead"
+            );
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let state = match from_file {
         Some(s) => s,
         None => {
             let records = match journal::scan_file(&fs, &layout)? {
@@ -469,7 +479,7 @@ fn run(cli: Cli) -> Result<i32> {
             for r in &removed {
                 println!("removed {r}");
             }
-            println!("ok: {} strays removed", removed.len());
+            println!("ok: {} removed", removed.len());
             Ok(0)
         }
     }
@@ -481,6 +491,10 @@ fn main() -> ExitCode {
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // An empty STACK_DIR means unset (contract §5: then the current directory).
+    if std::env::var_os("STACK_DIR").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("STACK_DIR");
     }
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");

@@ -27,3 +27,6 @@ mod journal;
 
 #[path = "cli/shape.rs"]
 mod shape;
+
+#[path = "cli/review.rs"]
+mod review;

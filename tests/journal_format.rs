@@ -892,11 +892,14 @@ fn checksummed_payload_claiming_huge_vec_is_refused_without_allocating() {
         let mut bytes = frame::header().to_vec();
         bytes.extend(raw_frame(&payload));
         let (scan, peak) = peak_alloc_of(|| frame::scan(&bytes));
+        // A frame whose checksum matches was written whole: undecodable, it is
+        // corruption (or a newer format), never a torn tail to cut.
         assert!(
             same_end(
                 &scan.end,
-                &End::TornTail {
+                &End::Corrupt {
                     offset: HEADER_LEN as u64,
+                    record: 0,
                     reason: String::new()
                 }
             ),
@@ -1296,4 +1299,85 @@ fn creating_the_journal_makes_the_names_leading_to_it_durable() {
             );
         }
     }
+}
+
+/// The automatic compaction bound is read from the file, so it holds across the
+/// one-pull-per-process life of a cron job: a journal past the bound asks for
+/// compaction when reopened, and a freshly compacted one does not.
+#[test]
+fn auto_compaction_bound_holds_across_reopens() {
+    let (_tmp, layout) = temp_layout();
+    let event = |i: u64| Event::MakeRef {
+        slot: Slot::Package("pkg".to_string()),
+        table_id: format!("tbl_{i:08}"),
+        name: format!("name_{i:08}"),
+        md5: "0123456789abcdef0123456789abcdef".to_string(),
+        size: Some(i),
+        strategy: RefStrategy::Symlink,
+    };
+    let mut i = 0u64;
+    // One process per batch, as cron runs `stack pull`.
+    while std::fs::metadata(layout.journal()).map_or(0, |m| m.len())
+        <= stack::journal::AUTO_COMPACT_BYTES
+    {
+        let mut j = Journal::open(real_fs(), &layout).unwrap().journal;
+        assert!(
+            !j.wants_compaction(),
+            "asked for compaction below the bound"
+        );
+        let txn = j.new_txn();
+        for _ in 0..20_000 {
+            j.append(txn, event(i));
+            i += 1;
+        }
+        j.sync().unwrap();
+    }
+    let mut j = Journal::open(real_fs(), &layout).unwrap().journal;
+    assert!(
+        j.wants_compaction(),
+        "a journal past the bound must ask for compaction when reopened"
+    );
+    j.compact(&sample_state()).unwrap();
+    let j = Journal::open(real_fs(), &layout).unwrap().journal;
+    assert!(!j.wants_compaction());
+}
+
+/// A last frame whose checksum is valid but whose payload this build cannot decode
+/// (a newer format's event, say) is refused as corruption, never cut as a torn
+/// tail: cutting it would silently drop a committed transaction.
+#[test]
+fn checksummed_undecodable_last_frame_is_corruption_not_a_torn_tail() {
+    let (_tmp, layout) = temp_layout();
+    let records = write_batches(&layout, &sample_batches());
+    let mut bytes = read_journal(&layout);
+    let at = bytes.len() as u64;
+    // A well-formed Vec<Record> of one record whose event variant index is unknown.
+    let mut payload = vec![1u8]; // one record
+    payload.push(records.len() as u8 + 1); // seq (varint, small)
+    payload.push(99); // txn
+    payload.push(200); // event variant 200: unknown
+    bytes.extend(raw_frame(&payload));
+    write_journal(&layout, &bytes);
+    let scan = frame::scan(&bytes);
+    assert!(
+        same_end(
+            &scan.end,
+            &End::Corrupt {
+                offset: at,
+                record: records.len() as u64,
+                reason: String::new()
+            }
+        ),
+        "{:?}",
+        scan.end
+    );
+    assert!(matches!(
+        Journal::open(real_fs(), &layout),
+        Err(Error::JournalCorrupt { .. })
+    ));
+    assert_eq!(
+        read_journal(&layout),
+        bytes,
+        "a corrupt journal is never rewritten"
+    );
 }

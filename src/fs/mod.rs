@@ -40,6 +40,8 @@ pub struct Meta {
     pub len: u64,
     pub mtime_ns: i128,
     pub ino: u64,
+    /// The device (filesystem) the file lives on.
+    pub dev: u64,
     pub readonly: bool,
 }
 
@@ -234,6 +236,7 @@ fn meta_of(m: &std::fs::Metadata) -> Meta {
         len: m.len(),
         mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
         ino: m.ino(),
+        dev: m.dev(),
         readonly: m.permissions().readonly(),
     }
 }

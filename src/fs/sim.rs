@@ -347,6 +347,7 @@ impl Image {
                 len: f.data.len() as u64,
                 mtime_ns: i128::from(f.mtime),
                 ino,
+                dev: 1,
                 readonly: f.readonly,
             },
             Some(Node::Symlink(t)) => Meta {
@@ -354,6 +355,7 @@ impl Image {
                 len: t.as_os_str().len() as u64,
                 mtime_ns: 0,
                 ino,
+                dev: 1,
                 readonly: false,
             },
             Some(Node::Dir(_)) | None => Meta {
@@ -361,6 +363,7 @@ impl Image {
                 len: 0,
                 mtime_ns: 0,
                 ino,
+                dev: 1,
                 readonly: false,
             },
         }

@@ -5,9 +5,10 @@
 //! `journal show` all match on this enum exhaustively, so nothing can be done that
 //! the journal cannot say.
 //!
-//! Compatibility: variants are encoded by index (bincode), so new variants are only
-//! ever appended at the end, and a change to an existing variant's fields needs a new
-//! journal format version (see `journal::FORMAT_VERSION`).
+//! Compatibility: variants are encoded by index (bincode). Adding a variant, or
+//! changing an existing variant's fields, needs a new journal format version (see
+//! `journal::FORMAT_VERSION`), so an older build refuses the journal with a clear
+//! error instead of misreading it; new variants go at the end.
 
 use serde::{Deserialize, Serialize};
 

@@ -142,39 +142,61 @@ pub struct Scan {
 
 /// Try to read one valid frame at `at`. `Ok((records, next_offset))` or the reason
 /// it is not a valid frame.
-fn frame_at(bytes: &[u8], at: usize) -> Result<(Vec<Record>, usize), String> {
+/// Why the bytes at an offset are not a valid frame.
+struct BadFrame {
+    reason: String,
+    /// The checksum matched: these bytes were written whole, so they are not a
+    /// torn append (a newer format, or a bug), and must never be cut.
+    checksummed: bool,
+}
+
+impl From<String> for BadFrame {
+    fn from(reason: String) -> Self {
+        BadFrame {
+            reason,
+            checksummed: false,
+        }
+    }
+}
+
+fn frame_at(bytes: &[u8], at: usize) -> Result<(Vec<Record>, usize), BadFrame> {
     let rest = &bytes[at..];
     if rest.len() < FRAME_HEADER_LEN {
-        return Err(format!("incomplete frame header ({} bytes)", rest.len()));
+        return Err(format!("incomplete frame header ({} bytes)", rest.len()).into());
     }
     let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
     let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
     if len == 0 {
-        return Err("empty frame".to_string());
+        return Err("empty frame".to_string().into());
     }
     if len > MAX_PAYLOAD {
-        return Err(format!("frame length {len} exceeds the limit"));
+        return Err(format!("frame length {len} exceeds the limit").into());
     }
     if rest.len() - FRAME_HEADER_LEN < len {
         return Err(format!(
             "incomplete frame: {} of {len} payload bytes",
             rest.len() - FRAME_HEADER_LEN
-        ));
+        )
+        .into());
     }
     let payload = &rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&rest[..4]);
     hasher.update(payload);
     if hasher.finalize() != crc {
-        return Err("checksum mismatch".to_string());
+        return Err("checksum mismatch".to_string().into());
     }
-    let (records, used) = decode_payload(payload)
-        .map_err(|e| format!("checksum valid but payload undecodable: {e}"))?;
+    let written_whole = |reason: String| BadFrame {
+        reason: format!("checksum valid but {reason} (written by a newer stack?)"),
+        checksummed: true,
+    };
+    let (records, used) =
+        decode_payload(payload).map_err(|e| written_whole(format!("payload undecodable: {e}")))?;
     if used != len {
-        return Err("checksum valid but payload has trailing bytes".to_string());
+        return Err(written_whole("payload has trailing bytes".to_string()));
     }
     if records.is_empty() {
-        return Err("checksum valid but frame holds no record".to_string());
+        return Err(written_whole("frame holds no record".to_string()));
     }
     Ok((records, at + FRAME_HEADER_LEN + len))
 }
@@ -286,8 +308,17 @@ pub fn scan(bytes: &[u8]) -> Scan {
                 records.extend(batch.into_iter().map(|r| (at as u64, r)));
                 at = next;
             }
-            Err(reason) => {
-                let end = if valid_frame_after(bytes, at + 1) {
+            Err(BadFrame {
+                reason,
+                checksummed,
+            }) => {
+                let end = if checksummed {
+                    End::Corrupt {
+                        offset: at as u64,
+                        record: records.len() as u64,
+                        reason,
+                    }
+                } else if valid_frame_after(bytes, at + 1) {
                     End::Corrupt {
                         offset: at as u64,
                         record: records.len() as u64,
@@ -356,8 +387,11 @@ mod tests {
         payload.extend_from_slice(&(1u64 << 27).to_le_bytes());
         payload.extend_from_slice(b"abc");
         let scan = scan(&raw_frame(&payload));
+        // Its checksum is valid, so it is corruption, never a torn tail to cut.
         match scan.end {
-            End::TornTail { offset: 16, reason } => {
+            End::Corrupt {
+                offset: 16, reason, ..
+            } => {
                 assert!(reason.contains("LimitExceeded"), "{reason}")
             }
             other => panic!("{other:?}"),

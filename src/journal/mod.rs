@@ -31,13 +31,16 @@
 //! tail* (an append a crash cut short): a writer opening the journal copies the cut
 //! bytes to `journal.broken` (as etcd does), truncates, and says so on stderr. If a
 //! valid frame does follow, the journal is *corrupt*: nothing truncates or rewrites
-//! it; `stack journal verify` exits 4 naming the byte offset and record number. An I/O
+//! it; `stack journal verify` exits 4 naming the byte offset and record number. A frame
+//! whose checksum is valid but whose payload does not decode was written whole (by a
+//! newer format, or a bug): it is corruption too, wherever it is, never cut. An I/O
 //! error while reading is reported as an I/O error, never taken for either.
 //!
 //! # Compaction
 //!
 //! `stack journal compact` (and a pull, automatically, once the journal is larger than
-//! [`AUTO_COMPACT_BYTES`] and more than twice its size after the last compaction)
+//! [`AUTO_COMPACT_BYTES`] and more than twice its size after the last compaction,
+//! which is the size of its leading checkpoint frame, read from the file itself)
 //! writes a new file holding one `Checkpoint` record carrying the whole projection,
 //! syncs it, renames it over the journal and syncs the folder. Replaying checkpoint
 //! plus tail gives the state that replaying the whole history gives.
@@ -105,6 +108,22 @@ fn folders_holding_new_names<'a>(layout: &'a Layout, made: &'a [PathBuf]) -> Vec
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     dirs.dedup();
     dirs
+}
+
+/// The size the journal had right after its last compaction: the header plus a
+/// leading checkpoint frame, if it starts with one (else just the header). Taken
+/// from the file itself, so that the automatic bound holds across processes.
+fn compaction_baseline(scan: &Scan) -> u64 {
+    let header = frame::HEADER_LEN as u64;
+    match scan.records.first() {
+        Some((first, r)) if matches!(r.event, Event::Checkpoint { .. }) => scan
+            .records
+            .iter()
+            .map(|(off, _)| *off)
+            .find(|off| off != first)
+            .unwrap_or(scan.valid_len),
+        _ => header,
+    }
 }
 
 /// The single writer of a journal. Hold the directory lock while it lives.
@@ -178,6 +197,7 @@ impl Journal {
             torn = Some((*offset, cut.len() as u64, reason.clone()));
         }
         let len = scan.valid_len.max(frame::HEADER_LEN as u64);
+        let baseline = compaction_baseline(&scan);
         let records: Vec<Record> = scan.records.into_iter().map(|(_, r)| r).collect();
         let next_seq = records.last().map_or(1, |r| r.seq + 1);
         let last_txn = records.iter().map(|r| r.txn).max().unwrap_or(0);
@@ -188,7 +208,7 @@ impl Journal {
                 layout: layout.clone(),
                 file,
                 len,
-                len_after_compaction: len,
+                len_after_compaction: baseline,
                 next_seq,
                 last_txn,
                 pending: Vec::new(),

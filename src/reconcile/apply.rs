@@ -145,6 +145,10 @@ impl<'a> Applier<'a> {
 
     /// Apply one event (no-op for events that are not apply steps).
     pub fn apply(&self, seq: u64, ev: &Event) -> Result<()> {
+        check_event_paths(ev).map_err(|message| crate::Error::State {
+            path: self.layout.journal(),
+            message: format!("refusing journal event {}: {message}", ev.kind()),
+        })?;
         let l = self.layout;
         match ev {
             Event::PutShared { table_id, md5 } => {
@@ -241,7 +245,15 @@ impl<'a> Applier<'a> {
                         message: format!("refusing to remove {rel:?}: not under data/ or memory/"),
                     });
                 }
-                self.to_trash(seq, &l.join(rel))
+                // gc is best effort: a stray the user's permissions keep in place
+                // is reported and skipped, never a step recovery must repeat.
+                match self.to_trash(seq, &l.join(rel)) {
+                    Err(e) if !e.is_crash() => {
+                        eprintln!("stack: warning: gc could not remove {rel}: {e}");
+                        Ok(())
+                    }
+                    r => r,
+                }
             }
             Event::Begin { .. }
             | Event::Stage { .. }
@@ -258,6 +270,53 @@ impl<'a> Applier<'a> {
             self.apply(r.seq, &r.event)?;
         }
         Ok(())
+    }
+}
+
+/// The backstop under validation: every id, name, slug and md5 an apply event turns
+/// into a path must be one safe component, whatever wrote the journal.
+fn check_event_paths(ev: &Event) -> std::result::Result<(), String> {
+    use crate::journal::event::Slot;
+    use crate::reconcile::manifest::is_safe_component;
+    let safe = |what: &str, v: &str| {
+        if is_safe_component(v) {
+            Ok(())
+        } else {
+            Err(format!("{what} {v:?} is not a safe path component"))
+        }
+    };
+    let md5 = |v: &str| {
+        if v.len() == 32 && v.bytes().all(|c| c.is_ascii_hexdigit()) {
+            Ok(())
+        } else {
+            Err(format!("md5 {v:?} is not 32 hex digits"))
+        }
+    };
+    let slot = |s: &Slot| match s {
+        Slot::Direct => Ok(()),
+        Slot::Package(slug) => safe("slug", slug),
+    };
+    match ev {
+        Event::PutShared { table_id, md5: m } => safe("table id", table_id).and(md5(m)),
+        Event::MakeRef {
+            slot: s,
+            table_id,
+            name,
+            ..
+        }
+        | Event::RemoveRef {
+            slot: s,
+            table_id,
+            name,
+        } => slot(s)
+            .and(safe("table id", table_id))
+            .and(safe("name", name)),
+        Event::RemoveShared { table_id } => safe("table id", table_id),
+        Event::PutBundle { slug, md5: m } => safe("slug", slug).and(md5(m)),
+        Event::RemoveBundle { slug } => safe("slug", slug),
+        Event::RemoveDir { slug } if slug == "_direct" => Ok(()),
+        Event::RemoveDir { slug } => safe("slug", slug),
+        _ => Ok(()),
     }
 }
 
@@ -346,8 +405,15 @@ pub fn finish(
     let got = journal.append(txn, Event::Committed { fingerprints: fps });
     debug_assert_eq!(got, seq);
     journal.sync()?;
-    // 4. Leftovers: the trash, the scratch folder and consumed staged files.
-    clean_leftovers(fs, layout)?;
+    // 4. Leftovers: the trash, the scratch folder and consumed staged files. The
+    // transaction is committed: a failure here costs only space (the next command
+    // or `stack gc` retries), so it is a warning.
+    if let Err(e) = clean_leftovers(fs, layout) {
+        if e.is_crash() {
+            return Err(e);
+        }
+        eprintln!("stack: warning: could not clean .stack leftovers: {e}");
+    }
     Ok(state)
 }
 

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::fs::Fs;
 use crate::journal::event::{Event, Record};
 use crate::journal::lock;
@@ -26,8 +26,23 @@ pub fn gc(fs: Arc<dyn Fs>, layout: &Layout, command: &str, wait: bool) -> Result
         .filter(|v| matches!(v.kind, "orphan" | "untracked" | "unexpected_domain"))
         .map(|v| v.path)
         .collect();
+    // Partial downloads are kept across pulls so they can resume; gc is the
+    // explicit request to drop them. Engine-private and invisible: not journaled.
+    let mut removed = Vec::new();
+    let staging = layout.staging();
+    match fs.read_dir(&staging) {
+        Ok(entries) => {
+            for e in entries.into_iter().filter(|e| e.name.ends_with(".part")) {
+                let p = staging.join(&e.name);
+                crate::fs::not_found_ok(fs.remove_file(&p)).at("remove", &p)?;
+                removed.push(format!(".stack/staging/{}", e.name));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).at("list", &staging),
+    }
     if strays.is_empty() {
-        return Ok(strays);
+        return Ok(removed);
     }
     let txn = journal.new_txn();
     let mut records = Vec::new();

@@ -162,8 +162,15 @@ pub struct Desired {
     /// domain slug → the bundle.
     pub domains: BTreeMap<String, WantDomain>,
     pub skipped: Skipped,
-    /// md5 of the manifest's canonical JSON, for the journal's `Begin`.
-    pub manifest_md5: String,
+}
+
+/// md5 of the manifest's canonical JSON: the identity a journal's `Begin` records.
+/// Computed only when a pull has something to do.
+pub fn digest(manifest: &Manifest) -> String {
+    use md5::Digest;
+    crate::reconcile::origin::hex(&md5::Md5::digest(
+        serde_json::to_vec(manifest).unwrap_or_default(),
+    ))
 }
 
 /// Is `s` one safe path component: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`, not `.`/`..`?
@@ -176,22 +183,24 @@ pub fn is_safe_component(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
-fn check_component(what: &str, value: &str) -> Result<()> {
+fn check_component(what: impl FnOnce() -> String, value: &str) -> Result<()> {
     if is_safe_component(value) {
         Ok(())
     } else {
         Err(Error::BadManifest(format!(
-            "{what} {value:?} is not a safe path component ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})"
+            "{} {value:?} is not a safe path component ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})",
+            what()
         )))
     }
 }
 
-fn check_md5(what: &str, md5: &str) -> Result<String> {
+fn check_md5(what: impl FnOnce() -> String, md5: &str) -> Result<String> {
     if md5.len() == 32 && md5.bytes().all(|c| c.is_ascii_hexdigit()) {
         Ok(md5.to_ascii_lowercase())
     } else {
         Err(Error::BadManifest(format!(
-            "{what}: md5 {md5:?} is not 32 hex digits"
+            "{}: md5 {md5:?} is not 32 hex digits",
+            what()
         )))
     }
 }
@@ -202,20 +211,14 @@ fn is_local(t: &Table) -> bool {
 
 /// Check every rule of contract §1 and build the desired stack. Nothing is touched.
 pub fn validate(manifest: &Manifest, origin: &dyn Origin) -> Result<Desired> {
-    let mut d = Desired {
-        manifest_md5: crate::reconcile::origin::hex(&{
-            use md5::Digest;
-            md5::Md5::digest(serde_json::to_vec(manifest).unwrap_or_default())
-        }),
-        ..Desired::default()
-    };
+    let mut d = Desired::default();
     let mut md5_of_id: BTreeMap<String, (String, String)> = BTreeMap::new(); // id -> (md5, where)
     let mut paths: BTreeMap<String, String> = BTreeMap::new(); // ref path -> who
 
     let mut add_table = |d: &mut Desired, slot: Slot, t: &Table, where_: String| -> Result<()> {
-        check_component(&format!("{where_}: table id"), &t.id)?;
-        check_component(&format!("{where_}: table {} name", t.id), &t.name)?;
-        let md5 = check_md5(&format!("{where_}: table {}", t.id), &t.md5)?;
+        check_component(|| format!("{where_}: table id"), &t.id)?;
+        check_component(|| format!("{where_}: table {} name", t.id), &t.name)?;
+        let md5 = check_md5(|| format!("{where_}: table {}", t.id), &t.md5)?;
         if let Some((prev, prev_where)) = md5_of_id.get(&t.id) {
             if *prev != md5 {
                 return Err(Error::BadManifest(format!(
@@ -246,22 +249,13 @@ pub fn validate(manifest: &Manifest, origin: &dyn Origin) -> Result<Desired> {
                 "{who} and {prev} would both land on {path}"
             )));
         }
-        if let Some(prev) = d.tables.get(&t.id) {
-            if prev.url != url {
-                return Err(Error::BadManifest(format!(
-                    "table {} has two parquet_urls: {} and {url}",
-                    t.id, prev.url
-                )));
-            }
-        }
-        d.tables.insert(
-            t.id.clone(),
-            WantTable {
-                md5: md5.clone(),
-                url,
-                size: t.size,
-            },
-        );
+        // One id is one content (its md5); two URLs for it are two mirrors of the
+        // same bytes, and the first one is used.
+        d.tables.entry(t.id.clone()).or_insert_with(|| WantTable {
+            md5: md5.clone(),
+            url,
+            size: t.size,
+        });
         if d.refs
             .insert(
                 (slot, t.id.clone()),
@@ -284,7 +278,7 @@ pub fn validate(manifest: &Manifest, origin: &dyn Origin) -> Result<Desired> {
     let mut slugs = BTreeSet::new();
     for p in &manifest.data_packages {
         // A safe component starts with [A-Za-z0-9], so no slug can be `_direct`/`_shared`.
-        check_component("data package slug", &p.slug)?;
+        check_component(|| "data package slug".to_string(), &p.slug)?;
         if !slugs.insert(p.slug.clone()) {
             return Err(Error::BadManifest(format!(
                 "two data packages have the slug {:?}",
@@ -301,8 +295,8 @@ pub fn validate(manifest: &Manifest, origin: &dyn Origin) -> Result<Desired> {
         }
     }
     for dom in &manifest.memory_domains {
-        check_component("memory domain slug", &dom.slug)?;
-        let md5 = check_md5(&format!("memory domain {}", dom.slug), &dom.md5)?;
+        check_component(|| "memory domain slug".to_string(), &dom.slug)?;
+        let md5 = check_md5(|| format!("memory domain {}", dom.slug), &dom.md5)?;
         let url = dom
             .bundle_url
             .clone()

@@ -61,15 +61,23 @@ pub struct PullConfig<'a> {
     pub progress: &'a (dyn Fn(u64) + Sync),
 }
 
-/// Probe what the filesystem of `layout` can do, once per pull, in `.stack/tmp`.
-pub fn probe_caps(fs: &dyn Fs, layout: &Layout, link: LinkMode) -> Result<Caps> {
-    let want_reflink = matches!(link, LinkMode::Auto | LinkMode::Reflink);
-    let want_hardlink = link == LinkMode::Hardlink;
-    if !want_reflink && !want_hardlink {
-        return Ok(Caps {
-            reflink: false,
-            hardlink: false,
-        });
+/// What the filesystem of `layout` can do: read from `.stack/caps` when it was
+/// probed on this same filesystem before, else probed once (in `.stack/tmp`) and
+/// remembered, so that a pull with nothing to do never probes (a probe writes).
+pub fn probe_caps(fs: &dyn Fs, layout: &Layout, _link: LinkMode) -> Result<Caps> {
+    let dev = fs.metadata(&layout.root).at("stat", &layout.root)?.dev;
+    let cache = layout.private().join("caps");
+    if let Ok(bytes) = fs.read(&cache) {
+        let text = String::from_utf8_lossy(&bytes);
+        let mut words = text.split_whitespace();
+        if let (Some(d), Some(r), Some(h)) = (words.next(), words.next(), words.next()) {
+            if d.parse() == Ok(dev) {
+                return Ok(Caps {
+                    reflink: r == "1",
+                    hardlink: h == "1",
+                });
+            }
+        }
     }
     let dir = layout.tmp();
     fs.create_dir_all(&dir).at("mkdir", &dir)?;
@@ -78,21 +86,16 @@ pub fn probe_caps(fs: &dyn Fs, layout: &Layout, link: LinkMode) -> Result<Caps> 
     let mut f = fs.create(&src).at("create", &src)?;
     f.write_all(b"stack probe").at("write", &src)?;
     drop(f);
-    let mut caps = Caps {
-        reflink: false,
-        hardlink: false,
-    };
-    if want_reflink {
-        not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
-        caps.reflink = fs.reflink(&src, &dst).is_ok();
-    }
-    if want_hardlink {
-        not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
-        caps.hardlink = fs.hard_link(&src, &dst).is_ok();
-    }
+    not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
+    let reflink = fs.reflink(&src, &dst).is_ok();
+    not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
+    let hardlink = fs.hard_link(&src, &dst).is_ok();
     not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
     not_found_ok(fs.remove_file(&src)).at("remove", &src)?;
-    Ok(caps)
+    // A hint, not state: not synced; a lost or stale file only means a new probe.
+    let mut f = fs.create(&cache).at("create", &cache)?;
+    writeln!(f, "{dev} {} {}", u8::from(reflink), u8::from(hardlink)).at("write", &cache)?;
+    Ok(Caps { reflink, hardlink })
 }
 
 fn report(plan: &Plan, txn: u64, dry_run: bool, bytes: u64, started: Instant) -> SyncReport {
@@ -133,26 +136,7 @@ fn make_plan(
         return Ok(first);
     }
     let caps = if probe {
-        let caps = probe_caps(fs, &cfg.layout, cfg.link)?;
-        // Contract §2: an explicit reflink/hardlink the filesystem refuses falls
-        // back to copy and says so once on stderr.
-        let refused = match cfg.link {
-            LinkMode::Reflink => !caps.reflink,
-            LinkMode::Hardlink => !caps.hardlink,
-            _ => false,
-        };
-        if refused {
-            eprintln!(
-                "stack: {} refused by the filesystem of {}; copying instead",
-                if cfg.link == LinkMode::Reflink {
-                    "reflink"
-                } else {
-                    "hardlink"
-                },
-                cfg.layout.root.display()
-            );
-        }
-        caps
+        probe_caps(fs, &cfg.layout, cfg.link)?
     } else {
         // A dry run must not touch the disk: assume the portable outcome.
         Caps {
@@ -161,7 +145,80 @@ fn make_plan(
         }
     };
     let strategy = resolve_strategy(cfg.link, caps);
-    Ok(plan(state, desired, cfg.link, strategy, &damage))
+    let p = plan(state, desired, cfg.link, strategy, &damage);
+    // Contract §2: an explicit reflink/hardlink the filesystem refuses falls back to
+    // copy and says so once on stderr (only when references are actually made).
+    let refused = match cfg.link {
+        LinkMode::Reflink => !caps.reflink,
+        LinkMode::Hardlink => !caps.hardlink,
+        _ => false,
+    };
+    if probe && refused && p.makes_refs() {
+        eprintln!(
+            "stack: {} refused by the filesystem of {}; copying instead",
+            if cfg.link == LinkMode::Reflink {
+                "reflink"
+            } else {
+                "hardlink"
+            },
+            cfg.layout.root.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Refuse, before anything is journaled, a plan that could not be applied: a folder
+/// where a file goes, or a file where a folder goes. After the commit point such a
+/// step would fail on every recovery; before it, the pull fails cleanly (exit 1) with
+/// the previous stack intact and the offending path named.
+fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<()> {
+    use crate::fs::Kind;
+    use crate::layout as paths;
+    let kind_of = |rel: &str| -> Result<Option<Kind>> {
+        let path = layout.join(rel);
+        match fs.symlink_metadata(&path) {
+            Ok(m) => Ok(Some(m.kind)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).at("stat", &path),
+        }
+    };
+    let refuse = |rel: &str, what: &str| Error::State {
+        path: layout.join(rel),
+        message: format!("{what}; move it away and pull again (nothing was changed)"),
+    };
+    let mut folders = std::collections::BTreeSet::new();
+    let mut files = Vec::new();
+    for ev in &p.ops {
+        match ev {
+            Event::PutShared { table_id, .. } => {
+                folders.insert("data".to_string());
+                folders.insert(paths::SHARED_DIR.to_string());
+                files.push(paths::shared_rel(table_id));
+            }
+            Event::MakeRef { slot, name, .. } => {
+                folders.insert("data".to_string());
+                folders.insert(paths::slot_dir_rel(slot));
+                files.push(paths::ref_rel(slot, name));
+            }
+            Event::PutBundle { slug, .. } => {
+                folders.insert("memory".to_string());
+                folders.insert(paths::domain_dir_rel(slug));
+                files.push(paths::bundle_rel(slug));
+            }
+            _ => {}
+        }
+    }
+    for rel in &folders {
+        if matches!(kind_of(rel)?, Some(k) if k != Kind::Dir) {
+            return Err(refuse(rel, "a file is where stack needs a folder"));
+        }
+    }
+    for rel in &files {
+        if kind_of(rel)? == Some(Kind::Dir) {
+            return Err(refuse(rel, "a folder is where stack puts a file"));
+        }
+    }
+    Ok(())
 }
 
 /// What a pull would do, changing nothing (no lock, no recovery, no probe).
@@ -208,12 +265,14 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         return Ok(rep);
     }
 
+    preflight(fs, layout, &p)?;
+
     // Phase 1: stage, invisibly.
     let txn = journal.new_txn();
     journal.append(
         txn,
         Event::Begin {
-            manifest_md5: desired.manifest_md5.clone(),
+            manifest_md5: crate::reconcile::manifest::digest(manifest),
             link: cfg.link,
         },
     );
@@ -284,7 +343,13 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         }
     };
     if journal.wants_compaction() {
-        journal.compact(&new_state)?;
+        // The pull has committed: a failed compaction costs only space.
+        if let Err(e) = journal.compact(&new_state) {
+            if e.is_crash() {
+                return Err(e);
+            }
+            eprintln!("stack: warning: automatic journal compaction failed: {e}");
+        }
     }
     let mut rep = report(&p, txn, false, bytes, started);
     rep.recovered = rec.notes;

@@ -40,7 +40,13 @@ pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
         // No journal but a readable state file (a journal deleted by hand, or a
         // directory from an older engine): adopt the state file as a checkpoint, so
         // the history starts from what the directory holds instead of from nothing.
-        if let Ok(Some(adopted)) = read_state(fs.as_ref(), layout) {
+        let candidate = read_state(fs.as_ref(), layout).ok().flatten();
+        if let Some(Err(why)) = candidate.as_ref().map(SyncState::check_paths) {
+            notes.push(format!(
+                "journal was missing and sync_state.json is not usable ({why}); starting empty"
+            ));
+        }
+        if let Some(adopted) = candidate.filter(|s| s.check_paths().is_ok()) {
             journal.compact(&adopted)?;
             notes.push("journal was missing; started a new one from sync_state.json".to_string());
             return Ok(Recovered {

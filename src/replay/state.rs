@@ -145,6 +145,46 @@ impl SyncState {
         s
     }
 
+    /// Check that every id, name and slug is one safe path component and every
+    /// path is the one the layout builds from them: a state file edited by hand (or
+    /// written by something else) must never point the engine outside the directory.
+    pub fn check_paths(&self) -> std::result::Result<(), String> {
+        use crate::layout;
+        use crate::reconcile::manifest::is_safe_component;
+        for (slot, id, e) in self.entries() {
+            if let crate::journal::event::Slot::Package(slug) = &slot {
+                if !is_safe_component(slug) {
+                    return Err(format!(
+                        "package slug {slug:?} is not a safe path component"
+                    ));
+                }
+            }
+            if !is_safe_component(id) || !is_safe_component(&e.name) {
+                return Err(format!(
+                    "table {id:?} named {:?} is not a safe path component",
+                    e.name
+                ));
+            }
+            if e.ref_path != layout::ref_rel(&slot, &e.name)
+                || e.shared_path != layout::shared_rel(id)
+            {
+                return Err(format!(
+                    "table {id}: paths {} / {} are not the engine's",
+                    e.ref_path, e.shared_path
+                ));
+            }
+        }
+        for (slug, d) in &self.memory_domains {
+            if !is_safe_component(slug) || d.path != layout::bundle_rel(slug) {
+                return Err(format!(
+                    "memory domain {slug:?}: path {} is not the engine's",
+                    d.path
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Serialize as the state file's bytes (pretty JSON with a final newline).
     pub fn to_json(&self) -> Vec<u8> {
         // Serializing plain maps of strings and integers cannot fail.
