@@ -439,7 +439,7 @@ fn run(cli: Cli) -> Result<i32> {
                 let layout = Layout::new(&dir.dir);
                 let fs: Arc<dyn Fs> = Arc::new(RealFs);
                 let _lock = journal::lock::acquire(fs.as_ref(), &layout, &command_line(), wait)?;
-                let rec = replay::recover::recover(fs, &layout)?;
+                let rec = replay::recover::replay(fs, &layout)?;
                 for note in &rec.notes {
                     println!("{note}");
                 }
@@ -459,9 +459,9 @@ fn run(cli: Cli) -> Result<i32> {
                 let layout = Layout::new(&dir.dir);
                 let fs: Arc<dyn Fs> = Arc::new(RealFs);
                 let _lock = journal::lock::acquire(fs.as_ref(), &layout, &command_line(), wait)?;
-                let mut rec = replay::recover::recover(fs, &layout)?;
+                let mut rec = replay::recover::replay(fs.clone(), &layout)?;
                 let before = rec.journal.len();
-                rec.journal.compact(&rec.state)?;
+                replay::recover::compact(fs.as_ref(), &layout, &mut rec.journal, &rec.state)?;
                 println!(
                     "ok: journal compacted from {before} to {} bytes",
                     rec.journal.len()

@@ -186,7 +186,12 @@ fn table(name: &str, with_optionals: bool) -> stack::replay::state::TableEntry {
 /// A small state with both present and absent optional fields.
 fn sample_state() -> SyncState {
     let mut state = SyncState {
-        journal: JournalPos { txn: 3, seq: 9 },
+        journal: JournalPos {
+            txn: 3,
+            seq: 9,
+            end: 0,
+            base: 0,
+        },
         ..SyncState::default()
     };
     state
@@ -401,7 +406,12 @@ fn arb_state() -> impl Strategy<Value = SyncState> {
         .prop_map(
             |((version, txn, seq), direct_tables, data_packages, memory_domains)| SyncState {
                 version,
-                journal: JournalPos { txn, seq },
+                journal: JournalPos {
+                    txn,
+                    seq,
+                    end: 0,
+                    base: 0,
+                },
                 direct_tables,
                 data_packages,
                 memory_domains,

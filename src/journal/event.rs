@@ -200,10 +200,18 @@ pub mod checkpoint_state {
         fp: Option<StatFp>,
     }
 
+    /// The journal position without its byte bookkeeping (`end`, `base`): those
+    /// describe a particular journal file and mean nothing inside a checkpoint.
+    #[derive(Serialize, Deserialize)]
+    struct WireJournal {
+        txn: u64,
+        seq: u64,
+    }
+
     #[derive(Serialize, Deserialize)]
     struct WireState {
         version: u32,
-        journal: JournalPos,
+        journal: WireJournal,
         direct_tables: BTreeMap<String, WireTable>,
         data_packages: BTreeMap<String, BTreeMap<String, WireTable>>,
         memory_domains: BTreeMap<String, WireDomain>,
@@ -253,7 +261,10 @@ pub mod checkpoint_state {
         }
         WireState {
             version: state.version,
-            journal: state.journal,
+            journal: WireJournal {
+                txn: state.journal.txn,
+                seq: state.journal.seq,
+            },
             direct_tables: tables_to_wire(&state.direct_tables),
             data_packages: state
                 .data_packages
@@ -283,7 +294,12 @@ pub mod checkpoint_state {
         let w = WireState::deserialize(d)?;
         Ok(Box::new(SyncState {
             version: w.version,
-            journal: w.journal,
+            journal: JournalPos {
+                txn: w.journal.txn,
+                seq: w.journal.seq,
+                end: 0,
+                base: 0,
+            },
             direct_tables: tables_from_wire(w.direct_tables),
             data_packages: w
                 .data_packages

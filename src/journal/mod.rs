@@ -136,6 +136,8 @@ pub struct Journal {
     next_seq: u64,
     last_txn: u64,
     pending: Vec<Record>,
+    /// The pending batch already encoded by [`Journal::seal`].
+    sealed: Option<Vec<u8>>,
     /// Why this writer may append nothing more (the file's end is no longer known
     /// to be `len`, or the file is no longer the journal); `None` while usable.
     broken: Option<String>,
@@ -212,6 +214,7 @@ impl Journal {
                 next_seq,
                 last_txn,
                 pending: Vec::new(),
+                sealed: None,
                 broken: None,
             },
             records,
@@ -252,6 +255,7 @@ impl Journal {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.last_txn = self.last_txn.max(txn);
+        self.sealed = None;
         self.pending.push(Record { seq, txn, event });
         seq
     }
@@ -269,10 +273,10 @@ impl Journal {
         }
         self.check_usable()?;
         let path = self.layout.journal();
-        let bytes = frame::encode_frame(&self.pending).map_err(|message| Error::State {
-            path: path.clone(),
-            message,
-        })?;
+        let bytes = match self.sealed.take() {
+            Some(bytes) => bytes,
+            None => self.encode_pending()?,
+        };
         let written = self
             .file
             .write_all(&bytes)
@@ -290,6 +294,50 @@ impl Journal {
         self.len += bytes.len() as u64;
         self.pending.clear();
         Ok(())
+    }
+
+    fn encode_pending(&self) -> Result<Vec<u8>> {
+        frame::encode_frame(&self.pending).map_err(|message| Error::State {
+            path: self.layout.journal(),
+            message,
+        })
+    }
+
+    /// Encode the queued batch now and return the length the journal will have once
+    /// [`Journal::sync`] wrote it (nothing may be appended in between).
+    pub fn seal(&mut self) -> Result<u64> {
+        let bytes = self.encode_pending()?;
+        let end = self.len + bytes.len() as u64;
+        self.sealed = Some(bytes);
+        Ok(end)
+    }
+
+    /// The length right after the last compaction (the automatic bound's baseline).
+    pub fn baseline(&self) -> u64 {
+        self.len_after_compaction
+    }
+
+    /// Open the journal for appending without reading it, trusting a state file
+    /// that names its exact length (`end`) and last record (`seq`, `txn`).
+    pub fn open_trusted(
+        fs: Arc<dyn Fs>,
+        layout: &Layout,
+        pos: crate::replay::state::JournalPos,
+    ) -> Result<Journal> {
+        let path = layout.journal();
+        let file = fs.open_append(&path).at("open", &path)?;
+        Ok(Journal {
+            fs,
+            layout: layout.clone(),
+            file,
+            len: pos.end,
+            len_after_compaction: pos.base.max(frame::HEADER_LEN as u64),
+            next_seq: pos.seq + 1,
+            last_txn: pos.txn,
+            pending: Vec::new(),
+            sealed: None,
+            broken: None,
+        })
     }
 
     /// `Err` if an earlier failure left this writer unable to append safely.

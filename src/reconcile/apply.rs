@@ -398,12 +398,17 @@ pub fn finish(
         }
     }
     apply_fingerprints(&mut state, &fps);
-    let seq = journal.last_seq() + 1;
-    state.journal = crate::replay::state::JournalPos { txn, seq };
-    // 3. The state file (atomic replace), then `Committed`, durable.
+    // 3. The state file (atomic replace), then `Committed`, durable. The record is
+    // encoded first so the state can name the journal's length after it (`end`).
+    let seq = journal.append(txn, Event::Committed { fingerprints: fps });
+    let end = journal.seal()?;
+    state.journal = crate::replay::state::JournalPos {
+        txn,
+        seq,
+        end,
+        base: journal.baseline(),
+    };
     write_state(fs, layout, &state)?;
-    let got = journal.append(txn, Event::Committed { fingerprints: fps });
-    debug_assert_eq!(got, seq);
     journal.sync()?;
     // 4. Leftovers: the trash, the scratch folder and consumed staged files. The
     // transaction is committed: a failure here costs only space (the next command

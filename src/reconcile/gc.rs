@@ -12,13 +12,14 @@ use crate::journal::event::{Event, Record};
 use crate::journal::lock;
 use crate::layout::Layout;
 use crate::reconcile::apply::{finish, Applier};
-use crate::replay::recover::recover;
+use crate::replay::recover::replay;
 use crate::verify::{audit, Contents};
 
 /// Run gc; returns the relative paths removed.
 pub fn gc(fs: Arc<dyn Fs>, layout: &Layout, command: &str, wait: bool) -> Result<Vec<String>> {
     let _lock = lock::acquire(fs.as_ref(), layout, command, wait)?;
-    let rec = recover(fs.clone(), layout)?;
+    // Maintenance: recover from the journal itself, never the fast path.
+    let rec = replay(fs.clone(), layout)?;
     let mut journal = rec.journal;
     let state = rec.state;
     let strays: Vec<String> = audit(fs.as_ref(), layout, &state, Contents::Skip)?

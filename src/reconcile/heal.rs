@@ -10,9 +10,10 @@ use std::path::Path;
 
 use crate::error::{IoContext, Result};
 use crate::fs::{Fs, Kind};
+use crate::journal::event::Slot;
 use crate::layout::{self, Layout};
 use crate::reconcile::plan::Damage;
-use crate::replay::state::{StatFp, Strategy, SyncState};
+use crate::replay::state::{StatFp, Strategy, SyncState, TableEntry};
 
 /// How content is hashed (the library API lets a caller inject it).
 pub type HashFn<'a> = &'a (dyn Fn(&Path) -> io::Result<String> + Sync);
@@ -61,6 +62,37 @@ fn check_file(
     }
 }
 
+/// Check one reference: a symlink by its target, anything else by content.
+fn check_ref(
+    fs: &dyn Fs,
+    layout: &Layout,
+    id: &str,
+    e: &TableEntry,
+    hash: HashFn<'_>,
+) -> Result<Check> {
+    let path = layout.join(&e.ref_path);
+    if e.strategy != Strategy::Symlink {
+        return check_file(fs, &path, e.ref_fp, Some(&e.md5), hash);
+    }
+    match fs.symlink_metadata(&path) {
+        Ok(m) if m.kind == Kind::Symlink => {
+            // A symlink cannot be rewritten in place: an unchanged stat fingerprint
+            // is the same link, trusted as a file's would be.
+            let now = StatFp {
+                size: m.len,
+                mtime_ns: m.mtime_ns as i64,
+                ino: m.ino,
+            };
+            let wrong = e.ref_fp != Some(now)
+                && fs.read_link(&path).at("readlink", &path)? != layout::symlink_target(id);
+            Ok(if wrong { Check::Damaged } else { Check::Ok })
+        }
+        Ok(_) => Ok(Check::Damaged),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Check::Damaged),
+        Err(err) => Err(err).at("stat", &path),
+    }
+}
+
 /// Check every file of `state` on disk.
 pub fn find_damage(
     fs: &dyn Fs,
@@ -69,13 +101,25 @@ pub fn find_damage(
     hash: HashFn<'_>,
 ) -> Result<Damage> {
     let mut d = Damage::default();
+    // One check per shared file, then one per reference; both fan out over threads
+    // (a no-op pull is mostly these stats).
     let mut shared_seen = std::collections::BTreeSet::new();
-    for (_, id, e) in state.entries() {
-        if !shared_seen.insert(id.to_string()) {
-            continue;
-        }
-        let path = layout.join(&e.shared_path);
-        match check_file(fs, &path, e.shared_fp, Some(&e.md5), hash)? {
+    let shared: Vec<(&str, &TableEntry)> = state
+        .entries()
+        .filter(|(_, id, _)| shared_seen.insert(*id))
+        .map(|(_, id, e)| (id, e))
+        .collect();
+    let checks = crate::par::map(&shared, crate::par::threads(), |(_, e)| {
+        check_file(
+            fs,
+            &layout.join(&e.shared_path),
+            e.shared_fp,
+            Some(&e.md5),
+            hash,
+        )
+    })?;
+    for ((id, e), check) in shared.iter().zip(checks) {
+        match check {
             Check::Ok => {}
             Check::Refresh => d.refresh.push(e.shared_path.clone()),
             Check::Damaged => {
@@ -83,36 +127,17 @@ pub fn find_damage(
             }
         }
     }
-    for (slot, id, e) in state.entries() {
-        let path = layout.join(&e.ref_path);
-        let bad = match e.strategy {
-            Strategy::Symlink => match fs.symlink_metadata(&path) {
-                Ok(m) if m.kind == Kind::Symlink => {
-                    // A symlink cannot be rewritten in place: an unchanged stat
-                    // fingerprint is the same link, trusted as a file's would be.
-                    let now = StatFp {
-                        size: m.len,
-                        mtime_ns: m.mtime_ns as i64,
-                        ino: m.ino,
-                    };
-                    e.ref_fp != Some(now)
-                        && fs.read_link(&path).at("readlink", &path)? != layout::symlink_target(id)
-                }
-                Ok(_) => true,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => true,
-                Err(err) => return Err(err).at("stat", &path),
-            },
-            _ => match check_file(fs, &path, e.ref_fp, Some(&e.md5), hash)? {
-                Check::Ok => false,
-                Check::Refresh => {
-                    d.refresh.push(e.ref_path.clone());
-                    false
-                }
-                Check::Damaged => true,
-            },
-        };
-        if bad {
-            d.refs.insert((slot, id.to_string()));
+    let refs: Vec<(Slot, &str, &TableEntry)> = state.entries().collect();
+    let checks = crate::par::map(&refs, crate::par::threads(), |(_, id, e)| {
+        check_ref(fs, layout, id, e, hash)
+    })?;
+    for ((slot, id, e), check) in refs.into_iter().zip(checks) {
+        match check {
+            Check::Ok => {}
+            Check::Refresh => d.refresh.push(e.ref_path.clone()),
+            Check::Damaged => {
+                d.refs.insert((slot, id.to_string()));
+            }
         }
     }
     for (slug, dom) in &state.memory_domains {

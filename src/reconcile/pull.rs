@@ -226,14 +226,23 @@ pub fn status(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     let started = Instant::now();
     let desired = validate(manifest, cfg.origin)?;
     let fs = cfg.fs.as_ref();
-    let records = match crate::journal::scan_file(fs, &cfg.layout)? {
-        Some(scan) => {
-            crate::journal::check_end(&cfg.layout, &scan)?;
-            scan.records.into_iter().map(|(_, r)| r).collect()
+    // The state file when it names the journal's length, else the journal itself.
+    let projection = match crate::replay::recover::trusted_state(fs, &cfg.layout)? {
+        Some(state) => crate::replay::project::Projection {
+            state,
+            pending: None,
+        },
+        None => {
+            let records = match crate::journal::scan_file(fs, &cfg.layout)? {
+                Some(scan) => {
+                    crate::journal::check_end(&cfg.layout, &scan)?;
+                    scan.records.into_iter().map(|(_, r)| r).collect()
+                }
+                None => Vec::new(),
+            };
+            project(&records)
         }
-        None => Vec::new(),
     };
-    let projection = project(&records);
     let p = make_plan(fs, cfg, &projection.state, &desired, false)?;
     let mut rep = report(&p, projection.state.journal.txn, true, 0, started);
     if let Some(pending) = projection.pending {
@@ -255,16 +264,22 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     let fs = cfg.fs.as_ref();
     let layout = &cfg.layout;
     let _lock = lock::acquire(fs, layout, &cfg.command, cfg.wait)?;
-    let rec = recover(cfg.fs.clone(), layout)?;
+    let mut rec = recover(cfg.fs.clone(), layout)?;
+    let mut p = make_plan(fs, cfg, &rec.state, &desired, true)?;
+    if !p.is_noop() && rec.trusted && !crate::replay::recover::journal_is_clean(fs, layout)? {
+        // About to append, but the journal's end is not whole although the state
+        // file named it: recover from the journal itself (cuts a torn tail, rolls
+        // its transaction forward) and plan again.
+        rec = crate::replay::recover::replay(cfg.fs.clone(), layout)?;
+        p = make_plan(fs, cfg, &rec.state, &desired, true)?;
+    }
     let mut journal = rec.journal;
     let state = rec.state;
-    let p = make_plan(fs, cfg, &state, &desired, true)?;
     if p.is_noop() {
         let mut rep = report(&p, state.journal.txn, false, 0, started);
         rep.recovered = rec.notes;
         return Ok(rep);
     }
-
     preflight(fs, layout, &p)?;
 
     // Phase 1: stage, invisibly.
@@ -344,7 +359,7 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     };
     if journal.wants_compaction() {
         // The pull has committed: a failed compaction costs only space.
-        if let Err(e) = journal.compact(&new_state) {
+        if let Err(e) = crate::replay::recover::compact(fs, layout, &mut journal, &new_state) {
             if e.is_crash() {
                 return Err(e);
             }

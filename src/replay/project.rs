@@ -36,6 +36,14 @@ pub fn project(records: &[Record]) -> Projection {
         match &r.event {
             Event::Checkpoint { state: s } => {
                 state = (**s).clone();
+                // The state stands at the checkpoint record itself; byte positions
+                // of the journal it was taken from mean nothing here.
+                state.journal = JournalPos {
+                    txn: r.txn,
+                    seq: r.seq,
+                    end: 0,
+                    base: 0,
+                };
                 open.clear();
             }
             Event::Committed { fingerprints } => {
@@ -47,6 +55,8 @@ pub fn project(records: &[Record]) -> Projection {
                 state.journal = JournalPos {
                     txn: r.txn,
                     seq: r.seq,
+                    end: 0,
+                    base: 0,
                 };
             }
             Event::Aborted { .. } => {

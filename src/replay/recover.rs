@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::fs::Fs;
 use crate::journal::event::Event;
 use crate::journal::Journal;
@@ -24,10 +24,85 @@ pub struct Recovered {
     pub state: SyncState,
     /// What recovery did, one line each (empty if nothing was needed).
     pub notes: Vec<String>,
+    /// Taken on the fast path: the state file was trusted and the journal not read.
+    /// Before appending, a caller checks the journal ([`journal_is_clean`]).
+    pub trusted: bool,
+}
+
+/// Before the first append after the fast path: read and check the whole journal,
+/// so that nothing is ever appended to a corrupt one (exit 4, file untouched).
+/// `Ok(false)`: its end is torn, and a full [`replay`] must run first.
+pub fn journal_is_clean(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
+    let Some(scan) = crate::journal::scan_file(fs, layout)? else {
+        return Ok(false);
+    };
+    crate::journal::check_end(layout, &scan)?;
+    Ok(scan.end == crate::journal::End::Clean)
+}
+
+/// The fast path: a state file naming the journal's exact current length (`end`)
+/// was written for the journal's last record, and nothing was appended since — so
+/// no transaction is open and the file is the projection. Taking it costs one stat
+/// and one read instead of replaying the journal. Only leftovers are cleaned.
+fn recover_trusted(fs: &Arc<dyn Fs>, layout: &Layout) -> Result<Option<Recovered>> {
+    let Some(state) = trusted_state(fs.as_ref(), layout)? else {
+        return Ok(None);
+    };
+    let journal = Journal::open_trusted(fs.clone(), layout, state.journal)?;
+    clean_leftovers(fs.as_ref(), layout)?;
+    Ok(Some(Recovered {
+        journal,
+        state,
+        notes: Vec::new(),
+        trusted: true,
+    }))
+}
+
+/// The state file, if it names the journal's exact current length (the fast
+/// path's condition); reads only.
+pub fn trusted_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
+    let path = layout.journal();
+    let len = match fs.metadata(&path) {
+        Ok(m) => m.len,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).at("stat", &path),
+    };
+    Ok(match read_state(fs, layout) {
+        Ok(Some(s)) if s.journal.end == len && len > 0 && s.check_paths().is_ok() => Some(s),
+        _ => None,
+    })
+}
+
+/// Compact the journal to one checkpoint of `state`, then record the new journal
+/// length in the state file so the next command keeps the fast path.
+pub fn compact(
+    fs: &dyn Fs,
+    layout: &Layout,
+    journal: &mut Journal,
+    state: &SyncState,
+) -> Result<SyncState> {
+    journal.compact(state)?;
+    let mut state = state.clone();
+    // The checkpoint is now the journal's last (and only) record: the state is at it.
+    state.journal.txn = journal.last_txn();
+    state.journal.seq = journal.last_seq();
+    state.journal.end = journal.len();
+    state.journal.base = journal.baseline();
+    write_state(fs, layout, &state)?;
+    Ok(state)
 }
 
 /// Recover `layout`'s directory. Hold the directory lock.
 pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
+    if let Some(fast) = recover_trusted(&fs, layout)? {
+        return Ok(fast);
+    }
+    replay(fs, layout)
+}
+
+/// Recovery from the journal alone (`stack journal replay`): never trusts the state
+/// file, always folds the journal and rewrites `sync_state.json` if it differs.
+pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
     let opened = Journal::open(fs.clone(), layout)?;
     let mut journal = opened.journal;
     let mut notes = Vec::new();
@@ -47,12 +122,13 @@ pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
             ));
         }
         if let Some(adopted) = candidate.filter(|s| s.check_paths().is_ok()) {
-            journal.compact(&adopted)?;
+            let adopted = compact(fs.as_ref(), layout, &mut journal, &adopted)?;
             notes.push("journal was missing; started a new one from sync_state.json".to_string());
             return Ok(Recovered {
                 journal,
                 state: adopted,
                 notes,
+                trusted: false,
             });
         }
     }
@@ -90,7 +166,12 @@ pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
             ));
         }
     }
-    // The state file must equal the projection.
+    // The state file must equal the projection (plus where the journal ends now,
+    // so that the next command can take the fast path).
+    if state != SyncState::default() || state.journal.seq > 0 {
+        state.journal.end = journal.len();
+        state.journal.base = journal.baseline();
+    }
     let on_disk = match read_state(fs.as_ref(), layout) {
         Ok(s) => s,
         Err(crate::Error::State { message, .. }) => {
@@ -115,5 +196,6 @@ pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
         journal,
         state,
         notes,
+        trusted: false,
     })
 }

@@ -53,6 +53,19 @@ pub struct StatFp {
 pub struct JournalPos {
     pub txn: u64,
     pub seq: u64,
+    /// The journal's length in bytes once this state's `Committed` record is in it.
+    /// If the journal still has exactly this length, nothing was appended since, and
+    /// recovery may trust this file without replaying the journal (0: unknown).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub end: u64,
+    /// The journal's length right after its last compaction (for the automatic
+    /// compaction bound on that fast path; 0: unknown).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub base: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One table reference (direct or in a package).
@@ -126,7 +139,8 @@ impl SyncState {
         direct.chain(pkgs)
     }
 
-    /// The same state with every fingerprint dropped (for comparing contents).
+    /// The same state with every fingerprint and the journal's byte bookkeeping
+    /// (`end`, `base`) dropped: what the journal's records alone determine.
     pub fn without_fingerprints(&self) -> SyncState {
         let mut s = self.clone();
         for e in s.direct_tables.values_mut() {
@@ -142,6 +156,8 @@ impl SyncState {
         for d in s.memory_domains.values_mut() {
             d.fp = None;
         }
+        s.journal.end = 0;
+        s.journal.base = 0;
         s
     }
 
@@ -185,10 +201,11 @@ impl SyncState {
         Ok(())
     }
 
-    /// Serialize as the state file's bytes (pretty JSON with a final newline).
+    /// Serialize as the state file's bytes (compact JSON with a final newline: it is
+    /// read on every command; `jq .` shows it pretty).
     pub fn to_json(&self) -> Vec<u8> {
         // Serializing plain maps of strings and integers cannot fail.
-        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
         v.push(b'\n');
         v
     }

@@ -97,9 +97,18 @@ fn a_flipped_byte_in_the_middle_is_corruption_and_nothing_rewrites_it() {
             .map(|(p, n)| (p.clone(), n.clone()))
             .collect()
     };
-    let r = pull(&o.manifest(), &dir, &["--json"]);
+    // A pull with something to do reads the whole journal before it appends, and
+    // refuses. (A pull with nothing to do trusts the state file, which names the
+    // journal's length, and writes nothing: it neither sees nor worsens the damage.)
+    let v2 = {
+        let mut ts = base_tables();
+        ts[2] = t("tbl_b", "b", Some("p1"), b"table b, version 2\n");
+        o.write(&ts, &base_domains(), "v2.json")
+    };
+    let r = pull(&v2, &dir, &["--json"]);
     let msg = r.json_error(4);
     assert!(msg.contains(&format!("byte offset {mid}")), "{msg}");
+    pull(&o.manifest(), &dir, &["--json"]).ok();
     for args in [
         vec!["gc"],
         vec!["journal", "replay"],

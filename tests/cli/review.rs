@@ -109,3 +109,32 @@ fn an_empty_stack_dir_means_the_current_directory() {
     c.args(["verify"]).env("STACK_DIR", "").current_dir(l.dir());
     output(c).ok();
 }
+
+/// The fast path trusts a state file naming the journal's length. If the journal's
+/// end is torn at that same length (a power loss during the last fdatasync), the
+/// next pull with work to do recovers from the journal itself instead of trusting
+/// it: the torn `Committed` is cut, its transaction rolled forward, and the pull
+/// goes on.
+#[test]
+fn a_torn_end_under_a_trusted_state_is_recovered_not_appended_to() {
+    let (o, l) = pulled("symlink");
+    let dir = l.dir();
+    let jpath = dir.join(".stack/journal");
+    let mut bytes = std::fs::read(&jpath).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 6..] {
+        *b = 0;
+    }
+    std::fs::write(&jpath, &bytes).unwrap();
+    let v2 = {
+        let mut ts = base_tables();
+        ts[2] = t("tbl_b", "b", Some("p1"), b"table b, version 2\n");
+        o.write(&ts, &base_domains(), "v2.json")
+    };
+    let r = pull(&v2, &dir, &["--json"]);
+    r.ok();
+    assert!(dir.join(".stack/journal.broken").exists());
+    assert_verify_clean(&dir);
+    let d = dir.to_str().unwrap();
+    stack(&["journal", "verify", "--dir", d]).ok();
+}

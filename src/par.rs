@@ -1,0 +1,57 @@
+//! A small parallel map over a slice, for the engine's read-only fan-outs (stat and
+//! hash checks). Owns no state; keeps the order of results.
+
+use crate::error::{Error, Result};
+
+/// How many threads to use for CPU- or syscall-bound fan-outs.
+pub fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8)
+}
+
+/// Map `f` over `items` on up to `threads` threads (contiguous chunks), keeping the
+/// order. The first error of the earliest chunk is returned, except that a
+/// simulated crash wins over any other error (it must reach the caller untouched).
+pub fn map<T, R, F>(items: &[T], threads: usize, f: F) -> Result<Vec<R>>
+where
+    T: Sync,
+    R: Send,
+    F: Fn(&T) -> Result<R> + Sync,
+{
+    // Below this, a thread costs more than it saves.
+    const MIN_PER_THREAD: usize = 256;
+    let threads = threads.clamp(1, items.len().div_ceil(MIN_PER_THREAD).max(1));
+    if threads == 1 {
+        return items.iter().map(&f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let results: Vec<Result<Vec<R>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Result<Vec<R>>>()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    if let Some(crash) = results
+        .iter()
+        .position(|r| matches!(r, Err(e) if e.is_crash()))
+    {
+        return results
+            .into_iter()
+            .nth(crash)
+            .unwrap_or(Err(Error::Interrupted))
+            .map(|_| Vec::new());
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for r in results {
+        out.extend(r?);
+    }
+    Ok(out)
+}
