@@ -180,8 +180,13 @@ pub fn plan(
                 let restrategy = mode != LinkMode::Auto && e.strategy != strategy;
                 let damaged = damage.refs.contains(&key) || damage.shared.contains(id);
                 if mode == LinkMode::Auto {
-                    // `auto` keeps whatever strategy an existing reference was given.
-                    use_strategy = e.strategy;
+                    // `auto` keeps whatever strategy an existing reference was given,
+                    // except a reflink where the filesystem no longer clones (the
+                    // directory moved): that one takes auto's choice here, so the
+                    // state records what is really made.
+                    let lost_reflink =
+                        e.strategy == Strategy::Reflink && strategy != Strategy::Reflink;
+                    use_strategy = if lost_reflink { strategy } else { e.strategy };
                 }
                 if changed || damaged || restrategy {
                     p.tally.of(slot).updated += 1;
