@@ -51,6 +51,8 @@ pub struct Applier<'a> {
     pub layout: &'a Layout,
     pub txn: u64,
     warned_fallback: AtomicBool,
+    /// Seqs of `PutShared` steps that are the only consumer of their staged file.
+    sole_consumers: std::collections::HashSet<u64>,
 }
 
 impl<'a> Applier<'a> {
@@ -60,6 +62,7 @@ impl<'a> Applier<'a> {
             layout,
             txn,
             warned_fallback: AtomicBool::new(false),
+            sole_consumers: std::collections::HashSet::new(),
         }
     }
 
@@ -155,10 +158,19 @@ impl<'a> Applier<'a> {
                 let dst = l.join(&layout::shared_rel(table_id));
                 let staged = l.staged(md5);
                 if self.done_before(&staged, &dst, md5)? {
-                    return Ok(());
+                    // The content is in place; its mode may not be (a power loss can
+                    // keep a rename and lose the chmod before it).
+                    return self.fs.set_readonly(&dst, true).at("chmod", &dst);
                 }
                 // The mode belongs to the inode: set it before the name appears.
                 self.fs.set_readonly(&staged, true).at("chmod", &staged)?;
+                if self.sole_consumers.contains(&seq) {
+                    // Nothing else in this transaction needs the staged file: move it
+                    // into place (atomically replacing an old version). A redo finds
+                    // it gone and `done_before` sees the content in place.
+                    self.ensure_dir(&l.shared_dir())?;
+                    return self.fs.rename(&staged, &dst).at("rename", &dst);
+                }
                 if self.fs.hard_link(&staged, &dst).is_ok() {
                     return Ok(());
                 }
@@ -265,7 +277,20 @@ impl<'a> Applier<'a> {
     }
 
     /// Apply every event of a transaction, in order.
-    pub fn apply_all(&self, records: &[Record]) -> Result<()> {
+    pub fn apply_all(&mut self, records: &[Record]) -> Result<()> {
+        // Staged files that exactly one step of the transaction consumes can be
+        // moved into place instead of linked and removed later.
+        let mut uses: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+        for r in records {
+            if let Event::PutShared { md5, .. } | Event::PutBundle { md5, .. } = &r.event {
+                *uses.entry(md5.as_str()).or_default() += 1;
+            }
+        }
+        self.sole_consumers = records
+            .iter()
+            .filter(|r| matches!(&r.event, Event::PutShared { md5, .. } if uses[md5.as_str()] == 1))
+            .map(|r| r.seq)
+            .collect();
         for r in records {
             self.apply(r.seq, &r.event)?;
         }

@@ -94,7 +94,8 @@ pub fn probe_caps(fs: &dyn Fs, layout: &Layout, _link: LinkMode) -> Result<Caps>
     not_found_ok(fs.remove_file(&src)).at("remove", &src)?;
     // A hint, not state: not synced; a lost or stale file only means a new probe.
     let mut f = fs.create(&cache).at("create", &cache)?;
-    writeln!(f, "{dev} {} {}", u8::from(reflink), u8::from(hardlink)).at("write", &cache)?;
+    let line = format!("{dev} {} {}\n", u8::from(reflink), u8::from(hardlink));
+    f.write_all(line.as_bytes()).at("write", &cache)?;
     Ok(Caps { reflink, hardlink })
 }
 

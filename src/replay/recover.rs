@@ -136,7 +136,7 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
     let mut state = projection.state;
     if let Some(p) = projection.pending {
         if p.prepared {
-            let applier = Applier::new(fs.as_ref(), layout, p.txn);
+            let mut applier = Applier::new(fs.as_ref(), layout, p.txn);
             applier.apply_all(&p.records)?;
             state = finish(
                 fs.as_ref(),
