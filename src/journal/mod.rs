@@ -268,8 +268,13 @@ impl Journal {
     /// make the journal corrupt, nor twice. If the cut fails too, this writer refuses
     /// every later `sync` and `compact`; reopening the journal cuts the torn tail.
     pub fn sync(&mut self) -> Result<()> {
+        self.sync_taking().map(drop)
+    }
+
+    /// [`Journal::sync`], handing the written records back instead of dropping them.
+    fn sync_taking(&mut self) -> Result<Vec<Record>> {
         if self.pending.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         self.check_usable()?;
         let path = self.layout.journal();
@@ -292,8 +297,18 @@ impl Journal {
             return Err(e);
         }
         self.len += bytes.len() as u64;
-        self.pending.clear();
-        Ok(())
+        Ok(std::mem::take(&mut self.pending))
+    }
+
+    /// Append `events` of `txn` as one batch, make it durable (as [`Journal::sync`]),
+    /// and hand the stamped records back (moved, not copied: a large plan is held
+    /// once, not twice). Anything queued before is written first, in its own batch.
+    pub fn append_batch(&mut self, txn: u64, events: Vec<Event>) -> Result<Vec<Record>> {
+        self.sync()?;
+        for event in events {
+            self.append(txn, event);
+        }
+        self.sync_taking()
     }
 
     fn encode_pending(&self) -> Result<Vec<u8>> {

@@ -5,7 +5,7 @@
 //! here, before anything is touched, and every id, name and slug that reaches the
 //! rest of the engine is one safe path component.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,44 +13,144 @@ use crate::error::{Error, Result};
 use crate::journal::event::Slot;
 use crate::reconcile::origin::Origin;
 
-/// Check that the manifest and every table, package and domain in it is a JSON
-/// object (lists that are not arrays are left to serde's own error).
-fn require_objects(v: &serde_json::Value) -> std::result::Result<(), String> {
-    use serde_json::Value;
-    let items = |v: &Value, key: &str| -> Vec<Value> {
-        match v.get(key) {
-            Some(Value::Array(a)) => a.clone(),
-            _ => Vec::new(),
-        }
+/// A streaming check, without building a JSON tree, that the manifest and every
+/// table, package and domain in it is a JSON object: serde's derived structs also
+/// accept arrays (fields by position), so `[]` would read as an empty stack and a
+/// pull would delete everything. Lists that are not arrays are left to serde's own
+/// error in the typed parse that follows.
+mod shape {
+    use std::fmt;
+
+    use serde::de::{
+        DeserializeSeed, Deserializer, Error, IgnoredAny, MapAccess, SeqAccess, Visitor,
     };
-    let object = |v: &Value, what: &str| {
-        if v.is_object() {
+
+    #[derive(Clone, Copy)]
+    enum Shape {
+        Manifest,
+        Package,
+        Leaf(&'static str),
+    }
+
+    impl Shape {
+        fn what(self) -> &'static str {
+            match self {
+                Shape::Manifest => "the manifest",
+                Shape::Package => "a data package",
+                Shape::Leaf(what) => what,
+            }
+        }
+
+        /// The shape of the items of the list under `key`, if it is one we check.
+        fn child(self, key: &str) -> Option<Shape> {
+            match (self, key) {
+                (Shape::Manifest, "direct_tables") => Some(Shape::Leaf("a direct table")),
+                (Shape::Manifest, "data_packages") => Some(Shape::Package),
+                (Shape::Manifest, "memory_domains") => Some(Shape::Leaf("a memory domain")),
+                (Shape::Package, "tables") => Some(Shape::Leaf("a package table")),
+                _ => None,
+            }
+        }
+    }
+
+    /// Check `bytes`; `Err` names what is not an object, with its position.
+    pub fn check(bytes: &[u8]) -> Result<(), String> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        Object(Shape::Manifest)
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| e.to_string())
+    }
+
+    struct Object(Shape);
+
+    impl<'de> DeserializeSeed<'de> for Object {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Object {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{} as a JSON object", self.0.what())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(child) = map.next_key_seed(Key(self.0))? {
+                match child {
+                    Some(items) => map.next_value_seed(List(items))?,
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
             Ok(())
-        } else {
-            let kind = match v {
-                Value::Array(_) => "an array",
-                Value::String(_) => "a string",
-                Value::Number(_) => "a number",
-                Value::Bool(_) => "a boolean",
-                _ => "null",
-            };
-            Err(format!("{what} must be a JSON object, not {kind}"))
-        }
-    };
-    object(v, "the manifest")?;
-    for t in items(v, "direct_tables") {
-        object(&t, "a direct table")?;
-    }
-    for p in items(v, "data_packages") {
-        object(&p, "a data package")?;
-        for t in items(&p, "tables") {
-            object(&t, "a package table")?;
         }
     }
-    for d in items(v, "memory_domains") {
-        object(&d, "a memory domain")?;
+
+    /// A key, mapped (without allocating) to the shape of the list under it.
+    struct Key(Shape);
+
+    impl<'de> DeserializeSeed<'de> for Key {
+        type Value = Option<Shape>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Shape>, D::Error> {
+            d.deserialize_str(self)
+        }
     }
-    Ok(())
+
+    impl<'de> Visitor<'de> for Key {
+        type Value = Option<Shape>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_str<E: Error>(self, key: &str) -> Result<Option<Shape>, E> {
+            Ok(self.0.child(key))
+        }
+    }
+
+    /// A list whose items must be objects of a shape; anything else is let through.
+    struct List(Shape);
+
+    impl<'de> DeserializeSeed<'de> for List {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for List {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq.next_element_seed(Object(self.0))?.is_some() {}
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E: Error>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E: Error>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E: Error>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E: Error>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E: Error>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E: Error>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
 }
 
 /// A table as the manifest lists it.
@@ -112,13 +212,9 @@ impl Manifest {
     /// Parse manifest JSON; a parse error is a bad manifest (exit 2).
     pub fn from_json(bytes: &[u8]) -> Result<Manifest> {
         let bad = |e: String| Error::BadManifest(format!("not a valid manifest: {e}"));
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-        // serde's derived structs also accept JSON arrays (fields by position), so
-        // `[]` would read as an empty stack and a pull would delete everything.
         // Contract §1 manifests, tables, packages and domains are objects.
-        require_objects(&value).map_err(bad)?;
-        serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+        shape::check(bytes).map_err(bad)?;
+        serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -211,51 +307,94 @@ fn is_local(t: &Table) -> bool {
 
 /// Check every rule of contract §1 and build the desired stack. Nothing is touched.
 pub fn validate(manifest: &Manifest, origin: &dyn Origin) -> Result<Desired> {
+    /// Where a table is listed (borrowed: validation allocates only what it keeps).
+    #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+    enum Where<'a> {
+        Direct,
+        Package(&'a str),
+    }
+    impl std::fmt::Display for Where<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Where::Direct => f.write_str("direct_tables"),
+                Where::Package(slug) => write!(f, "data package {slug}"),
+            }
+        }
+    }
+    /// Borrowed bookkeeping of the checks that span tables.
+    #[derive(Default)]
+    struct Seen<'a> {
+        /// id -> (md5 as listed, where first listed)
+        md5_of_id: HashMap<&'a str, (&'a str, Where<'a>)>,
+        /// (folder, file name) of a reference -> table id
+        paths: HashMap<(Where<'a>, &'a str), &'a str>,
+    }
     let mut d = Desired::default();
-    let mut md5_of_id: BTreeMap<String, (String, String)> = BTreeMap::new(); // id -> (md5, where)
-    let mut paths: BTreeMap<String, String> = BTreeMap::new(); // ref path -> who
+    let mut seen = Seen::default();
 
-    let mut add_table = |d: &mut Desired, slot: Slot, t: &Table, where_: String| -> Result<()> {
-        check_component(|| format!("{where_}: table id"), &t.id)?;
-        check_component(|| format!("{where_}: table {} name", t.id), &t.name)?;
-        let md5 = check_md5(|| format!("{where_}: table {}", t.id), &t.md5)?;
-        if let Some((prev, prev_where)) = md5_of_id.get(&t.id) {
-            if *prev != md5 {
+    fn add_table<'a>(
+        d: &mut Desired,
+        seen: &mut Seen<'a>,
+        origin: &dyn Origin,
+        at: Where<'a>,
+        t: &'a Table,
+    ) -> Result<()> {
+        let Seen { md5_of_id, paths } = seen;
+        check_component(|| format!("{at}: table id"), &t.id)?;
+        check_component(|| format!("{at}: table {} name", t.id), &t.name)?;
+        let md5 = check_md5(|| format!("{at}: table {}", t.id), &t.md5)?;
+        match md5_of_id.get(t.id.as_str()) {
+            Some((prev, prev_at)) if !prev.eq_ignore_ascii_case(&md5) => {
                 return Err(Error::BadManifest(format!(
-                    "table {} has md5 {prev} in {prev_where} but {md5} in {where_}",
-                    t.id
+                    "table {} has md5 {} in {prev_at} but {md5} in {at}",
+                    t.id,
+                    prev.to_ascii_lowercase()
                 )));
             }
-        } else {
-            md5_of_id.insert(t.id.clone(), (md5.clone(), where_.clone()));
+            Some(_) => {}
+            None => {
+                md5_of_id.insert(&t.id, (&t.md5, at));
+            }
         }
         if !is_local(t) {
-            match slot {
-                Slot::Direct => d.skipped.direct += 1,
-                Slot::Package(_) => d.skipped.packages += 1,
+            match at {
+                Where::Direct => d.skipped.direct += 1,
+                Where::Package(_) => d.skipped.packages += 1,
             }
             return Ok(());
         }
-        let url = t.parquet_url.clone().ok_or_else(|| {
-            Error::BadManifest(format!("{where_}: table {} has no parquet_url", t.id))
-        })?;
-        origin
-            .resolve(&url)
-            .map_err(|m| Error::BadManifest(format!("{where_}: table {}: {m}", t.id)))?;
-        let path = crate::layout::ref_rel(&slot, &t.name);
-        let who = format!("{where_}: table {}", t.id);
-        if let Some(prev) = paths.insert(path.clone(), who.clone()) {
+        let Some(url) = t.parquet_url.as_deref() else {
             return Err(Error::BadManifest(format!(
-                "{who} and {prev} would both land on {path}"
+                "{at}: table {} has no parquet_url",
+                t.id
+            )));
+        };
+        origin
+            .resolve(url)
+            .map_err(|m| Error::BadManifest(format!("{at}: table {}: {m}", t.id)))?;
+        let slot = match at {
+            Where::Direct => Slot::Direct,
+            Where::Package(slug) => Slot::Package(slug.to_string()),
+        };
+        if let Some(prev) = paths.insert((at, &t.name), &t.id) {
+            return Err(Error::BadManifest(format!(
+                "{at}: table {} and {at}: table {prev} would both land on {}",
+                t.id,
+                crate::layout::ref_rel(&slot, &t.name)
             )));
         }
         // One id is one content (its md5); two URLs for it are two mirrors of the
         // same bytes, and the first one is used.
-        d.tables.entry(t.id.clone()).or_insert_with(|| WantTable {
-            md5: md5.clone(),
-            url,
-            size: t.size,
-        });
+        if !d.tables.contains_key(&t.id) {
+            d.tables.insert(
+                t.id.clone(),
+                WantTable {
+                    md5: md5.clone(),
+                    url: url.to_string(),
+                    size: t.size,
+                },
+            );
+        }
         if d.refs
             .insert(
                 (slot, t.id.clone()),
@@ -267,31 +406,29 @@ pub fn validate(manifest: &Manifest, origin: &dyn Origin) -> Result<Desired> {
             )
             .is_some()
         {
-            return Err(Error::BadManifest(format!("{who} is listed twice")));
+            return Err(Error::BadManifest(format!(
+                "{at}: table {} is listed twice",
+                t.id
+            )));
         }
         Ok(())
-    };
+    }
 
     for t in &manifest.direct_tables {
-        add_table(&mut d, Slot::Direct, t, "direct_tables".to_string())?;
+        add_table(&mut d, &mut seen, origin, Where::Direct, t)?;
     }
     let mut slugs = BTreeSet::new();
     for p in &manifest.data_packages {
         // A safe component starts with [A-Za-z0-9], so no slug can be `_direct`/`_shared`.
         check_component(|| "data package slug".to_string(), &p.slug)?;
-        if !slugs.insert(p.slug.clone()) {
+        if !slugs.insert(p.slug.as_str()) {
             return Err(Error::BadManifest(format!(
                 "two data packages have the slug {:?}",
                 p.slug
             )));
         }
         for t in &p.tables {
-            add_table(
-                &mut d,
-                Slot::Package(p.slug.clone()),
-                t,
-                format!("data package {}", p.slug),
-            )?;
+            add_table(&mut d, &mut seen, origin, Where::Package(&p.slug), t)?;
         }
     }
     for dom in &manifest.memory_domains {

@@ -330,17 +330,9 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     }
 
     // Phase 2: the commit point — the whole plan, durable, in one batch.
-    let mut records: Vec<Record> = Vec::with_capacity(p.ops.len());
-    for ev in &p.ops {
-        let seq = journal.append(txn, ev.clone());
-        records.push(Record {
-            seq,
-            txn,
-            event: ev.clone(),
-        });
-    }
-    journal.append(txn, Event::Prepared);
-    journal.sync()?;
+    let mut events = std::mem::take(&mut p.ops);
+    events.push(Event::Prepared);
+    let records: Vec<Record> = journal.append_batch(txn, events)?;
 
     // Phase 3: apply, then finish (state file, Committed, cleanup).
     let applied = Applier::new(fs, layout, txn)

@@ -200,29 +200,33 @@ impl SyncState {
         }
         Ok(())
     }
-
-    /// Serialize as the state file's bytes (compact JSON with a final newline: it is
-    /// read on every command; `jq .` shows it pretty).
-    pub fn to_json(&self) -> Vec<u8> {
-        // Serializing plain maps of strings and integers cannot fail.
-        let mut v = serde_json::to_vec(self).unwrap_or_default();
-        v.push(b'\n');
-        v
-    }
 }
 
 /// Read `sync_state.json`. `Ok(None)` if it does not exist; `Err(State)` if it
 /// exists but is not a state this build understands (the caller rebuilds it).
 pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
     let path = layout.state_file();
-    let bytes = match fs.read(&path) {
-        Ok(b) => b,
+    let file = match fs.open_read(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).at("read", &path),
     };
-    let state: SyncState = serde_json::from_slice(&bytes).map_err(|e| Error::State {
-        path: path.clone(),
-        message: format!("unreadable state file: {e}"),
+    // Streamed: a large stack's state is not held twice (bytes and structs).
+    let reader = std::io::BufReader::with_capacity(256 * 1024, file);
+    let state: SyncState = serde_json::from_reader(reader).map_err(|e| {
+        if e.is_io() {
+            // A disk that fails a read is an I/O error, never an unreadable state.
+            Error::Io {
+                op: "read",
+                path: path.clone(),
+                source: e.into(),
+            }
+        } else {
+            Error::State {
+                path: path.clone(),
+                message: format!("unreadable state file: {e}"),
+            }
+        }
     })?;
     if state.version != STATE_VERSION {
         return Err(Error::State {
@@ -234,13 +238,23 @@ pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
 }
 
 /// Replace `sync_state.json` atomically: temp file in `.stack/tmp`, fsync, rename,
-/// fsync the local directory.
+/// fsync the local directory. Compact JSON with a final newline (it is read by
+/// every command; `jq .` shows it pretty).
 pub fn write_state(fs: &dyn Fs, layout: &Layout, state: &SyncState) -> Result<()> {
     let tmp_dir = layout.tmp();
     fs.create_dir_all(&tmp_dir).at("mkdir", &tmp_dir)?;
     let tmp = tmp_dir.join("sync_state.json.tmp");
-    let mut f = fs.create(&tmp).at("create", &tmp)?;
-    f.write_all(&state.to_json()).at("write", &tmp)?;
+    let f = fs.create(&tmp).at("create", &tmp)?;
+    // Streamed: a large stack's state is not held twice (structs and bytes).
+    let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
+    serde_json::to_writer(&mut w, state)
+        .map_err(std::io::Error::from)
+        .and_then(|()| w.write_all(b"\n"))
+        .at("write", &tmp)?;
+    let mut f = w
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .at("write", &tmp)?;
     f.sync().at("fsync", &tmp)?;
     drop(f);
     let dst = layout.state_file();
