@@ -219,10 +219,8 @@ impl Drop for RealLock {
     }
 }
 
-fn meta_of(m: &std::fs::Metadata) -> Meta {
-    use std::os::unix::fs::MetadataExt;
-    let ft = m.file_type();
-    let kind = if ft.is_symlink() {
+fn kind_of(ft: std::fs::FileType) -> Kind {
+    if ft.is_symlink() {
         Kind::Symlink
     } else if ft.is_dir() {
         Kind::Dir
@@ -230,9 +228,13 @@ fn meta_of(m: &std::fs::Metadata) -> Meta {
         Kind::File
     } else {
         Kind::Other
-    };
+    }
+}
+
+fn meta_of(m: &std::fs::Metadata) -> Meta {
+    use std::os::unix::fs::MetadataExt;
     Meta {
-        kind,
+        kind: kind_of(m.file_type()),
         len: m.len(),
         mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
         ino: m.ino(),
@@ -254,19 +256,9 @@ impl Fs for RealFs {
         let mut out = Vec::new();
         for e in std::fs::read_dir(path)? {
             let e = e?;
-            let ft = e.file_type()?;
-            let kind = if ft.is_symlink() {
-                Kind::Symlink
-            } else if ft.is_dir() {
-                Kind::Dir
-            } else if ft.is_file() {
-                Kind::File
-            } else {
-                Kind::Other
-            };
             out.push(DirEntry {
                 name: e.file_name().to_string_lossy().into_owned(),
-                kind,
+                kind: kind_of(e.file_type()?),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));

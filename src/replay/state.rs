@@ -262,8 +262,3 @@ pub fn write_state(fs: &dyn Fs, layout: &Layout, state: &SyncState) -> Result<()
     fs.sync_dir(&layout.root).at("fsync", &layout.root)?;
     Ok(())
 }
-
-/// Does `path` exist as a state file reference that is safe to follow?
-pub fn is_safe_rel(rel: &str) -> bool {
-    crate::layout::is_engine_path(rel) && !Path::new(rel).as_os_str().is_empty()
-}
