@@ -323,11 +323,18 @@ fn arb_step() -> impl Strategy<Value = StepSpec> {
         0u8..4,
         proptest::option::weighted(
             0.6,
-            (0u16..120, 0u8..5, any::<u64>()).prop_map(|(after, mode, mask)| CrashSpec {
-                after,
-                mode,
-                mask,
-            }),
+            (
+                0u16..120,
+                0u8..5,
+                any::<u64>(),
+                proptest::option::weighted(0.3, (0u16..40, 0u8..5)),
+            )
+                .prop_map(|(after, mode, mask, in_recovery)| CrashSpec {
+                    after,
+                    mode,
+                    mask,
+                    in_recovery,
+                }),
         ),
     )
         .prop_map(
@@ -396,6 +403,7 @@ fn crash_at_every_instant_of_an_update() {
                     after: after as u16,
                     mode,
                     mask: 0x5555_5555_5555_5555u64.rotate_left(after as u32),
+                    in_recovery: None,
                 });
                 let ran = run_scenario(&[first.clone(), second]);
                 assert_eq!(
@@ -403,6 +411,28 @@ fn crash_at_every_instant_of_an_update() {
                     usize::from(after < ops),
                     "crash {after} of {ops}"
                 );
+            }
+        }
+    }
+}
+
+/// A power loss during the recovery of a crashed update, at every instant of that
+/// recovery: the recovery after it still lands on the old or the new stack.
+#[test]
+fn crash_during_recovery() {
+    for link in 0..3u8 {
+        let first = demo_like_step([0; 6], None, link);
+        for after in (5..160u16).step_by(13) {
+            for again in (0..30u16).step_by(2) {
+                let mut second = demo_like_step([1, 0, 1, 0, 0, 0], None, link);
+                second.packages.pop();
+                second.crash = Some(CrashSpec {
+                    after,
+                    mode: 2 + (again % 3) as u8,
+                    mask: 0x9e37_79b9_7f4a_7c15u64.rotate_left(again as u32),
+                    in_recovery: Some((again, (after % 5) as u8)),
+                });
+                run_scenario(&[first.clone(), second]);
             }
         }
     }

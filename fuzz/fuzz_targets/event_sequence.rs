@@ -29,6 +29,8 @@ struct Crash {
     after: u8,
     mode: u8,
     mask: u64,
+    /// A second crash while recovery runs: (operations allowed, mode).
+    in_recovery: Option<(u8, u8)>,
 }
 
 #[derive(Debug, Arbitrary)]
@@ -84,6 +86,7 @@ fn step(s: &Step) -> StepSpec {
             after: c.after as u16,
             mode: c.mode % 5,
             mask: c.mask,
+            in_recovery: c.in_recovery.map(|(a, m)| (a as u16, m % 5)),
         }),
     }
 }

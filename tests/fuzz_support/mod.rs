@@ -328,17 +328,23 @@ pub struct CrashSpec {
     /// 0 process, 1 power loss optimistic, 2 pessimistic, 3 subset, 4 random.
     pub mode: u8,
     pub mask: u64,
+    /// A second crash during the recovery that follows: (operations allowed, mode).
+    pub in_recovery: Option<(u16, u8)>,
+}
+
+fn crash_mode(mode: u8, mask: u64) -> Crash {
+    match mode % 5 {
+        0 => Crash::Process,
+        1 => Crash::PowerLossOptimistic,
+        2 => Crash::PowerLossPessimistic,
+        3 => Crash::PowerLossSubset(mask),
+        _ => Crash::PowerLossRandom(mask),
+    }
 }
 
 impl CrashSpec {
     pub fn crash(&self) -> Crash {
-        match self.mode % 5 {
-            0 => Crash::Process,
-            1 => Crash::PowerLossOptimistic,
-            2 => Crash::PowerLossPessimistic,
-            3 => Crash::PowerLossSubset(self.mask),
-            _ => Crash::PowerLossRandom(self.mask),
-        }
+        crash_mode(self.mode, self.mask)
     }
 }
 
@@ -627,6 +633,20 @@ pub fn run_scenario(steps: &[StepSpec]) -> Ran {
             Some(c) => {
                 // Crash (or, if the pull finished first, lose power right after it).
                 sim = sim.reboot(c.crash());
+                if let Some((after, mode)) = c.in_recovery {
+                    // Power fails again while recovery runs.
+                    sim.crash_after(after as u64);
+                    let r = recover(Arc::new(sim.clone()), &Layout::new(ROOT));
+                    let crashed_again = sim.is_crashed();
+                    if !crashed_again {
+                        if let Err(e) = r {
+                            panic!("{when}: recovery failed: {e}");
+                        }
+                    }
+                    ran.crashes += usize::from(crashed_again);
+                    // Disarm (or lose power after a finished recovery).
+                    sim = sim.reboot(crash_mode(mode, c.mask.rotate_left(17)));
+                }
                 recover_now(&sim, &when);
                 let state = check_stack(&sim, &format!("{when}, recovered"));
                 let got = view_of_state(&state);
