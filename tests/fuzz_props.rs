@@ -320,7 +320,7 @@ fn arb_step() -> impl Strategy<Value = StepSpec> {
             0..=MAX_PACKAGES,
         ),
         proptest::collection::vec((0u8..3, 0u8..3), 0..=3),
-        0u8..4,
+        (0u8..5, any::<bool>()),
         proptest::option::weighted(
             0.6,
             (
@@ -338,12 +338,13 @@ fn arb_step() -> impl Strategy<Value = StepSpec> {
         ),
     )
         .prop_map(
-            |(versions, direct, packages, domains, link, crash)| StepSpec {
+            |(versions, direct, packages, domains, (link, reflink), crash)| StepSpec {
                 versions: versions.map(|v| v % 3),
                 direct,
                 packages,
                 domains,
                 link,
+                reflink,
                 crash,
             },
         )
@@ -379,6 +380,7 @@ fn demo_like_step(versions: [u8; 6], crash: Option<CrashSpec>, link: u8) -> Step
         ],
         domains: vec![(1, versions[0])],
         link,
+        reflink: link == 4,
         crash,
     }
 }
@@ -387,7 +389,7 @@ fn demo_like_step(versions: [u8; 6], crash: Option<CrashSpec>, link: u8) -> Step
 /// every crash mode, for each link strategy: the stack is old or new after recovery.
 #[test]
 fn crash_at_every_instant_of_an_update() {
-    for link in 0..3u8 {
+    for link in [0u8, 1, 2, 4] {
         let first = demo_like_step([0; 6], None, link);
         let ops = {
             let mut probe = demo_like_step([1, 0, 1, 0, 0, 0], None, link);

@@ -40,6 +40,7 @@ struct Step {
     packages: Vec<Package>,
     domains: Vec<(u8, u8)>,
     link: u8,
+    reflink: bool,
     crash: Option<Crash>,
 }
 
@@ -81,7 +82,8 @@ fn step(s: &Step) -> StepSpec {
             .take(3)
             .map(|&(d, v)| (d % 3, v % 3))
             .collect(),
-        link: s.link % 4,
+        link: s.link % 5,
+        reflink: s.reflink,
         crash: s.crash.as_ref().map(|c| CrashSpec {
             after: c.after as u16,
             mode: c.mode % 5,

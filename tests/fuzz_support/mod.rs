@@ -357,8 +357,10 @@ pub struct StepSpec {
     pub packages: Vec<PackageSpec>,
     /// (index into [`DOMAINS`], content version).
     pub domains: Vec<(u8, u8)>,
-    /// 0 symlink, 1 hardlink, 2 copy, 3 auto.
+    /// 0 symlink, 1 hardlink, 2 copy, 3 auto, 4 reflink.
     pub link: u8,
+    /// Can the filesystem clone (reflink) during this pull and its recovery?
+    pub reflink: bool,
     pub crash: Option<CrashSpec>,
 }
 
@@ -499,11 +501,12 @@ pub fn view_of_desired(d: &Desired) -> View {
 }
 
 fn link_of(b: u8) -> LinkMode {
-    match b % 4 {
+    match b % 5 {
         0 => LinkMode::Symlink,
         1 => LinkMode::Hardlink,
         2 => LinkMode::Copy,
-        _ => LinkMode::Auto,
+        3 => LinkMode::Auto,
+        _ => LinkMode::Reflink,
     }
 }
 
@@ -600,6 +603,7 @@ pub fn run_scenario(steps: &[StepSpec]) -> Ran {
         let new = validate(&manifest, &PoolOrigin)
             .ok()
             .map(|d| view_of_desired(&d));
+        sim.set_reflink(step.reflink);
         if let Some(c) = step.crash {
             sim.crash_after(c.after as u64);
         }
