@@ -633,6 +633,27 @@ pub fn run_scenario(steps: &[StepSpec]) -> Ran {
                 let want = new.clone().unwrap_or(old.clone());
                 assert_eq!(view_of_state(&state), want, "{when}: not the pulled stack");
                 old = want;
+                if new.is_some() {
+                    // Pulling the same manifest again changes nothing, not even the journal.
+                    let journal = Layout::new(ROOT).journal();
+                    let before = sim.read(&journal).expect("journal");
+                    do_pull(&sim, &manifest, link).expect("repull");
+                    let after = sim.read(&journal).expect("journal");
+                    if after != before {
+                        let added: Vec<Record> = frame::scan(&after)
+                            .records
+                            .into_iter()
+                            .map(|(_, r)| r)
+                            .skip(frame::scan(&before).records.len())
+                            .collect();
+                        panic!("{when}: pulling the same manifest again wrote {added:#?}");
+                    }
+                    assert_eq!(
+                        check_stack(&sim, &when),
+                        state,
+                        "{when}: repull changed the state"
+                    );
+                }
             }
             Some(c) => {
                 // Crash (or, if the pull finished first, lose power right after it).
