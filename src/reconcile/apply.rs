@@ -237,17 +237,29 @@ pub fn fingerprint(fs: &dyn Fs, layout: &Layout, rel: &str) -> Result<Option<Sta
     }
 }
 
-/// The relative paths a transaction wrote, whose fingerprints `Committed` records.
+/// The relative paths whose fingerprints `Committed` records: those a transaction
+/// wrote, and the shared file of every reference it made (a `MakeRef` starts a new
+/// state entry without fingerprints, even when its shared file is unchanged).
 pub fn written_paths(records: &[Record]) -> Vec<String> {
     let mut out = Vec::new();
     for r in records {
         match &r.event {
             Event::PutShared { table_id, .. } => out.push(layout::shared_rel(table_id)),
-            Event::MakeRef { slot, name, .. } => out.push(layout::ref_rel(slot, name)),
+            Event::MakeRef {
+                slot,
+                name,
+                table_id,
+                ..
+            } => {
+                out.push(layout::ref_rel(slot, name));
+                out.push(layout::shared_rel(table_id));
+            }
             Event::PutBundle { slug, .. } => out.push(layout::bundle_rel(slug)),
             _ => {}
         }
     }
+    out.sort();
+    out.dedup();
     out
 }
 
