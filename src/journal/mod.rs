@@ -158,7 +158,12 @@ impl Journal {
         let records: Vec<Record> = scan.records.into_iter().map(|(_, r)| r).collect();
         let next_seq = records.last().map_or(1, |r| r.seq + 1);
         let last_txn = records.iter().map(|r| r.txn).max().unwrap_or(0);
-        let file = fs.open_append(&path).at("open", &path)?;
+        let mut file = fs.open_append(&path).at("open", &path)?;
+        // What we just read may be only in the page cache (a writer killed inside
+        // its fdatasync): make it durable before anyone acts on it, or a power loss
+        // could keep what recovery does (deleting staged files) but lose the
+        // records it relied on.
+        file.sync().at("fsync", &path)?;
         Ok(Opened {
             journal: Journal {
                 fs,
