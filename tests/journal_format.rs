@@ -189,8 +189,7 @@ fn sample_state() -> SyncState {
         journal: JournalPos {
             txn: 3,
             seq: 9,
-            end: 0,
-            base: 0,
+            at: None,
         },
         ..SyncState::default()
     };
@@ -406,12 +405,7 @@ fn arb_state() -> impl Strategy<Value = SyncState> {
         .prop_map(
             |((version, txn, seq), direct_tables, data_packages, memory_domains)| SyncState {
                 version,
-                journal: JournalPos {
-                    txn,
-                    seq,
-                    end: 0,
-                    base: 0,
-                },
+                journal: JournalPos { txn, seq, at: None },
                 direct_tables,
                 data_packages,
                 memory_domains,

@@ -297,8 +297,7 @@ pub mod checkpoint_state {
             journal: JournalPos {
                 txn: w.journal.txn,
                 seq: w.journal.seq,
-                end: 0,
-                base: 0,
+                at: None,
             },
             direct_tables: tables_from_wire(w.direct_tables),
             data_packages: w

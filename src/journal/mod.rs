@@ -203,7 +203,12 @@ impl Journal {
         let records: Vec<Record> = scan.records.into_iter().map(|(_, r)| r).collect();
         let next_seq = records.last().map_or(1, |r| r.seq + 1);
         let last_txn = records.iter().map(|r| r.txn).max().unwrap_or(0);
-        let file = fs.open_append(&path).at("open", &path)?;
+        let mut file = fs.open_append(&path).at("open", &path)?;
+        // What we just read may be only in the page cache (a writer killed inside
+        // its fdatasync): make it durable before anyone acts on it, or a power loss
+        // could keep what recovery does (deleting staged files) but lose the
+        // records it relied on.
+        file.sync().at("fsync", &path)?;
         Ok(Opened {
             journal: Journal {
                 fs,
@@ -332,12 +337,22 @@ impl Journal {
         self.len_after_compaction
     }
 
+    /// Where this journal ends now, for a state file to record.
+    pub fn end(&self) -> crate::replay::state::JournalEnd {
+        crate::replay::state::JournalEnd {
+            len: self.len,
+            base: self.len_after_compaction,
+            seq: self.last_seq(),
+            txn: self.last_txn,
+        }
+    }
+
     /// Open the journal for appending without reading it, trusting a state file
-    /// that names its exact length (`end`) and last record (`seq`, `txn`).
+    /// that names its exact end.
     pub fn open_trusted(
         fs: Arc<dyn Fs>,
         layout: &Layout,
-        pos: crate::replay::state::JournalPos,
+        end: crate::replay::state::JournalEnd,
     ) -> Result<Journal> {
         let path = layout.journal();
         let file = fs.open_append(&path).at("open", &path)?;
@@ -345,10 +360,10 @@ impl Journal {
             fs,
             layout: layout.clone(),
             file,
-            len: pos.end,
-            len_after_compaction: pos.base.max(frame::HEADER_LEN as u64),
-            next_seq: pos.seq + 1,
-            last_txn: pos.txn,
+            len: end.len,
+            len_after_compaction: end.base.max(frame::HEADER_LEN as u64),
+            next_seq: end.seq + 1,
+            last_txn: end.txn,
             pending: Vec::new(),
             sealed: None,
             broken: None,

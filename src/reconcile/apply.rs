@@ -391,6 +391,7 @@ pub fn written_paths(records: &[Record]) -> Vec<String> {
             _ => {}
         }
     }
+    out.sort();
     out
 }
 
@@ -424,14 +425,18 @@ pub fn finish(
     }
     apply_fingerprints(&mut state, &fps);
     // 3. The state file (atomic replace), then `Committed`, durable. The record is
-    // encoded first so the state can name the journal's length after it (`end`).
+    // encoded first so the state can name the journal's end after it.
     let seq = journal.append(txn, Event::Committed { fingerprints: fps });
-    let end = journal.seal()?;
+    let len = journal.seal()?;
     state.journal = crate::replay::state::JournalPos {
         txn,
         seq,
-        end,
-        base: journal.baseline(),
+        at: Some(crate::replay::state::JournalEnd {
+            len,
+            base: journal.baseline(),
+            seq,
+            txn: journal.last_txn(),
+        }),
     };
     write_state(fs, layout, &state)?;
     journal.sync()?;
@@ -445,6 +450,24 @@ pub fn finish(
         eprintln!("stack: warning: could not clean .stack leftovers: {e}");
     }
     Ok(state)
+}
+
+/// Are there leftovers of a transaction (trash, scratch files, complete staged
+/// files)? Reads only.
+pub fn has_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
+    for dir in [layout.trash(), layout.tmp()] {
+        if fs.exists(&dir).at("stat", &dir)? {
+            return Ok(true);
+        }
+    }
+    let staging = layout.staging();
+    match fs.read_dir(&staging) {
+        Ok(entries) => Ok(entries
+            .iter()
+            .any(|e| e.kind == Kind::File && !e.name.ends_with(".part"))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).at("list", &staging),
+    }
 }
 
 /// Remove the trash, the scratch folder and every complete staged file, keeping

@@ -41,8 +41,7 @@ pub fn project(records: &[Record]) -> Projection {
                 state.journal = JournalPos {
                     txn: r.txn,
                     seq: r.seq,
-                    end: 0,
-                    base: 0,
+                    at: None,
                 };
                 open.clear();
             }
@@ -55,8 +54,7 @@ pub fn project(records: &[Record]) -> Projection {
                 state.journal = JournalPos {
                     txn: r.txn,
                     seq: r.seq,
-                    end: 0,
-                    base: 0,
+                    at: None,
                 };
             }
             Event::Aborted { .. } => {

@@ -14,7 +14,7 @@ use crate::fs::Fs;
 use crate::journal::event::Event;
 use crate::journal::Journal;
 use crate::layout::Layout;
-use crate::reconcile::apply::{clean_leftovers, finish, Applier};
+use crate::reconcile::apply::{clean_leftovers, finish, has_leftovers, Applier};
 use crate::replay::project::project;
 use crate::replay::state::{read_state, write_state, SyncState};
 
@@ -48,8 +48,16 @@ fn recover_trusted(fs: &Arc<dyn Fs>, layout: &Layout) -> Result<Option<Recovered
     let Some(state) = trusted_state(fs.as_ref(), layout)? else {
         return Ok(None);
     };
-    let journal = Journal::open_trusted(fs.clone(), layout, state.journal)?;
-    clean_leftovers(fs.as_ref(), layout)?;
+    // Leftovers mean the last command died after writing `Committed`, maybe before
+    // it was durable: the slow path makes the journal durable before anything acts
+    // on what it read (removing staged files a roll-forward could still need).
+    if has_leftovers(fs.as_ref(), layout)? {
+        return Ok(None);
+    }
+    let Some(end) = state.journal.at else {
+        return Ok(None);
+    };
+    let journal = Journal::open_trusted(fs.clone(), layout, end)?;
     Ok(Some(Recovered {
         journal,
         state,
@@ -68,7 +76,9 @@ pub fn trusted_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> 
         Err(e) => return Err(e).at("stat", &path),
     };
     Ok(match read_state(fs, layout) {
-        Ok(Some(s)) if s.journal.end == len && len > 0 && s.check_paths().is_ok() => Some(s),
+        Ok(Some(s)) if s.journal.at.is_some_and(|at| at.len == len) && s.check_paths().is_ok() => {
+            Some(s)
+        }
         _ => None,
     })
 }
@@ -86,8 +96,7 @@ pub fn compact(
     // The checkpoint is now the journal's last (and only) record: the state is at it.
     state.journal.txn = journal.last_txn();
     state.journal.seq = journal.last_seq();
-    state.journal.end = journal.len();
-    state.journal.base = journal.baseline();
+    state.journal.at = Some(journal.end());
     write_state(fs, layout, &state)?;
     Ok(state)
 }
@@ -169,8 +178,7 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
     // The state file must equal the projection (plus where the journal ends now,
     // so that the next command can take the fast path).
     if state != SyncState::default() || state.journal.seq > 0 {
-        state.journal.end = journal.len();
-        state.journal.base = journal.baseline();
+        state.journal.at = Some(journal.end());
     }
     let on_disk = match read_state(fs.as_ref(), layout) {
         Ok(s) => s,

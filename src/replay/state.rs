@@ -52,19 +52,26 @@ pub struct StatFp {
 pub struct JournalPos {
     pub txn: u64,
     pub seq: u64,
-    /// The journal's length in bytes once this state's `Committed` record is in it.
-    /// If the journal still has exactly this length, nothing was appended since, and
-    /// recovery may trust this file without replaying the journal (0: unknown).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub end: u64,
-    /// The journal's length right after its last compaction (for the automatic
-    /// compaction bound on that fast path; 0: unknown).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub base: u64,
+    /// Where the journal ended when this file was written (the fast path's
+    /// bookkeeping; absent: unknown). Not part of the projection: the journal's
+    /// records alone cannot know their own file's length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<JournalEnd>,
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
+/// The journal's end as a state file saw it. If the journal still has exactly
+/// `len` bytes, nothing was appended since: recovery may trust the state file
+/// without replaying the journal, and a writer continues after `seq` / `txn`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEnd {
+    /// The journal's length in bytes.
+    pub len: u64,
+    /// Its length right after its last compaction (the automatic bound's baseline).
+    pub base: u64,
+    /// The seq of its last record (which may be an `Aborted`, after `journal.seq`).
+    pub seq: u64,
+    /// The highest transaction id in it.
+    pub txn: u64,
 }
 
 /// One table reference (direct or in a package).
@@ -138,8 +145,8 @@ impl SyncState {
         direct.chain(pkgs)
     }
 
-    /// The same state with every fingerprint and the journal's byte bookkeeping
-    /// (`end`, `base`) dropped: what the journal's records alone determine.
+    /// The same state with every fingerprint and the journal's end bookkeeping
+    /// (`journal.at`) dropped: what the journal's records alone determine.
     pub fn without_fingerprints(&self) -> SyncState {
         let mut s = self.clone();
         for e in s.direct_tables.values_mut() {
@@ -155,8 +162,7 @@ impl SyncState {
         for d in s.memory_domains.values_mut() {
             d.fp = None;
         }
-        s.journal.end = 0;
-        s.journal.base = 0;
+        s.journal.at = None;
         s
     }
 
