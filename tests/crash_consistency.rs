@@ -40,6 +40,7 @@ use stack::replay::state::{read_state, JournalPos};
 use stack::verify::{audit, Contents};
 use stack::{BundleCheck, LinkMode, Manifest, SyncState};
 use support::pyrandom::PyRandom;
+use support::reference_gen::build_random_manifest;
 
 const ROOT: &str = "/stack";
 
@@ -114,63 +115,6 @@ fn manifest(direct: Vec<Value>, packages: Vec<Value>, domains: Vec<Value>) -> Va
 
 fn empty() -> Value {
     manifest(vec![], vec![], vec![])
-}
-
-/// The reference suite's random manifest generator (same draws, same seeds).
-fn build_random_manifest(
-    rng: &mut PyRandom,
-    table_pool: &[String],
-    version_clock: &mut BTreeMap<String, u64>,
-) -> Value {
-    let k = rng.randint(0, 3.min(table_pool.len() as u32)) as usize;
-    let direct_tids = rng.sample(table_pool, k);
-    let n_pkgs = rng.randint(0, 3);
-    let mut pkg_specs: Vec<(String, Vec<String>)> = Vec::new();
-    for i in 0..n_pkgs {
-        let slug = format!("pkg{i}");
-        let k = rng.randint(1, 3.min(table_pool.len() as u32)) as usize;
-        pkg_specs.push((slug, rng.sample(table_pool, k)));
-    }
-    let mut referenced: BTreeSet<String> = direct_tids.iter().cloned().collect();
-    for (_, ptables) in &pkg_specs {
-        referenced.extend(ptables.iter().cloned());
-    }
-    let mut final_md5: BTreeMap<String, String> = BTreeMap::new();
-    for tid in &referenced {
-        let mut ver = version_clock.get(tid).copied().unwrap_or(1);
-        if rng.random() < 0.3 {
-            ver += 1;
-        }
-        version_clock.insert(tid.clone(), ver);
-        final_md5.insert(tid.clone(), gen_md5(tid, ver));
-    }
-    let direct = direct_tids
-        .iter()
-        .map(|tid| table_md5(tid, &tid.replace("tbl_", ""), &final_md5[tid]))
-        .collect();
-    let packages = pkg_specs
-        .iter()
-        .map(|(slug, ptables)| {
-            let tables = ptables
-                .iter()
-                .map(|tid| table_md5(tid, &tid.replace("tbl_", ""), &final_md5[tid]))
-                .collect();
-            package(slug, tables)
-        })
-        .collect();
-    let mut domains = Vec::new();
-    for slug in ["ops", "finance", "ml"] {
-        if rng.random() < 0.5 {
-            let key = format!("dom_{slug}");
-            let mut ver = version_clock.get(&key).copied().unwrap_or(1);
-            if rng.random() < 0.3 {
-                ver += 1;
-            }
-            version_clock.insert(key.clone(), ver);
-            domains.push(json!({"slug": slug, "md5": gen_md5(&key, ver)}));
-        }
-    }
-    manifest(direct, packages, domains)
 }
 
 // ---------------------------------------------------------------------------
@@ -667,7 +611,7 @@ fn run_random(seeds: &[u64], steps: usize) -> u64 {
         let mut clock = BTreeMap::new();
         let mut history: Vec<Value> = Vec::new();
         for step in 0..steps {
-            let new = build_random_manifest(&mut rng, &pool, &mut clock);
+            let new = build_random_manifest(&mut rng, &pool, &mut clock, &gen_md5);
             let t = Transition {
                 name: format!("random seed {seed} step {step} ({link:?})"),
                 history: history.clone(),

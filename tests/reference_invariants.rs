@@ -27,6 +27,7 @@ use stack::{
     audit_invariants, run_stack_sync, BundleCheck, LinkMode, Manifest, PullStackOptions, SyncState,
 };
 use support::pyrandom::PyRandom;
+use support::reference_gen::build_random_manifest;
 
 const STRATEGIES: [LinkMode; 5] = [
     LinkMode::Auto,
@@ -277,65 +278,6 @@ fn gen_md5(tid: &str, ver: u64) -> String {
     hexmd5(format!("{tid}:v{ver}").as_bytes())
 }
 
-fn build_random_manifest(
-    rng: &mut PyRandom,
-    table_pool: &[String],
-    version_clock: &mut BTreeMap<String, u64>,
-) -> Value {
-    // ---- pass 1 — pick membership + finalize per-tid version ----
-    let k = rng.randint(0, 3.min(table_pool.len() as u32)) as usize;
-    let direct_tids = rng.sample(table_pool, k);
-    let n_pkgs = rng.randint(0, 3);
-    let mut pkg_specs: Vec<(String, Vec<String>)> = Vec::new();
-    for i in 0..n_pkgs {
-        let slug = format!("pkg{i}");
-        let k = rng.randint(1, 3.min(table_pool.len() as u32)) as usize;
-        pkg_specs.push((slug, rng.sample(table_pool, k)));
-    }
-    let mut referenced: BTreeSet<String> = direct_tids.iter().cloned().collect();
-    for (_, ptables) in &pkg_specs {
-        referenced.extend(ptables.iter().cloned());
-    }
-    let mut final_md5: BTreeMap<String, String> = BTreeMap::new();
-    for tid in &referenced {
-        let mut ver = version_clock.get(tid).copied().unwrap_or(1);
-        if rng.random() < 0.3 {
-            ver += 1;
-        }
-        version_clock.insert(tid.clone(), ver);
-        final_md5.insert(tid.clone(), gen_md5(tid, ver));
-    }
-
-    // ---- pass 2 — emit manifest entries with shared md5 ----
-    let direct = direct_tids
-        .iter()
-        .map(|tid| make_table_entry(tid, &tid.replace("tbl_", ""), &final_md5[tid]))
-        .collect();
-    let packages = pkg_specs
-        .iter()
-        .map(|(slug, ptables)| {
-            let tables: Vec<Value> = ptables
-                .iter()
-                .map(|tid| make_table_entry(tid, &tid.replace("tbl_", ""), &final_md5[tid]))
-                .collect();
-            json!({"id": format!("id_{slug}"), "slug": slug, "name": slug, "tables": tables})
-        })
-        .collect();
-    let mut domains = Vec::new();
-    for slug in ["ops", "finance", "ml"] {
-        if rng.random() < 0.5 {
-            let key = format!("dom_{slug}");
-            let mut ver = version_clock.get(&key).copied().unwrap_or(1);
-            if rng.random() < 0.3 {
-                ver += 1;
-            }
-            version_clock.insert(key.clone(), ver);
-            domains.push(json!({"slug": slug, "md5": gen_md5(&key, ver)}));
-        }
-    }
-    make_manifest(direct, packages, domains)
-}
-
 fn options(
     manifest: &Value,
     local_dir: &Path,
@@ -385,6 +327,7 @@ fn test_pull_invariants_property() {
                     &mut rng,
                     &table_pool,
                     &mut version_clock.lock().unwrap(),
+                    &gen_md5,
                 );
                 // Rebuild md5 index from the manifest so the fetcher knows what bytes
                 // to emit for each (id, version).

@@ -1,7 +1,9 @@
-//! Shared test support: a CPython RNG port and a small HTTP server.
+//! Shared test support: a CPython RNG port, the reference suite's manifest generator
+//! and a small HTTP server.
 #![allow(dead_code, unused_imports)]
 
 pub mod http_server;
 pub mod pyrandom;
+pub mod reference_gen;
 
 pub use http_server::*;
