@@ -241,19 +241,9 @@ impl Partial {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Partial::empty()),
             Err(e) => return Err(e).at("stat", part),
         }
-        let mut r = fs.open_read(part).at("open", part)?;
+        let r = fs.open_read(part).at("open", part)?;
         let mut p = Partial::empty();
-        let mut buf = vec![0u8; BUF_SIZE];
-        loop {
-            let n = match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e).at("read", part),
-            };
-            p.hasher.update(&buf[..n]);
-            p.written += n as u64;
-        }
+        p.written = crate::reconcile::origin::hash_reader(r, &mut p.hasher).at("read", part)?;
         p.inherited = p.written > 0;
         Ok(p)
     }

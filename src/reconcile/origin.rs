@@ -103,19 +103,25 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// md5 of a file read through the seam.
 pub fn md5_file(fs: &dyn Fs, path: &Path) -> std::io::Result<String> {
-    let mut r = fs.open_read(path)?;
     let mut hasher = Md5::new();
+    hash_reader(fs.open_read(path)?, &mut hasher)?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Feed everything `r` yields into `hasher`; returns the byte count.
+pub fn hash_reader(mut r: impl Read, hasher: &mut Md5) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
     loop {
         let n = match r.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         hasher.update(&buf[..n]);
+        total += n as u64;
     }
-    Ok(hex(&hasher.finalize()))
 }
 
 /// Check that an absolute-path URL (`/api/...`) has only normal components and
