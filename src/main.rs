@@ -185,7 +185,8 @@ struct PullArgs<'a> {
     level: Level,
 }
 
-/// Progress of downloads: a bar on a TTY, a line at most every two seconds otherwise.
+/// Progress of downloads: a bar on a TTY (bytes, files, rate, ETA when the manifest
+/// gives sizes), a line at most every two seconds otherwise.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     plain: bool,
@@ -211,6 +212,34 @@ impl Progress {
             bar,
             plain: show && !tty,
             state: std::sync::Mutex::new((0, 0, std::time::Instant::now())),
+        }
+    }
+
+    fn event(&self, e: reconcile::pull::Progress) {
+        match e {
+            reconcile::pull::Progress::Staging { files, bytes } => self.staging(files, bytes),
+            reconcile::pull::Progress::Fetched { bytes } => self.file_done(bytes),
+        }
+    }
+
+    fn staging(&self, files: u64, bytes: Option<u64>) {
+        match (&self.bar, bytes) {
+            (Some(bar), Some(total)) => {
+                bar.set_length(total);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{elapsed}] {wide_bar} {bytes}/{total_bytes} at {bytes_per_sec}, ETA {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar.set_message(format!("fetching {files} files"));
+            }
+            (Some(bar), None) => bar.set_message(format!("fetching {files} files")),
+            (None, _) if self.plain && files > 0 => {
+                let size = bytes.map(|b| format!(", {b} bytes")).unwrap_or_default();
+                eprintln!("stack: fetching {files} files{size}");
+            }
+            (None, _) => {}
         }
     }
 
@@ -249,7 +278,7 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
     let hash = reconcile::pull::default_hash(fs.as_ref());
     let bar = Progress::new(&a);
-    let progress = |bytes: u64| bar.file_done(bytes);
+    let progress = |e: reconcile::pull::Progress| bar.event(e);
     let cfg = PullConfig {
         fs: fs.clone(),
         layout: Layout::new(dir),

@@ -44,6 +44,16 @@ pub struct SyncReport {
     pub recovered: Vec<String>,
 }
 
+/// What a pull tells its progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Staging starts: this many files, and their total size if the manifest gave
+    /// every size.
+    Staging { files: u64, bytes: Option<u64> },
+    /// One download finished, with the bytes it transferred.
+    Fetched { bytes: u64 },
+}
+
 /// Everything a pull needs besides the manifest.
 pub struct PullConfig<'a> {
     pub fs: Arc<dyn Fs>,
@@ -57,8 +67,8 @@ pub struct PullConfig<'a> {
     pub command: String,
     pub hash: HashFn<'a>,
     pub bundles: BundleCheck,
-    /// Called with the bytes of each finished download.
-    pub progress: &'a (dyn Fn(u64) + Sync),
+    /// Told what will be downloaded, then the bytes of each finished download.
+    pub progress: &'a (dyn Fn(Progress) + Sync),
 }
 
 /// What the filesystem of `layout` can do: read from `.stack/caps` when it was
@@ -302,6 +312,11 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         );
     }
     journal.sync()?;
+    (cfg.progress)(Progress::Staging {
+        files: p.stage.len() as u64,
+        bytes: p.stage.iter().map(|s| s.size).sum(),
+    });
+    let fetched = |bytes: u64| (cfg.progress)(Progress::Fetched { bytes });
     let bytes = match stage_all(
         fs,
         layout,
@@ -309,7 +324,7 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         &p.stage,
         cfg.jobs,
         cfg.bundles,
-        cfg.progress,
+        &fetched,
     ) {
         Ok(b) => b,
         Err(e) if e.is_crash() => return Err(e),
