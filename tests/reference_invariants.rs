@@ -27,7 +27,7 @@ use stack::{
     audit_invariants, run_stack_sync, BundleCheck, LinkMode, Manifest, PullStackOptions, SyncState,
 };
 use support::pyrandom::PyRandom;
-use support::reference_gen::build_random_manifest;
+use support::reference_gen::{build_random_manifest, make_table_entry};
 
 const STRATEGIES: [LinkMode; 5] = [
     LinkMode::Auto,
@@ -88,15 +88,7 @@ fn make_md5(index: Md5Index) -> stack::Md5Fn {
 // Manifest builders
 // ---------------------------------------------------------------------------
 
-fn make_table_entry(tid: &str, name: &str, md5: &str) -> Value {
-    json!({
-        "id": tid,
-        "name": name,
-        "md5": md5,
-        "query_mode": "local",
-        "parquet_url": format!("/api/data/{tid}/download"),
-    })
-}
+// `_make_table_entry` lives beside the generator, in `support::reference_gen`.
 
 fn make_manifest(direct: Vec<Value>, packages: Vec<Value>, domains: Vec<Value>) -> Value {
     json!({"direct_tables": direct, "data_packages": packages, "memory_domains": domains})

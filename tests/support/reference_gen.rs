@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 
 use super::pyrandom::PyRandom;
 
-fn table_entry(tid: &str, name: &str, md5: &str) -> Value {
+/// `_make_table_entry` of the reference suite.
+pub fn make_table_entry(tid: &str, name: &str, md5: &str) -> Value {
     json!({
         "id": tid,
         "name": name,
@@ -53,7 +54,7 @@ pub fn build_random_manifest(
     }
 
     // ---- pass 2 — emit manifest entries with shared md5 ----
-    let entry = |tid: &String| table_entry(tid, &tid.replace("tbl_", ""), &final_md5[tid]);
+    let entry = |tid: &String| make_table_entry(tid, &tid.replace("tbl_", ""), &final_md5[tid]);
     let direct: Vec<Value> = direct_tids.iter().map(entry).collect();
     let packages: Vec<Value> = pkg_specs
         .iter()
