@@ -514,12 +514,29 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// Ctrl-C: every instant is crash-safe, so stopping at once is safe; say what happens
+/// next and exit 130 as shells expect. Only async-signal-safe calls (write, _exit).
+extern "C" fn on_interrupt(_: libc::c_int) {
+    const MSG: &[u8] = b"\nstack: interrupted; the next stack command recovers the directory \
+(to the previous stack, or to the new one if it was already committed)\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+    unsafe {
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(130);
+    }
+}
+
 fn main() -> ExitCode {
     // Die quietly on a closed pipe (`stack journal show | head`), as Unix tools do,
     // instead of panicking in `println!`.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    // SAFETY: setting signal dispositions before any thread starts; the handler
+    // only makes async-signal-safe calls.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
     }
     // An empty STACK_DIR means unset (contract §5: then the current directory).
     if std::env::var_os("STACK_DIR").is_some_and(|v| v.is_empty()) {

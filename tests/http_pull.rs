@@ -321,3 +321,71 @@ fn next_pull_resumes_a_partial_download_with_range() {
     assert_eq!(rep["bytes_fetched"], 25_000 + 40_000 + 16);
     verify_clean(&dir);
 }
+
+/// Ctrl-C in the middle of a download stops at once with exit 130 and says what
+/// happens next; the previous stack is intact, and the next pull resumes the partial
+/// download with a Range request and finishes.
+#[test]
+fn ctrl_c_stops_cleanly_and_the_next_pull_resumes() {
+    let s = Server::start();
+    let url = serve_stack(
+        &s,
+        1,
+        64 * 1024,
+        Mode::Slow {
+            chunk: 4096,
+            delay: Duration::from_millis(40),
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let d = dir.to_str().unwrap().to_string();
+    let child = Command::new(BIN)
+        .args(["pull", "--manifest", &url, "--dir", &d, "--jobs", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until part of the table has arrived, then interrupt.
+    let staging = dir.join(".stack").join("staging");
+    let part_len = || -> u64 {
+        std::fs::read_dir(&staging)
+            .map(|es| {
+                es.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    for _ in 0..500 {
+        if part_len() >= 8192 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    assert!(
+        !dir.join("sync_state.json").exists(),
+        "nothing was committed"
+    );
+    let had = part_len();
+    assert!(had > 0, "the partial download is kept");
+    s.route(
+        "/api/data/tbl_0/download",
+        &body(0, 64 * 1024),
+        Mode::Normal,
+    );
+    let r = stack(&["pull", "--manifest", &url, "--dir", &d, "--json"], &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let last = s.requests_to("/api/data/tbl_0/download").pop().unwrap();
+    assert_eq!(last.header("range"), Some(&*format!("bytes={had}-")));
+    verify_clean(&dir);
+}
