@@ -59,12 +59,6 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// `verify` found invariant violations.
-    #[error("{0} invariant violation(s)")]
-    Violations(usize),
-    /// The run was interrupted (Ctrl-C); the previous stack is intact.
-    #[error("interrupted")]
-    Interrupted,
 }
 
 /// Result alias used across the crate.
@@ -76,12 +70,11 @@ impl Error {
         match self {
             Error::BadManifest(_) | Error::Usage(_) => 2,
             Error::Locked { .. } => 3,
-            Error::JournalCorrupt { .. } | Error::JournalVersion { .. } | Error::Violations(_) => 4,
+            Error::JournalCorrupt { .. } | Error::JournalVersion { .. } => 4,
             Error::Fetch { .. }
             | Error::Checksum { .. }
             | Error::State { .. }
-            | Error::Io { .. }
-            | Error::Interrupted => 1,
+            | Error::Io { .. } => 1,
         }
     }
 
@@ -97,8 +90,6 @@ impl Error {
             Error::JournalVersion { .. } => "journal_version",
             Error::State { .. } => "state",
             Error::Io { .. } => "io",
-            Error::Violations(_) => "violations",
-            Error::Interrupted => "interrupted",
         }
     }
 

@@ -1,7 +1,7 @@
 //! A small parallel map over a slice, for the engine's read-only fan-outs (stat and
 //! hash checks). Owns no state; keeps the order of results.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// How many threads to use for CPU- or syscall-bound fan-outs.
 pub fn threads() -> usize {
@@ -39,19 +39,19 @@ where
             })
             .collect()
     });
-    if let Some(crash) = results
-        .iter()
-        .position(|r| matches!(r, Err(e) if e.is_crash()))
-    {
-        return results
-            .into_iter()
-            .nth(crash)
-            .unwrap_or(Err(Error::Interrupted))
-            .map(|_| Vec::new());
-    }
     let mut out = Vec::with_capacity(items.len());
+    let mut first_error = None;
     for r in results {
-        out.extend(r?);
+        match r {
+            Ok(part) => out.extend(part),
+            Err(e) if e.is_crash() => return Err(e),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(out)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }

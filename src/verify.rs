@@ -7,7 +7,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::path::Path;
-use std::sync::Mutex;
 
 use serde::Serialize;
 
@@ -226,14 +225,15 @@ pub fn audit(
     }
     // References are often one file (symlinks and hard links to the shared copy):
     // hash each file once, then check every reference that resolves to it. A file
-    // is known by what `stat` (following symlinks) says of it: inode, size, mtime.
+    // is known by what `stat` (following symlinks) says of it: device, inode, size,
+    // mtime.
     let mut groups: Vec<(String, Vec<(String, String)>)> = Vec::new(); // (rel to hash, [(rel, md5)])
-    let mut by_file: HashMap<(u64, u64, i128), usize> = HashMap::new();
+    let mut by_file: HashMap<(u64, u64, u64, i128), usize> = HashMap::new();
     for (rel, md5) in work {
         let key = fs
             .metadata(&layout.join(&rel))
             .ok()
-            .map(|m| (m.ino, m.len, m.mtime_ns));
+            .map(|m| (m.dev, m.ino, m.len, m.mtime_ns));
         match key.and_then(|k| by_file.get(&k).copied()) {
             Some(i) => groups[i].1.push((rel, md5)),
             None => {
@@ -244,39 +244,22 @@ pub fn audit(
             }
         }
     }
-    let found = Mutex::new(Vec::new());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let worker = || loop {
-        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some((first, refs)) = groups.get(i) else {
-            break;
-        };
+    let checked = crate::par::map(&groups, threads, |(first, refs)| {
         let got = hash(&layout.join(first));
-        let mut bad = Vec::new();
-        for (rel, md5) in refs {
-            match &got {
-                Ok(h) if h == md5 => {}
-                Ok(h) => bad.push(v(
-                    5,
-                    "content",
-                    rel,
-                    format!("md5 is {h}, state says {md5}"),
-                )),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {} // reported as invariant 2
-                Err(e) => bad.push(v(5, "unreadable", rel, e.to_string())),
-            }
-        }
-        if !bad.is_empty() {
-            found.lock().unwrap_or_else(|p| p.into_inner()).extend(bad);
-        }
-    };
-    std::thread::scope(|s| {
-        for _ in 1..threads.min(groups.len().max(1)) {
-            s.spawn(worker);
-        }
-        worker();
-    });
-    let mut found = found.into_inner().unwrap_or_else(|p| p.into_inner());
+        let bad = refs.iter().filter_map(|(rel, md5)| match &got {
+            Ok(h) if h == md5 => None,
+            Ok(h) => Some(v(
+                5,
+                "content",
+                rel,
+                format!("md5 is {h}, state says {md5}"),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None, // reported as invariant 2
+            Err(e) => Some(v(5, "unreadable", rel, e.to_string())),
+        });
+        Ok(bad.collect::<Vec<_>>())
+    })?;
+    let mut found: Vec<Violation> = checked.into_iter().flatten().collect();
     found.sort_by(|a, b| a.path.cmp(&b.path));
     out.extend(found);
     Ok(out)

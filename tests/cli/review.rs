@@ -138,3 +138,34 @@ fn a_torn_end_under_a_trusted_state_is_recovered_not_appended_to() {
     let d = dir.to_str().unwrap();
     stack(&["journal", "verify", "--dir", d]).ok();
 }
+
+/// A file where stack needs a folder (a package's folder) is refused before the
+/// commit point too, naming it, and nothing changes.
+#[test]
+fn a_file_where_a_package_folder_goes_is_refused_before_the_commit_point() {
+    let (o, l) = pulled("symlink");
+    let dir = l.dir();
+    std::fs::write(dir.join("data/p3"), b"mine").unwrap();
+    let mut ts = base_tables();
+    ts.push(t("tbl_d", "d", Some("p3"), b"table d\n"));
+    let v2 = o.write(&ts, &base_domains(), "v2.json");
+    let before = snapshot(&dir);
+    let err = pull(&v2, &dir, &["--json"]).json_error(1);
+    assert!(err.contains("data/p3"), "{err}");
+    assert_same(&visible(&before), &visible(&snapshot(&dir)), "refused pull");
+    std::fs::remove_file(dir.join("data/p3")).unwrap();
+    pull(&v2, &dir, &[]).ok();
+    assert_verify_clean(&dir);
+}
+
+/// `verify` with an unreadable `sync_state.json` checks the journal's projection
+/// instead, and says so.
+#[test]
+fn verify_with_an_unreadable_state_file_checks_the_journal() {
+    let (_o, l) = pulled("symlink");
+    let dir = l.dir();
+    std::fs::write(dir.join("sync_state.json"), b"{ not json").unwrap();
+    let r = verify(&dir, true);
+    r.ok();
+    assert!(r.stderr.contains("journal"), "{}", r.stderr);
+}
