@@ -161,7 +161,6 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
                 p.txn
             ));
         } else {
-            clean_leftovers(fs.as_ref(), layout)?;
             journal.append(
                 p.txn,
                 Event::Aborted {
