@@ -92,5 +92,5 @@ pub fn run_stack_sync(opts: &PullStackOptions) -> Result<SyncReport> {
         bundles: opts.bundle_check,
         progress: &|_| {},
     };
-    reconcile::pull::pull(&opts.manifest, &cfg)
+    reconcile::pull::pull(reconcile::pull::Wanted::Parsed(&opts.manifest), &cfg)
 }

@@ -30,3 +30,6 @@ mod shape;
 
 #[path = "cli/review.rs"]
 mod review;
+
+#[path = "cli/noop.rs"]
+mod noop;

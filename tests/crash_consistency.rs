@@ -34,7 +34,7 @@ use stack::fs::sim::{Crash, SimFs, SnapEntry};
 use stack::fs::Fs;
 use stack::layout::Layout;
 use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
-use stack::reconcile::pull::{pull, PullConfig};
+use stack::reconcile::pull::{pull, PullConfig, Wanted};
 use stack::replay::recover::recover;
 use stack::replay::state::{read_state, JournalPos};
 use stack::verify::{audit, Contents};
@@ -142,7 +142,14 @@ fn pull_on(fs: &SimFs, m: &Manifest, link: LinkMode) -> stack::Result<()> {
         bundles: BundleCheck::Verify,
         progress: &|_| {},
     };
-    pull(m, &cfg).map(|_| ())
+    // As bytes, like the command line: the no-op key and its `Request` record are
+    // crash-tested too.
+    let bytes = serde_json::to_vec(m).expect("manifest serializes");
+    let wanted = Wanted::Raw {
+        bytes: &bytes,
+        origin: "crash-test",
+    };
+    pull(wanted, &cfg).map(|_| ())
 }
 
 fn recover_on(fs: &SimFs) -> stack::Result<()> {

@@ -190,6 +190,7 @@ fn sample_state() -> SyncState {
             txn: 3,
             seq: 9,
             at: None,
+            pulled: None,
         },
         ..SyncState::default()
     };
@@ -405,7 +406,12 @@ fn arb_state() -> impl Strategy<Value = SyncState> {
         .prop_map(
             |((version, txn, seq), direct_tables, data_packages, memory_domains)| SyncState {
                 version,
-                journal: JournalPos { txn, seq, at: None },
+                journal: JournalPos {
+                    txn,
+                    seq,
+                    at: None,
+                    pulled: None,
+                },
                 direct_tables,
                 data_packages,
                 memory_domains,
@@ -421,6 +427,13 @@ fn arb_event() -> impl Strategy<Value = Event> {
             .boxed(),
         (arb_text(), arb_text())
             .prop_map(|(md5, url)| Event::Stage { md5, url })
+            .boxed(),
+        (arb_text(), any::<u64>(), any::<u64>())
+            .prop_map(|(key, skipped_direct, skipped_packages)| Event::Request {
+                key,
+                skipped_direct,
+                skipped_packages,
+            })
             .boxed(),
         (arb_text(), arb_text())
             .prop_map(|(table_id, md5)| Event::PutShared { table_id, md5 })

@@ -98,6 +98,17 @@ pub enum Event {
     /// `stack gc`: move `rel` (a file or folder under `data/` or `memory/` that no
     /// state entry holds) to the trash.
     RemoveStray { rel: String },
+    /// What a pull was asked for (the no-op fast path's key, see
+    /// `replay::state::Pulled`): md5 of its manifest's bytes, origin and link mode,
+    /// and how many direct and package tables it skipped. In the commit batch of a
+    /// pull whose manifest bytes were known; the projection of its `Committed`
+    /// carries it into the state. Added after format v1's first release: the last
+    /// variant, so that older journals decode unchanged.
+    Request {
+        key: String,
+        skipped_direct: u64,
+        skipped_packages: u64,
+    },
 }
 
 impl Event {
@@ -118,6 +129,7 @@ impl Event {
             Event::Aborted { .. } => "aborted",
             Event::Checkpoint { .. } => "checkpoint",
             Event::RemoveStray { .. } => "remove_stray",
+            Event::Request { .. } => "request",
         }
     }
 
@@ -157,6 +169,13 @@ impl Event {
                 state.memory_domains.len()
             ),
             Event::RemoveStray { rel } => rel.clone(),
+            Event::Request {
+                key,
+                skipped_direct,
+                skipped_packages,
+            } => format!(
+                "key {key}, skipped {skipped_direct} direct / {skipped_packages} package tables"
+            ),
         }
     }
 }
@@ -298,6 +317,7 @@ pub mod checkpoint_state {
                 txn: w.journal.txn,
                 seq: w.journal.seq,
                 at: None,
+                pulled: None,
             },
             direct_tables: tables_from_wire(w.direct_tables),
             data_packages: w

@@ -53,6 +53,11 @@ pub struct Applier<'a> {
     warned_fallback: AtomicBool,
     /// Seqs of `PutShared` steps that are the only consumer of their staged file.
     sole_consumers: std::collections::HashSet<u64>,
+    /// Folders this applier made or found (one `mkdir -p` each, not one per file);
+    /// forgotten when a step removes a folder.
+    made_dirs: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
+    /// Threads for runs of independent steps (see [`Applier::apply_all`]).
+    threads: usize,
 }
 
 impl<'a> Applier<'a> {
@@ -63,12 +68,21 @@ impl<'a> Applier<'a> {
             txn,
             warned_fallback: AtomicBool::new(false),
             sole_consumers: std::collections::HashSet::new(),
+            made_dirs: Default::default(),
+            threads: 1,
         }
+    }
+
+    /// Apply runs of independent steps on up to `n` threads (1: strictly in order,
+    /// as recovery and the deterministic crash tests do).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n.clamp(1, crate::par::threads());
+        self
     }
 
     fn tmp_path(&self, seq: u64) -> Result<std::path::PathBuf> {
         let dir = self.layout.tmp();
-        self.fs.create_dir_all(&dir).at("mkdir", &dir)?;
+        self.ensure_dir(&dir)?;
         let p = dir.join(format!("{}-{seq}", self.txn));
         not_found_ok(self.fs.remove_file(&p)).at("remove", &p)?;
         Ok(p)
@@ -79,7 +93,7 @@ impl<'a> Applier<'a> {
             return Ok(());
         }
         let dir = self.layout.trash().join(self.txn.to_string());
-        self.fs.create_dir_all(&dir).at("mkdir", &dir)?;
+        self.ensure_dir(&dir)?;
         let dst = dir.join(seq.to_string());
         match self.fs.rename(path, &dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -143,7 +157,20 @@ impl<'a> Applier<'a> {
     }
 
     fn ensure_dir(&self, dir: &Path) -> Result<()> {
-        self.fs.create_dir_all(dir).map(|_| ()).at("mkdir", dir)
+        let mut made = self.made_dirs.lock().unwrap_or_else(|p| p.into_inner());
+        if made.contains(dir) {
+            return Ok(());
+        }
+        self.fs.create_dir_all(dir).map(|_| ()).at("mkdir", dir)?;
+        made.insert(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn forget_dirs(&self) {
+        self.made_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Apply one event (no-op for events that are not apply steps).
@@ -157,19 +184,29 @@ impl<'a> Applier<'a> {
             Event::PutShared { table_id, md5 } => {
                 let dst = l.join(&layout::shared_rel(table_id));
                 let staged = l.staged(md5);
-                if self.done_before(&staged, &dst, md5)? {
-                    // The content is in place; its mode may not be (a power loss can
-                    // keep a rename and lose the chmod before it).
-                    return self.fs.set_readonly(&dst, true).at("chmod", &dst);
-                }
-                // The mode belongs to the inode: set it before the name appears.
-                self.fs.set_readonly(&staged, true).at("chmod", &staged)?;
+                // Staging made the staged file read-only (durably, before the
+                // commit point), and the mode belongs to the inode: a rename or a
+                // hard link keeps it.
                 if self.sole_consumers.contains(&seq) {
                     // Nothing else in this transaction needs the staged file: move it
                     // into place (atomically replacing an old version). A redo finds
-                    // it gone and `done_before` sees the content in place.
+                    // it gone and `done_before` sees the content in place; its mode
+                    // is set again (a power loss can keep a rename and lose a chmod
+                    // made before it by an older engine).
                     self.ensure_dir(&l.shared_dir())?;
-                    return self.fs.rename(&staged, &dst).at("rename", &dst);
+                    return match self.fs.rename(&staged, &dst) {
+                        Err(e)
+                            if e.kind() == io::ErrorKind::NotFound
+                                && self.done_before(&staged, &dst, md5)? =>
+                        {
+                            self.fs.set_readonly(&dst, true).at("chmod", &dst)
+                        }
+                        r => r.at("rename", &dst),
+                    };
+                }
+                if self.done_before(&staged, &dst, md5)? {
+                    // The content is in place; its mode may not be.
+                    return self.fs.set_readonly(&dst, true).at("chmod", &dst);
                 }
                 if self.fs.hard_link(&staged, &dst).is_ok() {
                     return Ok(());
@@ -233,9 +270,11 @@ impl<'a> Applier<'a> {
                 self.fs.rename(&tmp, &dst).at("rename", &dst)
             }
             Event::RemoveBundle { slug } => {
+                self.forget_dirs();
                 self.to_trash(seq, &l.join(&layout::domain_dir_rel(slug)))
             }
             Event::RemoveDir { slug } => {
+                self.forget_dirs();
                 let dir = l.data().join(slug);
                 match self.fs.remove_dir(&dir) {
                     Ok(()) => Ok(()),
@@ -272,7 +311,8 @@ impl<'a> Applier<'a> {
             | Event::Prepared
             | Event::Committed { .. }
             | Event::Aborted { .. }
-            | Event::Checkpoint { .. } => Ok(()),
+            | Event::Checkpoint { .. }
+            | Event::Request { .. } => Ok(()),
         }
     }
 
@@ -291,10 +331,42 @@ impl<'a> Applier<'a> {
             .filter(|r| matches!(&r.event, Event::PutShared { md5, .. } if uses[md5.as_str()] == 1))
             .map(|r| r.seq)
             .collect();
-        for r in records {
-            self.apply(r.seq, &r.event)?;
+        // A run of consecutive `PutShared` (or `MakeRef`) steps touches pairwise
+        // distinct paths (one shared file per table id, one reference per slot and
+        // name: validation made them unique), and each step's redo looks only at
+        // its own paths. So the steps of a run may land in any order, and a crash
+        // may keep any subset of them: recovery redoes the run whole either way.
+        // A step of another kind is a barrier (removals before puts, puts before
+        // the references that link to them).
+        let mut rest = records;
+        while let Some(first) = rest.first() {
+            let kind = parallel_kind(&first.event);
+            let len = match kind {
+                Some(k) => rest
+                    .iter()
+                    .take_while(|r| parallel_kind(&r.event) == Some(k))
+                    .count(),
+                None => 1,
+            };
+            let (run, tail) = rest.split_at(len);
+            if self.threads > 1 {
+                crate::par::map(run, self.threads, |r| self.apply(r.seq, &r.event))?;
+            } else {
+                for r in run {
+                    self.apply(r.seq, &r.event)?;
+                }
+            }
+            rest = tail;
         }
         Ok(())
+    }
+}
+
+/// The kinds of step whose consecutive runs may be applied in parallel.
+fn parallel_kind(ev: &Event) -> Option<&'static str> {
+    match ev {
+        Event::PutShared { .. } | Event::MakeRef { .. } => Some(ev.kind()),
+        _ => None,
     }
 }
 
@@ -414,15 +486,16 @@ pub fn finish(
     for r in records {
         apply_event(&mut state, &r.event);
     }
-    let mut fps = Vec::new();
-    for rel in written_paths(records)
+    let mut paths = written_paths(records);
+    paths.extend(refresh.iter().cloned());
+    let stats = crate::par::map(&paths, crate::par::threads(), |rel| {
+        fingerprint(fs, layout, rel)
+    })?;
+    let fps: Vec<(String, StatFp)> = paths
         .into_iter()
-        .chain(refresh.iter().cloned())
-    {
-        if let Some(fp) = fingerprint(fs, layout, &rel)? {
-            fps.push((rel, fp));
-        }
-    }
+        .zip(stats)
+        .filter_map(|(rel, fp)| fp.map(|fp| (rel, fp)))
+        .collect();
     apply_fingerprints(&mut state, &fps);
     // 3. The state file (atomic replace), then `Committed`, durable. The record is
     // encoded first so the state can name the journal's end after it.
@@ -437,6 +510,7 @@ pub fn finish(
             seq,
             txn: journal.last_txn(),
         }),
+        pulled: crate::replay::project::requested(records.iter().map(|r| &r.event)),
     };
     write_state(fs, layout, &state)?;
     journal.sync()?;

@@ -589,6 +589,10 @@ pub fn fetch_manifest(url: &str, opts: &HttpOptions) -> Result<Vec<u8>> {
 }
 
 impl Origin for HttpOrigin {
+    fn resumes(&self) -> bool {
+        true
+    }
+
     fn resolve(&self, url: &str) -> std::result::Result<(), String> {
         self.resolve_url(url).map(|_| ())
     }

@@ -64,29 +64,55 @@ pub trait Origin: Send + Sync {
     /// returning the md5 of the complete file. Must not sync: the engine makes all
     /// staged files durable at once.
     fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> Result<Fetched>;
+    /// Can it resume a partial download? One that cannot is handed the staged
+    /// file's own name (a crash before the commit point drops it either way), which
+    /// saves a rename per file; one that can gets `<md5>.part`, kept across a
+    /// rollback for the next pull to resume.
+    fn resumes(&self) -> bool {
+        false
+    }
 }
 
 /// Stream `r` into a new file `part`, hashing on the way (one pass over the bytes).
 pub fn stream_to_part(fs: &dyn Fs, mut r: impl Read, part: &Path) -> Result<Fetched> {
     let mut w = fs.create(part).at("create", part)?;
     let mut hasher = Md5::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).at("read", part),
-        };
-        hasher.update(&buf[..n]);
-        w.write_all(&buf[..n]).at("write", part)?;
-        total += n as u64;
+    with_buffer(|buf| {
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).at("read", part),
+            };
+            hasher.update(&buf[..n]);
+            w.write_all(&buf[..n]).at("write", part)?;
+            total += n as u64;
+        }
+        w.flush().at("write", part)?;
+        Ok(Fetched {
+            md5: hex(&hasher.finalize()),
+            bytes_fetched: total,
+        })
+    })
+}
+
+/// Run `f` with this thread's 256 KiB copy buffer (one per thread, not one
+/// zeroed allocation per file: thousands of small files each paid a memset).
+fn with_buffer<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    w.flush().at("write", part)?;
-    Ok(Fetched {
-        md5: hex(&hasher.finalize()),
-        bytes_fetched: total,
+    BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.is_empty() {
+                buf.resize(256 * 1024, 0);
+            }
+            f(&mut buf)
+        }
+        // Re-entered (a reader that itself hashes): a buffer of its own.
+        Err(_) => f(&mut vec![0u8; 256 * 1024]),
     })
 }
 
@@ -110,18 +136,19 @@ pub fn md5_file(fs: &dyn Fs, path: &Path) -> std::io::Result<String> {
 
 /// Feed everything `r` yields into `hasher`; returns the byte count.
 pub fn hash_reader(mut r: impl Read, hasher: &mut Md5) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
+    with_buffer(|buf| {
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            total += n as u64;
+        }
+    })
 }
 
 /// Check that an absolute-path URL (`/api/...`) has only normal components and

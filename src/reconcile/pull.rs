@@ -21,7 +21,7 @@ use crate::reconcile::apply::{finish, Applier};
 use crate::reconcile::heal::{find_damage, HashFn};
 use crate::reconcile::manifest::{validate, Desired, Manifest};
 use crate::reconcile::origin::Origin;
-use crate::reconcile::plan::{plan, resolve_strategy, Caps, Counts, Plan};
+use crate::reconcile::plan::{plan, resolve_strategy, Caps, Counts, Damage, Plan};
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
 use crate::replay::recover::recover;
@@ -69,6 +69,88 @@ pub struct PullConfig<'a> {
     pub bundles: BundleCheck,
     /// Told what will be downloaded, then the bytes of each finished download.
     pub progress: &'a (dyn Fn(Progress) + Sync),
+}
+
+/// The manifest a pull or status works from.
+#[derive(Clone, Copy)]
+pub enum Wanted<'a> {
+    /// Already parsed (the library API): validated and planned every time.
+    Parsed(&'a Manifest),
+    /// A manifest's bytes as read or downloaded, and `origin`, a name for where its
+    /// URLs resolve (the command line). When the same bytes, origin and link mode
+    /// were what the pull that wrote the state file realised, and the disk is
+    /// undamaged, the plan can only be empty: the manifest is not even parsed.
+    Raw { bytes: &'a [u8], origin: &'a str },
+}
+
+impl<'a> Wanted<'a> {
+    /// The no-op key ([`Pulled::key`]): md5 of the origin, the link mode and the
+    /// manifest's bytes. `None` for a parsed manifest, whose bytes are unknown.
+    pub fn key(&self, link: LinkMode) -> Option<String> {
+        use md5::Digest;
+        let Wanted::Raw { bytes, origin } = self else {
+            return None;
+        };
+        let mut h = md5::Md5::new();
+        h.update(b"stack pull key 1\0");
+        h.update(origin.as_bytes());
+        h.update(format!("\0{link:?}\0").as_bytes());
+        h.update(bytes);
+        Some(crate::reconcile::origin::hex(&h.finalize()))
+    }
+
+    /// The manifest, parsed (contract §1 shape) if it came as bytes.
+    pub fn parse(&self) -> Result<std::borrow::Cow<'a, Manifest>> {
+        Ok(match *self {
+            Wanted::Parsed(m) => std::borrow::Cow::Borrowed(m),
+            Wanted::Raw { bytes, .. } => std::borrow::Cow::Owned(Manifest::from_json(bytes)?),
+        })
+    }
+
+    /// The md5 the `Begin` record keeps: of the bytes when known (what `md5sum`
+    /// says of the manifest file), else of the parsed manifest.
+    fn digest(&self, parsed: &Manifest) -> String {
+        match self {
+            Wanted::Raw { bytes, .. } => {
+                use md5::Digest;
+                crate::reconcile::origin::hex(&md5::Md5::digest(bytes))
+            }
+            Wanted::Parsed(_) => crate::reconcile::manifest::digest(parsed),
+        }
+    }
+}
+
+/// The report of a pull whose manifest is the one the state file realised
+/// (`key` matches) on an undamaged disk, or `None` if it is not that pull. The
+/// counts are what planning would say: every entry unchanged, and the skipped
+/// tables the state file remembers.
+fn unchanged(
+    fs: &dyn Fs,
+    cfg: &PullConfig<'_>,
+    state: &SyncState,
+    key: Option<&str>,
+    dry_run: bool,
+    started: Instant,
+) -> Result<std::result::Result<SyncReport, Option<Damage>>> {
+    let Some(pulled) = state
+        .journal
+        .pulled
+        .as_ref()
+        .filter(|p| Some(p.key.as_str()) == key)
+    else {
+        return Ok(Err(None));
+    };
+    let damage = find_damage(fs, &cfg.layout, state, cfg.hash)?;
+    if damage != Damage::default() {
+        return Ok(Err(Some(damage)));
+    }
+    let mut p = Plan::default();
+    p.tally.direct_tables.unchanged = state.direct_tables.len() as u64;
+    p.tally.direct_tables.skipped = pulled.skipped_direct;
+    p.tally.data_packages.unchanged = state.data_packages.values().map(|t| t.len() as u64).sum();
+    p.tally.data_packages.skipped = pulled.skipped_packages;
+    p.tally.memory_domains.unchanged = state.memory_domains.len() as u64;
+    Ok(Ok(report(&p, state.journal.txn, dry_run, 0, started)))
 }
 
 /// What the filesystem of `layout` can do: read from `.stack/caps` when it was
@@ -130,8 +212,12 @@ fn make_plan(
     state: &SyncState,
     desired: &Desired,
     probe: bool,
+    damage: Option<Damage>,
 ) -> Result<Plan> {
-    let damage = find_damage(fs, &cfg.layout, state, cfg.hash)?;
+    let damage = match damage {
+        Some(d) => d,
+        None => find_damage(fs, &cfg.layout, state, cfg.hash)?,
+    };
     let optimistic = Caps {
         reflink: true,
         hardlink: true,
@@ -198,34 +284,41 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<()> {
         message: format!("{what}; move it away and pull again (nothing was changed)"),
     };
     let mut folders = std::collections::BTreeSet::new();
-    let mut files = Vec::new();
+    let mut files = Vec::new(); // (folder, file)
     for ev in &p.ops {
         match ev {
             Event::PutShared { table_id, .. } => {
                 folders.insert("data".to_string());
                 folders.insert(paths::SHARED_DIR.to_string());
-                files.push(paths::shared_rel(table_id));
+                files.push((paths::SHARED_DIR.to_string(), paths::shared_rel(table_id)));
             }
             Event::MakeRef { slot, name, .. } => {
                 folders.insert("data".to_string());
                 folders.insert(paths::slot_dir_rel(slot));
-                files.push(paths::ref_rel(slot, name));
+                files.push((paths::slot_dir_rel(slot), paths::ref_rel(slot, name)));
             }
             Event::PutBundle { slug, .. } => {
                 folders.insert("memory".to_string());
                 folders.insert(paths::domain_dir_rel(slug));
-                files.push(paths::bundle_rel(slug));
+                files.push((paths::domain_dir_rel(slug), paths::bundle_rel(slug)));
             }
             _ => {}
         }
     }
+    let mut absent = std::collections::BTreeSet::new();
     for rel in &folders {
-        if matches!(kind_of(rel)?, Some(k) if k != Kind::Dir) {
-            return Err(refuse(rel, "a file is where stack needs a folder"));
+        match kind_of(rel)? {
+            Some(Kind::Dir) => {}
+            Some(_) => return Err(refuse(rel, "a file is where stack needs a folder")),
+            None => {
+                absent.insert(rel.as_str());
+            }
         }
     }
-    for rel in &files {
-        if kind_of(rel)? == Some(Kind::Dir) {
+    // A file in a folder that does not exist yet cannot be in the way (a cold
+    // pull stats a handful of folders, not every file).
+    for (folder, rel) in &files {
+        if !absent.contains(folder.as_str()) && kind_of(rel)? == Some(Kind::Dir) {
             return Err(refuse(rel, "a folder is where stack puts a file"));
         }
     }
@@ -233,12 +326,29 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<()> {
 }
 
 /// What a pull would do, changing nothing (no lock, no recovery, no probe).
-pub fn status(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
+pub fn status(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     let started = Instant::now();
-    let desired = validate(manifest, cfg.origin)?;
     let fs = cfg.fs.as_ref();
     // The state file when it names the journal's length, else the journal itself.
-    let projection = match crate::replay::recover::trusted_state(fs, &cfg.layout)? {
+    let trusted = crate::replay::recover::trusted_state(fs, &cfg.layout)?;
+    let mut damage = None;
+    if let Some(state) = &trusted {
+        match unchanged(
+            fs,
+            cfg,
+            state,
+            wanted.key(cfg.link).as_deref(),
+            true,
+            started,
+        )? {
+            Ok(rep) => return Ok(rep),
+            Err(d) => damage = d,
+        }
+    }
+    let manifest = wanted.parse()?;
+    let desired = validate(&manifest, cfg.origin)?;
+    drop(manifest);
+    let projection = match trusted {
         Some(state) => crate::replay::project::Projection {
             state,
             pending: None,
@@ -254,7 +364,7 @@ pub fn status(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
             project(&records)
         }
     };
-    let p = make_plan(fs, cfg, &projection.state, &desired, false)?;
+    let p = make_plan(fs, cfg, &projection.state, &desired, false, damage)?;
     let mut rep = report(&p, projection.state.journal.txn, true, 0, started);
     if let Some(pending) = projection.pending {
         rep.recovered.push(format!(
@@ -266,24 +376,68 @@ pub fn status(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
 }
 
 /// Pull `manifest` into the directory.
-pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
+///
+/// A manifest given as bytes is parsed and validated before anything but the lock
+/// file is touched, unless it is the very manifest the state file realised and the
+/// disk is undamaged (then nothing is to be done, and nothing is done).
+pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     if cfg.dry_run {
-        return status(manifest, cfg);
+        return status(wanted, cfg);
     }
     let started = Instant::now();
-    let desired = validate(manifest, cfg.origin)?;
     let fs = cfg.fs.as_ref();
     let layout = &cfg.layout;
+    let key = wanted.key(cfg.link);
+    // Read before the lock, only to decide whether the manifest must be parsed: an
+    // unchanged one need not be; any other is validated before anything (even the
+    // lock file) is touched.
+    let peeked = match &key {
+        Some(_) => crate::replay::recover::peek(fs, layout)?,
+        None => None,
+    };
+    let same = |s: &SyncState| {
+        s.journal
+            .pulled
+            .as_ref()
+            .is_some_and(|p| Some(&p.key) == key.as_ref())
+    };
+    let mut checked = None;
+    if !peeked.as_ref().is_some_and(|p| same(&p.state)) {
+        let m = wanted.parse()?;
+        checked = Some((validate(&m, cfg.origin)?, wanted.digest(&m)));
+    }
     let _lock = lock::acquire(fs, layout, &cfg.command, cfg.wait)?;
-    let mut rec = recover(cfg.fs.clone(), layout)?;
-    let mut p = make_plan(fs, cfg, &rec.state, &desired, true)?;
+    // The fast path of recovery reads only; the slow one may roll a transaction
+    // back or forward, so it waits until the manifest is known to be valid.
+    let fast = crate::replay::recover::recover_trusted(&cfg.fs, layout, peeked)?;
+    let mut damage = None;
+    if let Some(rec) = &fast {
+        match unchanged(fs, cfg, &rec.state, key.as_deref(), false, started)? {
+            Ok(rep) => return Ok(rep),
+            Err(d) => damage = d,
+        }
+    }
+    let (desired, manifest_md5) = match checked {
+        Some(v) => v,
+        // The state file changed between the peek and the lock (rare): validate now.
+        None => {
+            let m = wanted.parse()?;
+            (validate(&m, cfg.origin)?, wanted.digest(&m))
+        }
+    };
+    let mut rec = match fast {
+        Some(rec) => rec,
+        None => recover(cfg.fs.clone(), layout)?,
+    };
+    let mut p = make_plan(fs, cfg, &rec.state, &desired, true, damage)?;
     if !p.is_noop() && rec.trusted && !crate::replay::recover::journal_is_clean(fs, layout)? {
         // About to append, but the journal's end is not whole although the state
         // file named it: recover from the journal itself (cuts a torn tail, rolls
         // its transaction forward) and plan again.
         rec = crate::replay::recover::replay(cfg.fs.clone(), layout)?;
-        p = make_plan(fs, cfg, &rec.state, &desired, true)?;
+        p = make_plan(fs, cfg, &rec.state, &desired, true, None)?;
     }
+    drop(desired);
     let mut journal = rec.journal;
     let state = rec.state;
     if p.is_noop() {
@@ -298,7 +452,7 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     journal.append(
         txn,
         Event::Begin {
-            manifest_md5: crate::reconcile::manifest::digest(manifest),
+            manifest_md5,
             link: cfg.link,
         },
     );
@@ -346,11 +500,19 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
 
     // Phase 2: the commit point — the whole plan, durable, in one batch.
     let mut events = std::mem::take(&mut p.ops);
+    if let Some(key) = key {
+        events.push(Event::Request {
+            key,
+            skipped_direct: p.tally.direct_tables.skipped,
+            skipped_packages: p.tally.data_packages.skipped,
+        });
+    }
     events.push(Event::Prepared);
     let records: Vec<Record> = journal.append_batch(txn, events)?;
 
     // Phase 3: apply, then finish (state file, Committed, cleanup).
     let applied = Applier::new(fs, layout, txn)
+        .threads(cfg.jobs)
         .apply_all(&records)
         .and_then(|()| finish(fs, layout, &mut journal, &state, txn, &records, &p.refresh));
     let new_state = match applied {

@@ -1,30 +1,55 @@
 //! Where a manifest comes from: a local file (its folder is the origin) or a URL.
 //!
-//! Owns: turning `--manifest <PATH|URL>` into a parsed [`Manifest`] and its
-//! [`Origin`]. Invariant kept: a manifest that cannot be read or parsed is a
-//! usage/bad-manifest error before anything is touched.
+//! Owns: turning `--manifest <PATH|URL>` into the manifest's bytes and its
+//! [`Origin`]. Invariant kept: a manifest that cannot be read is a usage error
+//! before anything is touched (one that cannot be parsed is the pull's to report,
+//! also before anything but the lock file is touched).
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::reconcile::http::{HttpOptions, HttpOrigin};
-use crate::reconcile::manifest::Manifest;
 use crate::reconcile::origin::{LocalOrigin, Origin};
 
-/// Read the manifest named on the command line and the origin its URLs resolve against.
-pub fn open_manifest(arg: &str) -> Result<(Manifest, Box<dyn Origin>)> {
+/// A manifest as read or downloaded, not yet parsed (`pull::Wanted::Raw`).
+pub struct ManifestBytes {
+    pub bytes: Vec<u8>,
+    /// Where its URLs resolve: the manifest's URL, or its folder made absolute.
+    pub origin: String,
+}
+
+impl ManifestBytes {
+    pub fn wanted(&self) -> crate::reconcile::pull::Wanted<'_> {
+        crate::reconcile::pull::Wanted::Raw {
+            bytes: &self.bytes,
+            origin: &self.origin,
+        }
+    }
+}
+
+/// Read the manifest named on the command line and the origin its URLs resolve
+/// against. Parsing is the pull's (it is skipped for an unchanged manifest).
+pub fn open_manifest(arg: &str) -> Result<(ManifestBytes, Box<dyn Origin>)> {
     if arg.starts_with("http://") || arg.starts_with("https://") {
         let origin = HttpOrigin::new(arg, HttpOptions::from_env())?;
-        let manifest = Manifest::from_json(&origin.fetch_manifest()?)?;
-        return Ok((manifest, Box::new(origin)));
+        let bytes = origin.fetch_manifest()?;
+        let m = ManifestBytes {
+            bytes,
+            origin: arg.to_string(),
+        };
+        return Ok((m, Box::new(origin)));
     }
     let path = Path::new(arg.strip_prefix("file://").unwrap_or(arg));
     let bytes = std::fs::read(path)
         .map_err(|e| Error::Usage(format!("cannot read manifest {}: {e}", path.display())))?;
-    let manifest = Manifest::from_json(&bytes)?;
     let folder = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    Ok((manifest, Box::new(LocalOrigin::new(folder))))
+    let id = std::path::absolute(folder).unwrap_or_else(|_| folder.to_path_buf());
+    let m = ManifestBytes {
+        bytes,
+        origin: format!("file:{}", id.display()),
+    };
+    Ok((m, Box::new(LocalOrigin::new(folder))))
 }

@@ -1,11 +1,14 @@
 //! Staging: download and verify everything a plan needs, out of sight.
 //!
 //! Owns: `.stack/staging/`. Each download streams into `<md5>.part` (hashing while
-//! writing), is checked against the manifest's md5, and is renamed to `<md5>`.
-//! Invariant kept: nothing visible changes while staging; a partial download keeps
-//! its `.part` name so a later pull can resume it, and a complete file exists only
-//! with the content its name promises (or, with [`BundleCheck::TrustServer`], the
-//! bytes the server sent for that version).
+//! writing), is checked against the manifest's md5, and is renamed to `<md5>`
+//! (a table's made read-only, as its shared file will be). An origin that cannot
+//! resume (a local folder) writes `<md5>` directly.
+//! Invariant kept: nothing visible changes while staging; a partial download from
+//! a resuming origin keeps its `.part` name so a later pull can resume it; by the
+//! commit point every staged file holds the content its name promises (or, with
+//! [`BundleCheck::TrustServer`], the bytes the server sent for that version) —
+//! before it, a crash drops every `<md5>` file whatever it holds.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -94,25 +97,42 @@ fn stage_one(
     item: &StageItem,
     bundles: BundleCheck,
 ) -> Result<u64> {
+    let staged = layout.staged(&item.md5);
     let part = layout.partial(&item.md5);
+    let dest = if origin.resumes() { &part } else { &staged };
     let req = Request {
         item: &item.item,
         url: &item.url,
         md5: &item.md5,
         size: item.size,
     };
-    let got = origin.fetch(fs, &req, &part)?;
+    let got = match origin.fetch(fs, &req, dest) {
+        // A power loss can keep the chmod of a staged file and lose the rename
+        // before it: its `.part` is then read-only. Make it writable and retry.
+        Err(e) if !e.is_crash() && fs.symlink_metadata(dest).is_ok_and(|m| m.readonly) => {
+            fs.set_readonly(dest, false).at("chmod", dest)?;
+            origin.fetch(fs, &req, dest)?
+        }
+        r => r?,
+    };
     let trust = matches!(item.item, Item::Bundle { .. }) && bundles == BundleCheck::TrustServer;
     if got.md5 != item.md5 && !trust {
         // Wrong bytes are useless for resuming: drop them.
-        not_found_ok(fs.remove_file(&part)).at("remove", &part)?;
+        not_found_ok(fs.remove_file(dest)).at("remove", dest)?;
         return Err(Error::Checksum {
             what: format!("{} from {}", item.item.describe(), item.url),
             expected: item.md5.clone(),
             actual: got.md5,
         });
     }
-    let staged = layout.staged(&item.md5);
-    fs.rename(&part, &staged).at("rename", &staged)?;
+    if dest != &staged {
+        fs.rename(&part, &staged).at("rename", &staged)?;
+    }
+    if matches!(item.item, Item::Table { .. }) {
+        // Shared files are read-only (contract §2). The mode belongs to the inode:
+        // set here, in parallel, it is made durable with the staged bytes by the
+        // `syncfs` before the commit point, and apply only moves the file.
+        fs.set_readonly(&staged, true).at("chmod", &staged)?;
+    }
     Ok(got.bytes_fetched)
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::journal::event::{Event, Record, Slot};
 use crate::layout;
-use crate::replay::state::{DomainEntry, JournalPos, StatFp, SyncState, TableEntry};
+use crate::replay::state::{DomainEntry, JournalPos, Pulled, StatFp, SyncState, TableEntry};
 
 /// The last transaction, if it neither committed nor aborted.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,11 +42,13 @@ pub fn project(records: &[Record]) -> Projection {
                     txn: r.txn,
                     seq: r.seq,
                     at: None,
+                    pulled: None,
                 };
                 open.clear();
             }
             Event::Committed { fingerprints } => {
                 let txn_records = open.remove(&r.txn).unwrap_or_default();
+                let pulled = requested(txn_records.iter().map(|r| &r.event));
                 for tr in txn_records {
                     apply_event(&mut state, &tr.event);
                 }
@@ -55,6 +57,7 @@ pub fn project(records: &[Record]) -> Projection {
                     txn: r.txn,
                     seq: r.seq,
                     at: None,
+                    pulled,
                 };
             }
             Event::Aborted { .. } => {
@@ -75,6 +78,23 @@ pub fn project(records: &[Record]) -> Projection {
 }
 
 /// The state effect of one applied event.
+/// The request a transaction records (its `Request` event), which the state of its
+/// `Committed` carries as `journal.pulled`.
+pub fn requested<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Pulled> {
+    events.into_iter().find_map(|e| match e {
+        Event::Request {
+            key,
+            skipped_direct,
+            skipped_packages,
+        } => Some(Pulled {
+            key: key.clone(),
+            skipped_direct: *skipped_direct,
+            skipped_packages: *skipped_packages,
+        }),
+        _ => None,
+    })
+}
+
 pub fn apply_event(state: &mut SyncState, ev: &Event) {
     match ev {
         Event::MakeRef {
@@ -164,7 +184,8 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
         | Event::Committed { .. }
         | Event::Aborted { .. }
         | Event::Checkpoint { .. }
-        | Event::RemoveStray { .. } => {}
+        | Event::RemoveStray { .. }
+        | Event::Request { .. } => {}
     }
 }
 

@@ -44,9 +44,27 @@ pub fn journal_is_clean(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
 /// was written for the journal's last record, and nothing was appended since — so
 /// no transaction is open and the file is the projection. Taking it costs one stat
 /// and one read instead of replaying the journal. Only leftovers are cleaned.
-fn recover_trusted(fs: &Arc<dyn Fs>, layout: &Layout) -> Result<Option<Recovered>> {
-    let Some(state) = trusted_state(fs.as_ref(), layout)? else {
-        return Ok(None);
+///
+/// `peeked`: the state file as read before the lock was taken ([`peek`]); used if
+/// it is still the same file and the journal still ends where it says.
+pub fn recover_trusted(
+    fs: &Arc<dyn Fs>,
+    layout: &Layout,
+    peeked: Option<Peeked>,
+) -> Result<Option<Recovered>> {
+    let still = match peeked {
+        Some(p) if state_stamp(fs.as_ref(), layout)? == Some(p.stamp) => {
+            let len = journal_len(fs.as_ref(), layout)?;
+            Some(p.state).filter(|s| s.journal.at.is_some_and(|at| Some(at.len) == len))
+        }
+        _ => None,
+    };
+    let state = match still {
+        Some(s) => s,
+        None => match trusted_state(fs.as_ref(), layout)? {
+            Some(s) => s,
+            None => return Ok(None),
+        },
     };
     // Leftovers mean the last command died after writing `Committed`, maybe before
     // it was durable: the slow path makes the journal durable before anything acts
@@ -66,14 +84,47 @@ fn recover_trusted(fs: &Arc<dyn Fs>, layout: &Layout) -> Result<Option<Recovered
     }))
 }
 
+/// A state file read without the directory lock (a pull deciding whether its
+/// manifest must be parsed at all), and the stat of the file it was read from.
+pub struct Peeked {
+    pub state: SyncState,
+    stamp: (u64, u64, u64, i128),
+}
+
+/// The trusted state file ([`trusted_state`]), read without the lock. Only a hint
+/// until [`recover_trusted`], holding the lock, finds the same file.
+pub fn peek(fs: &dyn Fs, layout: &Layout) -> Result<Option<Peeked>> {
+    let Some(stamp) = state_stamp(fs, layout)? else {
+        return Ok(None);
+    };
+    Ok(trusted_state(fs, layout)?.map(|state| Peeked { state, stamp }))
+}
+
+/// What identifies one version of the state file (it is only ever replaced by a
+/// rename, so a new version is a new inode).
+fn state_stamp(fs: &dyn Fs, layout: &Layout) -> Result<Option<(u64, u64, u64, i128)>> {
+    let path = layout.state_file();
+    match fs.metadata(&path) {
+        Ok(m) => Ok(Some((m.dev, m.ino, m.len, m.mtime_ns))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).at("stat", &path),
+    }
+}
+
+fn journal_len(fs: &dyn Fs, layout: &Layout) -> Result<Option<u64>> {
+    let path = layout.journal();
+    match fs.metadata(&path) {
+        Ok(m) => Ok(Some(m.len)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).at("stat", &path),
+    }
+}
+
 /// The state file, if it names the journal's exact current length (the fast
 /// path's condition); reads only.
 pub fn trusted_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
-    let path = layout.journal();
-    let len = match fs.metadata(&path) {
-        Ok(m) => m.len,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).at("stat", &path),
+    let Some(len) = journal_len(fs, layout)? else {
+        return Ok(None);
     };
     Ok(match read_state(fs, layout) {
         Ok(Some(s)) if s.journal.at.is_some_and(|at| at.len == len) && s.check_paths().is_ok() => {
@@ -97,13 +148,16 @@ pub fn compact(
     state.journal.txn = journal.last_txn();
     state.journal.seq = journal.last_seq();
     state.journal.at = Some(journal.end());
+    // A checkpoint does not carry the last pull's request: neither may the file
+    // that must equal its projection (the next change records a new one).
+    state.journal.pulled = None;
     write_state(fs, layout, &state)?;
     Ok(state)
 }
 
 /// Recover `layout`'s directory. Hold the directory lock.
 pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
-    if let Some(fast) = recover_trusted(&fs, layout)? {
+    if let Some(fast) = recover_trusted(&fs, layout, None)? {
         return Ok(fast);
     }
     replay(fs, layout)
@@ -130,7 +184,9 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
                 "journal was missing and sync_state.json is not usable ({why}); starting empty"
             ));
         }
-        if let Some(adopted) = candidate.filter(|s| s.check_paths().is_ok()) {
+        if let Some(mut adopted) = candidate.filter(|s| s.check_paths().is_ok()) {
+            // Its no-op key vouched for a state the journal backed; not any more.
+            adopted.journal.pulled = None;
             let adopted = compact(fs.as_ref(), layout, &mut journal, &adopted)?;
             notes.push("journal was missing; started a new one from sync_state.json".to_string());
             return Ok(Recovered {

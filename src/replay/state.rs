@@ -48,7 +48,7 @@ pub struct StatFp {
 }
 
 /// Where the last applied transaction stands in the journal.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalPos {
     pub txn: u64,
     pub seq: u64,
@@ -57,6 +57,25 @@ pub struct JournalPos {
     /// records alone cannot know their own file's length.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<JournalEnd>,
+    /// What the pull that wrote this file was asked for (the no-op fast path's
+    /// bookkeeping; absent: unknown). Not part of the projection either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulled: Option<Pulled>,
+}
+
+/// The request a committed pull realised: if the next pull names the same manifest
+/// bytes, origin and link mode, and the disk is undamaged, its plan is empty and the
+/// manifest need not even be parsed (`reconcile::pull`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pulled {
+    /// md5 of the manifest's bytes, its origin and the link mode (`Wanted::key`).
+    pub key: String,
+    /// How many direct and package tables that manifest skipped (not local), for
+    /// the report of a pull that does not parse it again.
+    #[serde(default)]
+    pub skipped_direct: u64,
+    #[serde(default)]
+    pub skipped_packages: u64,
 }
 
 /// The journal's end as a state file saw it. If the journal still has exactly
@@ -163,6 +182,7 @@ impl SyncState {
             d.fp = None;
         }
         s.journal.at = None;
+        s.journal.pulled = None;
         s
     }
 
@@ -211,28 +231,18 @@ impl SyncState {
 /// exists but is not a state this build understands (the caller rebuilds it).
 pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
     let path = layout.state_file();
-    let file = match fs.open_read(&path) {
-        Ok(f) => f,
+    // Read whole, then parsed from the slice: about twice as fast as a streamed
+    // parse, for a transient buffer of the file's size.
+    let bytes = match fs.read(&path) {
+        Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).at("read", &path),
     };
-    // Streamed: a large stack's state is not held twice (bytes and structs).
-    let reader = std::io::BufReader::with_capacity(256 * 1024, file);
-    let state: SyncState = serde_json::from_reader(reader).map_err(|e| {
-        if e.is_io() {
-            // A disk that fails a read is an I/O error, never an unreadable state.
-            Error::Io {
-                op: "read",
-                path: path.clone(),
-                source: e.into(),
-            }
-        } else {
-            Error::State {
-                path: path.clone(),
-                message: format!("unreadable state file: {e}"),
-            }
-        }
+    let state: SyncState = serde_json::from_slice(&bytes).map_err(|e| Error::State {
+        path: path.clone(),
+        message: format!("unreadable state file: {e}"),
     })?;
+    drop(bytes);
     if state.version != STATE_VERSION {
         return Err(Error::State {
             path,

@@ -20,7 +20,7 @@ use stack::journal::Journal;
 use stack::layout::{self, Layout};
 use stack::reconcile::manifest::{is_safe_component, validate, Desired, Manifest};
 use stack::reconcile::origin::{self, Fetched, LocalOrigin, Origin, Request};
-use stack::reconcile::pull::{default_hash, pull, PullConfig};
+use stack::reconcile::pull::{default_hash, pull, PullConfig, Wanted};
 use stack::reconcile::stage::BundleCheck;
 use stack::replay::project::project;
 use stack::replay::recover::recover;
@@ -547,7 +547,13 @@ fn do_pull(sim: &SimFs, manifest: &Manifest, link: LinkMode) -> stack::Result<()
         bundles: BundleCheck::Verify,
         progress: &|_| {},
     };
-    pull(manifest, &cfg).map(|_| ())
+    // As bytes, like the command line (the no-op key and `Request` are exercised).
+    let bytes = serde_json::to_vec(manifest).expect("manifest serializes");
+    let wanted = Wanted::Raw {
+        bytes: &bytes,
+        origin: "fuzz",
+    };
+    pull(wanted, &cfg).map(|_| ())
 }
 
 /// Invariants 1–5 on the disk, and the state file equal to the journal's projection.
