@@ -387,14 +387,21 @@ pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     let started = Instant::now();
     let fs = cfg.fs.as_ref();
     let layout = &cfg.layout;
-    let key = wanted.key(cfg.link);
     // Read before the lock, only to decide whether the manifest must be parsed: an
     // unchanged one need not be; any other is validated before anything (even the
-    // lock file) is touched.
-    let peeked = match &key {
-        Some(_) => crate::replay::recover::peek(fs, layout)?,
-        None => None,
-    };
+    // lock file) is touched. The key's md5 runs meanwhile.
+    let (key, peeked) = std::thread::scope(|s| {
+        let key = s.spawn(|| wanted.key(cfg.link));
+        let peeked = match wanted {
+            Wanted::Raw { .. } => crate::replay::recover::peek(fs, layout),
+            Wanted::Parsed(_) => Ok(None),
+        };
+        let key = key
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (key, peeked)
+    });
+    let peeked = peeked?;
     let same = |s: &SyncState| {
         s.journal
             .pulled

@@ -192,27 +192,45 @@ impl SyncState {
     pub fn check_paths(&self) -> std::result::Result<(), String> {
         use crate::layout;
         use crate::reconcile::manifest::is_safe_component;
-        for (slot, id, e) in self.entries() {
-            if let crate::journal::event::Slot::Package(slug) = &slot {
-                if !is_safe_component(slug) {
-                    return Err(format!(
-                        "package slug {slug:?} is not a safe path component"
-                    ));
+        // Read by every command: compared piece by piece, without building paths.
+        fn is(path: &str, parts: &[&str]) -> bool {
+            let mut rest = path;
+            for p in parts {
+                match rest.strip_prefix(p) {
+                    Some(r) => rest = r,
+                    None => return false,
                 }
             }
+            rest.is_empty()
+        }
+        let check = |ref_ok: bool, id: &str, e: &TableEntry| {
             if !is_safe_component(id) || !is_safe_component(&e.name) {
                 return Err(format!(
                     "table {id:?} named {:?} is not a safe path component",
                     e.name
                 ));
             }
-            if e.ref_path != layout::ref_rel(&slot, &e.name)
-                || e.shared_path != layout::shared_rel(id)
-            {
+            if !ref_ok || !is(&e.shared_path, &["data/_shared/", id, ".parquet"]) {
                 return Err(format!(
                     "table {id}: paths {} / {} are not the engine's",
                     e.ref_path, e.shared_path
                 ));
+            }
+            Ok(())
+        };
+        for (id, e) in &self.direct_tables {
+            let ref_ok = is(&e.ref_path, &["data/_direct/", &e.name, ".parquet"]);
+            check(ref_ok, id, e)?;
+        }
+        for (slug, tables) in &self.data_packages {
+            if !is_safe_component(slug) {
+                return Err(format!(
+                    "package slug {slug:?} is not a safe path component"
+                ));
+            }
+            for (id, e) in tables {
+                let ref_ok = is(&e.ref_path, &["data/", slug, "/", &e.name, ".parquet"]);
+                check(ref_ok, id, e)?;
             }
         }
         for (slug, d) in &self.memory_domains {
@@ -276,4 +294,76 @@ pub fn write_state(fs: &dyn Fs, layout: &Layout, state: &SyncState) -> Result<()
     fs.rename(&tmp, &dst).at("rename", &dst)?;
     fs.sync_dir(&layout.root).at("fsync", &layout.root)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, ref_path: &str, shared_path: &str) -> TableEntry {
+        TableEntry {
+            name: name.to_string(),
+            md5: "0123456789abcdef0123456789abcdef".to_string(),
+            size: None,
+            ref_path: ref_path.to_string(),
+            shared_path: shared_path.to_string(),
+            strategy: Strategy::Symlink,
+            ref_fp: None,
+            shared_fp: None,
+        }
+    }
+
+    fn with(direct: Option<TableEntry>, pkg: Option<(&str, TableEntry)>) -> SyncState {
+        let mut s = SyncState::default();
+        if let Some(e) = direct {
+            s.direct_tables.insert("tbl_a".to_string(), e);
+        }
+        if let Some((slug, e)) = pkg {
+            s.data_packages
+                .entry(slug.to_string())
+                .or_default()
+                .insert("tbl_a".to_string(), e);
+        }
+        s
+    }
+
+    #[test]
+    fn check_paths_accepts_the_engines_paths_only() {
+        let shared = "data/_shared/tbl_a.parquet";
+        let good_direct = entry("a", "data/_direct/a.parquet", shared);
+        let good_pkg = entry("a", "data/p1/a.parquet", shared);
+        assert_eq!(with(Some(good_direct.clone()), None).check_paths(), Ok(()));
+        assert_eq!(
+            with(None, Some(("p1", good_pkg.clone()))).check_paths(),
+            Ok(())
+        );
+        let bad = [
+            with(Some(entry("a", "data/_direct/a.parquetx", shared)), None),
+            with(Some(entry("a", "data/_direct/a.parque", shared)), None),
+            with(Some(entry("a", "data/_direct/../a.parquet", shared)), None),
+            with(
+                Some(entry(
+                    "a",
+                    "data/_direct/a.parquet",
+                    "data/_shared/tbl_b.parquet",
+                )),
+                None,
+            ),
+            with(
+                Some(entry(
+                    "a",
+                    "data/_direct/a.parquet",
+                    "data/_shared/tbl_a.parquet/",
+                )),
+                None,
+            ),
+            with(Some(entry("..", "data/_direct/...parquet", shared)), None),
+            with(None, Some(("p2", good_pkg.clone()))),
+            with(None, Some(("..", entry("a", "data/../a.parquet", shared)))),
+            with(None, Some(("p1", entry("a", "data/p1a.parquet", shared)))),
+        ];
+        for (i, s) in bad.iter().enumerate() {
+            assert!(s.check_paths().is_err(), "case {i} accepted: {s:?}");
+        }
+    }
 }
