@@ -347,12 +347,10 @@ fn verify_cmd(dir: &Path, contents: bool, json: bool) -> Result<i32> {
             replay::project::project(&records).state
         }
     };
-    let hash = reconcile::pull::default_hash(&fs);
     let mode = if contents {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Contents::Rehash(&hash, threads)
+        Contents::RehashMd5(stack::par::threads())
     } else {
-        Contents::Fingerprint(&hash)
+        Contents::FingerprintMd5
     };
     let violations = audit(&fs, &layout, &state, mode)?;
     if json {
