@@ -8,6 +8,7 @@ pub mod error;
 pub mod fs;
 pub mod journal;
 pub mod layout;
+pub mod md5x;
 pub mod par;
 pub mod reconcile;
 pub mod replay;

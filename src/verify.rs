@@ -1,6 +1,6 @@
 //! `stack verify`: check invariants 1–5 of contract §4 against the disk.
 //!
-//! Owns: [`Violation`] and the audit; `md5x`, the multi-buffer md5 it hashes with.
+//! Owns: [`Violation`] and the audit (it hashes with the multi-buffer `crate::md5x`).
 //! Reads only, every access through [`Fs`]. Every distinct path the state's
 //! well-formed entries name is probed once, in parallel: `lstat` and, for a
 //! symlink, `stat` when invariant 5 compares stat fingerprints; otherwise `stat`,
@@ -18,8 +18,6 @@ use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
-
-mod md5x;
 
 use serde::Serialize;
 
@@ -497,7 +495,7 @@ pub fn audit(
         }
         HashWith::Md5 => {
             let files: Vec<PathBuf> = groups.iter().map(|(first, _)| layout.join(first)).collect();
-            md5x::md5_files(fs, &files, threads)
+            crate::md5x::md5_files(fs, &files, threads)
         }
     };
     let mut found = Vec::new();
