@@ -269,12 +269,7 @@ impl Stream {
 pub fn digest_slices(data: &[&[u8]]) -> Vec<[u8; 16]> {
     let mut out = Vec::with_capacity(data.len());
     for group in data.chunks(LANES) {
-        let mut states = [[0u32; LANES]; 4];
-        for lane in 0..LANES {
-            for (w, v) in INIT.iter().enumerate() {
-                states[w][lane] = *v;
-            }
-        }
+        let mut states = INIT.map(|v| [v; LANES]);
         let blocks: Vec<usize> = group.iter().map(|d| d.len() / 64).collect();
         let most = blocks.iter().copied().max().unwrap_or(0);
         let mut m = [[0u32; LANES]; 16];
@@ -290,10 +285,10 @@ pub fn digest_slices(data: &[&[u8]]) -> Vec<[u8; 16]> {
             }
             compress_lanes(&mut states, &m);
             // A lane whose slice has no block `k` keeps its state.
-            for l in 0..group.len() {
-                if k >= blocks[l] {
-                    for w in 0..4 {
-                        states[w][l] = before[w][l];
+            for (l, &n) in blocks.iter().enumerate() {
+                if k >= n {
+                    for (now, was) in states.iter_mut().zip(&before) {
+                        now[l] = was[l];
                     }
                 }
             }
