@@ -24,7 +24,7 @@ use crate::fs::{not_found_ok, Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::journal::Journal;
 use crate::layout::{self, Layout};
-use crate::replay::project::{apply_event, apply_fingerprints};
+use crate::replay::project::{apply_event_owned, apply_fingerprints};
 use crate::replay::state::{write_state, StatFp, Strategy, SyncState};
 
 /// Would a copy succeed where this link or clone failed (contract §2 fallbacks)?
@@ -369,12 +369,7 @@ pub fn fingerprint(fs: &dyn Fs, layout: &Layout, rel: &str) -> Result<Option<Sta
 /// transaction refreshing it on the next, otherwise no-op, pull.
 pub fn written_paths(records: &[Record]) -> Vec<String> {
     let mut out = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    let mut push = |p: String| {
-        if seen.insert(p.clone()) {
-            out.push(p);
-        }
-    };
+    let mut push = |p: String| out.push(p);
     for r in records {
         match &r.event {
             Event::PutShared { table_id, .. } => push(layout::shared_rel(table_id)),
@@ -391,7 +386,8 @@ pub fn written_paths(records: &[Record]) -> Vec<String> {
             _ => {}
         }
     }
-    out.sort();
+    out.sort_unstable();
+    out.dedup();
     out
 }
 
@@ -402,23 +398,22 @@ pub fn finish(
     fs: &dyn Fs,
     layout: &Layout,
     journal: &mut Journal,
-    base: &SyncState,
+    base: SyncState,
     txn: u64,
-    records: &[Record],
+    records: Vec<Record>,
     refresh: &[String],
 ) -> Result<SyncState> {
     // 1. Every rename, link and write of the apply steps durable, in one call.
     fs.sync_fs(&layout.root).at("syncfs", &layout.root)?;
-    // 2. The new state: the projection of base + this transaction.
-    let mut state = base.clone();
+    // 2. The new state: the projection of base + this transaction (both consumed:
+    // a large stack is not held twice).
+    let written = written_paths(&records);
+    let mut state = base;
     for r in records {
-        apply_event(&mut state, &r.event);
+        apply_event_owned(&mut state, r.event);
     }
     let mut fps = Vec::new();
-    for rel in written_paths(records)
-        .into_iter()
-        .chain(refresh.iter().cloned())
-    {
+    for rel in written.into_iter().chain(refresh.iter().cloned()) {
         if let Some(fp) = fingerprint(fs, layout, &rel)? {
             fps.push((rel, fp));
         }

@@ -146,6 +146,7 @@ fn make_plan(
     if !first.makes_refs() {
         return Ok(first);
     }
+    drop(first); // not held while the real plan is made
     let caps = if probe {
         probe_caps(fs, &cfg.layout, cfg.link)?
     } else {
@@ -284,6 +285,7 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         rec = crate::replay::recover::replay(cfg.fs.clone(), layout)?;
         p = make_plan(fs, cfg, &rec.state, &desired, true)?;
     }
+    drop(desired); // planned: the plan holds what it needs
     let mut journal = rec.journal;
     let state = rec.state;
     if p.is_noop() {
@@ -343,6 +345,7 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         let staging = layout.staging();
         fs.sync_fs(&staging).at("syncfs", &staging)?;
     }
+    drop(std::mem::take(&mut p.stage)); // staged: not held through apply
 
     // Phase 2: the commit point — the whole plan, durable, in one batch.
     let mut events = std::mem::take(&mut p.ops);
@@ -352,7 +355,7 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     // Phase 3: apply, then finish (state file, Committed, cleanup).
     let applied = Applier::new(fs, layout, txn)
         .apply_all(&records)
-        .and_then(|()| finish(fs, layout, &mut journal, &state, txn, &records, &p.refresh));
+        .and_then(|()| finish(fs, layout, &mut journal, state, txn, records, &p.refresh));
     let new_state = match applied {
         Ok(s) => s,
         Err(e) if e.is_crash() => return Err(e),
@@ -367,7 +370,7 @@ pub fn pull(manifest: &Manifest, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     };
     if journal.wants_compaction() {
         // The pull has committed: a failed compaction costs only space.
-        if let Err(e) = crate::replay::recover::compact(fs, layout, &mut journal, &new_state) {
+        if let Err(e) = crate::replay::recover::compact_state(fs, layout, &mut journal, new_state) {
             if e.is_crash() {
                 return Err(e);
             }

@@ -74,6 +74,54 @@ pub fn project(records: &[Record]) -> Projection {
     Projection { state, pending }
 }
 
+/// [`apply_event`] for an event the caller no longer needs: the entry takes the
+/// event's own strings instead of copies (a transaction's records are folded into
+/// the new state without holding every id, name and md5 twice).
+pub fn apply_event_owned(state: &mut SyncState, ev: Event) {
+    match ev {
+        Event::MakeRef {
+            slot,
+            table_id,
+            name,
+            md5,
+            size,
+            strategy,
+        } => {
+            let entry = TableEntry {
+                ref_path: layout::ref_rel(&slot, &name),
+                shared_path: layout::shared_rel(&table_id),
+                name,
+                md5,
+                size,
+                strategy,
+                ref_fp: None,
+                shared_fp: None,
+            };
+            match slot {
+                Slot::Direct => {
+                    state.direct_tables.insert(table_id, entry);
+                }
+                Slot::Package(slug) => {
+                    state
+                        .data_packages
+                        .entry(slug)
+                        .or_default()
+                        .insert(table_id, entry);
+                }
+            }
+        }
+        Event::PutBundle { slug, md5 } => {
+            let entry = DomainEntry {
+                md5,
+                path: layout::bundle_rel(&slug),
+                fp: None,
+            };
+            state.memory_domains.insert(slug, entry);
+        }
+        other => apply_event(state, &other),
+    }
+}
+
 /// The state effect of one applied event.
 pub fn apply_event(state: &mut SyncState, ev: &Event) {
     match ev {
