@@ -24,7 +24,7 @@ use crate::fs::{not_found_ok, Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::journal::Journal;
 use crate::layout::{self, Layout};
-use crate::replay::project::{apply_event_owned, apply_fingerprints};
+use crate::replay::project::{apply_event_owned, apply_fingerprints, compact_maps};
 use crate::replay::state::{write_state, StatFp, Strategy, SyncState};
 
 /// Would a copy succeed where this link or clone failed (contract §2 fallbacks)?
@@ -409,9 +409,17 @@ pub fn finish(
     // a large stack is not held twice).
     let written = written_paths(&records);
     let mut state = base;
-    for r in records {
+    // Consumed from the back of a reversed list whose buffer shrinks as it empties:
+    // the records' memory goes back while the state they become grows.
+    let mut records = records;
+    records.reverse();
+    while let Some(r) = records.pop() {
         apply_event_owned(&mut state, r.event);
+        if records.capacity() > 2 * records.len() + 1024 {
+            records.shrink_to_fit();
+        }
     }
+    compact_maps(&mut state);
     let mut fps = Vec::new();
     for rel in written.into_iter().chain(refresh.iter().cloned()) {
         if let Some(fp) = fingerprint(fs, layout, &rel)? {

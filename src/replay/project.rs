@@ -228,18 +228,41 @@ pub fn apply_fingerprints(state: &mut SyncState, fps: &[(String, StatFp)]) {
     if fps.is_empty() {
         return;
     }
-    let by_path: BTreeMap<&str, StatFp> = fps.iter().map(|(p, fp)| (p.as_str(), *fp)).collect();
+    // A sorted list searched by halves: a third of the memory of a map. A path
+    // listed twice keeps its last fingerprint, as inserting into a map did.
+    let mut by_path: Vec<(&str, StatFp)> = fps.iter().map(|(p, fp)| (p.as_str(), *fp)).collect();
+    by_path.sort_by(|a, b| a.0.cmp(b.0));
+    let get = |path: &str| -> Option<StatFp> {
+        let end = by_path.partition_point(|(p, _)| *p <= path);
+        by_path[..end]
+            .last()
+            .filter(|(p, _)| *p == path)
+            .map(|(_, fp)| *fp)
+    };
     for_each_entry(state, |e| {
-        if let Some(fp) = by_path.get(e.ref_path.as_str()) {
-            e.ref_fp = Some(*fp);
+        if let Some(fp) = get(&e.ref_path) {
+            e.ref_fp = Some(fp);
         }
-        if let Some(fp) = by_path.get(e.shared_path.as_str()) {
-            e.shared_fp = Some(*fp);
+        if let Some(fp) = get(&e.shared_path) {
+            e.shared_fp = Some(fp);
         }
     });
     for d in state.memory_domains.values_mut() {
-        if let Some(fp) = by_path.get(d.path.as_str()) {
-            d.fp = Some(*fp);
+        if let Some(fp) = get(&d.path) {
+            d.fp = Some(fp);
         }
+    }
+}
+
+/// Rebuild the state's maps from their sorted contents. Maps filled by inserts in
+/// key order (a transaction's references, a parsed state file) have nodes about
+/// half full; a bulk build fills them, which saves about a third of a large
+/// state's memory. The state is unchanged.
+pub fn compact_maps(state: &mut SyncState) {
+    state.direct_tables = std::mem::take(&mut state.direct_tables)
+        .into_iter()
+        .collect();
+    for tables in state.data_packages.values_mut() {
+        *tables = std::mem::take(tables).into_iter().collect();
     }
 }
