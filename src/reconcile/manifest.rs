@@ -160,8 +160,13 @@ pub struct Table {
     pub id: String,
     pub name: String,
     pub md5: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub query_mode: Option<String>,
+    /// `"local"` (the usual value) is shared, not allocated per table.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "query_mode"
+    )]
+    pub query_mode: Option<Cow<'static, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parquet_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,7 +211,20 @@ where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+    let mut list = Option::<Vec<T>>::deserialize(d)?.unwrap_or_default();
+    // Grown by doubling while parsed: give back the unused tail of a long list.
+    list.shrink_to_fit();
+    Ok(list)
+}
+
+fn query_mode<'de, D>(d: D) -> std::result::Result<Option<Cow<'static, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::<String>::deserialize(d)?.map(|m| match m.as_str() {
+        "local" => Cow::Borrowed("local"),
+        _ => Cow::Owned(m),
+    }))
 }
 
 impl Manifest {

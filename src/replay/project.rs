@@ -71,6 +71,7 @@ pub fn project(records: &[Record]) -> Projection {
         prepared: recs.iter().any(|r| r.event == Event::Prepared),
         records: recs.into_iter().cloned().collect(),
     });
+    compact_maps(&mut state);
     Projection { state, pending }
 }
 

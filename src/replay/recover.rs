@@ -76,7 +76,11 @@ pub fn trusted_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> 
         Err(e) => return Err(e).at("stat", &path),
     };
     Ok(match read_state(fs, layout) {
-        Ok(Some(s)) if s.journal.at.is_some_and(|at| at.len == len) && s.check_paths().is_ok() => {
+        Ok(Some(mut s))
+            if s.journal.at.is_some_and(|at| at.len == len) && s.check_paths().is_ok() =>
+        {
+            // Parsed by inserts in key order: its maps' nodes are half empty.
+            crate::replay::project::compact_maps(&mut s);
             Some(s)
         }
         _ => None,

@@ -282,7 +282,7 @@ pub fn check_desired(d: &Desired) {
     let mut ref_paths = BTreeMap::new();
     for ((slot, id), r) in &d.refs {
         assert!(is_safe_component(id), "unsafe table id {id:?}");
-        assert!(is_safe_component(&r.name), "unsafe name {:?}", r.name);
+        assert!(is_safe_component(r.name), "unsafe name {:?}", r.name);
         if let SlotRef::Package(slug) = slot {
             assert!(is_safe_component(slug), "unsafe slug {slug:?}");
             assert!(!slug.starts_with('_'));
@@ -306,7 +306,7 @@ pub fn check_desired(d: &Desired) {
                     .bytes()
                     .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
         );
-        let rel = origin::origin_relative(&t.url).expect("accepted URL does not resolve");
+        let rel = origin::origin_relative(t.url).expect("accepted URL does not resolve");
         assert!(rel.components().all(|c| matches!(c, Component::Normal(_))));
     }
     for (slug, dom) in &d.domains {
