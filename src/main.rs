@@ -536,6 +536,15 @@ fn main() -> ExitCode {
             on_interrupt as *const () as libc::sighandler_t,
         );
     }
+    // glibc raises its trim threshold to the size of the largest block freed so
+    // far, so after a large stack's manifest is dropped the heap is never handed
+    // back; a fixed threshold keeps peak RSS near the live heap (measured at 100k
+    // tables: 218 -> 205 MiB).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+    }
     // An empty STACK_DIR means unset (contract §5: then the current directory).
     if std::env::var_os("STACK_DIR").is_some_and(|v| v.is_empty()) {
         std::env::remove_var("STACK_DIR");

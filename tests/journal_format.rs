@@ -638,6 +638,28 @@ fn checkpoint_with_absent_optional_fields_survives_compaction_and_reopen() {
     );
 }
 
+/// Regression: compacting left `write_state`'s scratch folder (`.stack/tmp`)
+/// behind; the next command took it for a leftover and replayed the whole journal
+/// (the slow path) although the state file named the journal's end.
+#[test]
+fn compaction_leaves_no_scratch_folder_and_the_next_command_takes_the_fast_path() {
+    let (_dir, layout) = temp_layout();
+    let fs = real_fs();
+    let mut journal = Journal::open(fs.clone(), &layout).expect("open").journal;
+    let state = stack::replay::recover::compact_state(
+        fs.as_ref(),
+        &layout,
+        &mut journal,
+        SyncState::default(),
+    )
+    .expect("compact");
+    drop(journal);
+    assert!(!layout.tmp().exists(), ".stack/tmp left behind");
+    let rec = stack::replay::recover::recover(fs, &layout).expect("recover");
+    assert!(rec.trusted, "the next command did not take the fast path");
+    assert_eq!(rec.state, state);
+}
+
 // ---------------------------------------------------------------------------
 // Truncation at every byte.
 // ---------------------------------------------------------------------------

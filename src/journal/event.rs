@@ -180,6 +180,47 @@ impl Event {
     }
 }
 
+/// A `Checkpoint` record of a borrowed state: serializes exactly as
+/// `Record { seq, txn, event: Event::Checkpoint { state } }` does, without the copy
+/// of the whole state that building that record would take (compaction encodes
+/// the projection of a large stack through it).
+pub struct CheckpointRecord<'a> {
+    pub seq: u64,
+    pub txn: u64,
+    pub state: &'a SyncState,
+}
+
+impl Serialize for CheckpointRecord<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeStruct, SerializeStructVariant};
+        /// `Event::Checkpoint { state }`, borrowed.
+        struct CheckpointEvent<'a>(&'a SyncState);
+        impl Serialize for CheckpointEvent<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut v =
+                    s.serialize_struct_variant("Event", CHECKPOINT_INDEX, "Checkpoint", 1)?;
+                v.serialize_field("state", &StateField(self.0))?;
+                v.end()
+            }
+        }
+        /// The `state` field, through [`checkpoint_state`] as the owned event's is.
+        struct StateField<'a>(&'a SyncState);
+        impl Serialize for StateField<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                checkpoint_state::serialize(self.0, s)
+            }
+        }
+        let mut r = s.serialize_struct("Record", 3)?;
+        r.serialize_field("seq", &self.seq)?;
+        r.serialize_field("txn", &self.txn)?;
+        r.serialize_field("event", &CheckpointEvent(self.state))?;
+        r.end()
+    }
+}
+
+/// The variant index of `Event::Checkpoint` (its position in the enum).
+const CHECKPOINT_INDEX: u32 = 12;
+
 /// The journal encoding of a checkpoint's [`SyncState`].
 ///
 /// `SyncState` is shaped for `sync_state.json`: its optional fields (`size`,
@@ -200,7 +241,7 @@ pub mod checkpoint_state {
 
     use crate::replay::state::{DomainEntry, JournalPos, StatFp, Strategy, SyncState, TableEntry};
 
-    #[derive(Serialize, Deserialize)]
+    #[derive(Deserialize)]
     struct WireTable {
         name: String,
         md5: String,
@@ -212,7 +253,7 @@ pub mod checkpoint_state {
         shared_fp: Option<StatFp>,
     }
 
-    #[derive(Serialize, Deserialize)]
+    #[derive(Deserialize)]
     struct WireDomain {
         md5: String,
         path: String,
@@ -227,7 +268,7 @@ pub mod checkpoint_state {
         seq: u64,
     }
 
-    #[derive(Serialize, Deserialize)]
+    #[derive(Deserialize)]
     struct WireState {
         version: u32,
         journal: WireJournal,
@@ -236,17 +277,84 @@ pub mod checkpoint_state {
         memory_domains: BTreeMap<String, WireDomain>,
     }
 
-    fn table_to_wire(t: &TableEntry) -> WireTable {
-        WireTable {
-            name: t.name.clone(),
-            md5: t.md5.clone(),
-            size: t.size,
-            ref_path: t.ref_path.clone(),
-            shared_path: t.shared_path.clone(),
-            strategy: t.strategy,
-            ref_fp: t.ref_fp,
-            shared_fp: t.shared_fp,
+    // The writing side borrows from the state (a checkpoint of a large stack is not
+    // copied to be encoded); it serializes field for field, in the same order, as
+    // the owned mirrors above deserialize (a `&str` encodes as a `String`, a map
+    // written by `collect_map` as a `BTreeMap`).
+
+    #[derive(Serialize)]
+    struct TableOut<'a> {
+        name: &'a str,
+        md5: &'a str,
+        size: Option<u64>,
+        ref_path: &'a str,
+        shared_path: &'a str,
+        strategy: Strategy,
+        ref_fp: Option<StatFp>,
+        shared_fp: Option<StatFp>,
+    }
+
+    #[derive(Serialize)]
+    struct DomainOut<'a> {
+        md5: &'a str,
+        path: &'a str,
+        fp: Option<StatFp>,
+    }
+
+    struct TablesOut<'a>(&'a BTreeMap<String, TableEntry>);
+
+    impl Serialize for TablesOut<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().map(|(id, t)| {
+                let wire = TableOut {
+                    name: &t.name,
+                    md5: &t.md5,
+                    size: t.size,
+                    ref_path: &t.ref_path,
+                    shared_path: &t.shared_path,
+                    strategy: t.strategy,
+                    ref_fp: t.ref_fp,
+                    shared_fp: t.shared_fp,
+                };
+                (id, wire)
+            }))
         }
+    }
+
+    struct PackagesOut<'a>(&'a BTreeMap<String, BTreeMap<String, TableEntry>>);
+
+    impl Serialize for PackagesOut<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(
+                self.0
+                    .iter()
+                    .map(|(slug, tables)| (slug, TablesOut(tables))),
+            )
+        }
+    }
+
+    struct DomainsOut<'a>(&'a BTreeMap<String, DomainEntry>);
+
+    impl Serialize for DomainsOut<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_map(self.0.iter().map(|(slug, d)| {
+                let wire = DomainOut {
+                    md5: &d.md5,
+                    path: &d.path,
+                    fp: d.fp,
+                };
+                (slug, wire)
+            }))
+        }
+    }
+
+    #[derive(Serialize)]
+    struct StateOut<'a> {
+        version: u32,
+        journal: WireJournal,
+        direct_tables: TablesOut<'a>,
+        data_packages: PackagesOut<'a>,
+        memory_domains: DomainsOut<'a>,
     }
 
     fn table_from_wire(t: WireTable) -> TableEntry {
@@ -262,12 +370,6 @@ pub mod checkpoint_state {
         }
     }
 
-    fn tables_to_wire(m: &BTreeMap<String, TableEntry>) -> BTreeMap<String, WireTable> {
-        m.iter()
-            .map(|(k, t)| (k.clone(), table_to_wire(t)))
-            .collect()
-    }
-
     fn tables_from_wire(m: BTreeMap<String, WireTable>) -> BTreeMap<String, TableEntry> {
         m.into_iter()
             .map(|(k, t)| (k, table_from_wire(t)))
@@ -278,30 +380,15 @@ pub mod checkpoint_state {
         if s.is_human_readable() {
             return state.serialize(s);
         }
-        WireState {
+        StateOut {
             version: state.version,
             journal: WireJournal {
                 txn: state.journal.txn,
                 seq: state.journal.seq,
             },
-            direct_tables: tables_to_wire(&state.direct_tables),
-            data_packages: state
-                .data_packages
-                .iter()
-                .map(|(slug, tables)| (slug.clone(), tables_to_wire(tables)))
-                .collect(),
-            memory_domains: state
-                .memory_domains
-                .iter()
-                .map(|(slug, d)| {
-                    let wire = WireDomain {
-                        md5: d.md5.clone(),
-                        path: d.path.clone(),
-                        fp: d.fp,
-                    };
-                    (slug.clone(), wire)
-                })
-                .collect(),
+            direct_tables: TablesOut(&state.direct_tables),
+            data_packages: PackagesOut(&state.data_packages),
+            memory_domains: DomainsOut(&state.memory_domains),
         }
         .serialize(s)
     }
@@ -433,6 +520,39 @@ mod tests {
         let old = bincode::serde::encode_to_vec(OldEvent::Checkpoint { state: &s }, cfg).unwrap();
         let new = bincode::serde::encode_to_vec(checkpoint(s.clone()).event, cfg).unwrap();
         assert_eq!(old, new);
+    }
+
+    /// The borrowed checkpoint record encodes to the bytes of the owned one, with
+    /// and without optional fields, in the journal and in JSON.
+    #[test]
+    fn borrowed_checkpoint_record_encodes_as_the_owned_one() {
+        for with_optionals in [false, true] {
+            let s = state(with_optionals);
+            let owned = Record {
+                seq: 7,
+                txn: 3,
+                event: Event::Checkpoint {
+                    state: Box::new(s.clone()),
+                },
+            };
+            let borrowed = CheckpointRecord {
+                seq: 7,
+                txn: 3,
+                state: &s,
+            };
+            assert_eq!(
+                frame::encode_frame(std::slice::from_ref(&owned)).unwrap(),
+                {
+                    let mut out = Vec::new();
+                    frame::encode_frame_into(&mut out, std::slice::from_ref(&borrowed)).unwrap();
+                    out
+                }
+            );
+            assert_eq!(
+                serde_json::to_value(&owned).unwrap(),
+                serde_json::to_value(&borrowed).unwrap()
+            );
+        }
     }
 
     /// JSON (`journal show --json`) still renders the state as `sync_state.json` does.

@@ -90,25 +90,54 @@ pub fn header() -> [u8; HEADER_LEN] {
 /// Encode a batch of records as one frame. A frame is the unit of atomicity: after
 /// a crash it is either entirely valid or not there.
 pub fn encode_frame(records: &[Record]) -> Result<Vec<u8>, String> {
-    let payload = bincode::serde::encode_to_vec(records, bincode_config())
-        .map_err(|e| format!("encoding journal records: {e}"))?;
-    if payload.len() > MAX_PAYLOAD {
+    let mut out = Vec::new();
+    encode_frame_into(&mut out, records)?;
+    Ok(out)
+}
+
+/// Append one frame holding `records` to `out`. `records` is anything that
+/// serializes as a `Vec<Record>` does (a slice of borrowed mirrors, as a checkpoint
+/// uses, gives the same bytes). The payload is measured first and encoded straight
+/// into `out`, grown once to its exact size: a large batch is never held twice nor
+/// in a buffer grown by doubling. On error `out` is left as it was.
+pub fn encode_frame_into<T: serde::Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    records: &T,
+) -> Result<(), String> {
+    let failed = |e: bincode::error::EncodeError| format!("encoding journal records: {e}");
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(records, &mut size, bincode_config()).map_err(failed)?;
+    let len = size.bytes_written;
+    if len > MAX_PAYLOAD {
         return Err(format!(
-            "journal batch of {} bytes exceeds the {} byte frame limit",
-            payload.len(),
-            MAX_PAYLOAD
+            "journal batch of {len} bytes exceeds the {MAX_PAYLOAD} byte frame limit"
         ));
     }
-    let len = (payload.len() as u32).to_le_bytes();
+    let start = out.len();
+    out.reserve_exact(FRAME_HEADER_LEN + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    let at = out.len();
+    out.resize(at + len, 0);
+    match bincode::serde::encode_into_slice(records, &mut out[at..], bincode_config()) {
+        Ok(written) if written == len => {}
+        Ok(written) => {
+            out.truncate(start);
+            return Err(format!(
+                "encoding journal records: {written} bytes written, {len} measured"
+            ));
+        }
+        Err(e) => {
+            out.truncate(start);
+            return Err(failed(e));
+        }
+    }
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&len);
-    hasher.update(&payload);
+    hasher.update(&out[start..start + 4]);
+    hasher.update(&out[at..]);
     let crc = hasher.finalize().to_le_bytes();
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
-    out.extend_from_slice(&len);
-    out.extend_from_slice(&crc);
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out[start + 4..at].copy_from_slice(&crc);
+    Ok(())
 }
 
 /// How the scan of a journal ended.

@@ -395,20 +395,20 @@ impl Journal {
         self.check_usable()?;
         self.sync()?;
         let txn = self.new_txn();
-        let record = Record {
+        // Encoded from the borrowed state, straight after the header: the state is
+        // neither copied nor its encoding held twice.
+        let record = event::CheckpointRecord {
             seq: self.next_seq,
             txn,
-            event: Event::Checkpoint {
-                state: Box::new(state.clone()),
-            },
+            state,
         };
         let mut bytes = frame::header().to_vec();
-        let frame =
-            frame::encode_frame(std::slice::from_ref(&record)).map_err(|message| Error::State {
+        frame::encode_frame_into(&mut bytes, std::slice::from_ref(&record)).map_err(|message| {
+            Error::State {
                 path: self.layout.journal(),
                 message,
-            })?;
-        bytes.extend_from_slice(&frame);
+            }
+        })?;
         let private = self.layout.private();
         let tmp: PathBuf = private.join("journal.compact");
         let path = self.layout.journal();

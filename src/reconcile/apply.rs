@@ -24,7 +24,7 @@ use crate::fs::{not_found_ok, Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::journal::Journal;
 use crate::layout::{self, Layout};
-use crate::replay::project::{apply_event, apply_fingerprints};
+use crate::replay::project::{apply_event_owned, apply_fingerprints, compact_maps};
 use crate::replay::state::{write_state, StatFp, Strategy, SyncState};
 
 /// Would a copy succeed where this link or clone failed (contract §2 fallbacks)?
@@ -441,12 +441,7 @@ pub fn fingerprint(fs: &dyn Fs, layout: &Layout, rel: &str) -> Result<Option<Sta
 /// transaction refreshing it on the next, otherwise no-op, pull.
 pub fn written_paths(records: &[Record]) -> Vec<String> {
     let mut out = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    let mut push = |p: String| {
-        if seen.insert(p.clone()) {
-            out.push(p);
-        }
-    };
+    let mut push = |p: String| out.push(p);
     for r in records {
         match &r.event {
             Event::PutShared { table_id, .. } => push(layout::shared_rel(table_id)),
@@ -463,7 +458,8 @@ pub fn written_paths(records: &[Record]) -> Vec<String> {
             _ => {}
         }
     }
-    out.sort();
+    out.sort_unstable();
+    out.dedup();
     out
 }
 
@@ -474,19 +470,30 @@ pub fn finish(
     fs: &dyn Fs,
     layout: &Layout,
     journal: &mut Journal,
-    base: &SyncState,
+    base: SyncState,
     txn: u64,
-    records: &[Record],
+    records: Vec<Record>,
     refresh: &[String],
 ) -> Result<SyncState> {
     // 1. Every rename, link and write of the apply steps durable, in one call.
     fs.sync_fs(&layout.root).at("syncfs", &layout.root)?;
-    // 2. The new state: the projection of base + this transaction.
-    let mut state = base.clone();
-    for r in records {
-        apply_event(&mut state, &r.event);
+    // 2. The new state: the projection of base + this transaction (both consumed:
+    // a large stack is not held twice).
+    let written = written_paths(&records);
+    let pulled = crate::replay::project::requested(records.iter().map(|r| &r.event));
+    let mut state = base;
+    // Consumed from the back of a reversed list whose buffer shrinks as it empties:
+    // the records' memory goes back while the state they become grows.
+    let mut records = records;
+    records.reverse();
+    while let Some(r) = records.pop() {
+        apply_event_owned(&mut state, r.event);
+        if records.capacity() > 2 * records.len() + 1024 {
+            records.shrink_to_fit();
+        }
     }
-    let mut paths = written_paths(records);
+    compact_maps(&mut state);
+    let mut paths = written;
     paths.extend(refresh.iter().cloned());
     let stats = crate::par::map(&paths, crate::par::threads(), |rel| {
         fingerprint(fs, layout, rel)
@@ -510,7 +517,7 @@ pub fn finish(
             seq,
             txn: journal.last_txn(),
         }),
-        pulled: crate::replay::project::requested(records.iter().map(|r| &r.event)),
+        pulled,
     };
     write_state(fs, layout, &state)?;
     journal.sync()?;

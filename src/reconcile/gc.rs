@@ -55,14 +55,6 @@ pub fn gc(fs: Arc<dyn Fs>, layout: &Layout, command: &str, wait: bool) -> Result
     journal.append(txn, Event::Prepared);
     journal.sync()?;
     Applier::new(fs.as_ref(), layout, txn).apply_all(&records)?;
-    finish(
-        fs.as_ref(),
-        layout,
-        &mut journal,
-        &state,
-        txn,
-        &records,
-        &[],
-    )?;
+    finish(fs.as_ref(), layout, &mut journal, state, txn, records, &[])?;
     Ok(strays)
 }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::journal::event::{Event, LinkMode, Slot};
-use crate::reconcile::manifest::Desired;
+use crate::reconcile::manifest::{Desired, SlotRef, WantRef};
 use crate::reconcile::origin::Item;
 use crate::replay::state::{Strategy, SyncState};
 
@@ -113,7 +113,7 @@ pub fn resolve_strategy(mode: LinkMode, caps: Caps) -> Strategy {
 /// Plan one pull. Pure.
 pub fn plan(
     state: &SyncState,
-    desired: &Desired,
+    desired: &Desired<'_>,
     mode: LinkMode,
     strategy: Strategy,
     damage: &Damage,
@@ -133,19 +133,21 @@ pub fn plan(
 
     // Which shared files must be (re)placed.
     let mut put_shared: BTreeSet<&str> = BTreeSet::new();
-    for (id, want) in &desired.tables {
-        let fresh = current_md5.get(id.as_str()) != Some(&want.md5.as_str());
+    for (&id, want) in &desired.tables {
+        let fresh = current_md5.get(id) != Some(&&*want.md5);
         if fresh || damage.shared.contains(id) {
             put_shared.insert(id);
         }
     }
+    // A damaged reference (rare): looked up with an owned key only if there is any.
+    let ref_damaged = |slot: SlotRef<'_>, id: &str| {
+        !damage.refs.is_empty() && damage.refs.contains(&(slot.to_slot(), id.to_string()))
+    };
 
     // Reference removals and (re)makes.
     let mut removals = Vec::new();
-    let mut makes = Vec::new();
     for (slot, id, e) in state.entries() {
-        let key = (slot.clone(), id.to_string());
-        match desired.refs.get(&key) {
+        match desired.refs.get(&(SlotRef::of(&slot), id)) {
             None => {
                 p.tally.of(&slot).removed += 1;
                 removals.push(Event::RemoveRef {
@@ -157,7 +159,7 @@ pub fn plan(
             Some(want) if want.name != e.name => {
                 // Same table, new file name: move the reference.
                 removals.push(Event::RemoveRef {
-                    slot: slot.clone(),
+                    slot,
                     table_id: id.to_string(),
                     name: e.name.clone(),
                 });
@@ -165,20 +167,25 @@ pub fn plan(
             Some(_) => {}
         }
     }
-    for ((slot, id), want) in &desired.refs {
-        let key = (slot.clone(), id.clone());
+    // The references to (re)make, decided first and turned into events only once
+    // the plan's size is known (a large plan is built in one allocation).
+    let mut makes: Vec<(SlotRef<'_>, &str, &WantRef<'_>, Strategy)> = Vec::new();
+    for (&(slot, id), want) in &desired.refs {
         let mut use_strategy = strategy;
+        let counts = match slot {
+            SlotRef::Direct => &mut p.tally.direct_tables,
+            SlotRef::Package(_) => &mut p.tally.data_packages,
+        };
         let remake = match state_entry(state, slot, id) {
             None => {
-                p.tally.of(slot).added += 1;
+                counts.added += 1;
                 true
             }
             Some(e) => {
                 let changed = e.md5 != want.md5 || e.name != want.name;
-                let content_moved =
-                    put_shared.contains(id.as_str()) && e.strategy != Strategy::Symlink;
+                let content_moved = put_shared.contains(id) && e.strategy != Strategy::Symlink;
                 let restrategy = mode != LinkMode::Auto && e.strategy != strategy;
-                let damaged = damage.refs.contains(&key) || damage.shared.contains(id);
+                let damaged = ref_damaged(slot, id) || damage.shared.contains(id);
                 if mode == LinkMode::Auto {
                     // `auto` keeps whatever strategy an existing reference was given,
                     // except a reflink where the filesystem no longer clones (the
@@ -189,58 +196,94 @@ pub fn plan(
                     use_strategy = if lost_reflink { strategy } else { e.strategy };
                 }
                 if changed || damaged || restrategy {
-                    p.tally.of(slot).updated += 1;
+                    counts.updated += 1;
                     true
                 } else if content_moved {
                     // The shared file is re-placed (heal) and this reference holds
                     // its own copy of the bytes: re-make it silently.
                     true
                 } else {
-                    p.tally.of(slot).unchanged += 1;
+                    counts.unchanged += 1;
                     false
                 }
             }
         };
         if remake {
-            makes.push(Event::MakeRef {
-                slot: slot.clone(),
-                table_id: id.clone(),
-                name: want.name.clone(),
-                md5: want.md5.clone(),
-                size: want.size,
-                strategy: use_strategy,
-            });
+            makes.push((slot, id, want, use_strategy));
         }
     }
 
     // Staging: one download per distinct md5.
     let mut staged: BTreeSet<&str> = BTreeSet::new();
-    for id in &put_shared {
-        let want = &desired.tables[*id];
+    p.stage
+        .reserve_exact(put_shared.len() + desired.domains.len());
+    for &id in &put_shared {
+        let want = &desired.tables[id];
         if staged.insert(&want.md5) {
             p.stage.push(StageItem {
-                md5: want.md5.clone(),
-                url: want.url.clone(),
+                md5: want.md5.to_string(),
+                url: want.url.to_string(),
                 item: Item::Table { id: id.to_string() },
                 size: want.size,
             });
         }
     }
 
-    p.ops.extend(removals);
-    for id in &put_shared {
-        p.ops.push(Event::PutShared {
-            table_id: id.to_string(),
-            md5: desired.tables[*id].md5.clone(),
+    // Shared files leaving the stack, and folders of packages (and of direct
+    // tables) that end up with no reference.
+    let removed_shared: Vec<&str> = current_md5
+        .keys()
+        .copied()
+        .filter(|id| !desired.tables.contains_key(id))
+        .collect();
+    let mut folders_left: BTreeSet<&str> = BTreeSet::new();
+    for (slot, _) in desired.refs.keys() {
+        folders_left.insert(match slot {
+            SlotRef::Direct => DIRECT_FOLDER,
+            SlotRef::Package(slug) => slug,
         });
     }
-    p.ops.extend(makes);
-    for id in current_md5.keys() {
-        if !desired.tables.contains_key(*id) {
-            p.ops.push(Event::RemoveShared {
-                table_id: id.to_string(),
-            });
+    let mut folders_before: BTreeSet<&str> = BTreeSet::new();
+    if !state.direct_tables.is_empty() {
+        folders_before.insert(DIRECT_FOLDER);
+    }
+    for (slug, tables) in &state.data_packages {
+        if !tables.is_empty() {
+            folders_before.insert(slug);
         }
+    }
+    let folders_gone: Vec<&str> = folders_before.difference(&folders_left).copied().collect();
+
+    p.ops.reserve_exact(
+        removals.len()
+            + put_shared.len()
+            + makes.len()
+            + removed_shared.len()
+            + desired.domains.len()
+            + state.memory_domains.len()
+            + folders_gone.len(),
+    );
+    p.ops.extend(removals);
+    for &id in &put_shared {
+        p.ops.push(Event::PutShared {
+            table_id: id.to_string(),
+            md5: desired.tables[id].md5.to_string(),
+        });
+    }
+    for (slot, id, want, strategy) in makes {
+        p.ops.push(Event::MakeRef {
+            slot: slot.to_slot(),
+            table_id: id.to_string(),
+            name: want.name.to_string(),
+            md5: want.md5.to_string(),
+            size: want.size,
+            strategy,
+        });
+    }
+    for id in removed_shared {
+        p.ops.push(Event::RemoveShared {
+            table_id: id.to_string(),
+        });
     }
 
     // Memory domains.
@@ -281,37 +324,33 @@ pub fn plan(
         }
     }
 
-    // Folders of packages (and of direct tables) that end up with no reference.
-    let mut folders_left: BTreeSet<String> = BTreeSet::new();
-    for (slot, _) in desired.refs.keys() {
-        folders_left.insert(slot_folder(slot));
-    }
-    let mut folders_before: BTreeSet<String> = BTreeSet::new();
-    for (slot, _, _) in state.entries() {
-        folders_before.insert(slot_folder(&slot));
-    }
-    for f in folders_before.difference(&folders_left) {
-        p.ops.push(Event::RemoveDir { slug: f.clone() });
+    for f in folders_gone {
+        p.ops.push(Event::RemoveDir {
+            slug: f.to_string(),
+        });
     }
     p
 }
 
+/// The folder under `data/` of the direct tables.
+const DIRECT_FOLDER: &str = "_direct";
+
 /// The folder name under `data/` of a slot (`_direct` or the slug).
 pub fn slot_folder(slot: &Slot) -> String {
     match slot {
-        Slot::Direct => "_direct".to_string(),
+        Slot::Direct => DIRECT_FOLDER.to_string(),
         Slot::Package(slug) => slug.clone(),
     }
 }
 
 fn state_entry<'a>(
     state: &'a SyncState,
-    slot: &Slot,
+    slot: SlotRef<'_>,
     id: &str,
 ) -> Option<&'a crate::replay::state::TableEntry> {
     match slot {
-        Slot::Direct => state.direct_tables.get(id),
-        Slot::Package(slug) => state.data_packages.get(slug).and_then(|t| t.get(id)),
+        SlotRef::Direct => state.direct_tables.get(id),
+        SlotRef::Package(slug) => state.data_packages.get(slug).and_then(|t| t.get(id)),
     }
 }
 
@@ -326,9 +365,10 @@ mod tests {
         c.to_string().repeat(32)
     }
 
-    fn desired(json: serde_json::Value) -> Desired {
-        let m: Manifest = serde_json::from_value(json).unwrap();
-        validate(&m, &LocalOrigin::new("/nowhere")).unwrap()
+    fn desired(json: serde_json::Value) -> Desired<'static> {
+        // Leaked: the desired set borrows from its manifest (test only).
+        let m: &'static Manifest = Box::leak(Box::new(serde_json::from_value(json).unwrap()));
+        validate(m, &LocalOrigin::new("/nowhere")).unwrap()
     }
 
     fn table(id: &str, name: &str, m: char) -> serde_json::Value {

@@ -232,6 +232,7 @@ fn make_plan(
     if !first.makes_refs() {
         return Ok(first);
     }
+    drop(first); // not held while the real plan is made
     let caps = if probe {
         probe_caps(fs, &cfg.layout, cfg.link)?
     } else {
@@ -347,7 +348,6 @@ pub fn status(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     }
     let manifest = wanted.parse()?;
     let desired = validate(&manifest, cfg.origin)?;
-    drop(manifest);
     let projection = match trusted {
         Some(state) => crate::replay::project::Projection {
             state,
@@ -408,11 +408,16 @@ pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
             .as_ref()
             .is_some_and(|p| Some(&p.key) == key.as_ref())
     };
-    let mut checked = None;
+    // The parsed manifest outlives the desired set, which borrows from it; both
+    // are dropped once the plan is made.
+    let mut early = None;
     if !peeked.as_ref().is_some_and(|p| same(&p.state)) {
-        let m = wanted.parse()?;
-        checked = Some((validate(&m, cfg.origin)?, wanted.digest(&m)));
+        early = Some(wanted.parse()?);
     }
+    let mut checked = match &early {
+        Some(m) => Some((validate(m, cfg.origin)?, wanted.digest(m))),
+        None => None,
+    };
     let _lock = lock::acquire(fs, layout, &cfg.command, cfg.wait)?;
     // The fast path of recovery reads only; the slow one may roll a transaction
     // back or forward, so it waits until the manifest is known to be valid.
@@ -424,12 +429,13 @@ pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
             Err(d) => damage = d,
         }
     }
-    let (desired, manifest_md5) = match checked {
+    let mut late = None;
+    let (desired, manifest_md5) = match checked.take() {
         Some(v) => v,
         // The state file changed between the peek and the lock (rare): validate now.
         None => {
-            let m = wanted.parse()?;
-            (validate(&m, cfg.origin)?, wanted.digest(&m))
+            let m = late.insert(wanted.parse()?);
+            (validate(m, cfg.origin)?, wanted.digest(m))
         }
     };
     let mut rec = match fast {
@@ -444,7 +450,8 @@ pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         rec = crate::replay::recover::replay(cfg.fs.clone(), layout)?;
         p = make_plan(fs, cfg, &rec.state, &desired, true, None)?;
     }
-    drop(desired);
+    drop(desired); // planned: the plan holds what it needs
+    drop((early, late));
     let mut journal = rec.journal;
     let state = rec.state;
     if p.is_noop() {
@@ -504,6 +511,7 @@ pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         let staging = layout.staging();
         fs.sync_fs(&staging).at("syncfs", &staging)?;
     }
+    drop(std::mem::take(&mut p.stage)); // staged: not held through apply
 
     // Phase 2: the commit point — the whole plan, durable, in one batch.
     let mut events = std::mem::take(&mut p.ops);
@@ -521,7 +529,7 @@ pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     let applied = Applier::new(fs, layout, txn)
         .threads(cfg.jobs)
         .apply_all(&records)
-        .and_then(|()| finish(fs, layout, &mut journal, &state, txn, &records, &p.refresh));
+        .and_then(|()| finish(fs, layout, &mut journal, state, txn, records, &p.refresh));
     let new_state = match applied {
         Ok(s) => s,
         Err(e) if e.is_crash() => return Err(e),
@@ -536,7 +544,7 @@ pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     };
     if journal.wants_compaction() {
         // The pull has committed: a failed compaction costs only space.
-        if let Err(e) = crate::replay::recover::compact(fs, layout, &mut journal, &new_state) {
+        if let Err(e) = crate::replay::recover::compact_state(fs, layout, &mut journal, new_state) {
             if e.is_crash() {
                 return Err(e);
             }

@@ -127,7 +127,11 @@ pub fn trusted_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> 
         return Ok(None);
     };
     Ok(match read_state(fs, layout) {
-        Ok(Some(s)) if s.journal.at.is_some_and(|at| at.len == len) && s.check_paths().is_ok() => {
+        Ok(Some(mut s))
+            if s.journal.at.is_some_and(|at| at.len == len) && s.check_paths().is_ok() =>
+        {
+            // Parsed by inserts in key order: its maps' nodes are half empty.
+            crate::replay::project::compact_maps(&mut s);
             Some(s)
         }
         _ => None,
@@ -135,15 +139,26 @@ pub fn trusted_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> 
 }
 
 /// Compact the journal to one checkpoint of `state`, then record the new journal
-/// length in the state file so the next command keeps the fast path.
+/// length in the state file so the next command keeps the fast path. (A copy of
+/// `state` is made: a caller that is done with its state hands it over through
+/// [`compact_state`] instead.)
 pub fn compact(
     fs: &dyn Fs,
     layout: &Layout,
     journal: &mut Journal,
     state: &SyncState,
 ) -> Result<SyncState> {
-    journal.compact(state)?;
-    let mut state = state.clone();
+    compact_state(fs, layout, journal, state.clone())
+}
+
+/// [`compact`], consuming the state (no copy of a large stack).
+pub fn compact_state(
+    fs: &dyn Fs,
+    layout: &Layout,
+    journal: &mut Journal,
+    mut state: SyncState,
+) -> Result<SyncState> {
+    journal.compact(&state)?;
     // The checkpoint is now the journal's last (and only) record: the state is at it.
     state.journal.txn = journal.last_txn();
     state.journal.seq = journal.last_seq();
@@ -152,6 +167,13 @@ pub fn compact(
     // that must equal its projection (the next change records a new one).
     state.journal.pulled = None;
     write_state(fs, layout, &state)?;
+    // `write_state` left its scratch folder behind; a `.stack/tmp` counts as a
+    // leftover and would send the next command down the slow path (reading the
+    // whole journal) although nothing is left to recover.
+    let tmp = layout.tmp();
+    if fs.exists(&tmp).at("stat", &tmp)? {
+        fs.remove_tree(&tmp).at("remove", &tmp)?;
+    }
     Ok(state)
 }
 
@@ -187,7 +209,7 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
         if let Some(mut adopted) = candidate.filter(|s| s.check_paths().is_ok()) {
             // Its no-op key vouched for a state the journal backed; not any more.
             adopted.journal.pulled = None;
-            let adopted = compact(fs.as_ref(), layout, &mut journal, &adopted)?;
+            let adopted = compact_state(fs.as_ref(), layout, &mut journal, adopted)?;
             notes.push("journal was missing; started a new one from sync_state.json".to_string());
             return Ok(Recovered {
                 journal,
@@ -207,9 +229,9 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
                 fs.as_ref(),
                 layout,
                 &mut journal,
-                &state,
+                state,
                 p.txn,
-                &p.records,
+                p.records,
                 &[],
             )?;
             notes.push(format!(

@@ -18,7 +18,7 @@ use stack::journal::event::{Event, LinkMode, Record, Slot};
 use stack::journal::frame::{self, End};
 use stack::journal::Journal;
 use stack::layout::{self, Layout};
-use stack::reconcile::manifest::{is_safe_component, validate, Desired, Manifest};
+use stack::reconcile::manifest::{is_safe_component, validate, Desired, Manifest, SlotRef};
 use stack::reconcile::origin::{self, Fetched, LocalOrigin, Origin, Request};
 use stack::reconcile::pull::{default_hash, pull, PullConfig, Wanted};
 use stack::reconcile::stage::BundleCheck;
@@ -282,16 +282,16 @@ pub fn check_desired(d: &Desired) {
     let mut ref_paths = BTreeMap::new();
     for ((slot, id), r) in &d.refs {
         assert!(is_safe_component(id), "unsafe table id {id:?}");
-        assert!(is_safe_component(&r.name), "unsafe name {:?}", r.name);
-        if let Slot::Package(slug) = slot {
+        assert!(is_safe_component(r.name), "unsafe name {:?}", r.name);
+        if let SlotRef::Package(slug) = slot {
             assert!(is_safe_component(slug), "unsafe slug {slug:?}");
             assert!(!slug.starts_with('_'));
         }
-        let rel = layout::ref_rel(slot, &r.name);
+        let rel = layout::ref_rel(&slot.to_slot(), r.name);
         assert!(only_normal(&rel, 3), "ref path {rel:?}");
         assert!(rel.ends_with(".parquet"));
         assert!(
-            ref_paths.insert(rel.clone(), id.clone()).is_none(),
+            ref_paths.insert(rel.clone(), id.to_string()).is_none(),
             "two refs land on {rel}"
         );
         let t = d.tables.get(id).expect("a ref without its table");
@@ -306,7 +306,7 @@ pub fn check_desired(d: &Desired) {
                     .bytes()
                     .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
         );
-        let rel = origin::origin_relative(&t.url).expect("accepted URL does not resolve");
+        let rel = origin::origin_relative(t.url).expect("accepted URL does not resolve");
         assert!(rel.components().all(|c| matches!(c, Component::Normal(_))));
     }
     for (slug, dom) in &d.domains {
@@ -511,7 +511,10 @@ pub fn view_of_desired(d: &Desired) -> View {
     let refs = d
         .refs
         .iter()
-        .map(|(k, r)| (k.clone(), (r.name.clone(), r.md5.clone())))
+        .map(|((slot, id), r)| {
+            let key = (slot.to_slot(), id.to_string());
+            (key, (r.name.to_string(), r.md5.to_string()))
+        })
         .collect();
     let doms = d
         .domains
