@@ -51,29 +51,49 @@ pub fn stage_all(
     let failed = AtomicBool::new(false);
     let bytes = AtomicU64::new(0);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        failed.store(true, Ordering::Relaxed);
+        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+        // A crash wins over any other error: it must reach the caller.
+        if slot.is_none() || e.is_crash() {
+            *slot = Some(e);
+        }
+    };
     let worker = || {
+        // Small items a local origin hands over whole wait here until a batch is
+        // full, then are hashed together; any other item is staged at once.
+        let mut small: Vec<(&StageItem, Vec<u8>)> = Vec::with_capacity(BATCH);
         while !failed.load(Ordering::Relaxed) {
-            // A batch at a time: small items of a local origin are hashed together.
-            let i = next.fetch_add(BATCH, Ordering::Relaxed);
-            let Some(batch) = items.get(i..(i + BATCH).min(items.len())) else {
-                break;
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { break };
+            let staged = match origin.read_small(&request(item)) {
+                Some(Ok(bytes)) => {
+                    small.push((item, bytes));
+                    if small.len() < BATCH {
+                        continue;
+                    }
+                    stage_small(fs, layout, &mut small, bundles, progress)
+                }
+                Some(Err(e)) => Err(e),
+                None => stage_one(fs, layout, origin, item, bundles).inspect(|n| progress(*n)),
             };
-            match stage_batch(fs, layout, origin, batch, bundles, progress) {
+            match staged {
                 Ok(n) => {
                     bytes.fetch_add(n, Ordering::Relaxed);
                 }
-                Err(e) => {
-                    failed.store(true, Ordering::Relaxed);
-                    let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
-                    // A crash wins over any other error: it must reach the caller.
-                    if slot.is_none() || e.is_crash() {
-                        *slot = Some(e);
-                    }
+                Err(e) => fail(e),
+            }
+        }
+        if !small.is_empty() && !failed.load(Ordering::Relaxed) {
+            match stage_small(fs, layout, &mut small, bundles, progress) {
+                Ok(n) => {
+                    bytes.fetch_add(n, Ordering::Relaxed);
                 }
+                Err(e) => fail(e),
             }
         }
     };
-    let jobs = jobs.clamp(1, items.len().div_ceil(BATCH));
+    let jobs = jobs.clamp(1, items.len());
     std::thread::scope(|s| {
         for _ in 1..jobs {
             s.spawn(worker);
@@ -96,32 +116,20 @@ pub fn stage_all(
 /// Items a worker takes at once: one per lane of [`crate::md5x`].
 const BATCH: usize = 8;
 
-/// Stage a batch: the small items an origin hands over whole are written, then
-/// hashed together in lock step (one md5 pass for up to eight files instead of
-/// one each); the others are streamed one by one. Returns the bytes fetched.
-fn stage_batch(
+/// Write a batch of small items handed over whole (`Origin::read_small`) to their
+/// staged names and hash them together in lock step (one md5 pass for up to
+/// eight files instead of one each). Empties `small`; returns the bytes fetched.
+fn stage_small(
     fs: &dyn Fs,
     layout: &Layout,
-    origin: &dyn Origin,
-    batch: &[StageItem],
+    small: &mut Vec<(&StageItem, Vec<u8>)>,
     bundles: BundleCheck,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
-    let mut total = 0;
-    let mut whole: Vec<(&StageItem, Vec<u8>)> = Vec::new();
-    for item in batch {
-        match origin.read_small(&request(item)) {
-            Some(bytes) => whole.push((item, bytes?)),
-            None => {
-                let n = stage_one(fs, layout, origin, item, bundles)?;
-                total += n;
-                progress(n);
-            }
-        }
-    }
-    let slices: Vec<&[u8]> = whole.iter().map(|(_, b)| b.as_slice()).collect();
+    let slices: Vec<&[u8]> = small.iter().map(|(_, b)| b.as_slice()).collect();
     let digests = crate::md5x::digest_slices(&slices);
-    for ((item, bytes), digest) in whole.iter().zip(digests) {
+    let mut total = 0;
+    for ((item, bytes), digest) in small.drain(..).zip(digests) {
         // Such an origin cannot resume: the bytes go straight to the staged name.
         let staged = layout.staged(&item.md5);
         let mut w = match fs.create(&staged) {
@@ -133,7 +141,7 @@ fn stage_batch(
             r => r,
         }
         .at("create", &staged)?;
-        w.write_all(bytes).at("write", &staged)?;
+        w.write_all(&bytes).at("write", &staged)?;
         w.flush().at("write", &staged)?;
         drop(w);
         let got = crate::reconcile::origin::hex(&digest);
