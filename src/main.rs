@@ -292,7 +292,7 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
         bundles: stack::BundleCheck::Verify,
         progress: &progress,
     };
-    let rep = reconcile::pull::pull(manifest.wanted(), &cfg);
+    let rep = reconcile::pull::pull(manifest.into_wanted(), &cfg);
     bar.finish();
     let rep = rep?;
     if level >= Level::Normal {

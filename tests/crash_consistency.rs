@@ -159,8 +159,8 @@ fn pull_on(fs: &SimFs, m: &Manifest, link: LinkMode) -> stack::Result<()> {
     // crash-tested too.
     let bytes = serde_json::to_vec(m).expect("manifest serializes");
     let wanted = Wanted::Raw {
-        bytes: &bytes,
-        origin: "crash-test",
+        bytes: (&bytes[..]).into(),
+        origin: "crash-test".into(),
     };
     pull(wanted, &cfg).map(|_| ())
 }

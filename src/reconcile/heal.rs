@@ -103,12 +103,15 @@ pub fn find_damage(
     let mut d = Damage::default();
     // One check per shared file, then one per reference; both fan out over threads
     // (a no-op pull is mostly these stats).
-    let mut shared_seen = std::collections::BTreeSet::new();
+    let mut shared_seen = std::collections::HashSet::new();
     let shared: Vec<(&str, &TableEntry)> = state
-        .entries()
-        .filter(|(_, id, _)| shared_seen.insert(*id))
-        .map(|(_, id, e)| (id, e))
+        .direct_tables
+        .iter()
+        .chain(state.data_packages.values().flatten())
+        .map(|(id, e)| (id.as_str(), e))
+        .filter(|(id, _)| shared_seen.insert(*id))
         .collect();
+    drop(shared_seen);
     let checks = crate::par::map(&shared, crate::par::threads(), |(_, e)| {
         check_file(
             fs,
@@ -127,15 +130,31 @@ pub fn find_damage(
             }
         }
     }
-    let refs: Vec<(Slot, &str, &TableEntry)> = state.entries().collect();
+    // (package slug or None for a direct table, id, entry): no slot is built (and
+    // no slug copied) for the references that turn out fine.
+    let mut refs: Vec<(Option<&str>, &str, &TableEntry)> = Vec::new();
+    refs.extend(
+        state
+            .direct_tables
+            .iter()
+            .map(|(id, e)| (None, id.as_str(), e)),
+    );
+    for (slug, tables) in &state.data_packages {
+        refs.extend(
+            tables
+                .iter()
+                .map(|(id, e)| (Some(slug.as_str()), id.as_str(), e)),
+        );
+    }
     let checks = crate::par::map(&refs, crate::par::threads(), |(_, id, e)| {
         check_ref(fs, layout, id, e, hash)
     })?;
-    for ((slot, id, e), check) in refs.into_iter().zip(checks) {
+    for ((slug, id, e), check) in refs.into_iter().zip(checks) {
         match check {
             Check::Ok => {}
             Check::Refresh => d.refresh.push(e.ref_path.clone()),
             Check::Damaged => {
+                let slot = slug.map_or(Slot::Direct, |s| Slot::Package(s.to_string()));
                 d.refs.insert((slot, id.to_string()));
             }
         }

@@ -72,7 +72,7 @@ pub struct PullConfig<'a> {
 }
 
 /// The manifest a pull or status works from.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub enum Wanted<'a> {
     /// Already parsed (the library API): validated and planned every time.
     Parsed(&'a Manifest),
@@ -80,7 +80,12 @@ pub enum Wanted<'a> {
     /// URLs resolve (the command line). When the same bytes, origin and link mode
     /// were what the pull that wrote the state file realised, and the disk is
     /// undamaged, the plan can only be empty: the manifest is not even parsed.
-    Raw { bytes: &'a [u8], origin: &'a str },
+    /// Owned bytes are dropped as soon as they are parsed (a large manifest's text
+    /// is not kept through the pull).
+    Raw {
+        bytes: std::borrow::Cow<'a, [u8]>,
+        origin: std::borrow::Cow<'a, str>,
+    },
 }
 
 impl<'a> Wanted<'a> {
@@ -101,10 +106,17 @@ impl<'a> Wanted<'a> {
 
     /// The manifest, parsed (contract §1 shape) if it came as bytes.
     pub fn parse(&self) -> Result<std::borrow::Cow<'a, Manifest>> {
-        Ok(match *self {
-            Wanted::Parsed(m) => std::borrow::Cow::Borrowed(m),
+        Ok(match self {
+            Wanted::Parsed(m) => std::borrow::Cow::Borrowed(*m),
             Wanted::Raw { bytes, .. } => std::borrow::Cow::Owned(Manifest::from_json(bytes)?),
         })
+    }
+
+    /// Forget the bytes once parsed (their key and digest are taken).
+    fn drop_bytes(&mut self) {
+        if let Wanted::Raw { bytes, .. } = self {
+            *bytes = std::borrow::Cow::Borrowed(&[]);
+        }
     }
 
     /// The md5 the `Begin` record keeps: of the bytes when known (what `md5sum`
@@ -380,7 +392,7 @@ pub fn status(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
 /// A manifest given as bytes is parsed and validated before anything but the lock
 /// file is touched, unless it is the very manifest the state file realised and the
 /// disk is undamaged (then nothing is to be done, and nothing is done).
-pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
+pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     if cfg.dry_run {
         return status(wanted, cfg);
     }
@@ -392,7 +404,7 @@ pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     // lock file) is touched. The key's md5 runs meanwhile.
     let (key, peeked) = std::thread::scope(|s| {
         let key = s.spawn(|| wanted.key(cfg.link));
-        let peeked = match wanted {
+        let peeked = match &wanted {
             Wanted::Raw { .. } => crate::replay::recover::peek(fs, layout),
             Wanted::Parsed(_) => Ok(None),
         };
@@ -418,6 +430,9 @@ pub fn pull(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         Some(m) => Some((validate(m, cfg.origin)?, wanted.digest(m))),
         None => None,
     };
+    if checked.is_some() {
+        wanted.drop_bytes();
+    }
     let _lock = lock::acquire(fs, layout, &cfg.command, cfg.wait)?;
     // The fast path of recovery reads only; the slow one may roll a transaction
     // back or forward, so it waits until the manifest is known to be valid.

@@ -127,11 +127,7 @@ pub fn trusted_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> 
         return Ok(None);
     };
     Ok(match read_state(fs, layout) {
-        Ok(Some(mut s))
-            if s.journal.at.is_some_and(|at| at.len == len) && s.check_paths().is_ok() =>
-        {
-            // Parsed by inserts in key order: its maps' nodes are half empty.
-            crate::replay::project::compact_maps(&mut s);
+        Ok(Some(s)) if s.journal.at.is_some_and(|at| at.len == len) && s.check_paths().is_ok() => {
             Some(s)
         }
         _ => None,

@@ -249,18 +249,43 @@ impl SyncState {
 /// exists but is not a state this build understands (the caller rebuilds it).
 pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
     let path = layout.state_file();
-    // Read whole, then parsed from the slice: about twice as fast as a streamed
-    // parse, for a transient buffer of the file's size.
-    let bytes = match fs.read(&path) {
-        Ok(b) => b,
+    let unreadable = |e: serde_json::Error| Error::State {
+        path: path.clone(),
+        message: format!("unreadable state file: {e}"),
+    };
+    let file = match fs.open_read(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).at("read", &path),
     };
-    let state: SyncState = serde_json::from_slice(&bytes).map_err(|e| Error::State {
-        path: path.clone(),
-        message: format!("unreadable state file: {e}"),
-    })?;
-    drop(bytes);
+    let len = fs.metadata(&path).map(|m| m.len).unwrap_or(u64::MAX);
+    let state = if len <= WHOLE_STATE_MAX {
+        // Read whole, then parsed from the slice, its maps on several threads
+        // (`parse_state`): a no-op pull of a usual stack is mostly this and stats.
+        let mut bytes = Vec::with_capacity(len as usize + 1);
+        std::io::Read::read_to_end(&mut std::io::BufReader::new(file), &mut bytes)
+            .at("read", &path)?;
+        parse_state(&bytes).map_err(unreadable)?
+    } else {
+        // A very large stack: streamed, so that its text and its structs are not
+        // held at once; then its maps are rebuilt full (parsing inserts in key
+        // order, which leaves tree nodes half empty).
+        let reader = std::io::BufReader::with_capacity(256 * 1024, file);
+        let mut state: SyncState = serde_json::from_reader(reader).map_err(|e| {
+            if e.is_io() {
+                // A disk that fails a read is an I/O error, never an unreadable state.
+                Error::Io {
+                    op: "read",
+                    path: path.clone(),
+                    source: e.into(),
+                }
+            } else {
+                unreadable(e)
+            }
+        })?;
+        crate::replay::project::compact_maps(&mut state);
+        state
+    };
     if state.version != STATE_VERSION {
         return Err(Error::State {
             path,
@@ -268,6 +293,70 @@ pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
         });
     }
     Ok(Some(state))
+}
+
+/// State files up to this size are read whole and parsed in parallel; larger ones
+/// are streamed (memory before speed: about 25,000 references).
+const WHOLE_STATE_MAX: u64 = 8 << 20;
+
+/// The state file's text, split at its table maps (each kept as raw JSON text).
+#[derive(Deserialize)]
+struct Sections<'a> {
+    version: u32,
+    #[serde(default)]
+    journal: JournalPos,
+    #[serde(default, borrow)]
+    direct_tables: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    data_packages: BTreeMap<String, &'a serde_json::value::RawValue>,
+    #[serde(default)]
+    memory_domains: BTreeMap<String, DomainEntry>,
+}
+
+/// Parse a state file: the outline first, then its table maps (the direct tables
+/// and each package: nearly all of the bytes) on several threads, each map built
+/// whole from its sorted entries (no half-empty tree nodes). Every command that
+/// trusts the state file pays this parse, a no-op pull included.
+pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
+    let outline: Sections<'_> = serde_json::from_slice(bytes)?;
+    let mut maps: Vec<&serde_json::value::RawValue> = Vec::new();
+    maps.extend(outline.direct_tables);
+    maps.extend(outline.data_packages.values().copied());
+    let parse = |raw: &&serde_json::value::RawValue| {
+        serde_json::from_str::<BTreeMap<String, TableEntry>>(raw.get())
+            .map(|m| m.into_iter().collect::<BTreeMap<_, _>>())
+            .map_err(|e| crate::Error::State {
+                path: std::path::PathBuf::new(),
+                message: e.to_string(),
+            })
+    };
+    let threads = if bytes.len() < (256 << 10) {
+        1
+    } else {
+        crate::par::threads()
+    };
+    let Ok(parsed) = crate::par::map_balanced(&maps, threads, parse) else {
+        // A bad map: parse the whole text again for an error that names the
+        // line and column in the file, not in the map.
+        return serde_json::from_slice(bytes);
+    };
+    let mut parsed = parsed.into_iter();
+    let direct_tables = match outline.direct_tables {
+        Some(_) => parsed.next().unwrap_or_default(),
+        None => BTreeMap::new(),
+    };
+    let data_packages = outline
+        .data_packages
+        .into_keys()
+        .zip(parsed)
+        .collect::<BTreeMap<_, _>>();
+    Ok(SyncState {
+        version: outline.version,
+        journal: outline.journal,
+        direct_tables,
+        data_packages,
+        memory_domains: outline.memory_domains,
+    })
 }
 
 /// Replace `sync_state.json` atomically: temp file in `.stack/tmp`, fsync, rename,
@@ -325,6 +414,48 @@ mod tests {
                 .insert("tbl_a".to_string(), e);
         }
         s
+    }
+
+    #[test]
+    fn parse_state_equals_a_plain_parse_and_reports_errors_in_file_positions() {
+        let mut s = SyncState::default();
+        for i in 0..3000 {
+            let id = format!("tbl_{i:05}");
+            let e = entry(
+                &format!("n{i}"),
+                &format!("data/p{}/n{i}.parquet", i % 3),
+                &format!("data/_shared/{id}.parquet"),
+            );
+            s.data_packages
+                .entry(format!("p{}", i % 3))
+                .or_default()
+                .insert(id.clone(), e.clone());
+            if i % 7 == 0 {
+                s.direct_tables.insert(id, e);
+            }
+        }
+        s.memory_domains.insert(
+            "m".to_string(),
+            DomainEntry {
+                md5: "0123456789abcdef0123456789abcdef".to_string(),
+                path: "memory/m/bundle.md".to_string(),
+                fp: None,
+            },
+        );
+        let bytes = serde_json::to_vec(&s).unwrap();
+        assert!(bytes.len() > 256 << 10, "the threaded path is taken");
+        assert_eq!(parse_state(&bytes).unwrap(), s);
+        let small = serde_json::to_vec(&SyncState::default()).unwrap();
+        assert_eq!(parse_state(&small).unwrap(), SyncState::default());
+        // A damaged entry deep in a package: the error is the plain parse's.
+        let text = String::from_utf8(bytes).unwrap().replacen(
+            "\"strategy\":\"symlink\"",
+            "\"strategy\":7",
+            2000,
+        );
+        let plain = serde_json::from_slice::<SyncState>(text.as_bytes()).unwrap_err();
+        let got = parse_state(text.as_bytes()).unwrap_err();
+        assert_eq!(got.to_string(), plain.to_string());
     }
 
     #[test]

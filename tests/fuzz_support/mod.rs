@@ -553,8 +553,8 @@ fn do_pull(sim: &SimFs, manifest: &Manifest, link: LinkMode) -> stack::Result<()
     // As bytes, like the command line (the no-op key and `Request` are exercised).
     let bytes = serde_json::to_vec(manifest).expect("manifest serializes");
     let wanted = Wanted::Raw {
-        bytes: &bytes,
-        origin: "fuzz",
+        bytes: (&bytes[..]).into(),
+        origin: "fuzz".into(),
     };
     pull(wanted, &cfg).map(|_| ())
 }
