@@ -175,8 +175,11 @@ fn compress_lanes_avx512(state: &mut [[u32; LANES]; 4], m: &[[u32; LANES]; 16]) 
 fn compress_lanes(state: &mut [[u32; LANES]; 4], m: &[[u32; LANES]; 16]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl") {
-            // SAFETY: the CPU supports AVX-512F and VL (and so AVX2), checked above.
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx2")
+        {
+            // SAFETY: the CPU supports AVX-512F, AVX-512VL and AVX2, checked above.
             return unsafe { compress_lanes_avx512(state, m) };
         }
         if std::is_x86_feature_detected!("avx2") {
@@ -441,6 +444,45 @@ mod tests {
             assert_eq!(hex(g), reference(d), "length {}", d.len());
         }
         assert!(digest_slices(&[]).is_empty());
+    }
+
+    #[test]
+    fn digest_slices_large_unequal_lanes_in_every_position() {
+        let lens = [
+            0usize,
+            63,
+            64,
+            65,
+            1 << 20,
+            1000,
+            128 * 1024 + 55,
+            56,
+            55,
+            119,
+            120,
+            1 << 19,
+            7,
+            64 * 3,
+        ];
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        };
+        let data: Vec<Vec<u8>> = lens
+            .iter()
+            .map(|&n| (0..n).map(|_| next()).collect())
+            .collect();
+        for rot in 0..lens.len() {
+            let mut d = data.clone();
+            d.rotate_left(rot);
+            let slices: Vec<&[u8]> = d.iter().map(Vec::as_slice).collect();
+            for (s, g) in slices.iter().zip(digest_slices(&slices)) {
+                assert_eq!(hex(&g), reference(s), "len {}", s.len());
+            }
+        }
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct Applier<'a> {
     made_dirs: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
     /// Threads for runs of independent steps (see [`Applier::apply_all`]).
     threads: usize,
+    /// Did this process's own staging make every staged table file read-only?
+    /// Otherwise (recovery: the staging may be an older engine's, which left the
+    /// mode to apply) a put makes the staged file read-only before moving it.
+    staged_read_only: bool,
 }
 
 impl<'a> Applier<'a> {
@@ -70,7 +74,15 @@ impl<'a> Applier<'a> {
             sole_consumers: std::collections::HashSet::new(),
             made_dirs: Default::default(),
             threads: 1,
+            staged_read_only: false,
         }
+    }
+
+    /// The staged files come from this process's `stage_all`, which made every
+    /// table file read-only before the commit point: puts skip the chmod.
+    pub fn staged_read_only(mut self) -> Self {
+        self.staged_read_only = true;
+        self
     }
 
     /// Apply runs of independent steps on up to `n` threads (1: strictly in order,
@@ -186,7 +198,10 @@ impl<'a> Applier<'a> {
                 let staged = l.staged(md5);
                 // Staging made the staged file read-only (durably, before the
                 // commit point), and the mode belongs to the inode: a rename or a
-                // hard link keeps it.
+                // hard link keeps it. Recovery cannot know whose staging it was.
+                if !self.staged_read_only {
+                    not_found_ok(self.fs.set_readonly(&staged, true)).at("chmod", &staged)?;
+                }
                 if self.sole_consumers.contains(&seq) {
                     // Nothing else in this transaction needs the staged file: move it
                     // into place (atomically replacing an old version). A redo finds

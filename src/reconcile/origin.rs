@@ -71,8 +71,8 @@ pub trait Origin: Send + Sync {
     fn resumes(&self) -> bool {
         false
     }
-    /// The whole of a small item (the manifest announces at most [`SMALL`] bytes)
-    /// as bytes, if this origin can hand it over at once (a local folder): staging
+    /// The whole of a small item (at most [`SMALL`] bytes) as bytes, if this
+    /// origin can hand it over at once (a local folder): staging
     /// then writes a batch of them and hashes the batch in lock step
     /// ([`crate::md5x`]). `None`: use [`Origin::fetch`].
     fn read_small(&self, _req: &Request<'_>) -> Option<Result<Vec<u8>>> {
@@ -201,22 +201,34 @@ impl Origin for LocalOrigin {
     }
 
     fn read_small(&self, req: &Request<'_>) -> Option<Result<Vec<u8>>> {
-        let size = req.size.filter(|s| *s <= SMALL)?;
-        let read = || -> Result<Vec<u8>> {
-            let rel = origin_relative(req.url).map_err(Error::BadManifest)?;
-            let src = self.root.join(rel);
-            // As in `fetch`: reading the origin is not a mutation of the local
-            // directory, so it does not go through the seam.
-            let mut bytes = Vec::with_capacity(size as usize + 1);
-            std::fs::File::open(&src)
-                .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(|e| Error::Fetch {
-                    what: req.item.describe(),
-                    message: format!("{}: {e}", src.display()),
-                })?;
-            Ok(bytes)
+        let fail = |src: &Path, e: std::io::Error| Error::Fetch {
+            what: req.item.describe(),
+            message: format!("{}: {e}", src.display()),
         };
-        Some(read())
+        let rel = match origin_relative(req.url) {
+            Ok(rel) => rel,
+            Err(e) => return Some(Err(Error::BadManifest(e))),
+        };
+        let src = self.root.join(rel);
+        // As in `fetch`: reading the origin is not a mutation of the local
+        // directory, so it does not go through the seam. Small by the file's own
+        // size (the manifest's may be wrong), and never read past the bound: a
+        // file larger than that, or growing, is streamed by `fetch` instead.
+        let file = match std::fs::File::open(&src) {
+            Ok(f) => f,
+            Err(e) => return Some(Err(fail(&src, e))),
+        };
+        let len = match file.metadata() {
+            Ok(m) if m.len() <= SMALL => m.len(),
+            Ok(_) => return None,
+            Err(e) => return Some(Err(fail(&src, e))),
+        };
+        let mut bytes = Vec::with_capacity(len as usize + 1);
+        match file.take(SMALL + 1).read_to_end(&mut bytes) {
+            Ok(_) if bytes.len() as u64 > SMALL => None,
+            Ok(_) => Some(Ok(bytes)),
+            Err(e) => Some(Err(fail(&src, e))),
+        }
     }
 
     fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> Result<Fetched> {

@@ -543,6 +543,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     // Phase 3: apply, then finish (state file, Committed, cleanup).
     let applied = Applier::new(fs, layout, txn)
         .threads(cfg.jobs)
+        .staged_read_only()
         .apply_all(&records)
         .and_then(|()| finish(fs, layout, &mut journal, state, txn, records, &p.refresh));
     let new_state = match applied {

@@ -97,7 +97,12 @@ pub fn peek(fs: &dyn Fs, layout: &Layout) -> Result<Option<Peeked>> {
     let Some(stamp) = state_stamp(fs, layout)? else {
         return Ok(None);
     };
-    Ok(trusted_state(fs, layout)?.map(|state| Peeked { state, stamp }))
+    let state = trusted_state(fs, layout)?;
+    // Stamped before and after the read: a file replaced meanwhile is not taken.
+    if state_stamp(fs, layout)? != Some(stamp) {
+        return Ok(None);
+    }
+    Ok(state.map(|state| Peeked { state, stamp }))
 }
 
 /// What identifies one version of the state file (it is only ever replaced by a

@@ -263,8 +263,19 @@ pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
         // Read whole, then parsed from the slice, its maps on several threads
         // (`parse_state`): a no-op pull of a usual stack is mostly this and stats.
         let mut bytes = Vec::with_capacity(len as usize + 1);
-        std::io::Read::read_to_end(&mut std::io::BufReader::new(file), &mut bytes)
-            .at("read", &path)?;
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, WHOLE_STATE_MAX + 1),
+            &mut bytes,
+        )
+        .at("read", &path)?;
+        if bytes.len() as u64 > WHOLE_STATE_MAX {
+            // Not a regular file of the size it said (a device, a file growing):
+            // unreadable, and rebuilt from the journal, rather than read forever.
+            return Err(Error::State {
+                path,
+                message: "unreadable state file: it is larger than its size".to_string(),
+            });
+        }
         parse_state(&bytes).map_err(unreadable)?
     } else {
         // A very large stack: streamed, so that its text and its structs are not

@@ -104,3 +104,28 @@ fn the_key_is_rebuilt_by_replay_and_dropped_by_compaction() {
     assert_eq!(counts(&v, "data_packages")[3], 4);
     assert_verify_clean(&dir);
 }
+
+#[test]
+fn a_state_file_that_never_ends_is_rebuilt_not_read_forever() {
+    let (_o, l, path) = with_a_skipped_table();
+    let dir = l.dir();
+    let before = state(&dir);
+    std::fs::remove_file(dir.join("sync_state.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.join("sync_state.json")).unwrap();
+    let r = pull(&path, &dir, &["--json"]);
+    r.ok();
+    assert_eq!(r.json()["txn"], json!(1));
+    assert!(
+        !std::fs::symlink_metadata(dir.join("sync_state.json"))
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the state file is a file again"
+    );
+    // The same stack, rebuilt from the journal.
+    let (mut after, mut before) = (state(&dir), before);
+    after["journal"] = json!(null);
+    before["journal"] = json!(null);
+    assert_eq!(after, before);
+    assert_verify_clean(&dir);
+}
