@@ -494,25 +494,37 @@ pub fn finish(
     fs.sync_fs(&layout.root).at("syncfs", &layout.root)?;
     // 2. The new state: the projection of base + this transaction (both consumed:
     // a large stack is not held twice).
-    let written = written_paths(&records);
-    let pulled = crate::replay::project::requested(records.iter().map(|r| &r.event));
-    let mut state = base;
-    // Consumed from the back of a reversed list whose buffer shrinks as it empties:
-    // the records' memory goes back while the state they become grows.
-    let mut records = records;
-    records.reverse();
-    while let Some(r) = records.pop() {
-        apply_event_owned(&mut state, r.event);
-        if records.capacity() > 2 * records.len() + 1024 {
-            records.shrink_to_fit();
-        }
-    }
-    compact_maps(&mut state);
-    let mut paths = written;
+    let mut paths = written_paths(&records);
     paths.extend(refresh.iter().cloned());
-    let stats = crate::par::map(&paths, crate::par::threads(), |rel| {
-        fingerprint(fs, layout, rel)
-    })?;
+    let pulled = crate::replay::project::requested(records.iter().map(|r| &r.event));
+    // The projection (CPU) runs on its own thread while the fingerprints (stats of
+    // every written path) fan out: they are independent.
+    let project = move || {
+        let mut state = base;
+        // Consumed from the back of a reversed list whose buffer shrinks as it
+        // empties: the records' memory goes back while the state they become grows.
+        let mut records = records;
+        records.reverse();
+        while let Some(r) = records.pop() {
+            apply_event_owned(&mut state, r.event);
+            if records.capacity() > 2 * records.len() + 1024 {
+                records.shrink_to_fit();
+            }
+        }
+        compact_maps(&mut state);
+        state
+    };
+    let (state, stats) = std::thread::scope(|s| {
+        let state = s.spawn(project);
+        let stats = crate::par::map(&paths, crate::par::threads(), |rel| {
+            fingerprint(fs, layout, rel)
+        });
+        let state = state
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (state, stats)
+    });
+    let (mut state, stats) = (state, stats?);
     let fps: Vec<(String, StatFp)> = paths
         .into_iter()
         .zip(stats)
