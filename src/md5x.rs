@@ -319,16 +319,7 @@ pub fn md5_files(fs: &dyn Fs, paths: &[PathBuf], threads: usize) -> Vec<io::Resu
     let parts: Vec<Vec<(usize, io::Result<String>)>> = if threads == 1 {
         vec![work()]
     } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect()
-        })
+        crate::par::on_threads(threads, |_| work())
     };
     let mut out: Vec<Option<io::Result<String>>> = (0..paths.len()).map(|_| None).collect();
     for (i, r) in parts.into_iter().flatten() {

@@ -10,6 +10,43 @@ pub fn threads() -> usize {
         .min(8)
 }
 
+/// Run `work` once on each of `threads` scoped threads and collect what each
+/// returned, in thread order; a panic in one is resumed on the caller.
+pub fn on_threads<T: Send>(threads: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let work = &work;
+        let handles: Vec<_> = (0..threads).map(|t| s.spawn(move || work(t))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
+/// The results in order, or the first error, except that a simulated crash wins
+/// over any other error (it must reach the caller untouched).
+fn first_error<R>(results: impl IntoIterator<Item = Result<R>>) -> Result<Vec<R>> {
+    let results = results.into_iter();
+    let mut out = Vec::with_capacity(results.size_hint().0);
+    let mut first = None;
+    for r in results {
+        match r {
+            Ok(v) => out.push(v),
+            Err(e) if e.is_crash() => return Err(e),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
 /// Map `f` over `items` on up to `threads` threads (contiguous chunks), keeping the
 /// order. The first error of the earliest chunk is returned, except that a
 /// simulated crash wins over any other error (it must reach the caller untouched).
@@ -26,34 +63,11 @@ where
         return items.iter().map(&f).collect();
     }
     let chunk = items.len().div_ceil(threads);
-    let results: Vec<Result<Vec<R>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(chunk)
-            .map(|part| s.spawn(|| part.iter().map(&f).collect::<Result<Vec<R>>>()))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
+    let parts: Vec<&[T]> = items.chunks(chunk).collect();
+    let results = on_threads(parts.len(), |t| {
+        parts[t].iter().map(&f).collect::<Result<Vec<R>>>()
     });
-    let mut out = Vec::with_capacity(items.len());
-    let mut first_error = None;
-    for r in results {
-        match r {
-            Ok(part) => out.extend(part),
-            Err(e) if e.is_crash() => return Err(e),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    Ok(first_error(results)?.into_iter().flatten().collect())
 }
 
 /// Like [`map`], but the threads take the items one at a time from a shared
@@ -86,35 +100,12 @@ where
         }
         done
     };
-    let parts: Vec<Vec<(usize, Result<R>)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads).map(|_| s.spawn(work)).collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
+    let parts = on_threads(threads, |_| work());
     // Items are taken in increasing order, so every item before the first failed
     // one was taken and finished: the earliest error is among the results.
     let mut slots: Vec<Option<Result<R>>> = (0..items.len()).map(|_| None).collect();
     for (i, r) in parts.into_iter().flatten() {
         slots[i] = Some(r);
     }
-    let mut out = Vec::with_capacity(items.len());
-    let mut first_error = None;
-    for r in slots.into_iter().flatten() {
-        match r {
-            Ok(v) => out.push(v),
-            Err(e) if e.is_crash() => return Err(e),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    first_error(slots.into_iter().flatten())
 }

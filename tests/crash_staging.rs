@@ -45,13 +45,22 @@ impl Origin for O {
     }
 }
 fn do_pull(fs: &SimFs, m: &serde_json::Value) -> stack::Result<()> {
+    pull_with(fs, &O, LinkMode::Symlink, m)
+}
+
+fn pull_with(
+    fs: &SimFs,
+    origin: &dyn Origin,
+    link: LinkMode,
+    m: &serde_json::Value,
+) -> stack::Result<()> {
     let sim = fs.clone();
     let hash = move |p: &Path| md5_file(&sim, p);
     let cfg = PullConfig {
         fs: Arc::new(fs.clone()),
         layout: Layout::new(ROOT),
-        origin: &O,
-        link: LinkMode::Symlink,
+        origin,
+        link,
         jobs: 1,
         dry_run: false,
         wait: false,
@@ -70,6 +79,7 @@ fn do_pull(fs: &SimFs, m: &serde_json::Value) -> stack::Result<()> {
     )
     .map(|_| ())
 }
+
 fn manifest(md5: &str) -> serde_json::Value {
     json!({"direct_tables": [{"id": "t1", "name": "n1", "md5": md5,
         "query_mode": "local", "parquet_url": "/api/data/t1/download"}],
@@ -137,30 +147,7 @@ impl Origin for R {
     }
 }
 fn do_pull_r(fs: &SimFs, m: &serde_json::Value) -> stack::Result<()> {
-    let sim = fs.clone();
-    let hash = move |p: &Path| md5_file(&sim, p);
-    let cfg = PullConfig {
-        fs: Arc::new(fs.clone()),
-        layout: Layout::new(ROOT),
-        origin: &R,
-        link: LinkMode::Hardlink,
-        jobs: 1,
-        dry_run: false,
-        wait: false,
-        command: "t".into(),
-        hash: &hash,
-        bundles: BundleCheck::Verify,
-        progress: &|_| {},
-    };
-    let bytes = serde_json::to_vec(m).unwrap();
-    pull(
-        Wanted::Raw {
-            bytes: (&bytes[..]).into(),
-            origin: "r".into(),
-        },
-        &cfg,
-    )
-    .map(|_| ())
+    pull_with(fs, &R, LinkMode::Hardlink, m)
 }
 fn manifest2(m1: &str, m2: &str) -> serde_json::Value {
     json!({"direct_tables": [{"id": "t1", "name": "n1", "md5": m1,

@@ -126,7 +126,6 @@ pub fn apply_event_owned(state: &mut SyncState, ev: Event) {
     }
 }
 
-/// The state effect of one applied event.
 /// The request a transaction records (its `Request` event), which the state of its
 /// `Committed` carries as `journal.pulled`.
 pub fn requested<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Pulled> {
@@ -144,39 +143,11 @@ pub fn requested<'a>(events: impl IntoIterator<Item = &'a Event>) -> Option<Pull
     })
 }
 
+/// The state effect of one applied event.
 pub fn apply_event(state: &mut SyncState, ev: &Event) {
     match ev {
-        Event::MakeRef {
-            slot,
-            table_id,
-            name,
-            md5,
-            size,
-            strategy,
-        } => {
-            let entry = TableEntry {
-                name: name.clone(),
-                md5: md5.clone(),
-                size: *size,
-                ref_path: layout::ref_rel(slot, name),
-                shared_path: layout::shared_rel(table_id),
-                strategy: *strategy,
-                ref_fp: None,
-                shared_fp: None,
-            };
-            match slot {
-                Slot::Direct => {
-                    state.direct_tables.insert(table_id.clone(), entry);
-                }
-                Slot::Package(slug) => {
-                    state
-                        .data_packages
-                        .entry(slug.clone())
-                        .or_default()
-                        .insert(table_id.clone(), entry);
-                }
-            }
-        }
+        // The entry is made of the event's strings: one place builds it.
+        Event::MakeRef { .. } | Event::PutBundle { .. } => apply_event_owned(state, ev.clone()),
         Event::RemoveRef {
             slot,
             table_id,
@@ -202,16 +173,6 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
                     }
                 }
             }
-        }
-        Event::PutBundle { slug, md5 } => {
-            state.memory_domains.insert(
-                slug.clone(),
-                DomainEntry {
-                    md5: md5.clone(),
-                    path: layout::bundle_rel(slug),
-                    fp: None,
-                },
-            );
         }
         Event::RemoveBundle { slug } => {
             state.memory_domains.remove(slug);
