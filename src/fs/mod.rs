@@ -69,6 +69,15 @@ pub trait Fs: Send + Sync {
     fn symlink_metadata(&self, path: &Path) -> io::Result<Meta>;
     /// `stat`: metadata following symlinks.
     fn metadata(&self, path: &Path) -> io::Result<Meta>;
+    /// [`Fs::symlink_metadata`] of each of `names` (single components) in the
+    /// folder `dir`, in order: a batch, for which an implementation may look the
+    /// folder up once instead of once per name (a no-op pull is mostly stats).
+    fn symlink_metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
+        names
+            .iter()
+            .map(|n| self.symlink_metadata(&dir.join(n)))
+            .collect()
+    }
     /// Entries of a folder, sorted by name, without `.` and `..`.
     fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
     /// The target of a symlink.
@@ -231,6 +240,24 @@ fn kind_of(ft: std::fs::FileType) -> Kind {
     }
 }
 
+/// [`meta_of`] for a raw `struct stat` (the same fields, the same meaning).
+fn meta_of_stat(st: &libc::stat) -> Meta {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFLNK => Kind::Symlink,
+        libc::S_IFDIR => Kind::Dir,
+        libc::S_IFREG => Kind::File,
+        _ => Kind::Other,
+    };
+    Meta {
+        kind,
+        len: st.st_size as u64,
+        mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+        ino: st.st_ino,
+        dev: st.st_dev,
+        readonly: st.st_mode & 0o222 == 0,
+    }
+}
+
 fn meta_of(m: &std::fs::Metadata) -> Meta {
     use std::os::unix::fs::MetadataExt;
     Meta {
@@ -251,6 +278,62 @@ impl Fs for RealFs {
     }
     fn metadata(&self, path: &Path) -> io::Result<Meta> {
         Ok(meta_of(&std::fs::metadata(path)?))
+    }
+    /// One `open(O_PATH)` of the folder, then `fstatat` relative to it: the kernel
+    /// walks one component per name instead of the whole path.
+    fn symlink_metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let one_by_one = || {
+            names
+                .iter()
+                .map(|n| self.symlink_metadata(&dir.join(n)))
+                .collect()
+        };
+        let Ok(cdir) = CString::new(dir.as_os_str().as_bytes()) else {
+            return one_by_one();
+        };
+        // SAFETY: `cdir` is a NUL-terminated path; the descriptor is closed below.
+        let fd = unsafe {
+            libc::open(
+                cdir.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            // A missing or odd folder: per path, with exactly the usual errors.
+            return one_by_one();
+        }
+        let out = names
+            .iter()
+            .map(|n| {
+                let Ok(c) = CString::new(n.as_bytes()).map_err(|_| ()).and_then(|c| {
+                    if n.contains('/') {
+                        Err(())
+                    } else {
+                        Ok(c)
+                    }
+                }) else {
+                    return self.symlink_metadata(&dir.join(n));
+                };
+                let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+                // SAFETY: `fd` is an open folder, `c` a NUL-terminated single name
+                // and `st` points to writable memory for one `struct stat`.
+                let r = unsafe {
+                    libc::fstatat(fd, c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                };
+                if r != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `fstatat` returned 0, so it filled `st`.
+                Ok(meta_of_stat(unsafe { st.assume_init_ref() }))
+            })
+            .collect();
+        // SAFETY: `fd` was opened above and is closed exactly once.
+        unsafe {
+            libc::close(fd);
+        }
+        out
     }
     fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
         let mut out = Vec::new();

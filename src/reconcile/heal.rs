@@ -9,7 +9,7 @@ use std::io;
 use std::path::Path;
 
 use crate::error::{IoContext, Result};
-use crate::fs::{Fs, Kind};
+use crate::fs::{Fs, Kind, Meta};
 use crate::journal::event::Slot;
 use crate::layout::{self, Layout};
 use crate::reconcile::plan::Damage;
@@ -54,6 +54,11 @@ fn check_file(
     let Some(md5) = md5 else {
         return Ok(Check::Damaged);
     };
+    hashed(path, md5, hash)
+}
+
+/// A file whose fingerprint changed: is its content still `md5`?
+fn hashed(path: &Path, md5: &str, hash: HashFn<'_>) -> Result<Check> {
     match hash(path) {
         Ok(h) if h == md5 => Ok(Check::Refresh),
         Ok(_) => Ok(Check::Damaged),
@@ -62,19 +67,68 @@ fn check_file(
     }
 }
 
-/// Check one reference: a symlink by its target, anything else by content.
-fn check_ref(
+/// What a stat says of one file, before any hashing.
+enum Probe {
+    Done(Check),
+    /// The fingerprint changed: the content decides (hashed afterwards, in parallel).
+    Hash,
+}
+
+/// `lstat` every relative path, in order. Consecutive paths of one folder go to the
+/// filesystem as one batch (`Fs::symlink_metadata_in`), the batches over threads.
+fn stat_all(fs: &dyn Fs, layout: &Layout, rels: &[&str]) -> Result<Vec<io::Result<Meta>>> {
+    const UNIT: usize = 512;
+    let mut units: Vec<(&str, Vec<&str>)> = Vec::new();
+    for rel in rels {
+        let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        match units.last_mut() {
+            Some((d, names)) if *d == dir && names.len() < UNIT => names.push(name),
+            _ => units.push((dir, vec![name])),
+        }
+    }
+    let done = crate::par::map_balanced(&units, crate::par::threads(), |(dir, names)| {
+        Ok(fs.symlink_metadata_in(&layout.join(dir), names))
+    })?;
+    Ok(done.into_iter().flatten().collect())
+}
+
+/// [`check_file`]'s first half, from a stat already made.
+fn probe_file(
+    layout: &Layout,
+    rel: &str,
+    meta: io::Result<Meta>,
+    recorded: Option<StatFp>,
+) -> Result<Probe> {
+    let now = match meta {
+        Ok(m) if m.kind == Kind::Dir => None,
+        Ok(m) => Some(StatFp {
+            size: m.len,
+            mtime_ns: m.mtime_ns as i64,
+            ino: m.ino,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).at("stat", &layout.join(rel)),
+    };
+    Ok(match now {
+        None => Probe::Done(Check::Damaged),
+        Some(now) if recorded == Some(now) => Probe::Done(Check::Ok),
+        Some(_) => Probe::Hash,
+    })
+}
+
+/// [`check_ref`] from a stat already made.
+fn probe_ref(
     fs: &dyn Fs,
     layout: &Layout,
     id: &str,
     e: &TableEntry,
-    hash: HashFn<'_>,
-) -> Result<Check> {
-    let path = layout.join(&e.ref_path);
+    meta: io::Result<Meta>,
+) -> Result<Probe> {
     if e.strategy != Strategy::Symlink {
-        return check_file(fs, &path, e.ref_fp, Some(&e.md5), hash);
+        return probe_file(layout, &e.ref_path, meta, e.ref_fp);
     }
-    match fs.symlink_metadata(&path) {
+    let path = || layout.join(&e.ref_path);
+    match meta {
         Ok(m) if m.kind == Kind::Symlink => {
             // A symlink cannot be rewritten in place: an unchanged stat fingerprint
             // is the same link, trusted as a file's would be.
@@ -84,13 +138,37 @@ fn check_ref(
                 ino: m.ino,
             };
             let wrong = e.ref_fp != Some(now)
-                && fs.read_link(&path).at("readlink", &path)? != layout::symlink_target(id);
-            Ok(if wrong { Check::Damaged } else { Check::Ok })
+                && fs.read_link(&path()).at("readlink", &path())? != layout::symlink_target(id);
+            Ok(Probe::Done(if wrong { Check::Damaged } else { Check::Ok }))
         }
-        Ok(_) => Ok(Check::Damaged),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Check::Damaged),
-        Err(err) => Err(err).at("stat", &path),
+        Ok(_) => Ok(Probe::Done(Check::Damaged)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Probe::Done(Check::Damaged)),
+        Err(err) => Err(err).at("stat", &path()),
     }
+}
+
+/// Settle the probes: the files whose fingerprint changed are hashed, in
+/// parallel (`target(i)`: the path and md5 of probe `i`).
+fn settle<'a>(
+    probes: Vec<Probe>,
+    hash: HashFn<'_>,
+    target: impl Fn(usize) -> (std::path::PathBuf, &'a str) + Sync,
+) -> Result<Vec<Check>> {
+    let to_hash: Vec<usize> = (0..probes.len())
+        .filter(|&i| matches!(probes[i], Probe::Hash))
+        .collect();
+    let hashed_checks = crate::par::map_balanced(&to_hash, crate::par::threads(), |&i| {
+        let (path, md5) = target(i);
+        hashed(&path, md5, hash)
+    })?;
+    let mut hashed_checks = hashed_checks.into_iter();
+    Ok(probes
+        .into_iter()
+        .map(|p| match p {
+            Probe::Done(c) => c,
+            Probe::Hash => hashed_checks.next().unwrap_or(Check::Damaged),
+        })
+        .collect())
 }
 
 /// Check every file of `state` on disk.
@@ -112,13 +190,16 @@ pub fn find_damage(
         .filter(|(id, _)| shared_seen.insert(*id))
         .collect();
     drop(shared_seen);
-    let checks = crate::par::map(&shared, crate::par::threads(), |(_, e)| {
-        check_file(
-            fs,
-            &layout.join(&e.shared_path),
-            e.shared_fp,
-            Some(&e.md5),
-            hash,
+    let rels: Vec<&str> = shared.iter().map(|(_, e)| e.shared_path.as_str()).collect();
+    let probes = stat_all(fs, layout, &rels)?
+        .into_iter()
+        .zip(&shared)
+        .map(|(meta, (_, e))| probe_file(layout, &e.shared_path, meta, e.shared_fp))
+        .collect::<Result<Vec<_>>>()?;
+    let checks = settle(probes, hash, |i| {
+        (
+            layout.join(&shared[i].1.shared_path),
+            shared[i].1.md5.as_str(),
         )
     })?;
     for ((id, e), check) in shared.iter().zip(checks) {
@@ -146,8 +227,14 @@ pub fn find_damage(
                 .map(|(id, e)| (Some(slug.as_str()), id.as_str(), e)),
         );
     }
-    let checks = crate::par::map(&refs, crate::par::threads(), |(_, id, e)| {
-        check_ref(fs, layout, id, e, hash)
+    let rels: Vec<&str> = refs.iter().map(|(_, _, e)| e.ref_path.as_str()).collect();
+    let probes = stat_all(fs, layout, &rels)?
+        .into_iter()
+        .zip(&refs)
+        .map(|(meta, (_, id, e))| probe_ref(fs, layout, id, e, meta))
+        .collect::<Result<Vec<_>>>()?;
+    let checks = settle(probes, hash, |i| {
+        (layout.join(&refs[i].2.ref_path), refs[i].2.md5.as_str())
     })?;
     for ((slug, id, e), check) in refs.into_iter().zip(checks) {
         match check {
