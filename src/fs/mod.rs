@@ -448,3 +448,41 @@ mod sys {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batched stat says exactly what one `symlink_metadata` per path says:
+    /// for a file, a symlink (not followed), a folder, a missing name, and a
+    /// folder that does not exist.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
+    fn batched_stats_equal_single_stats() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("a.parquet"), b"bytes").unwrap();
+        std::os::unix::fs::symlink("a.parquet", dir.join("b.parquet")).unwrap();
+        std::os::unix::fs::symlink("nowhere", dir.join("c.parquet")).unwrap();
+        std::fs::create_dir(dir.join("d")).unwrap();
+        let mut ro = std::fs::metadata(dir.join("a.parquet"))
+            .unwrap()
+            .permissions();
+        ro.set_readonly(true);
+        std::fs::set_permissions(dir.join("a.parquet"), ro).unwrap();
+        let names = ["a.parquet", "b.parquet", "c.parquet", "d", "missing"];
+        let fs = RealFs;
+        for folder in [dir.to_path_buf(), dir.join("no-such-folder")] {
+            let batch = fs.symlink_metadata_in(&folder, &names);
+            assert_eq!(batch.len(), names.len());
+            for (name, got) in names.iter().zip(batch) {
+                let want = fs.symlink_metadata(&folder.join(name));
+                match (got, want) {
+                    (Ok(g), Ok(w)) => assert_eq!(g, w, "{name}"),
+                    (Err(g), Err(w)) => assert_eq!(g.kind(), w.kind(), "{name}"),
+                    (g, w) => panic!("{name}: batch {g:?}, single {w:?}"),
+                }
+            }
+        }
+    }
+}
