@@ -79,26 +79,23 @@ impl Origin for TestOrigin {
         Ok(())
     }
     fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> stack::Result<Fetched> {
-        let bytes = registry().lock().unwrap().get(req.md5).cloned();
-        let bytes = bytes.ok_or_else(|| stack::Error::Fetch {
-            what: req.item.describe(),
-            message: format!("test origin has no content with md5 {}", req.md5),
-        })?;
-        stream_to_part(fs, bytes.as_slice(), part)
+        stream_to_part(fs, content_of(req)?.as_slice(), part)
     }
     /// About half the items (by md5) are handed over whole, so that staging's
     /// batched path (written, then hashed in lock step) and its streamed path are
     /// both crashed at every instant.
     fn read_small(&self, req: &Request<'_>) -> Option<stack::Result<Vec<u8>>> {
-        if req.md5 >= "8" {
-            return None;
-        }
-        let bytes = registry().lock().unwrap().get(req.md5).cloned();
-        Some(bytes.ok_or_else(|| stack::Error::Fetch {
-            what: req.item.describe(),
-            message: format!("test origin has no content with md5 {}", req.md5),
-        }))
+        (req.md5 < "8").then(|| content_of(req))
     }
+}
+
+/// The registered bytes a request names.
+fn content_of(req: &Request<'_>) -> stack::Result<Vec<u8>> {
+    let bytes = registry().lock().unwrap().get(req.md5).cloned();
+    bytes.ok_or_else(|| stack::Error::Fetch {
+        what: req.item.describe(),
+        message: format!("test origin has no content with md5 {}", req.md5),
+    })
 }
 
 // ---------------------------------------------------------------------------

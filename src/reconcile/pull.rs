@@ -89,19 +89,22 @@ pub enum Wanted<'a> {
 }
 
 impl<'a> Wanted<'a> {
-    /// The no-op key ([`Pulled::key`]): md5 of the origin, the link mode and the
-    /// manifest's bytes. `None` for a parsed manifest, whose bytes are unknown.
-    pub fn key(&self, link: LinkMode) -> Option<String> {
+    /// `(key, md5)` in one pass over the bytes: `md5` is the bytes' (what `md5sum`
+    /// says of the manifest file; the `Begin` record keeps it), and `key`, the
+    /// no-op key ([`Pulled::key`]), is the md5 of that md5, the origin and the link
+    /// mode. `None` for a parsed manifest, whose bytes are unknown.
+    pub fn key(&self, link: LinkMode) -> Option<(String, String)> {
         use md5::Digest;
         let Wanted::Raw { bytes, origin } = self else {
             return None;
         };
+        let md5 = crate::reconcile::origin::hex(&md5::Md5::digest(bytes));
         let mut h = md5::Md5::new();
-        h.update(b"stack pull key 1\0");
+        h.update(b"stack pull key 2\0");
         h.update(origin.as_bytes());
         h.update(format!("\0{link:?}\0").as_bytes());
-        h.update(bytes);
-        Some(crate::reconcile::origin::hex(&h.finalize()))
+        h.update(md5.as_bytes());
+        Some((crate::reconcile::origin::hex(&h.finalize()), md5))
     }
 
     /// The manifest, parsed (contract §1 shape) if it came as bytes.
@@ -116,18 +119,6 @@ impl<'a> Wanted<'a> {
     fn drop_bytes(&mut self) {
         if let Wanted::Raw { bytes, .. } = self {
             *bytes = std::borrow::Cow::Borrowed(&[]);
-        }
-    }
-
-    /// The md5 the `Begin` record keeps: of the bytes when known (what `md5sum`
-    /// says of the manifest file), else of the parsed manifest.
-    fn digest(&self, parsed: &Manifest) -> String {
-        match self {
-            Wanted::Raw { bytes, .. } => {
-                use md5::Digest;
-                crate::reconcile::origin::hex(&md5::Md5::digest(bytes))
-            }
-            Wanted::Parsed(_) => crate::reconcile::manifest::digest(parsed),
         }
     }
 }
@@ -350,7 +341,7 @@ pub fn status(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
             fs,
             cfg,
             state,
-            wanted.key(cfg.link).as_deref(),
+            wanted.key(cfg.link).map(|(key, _)| key).as_deref(),
             true,
             started,
         )? {
@@ -402,7 +393,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     // Read before the lock, only to decide whether the manifest must be parsed: an
     // unchanged one need not be; any other is validated before anything (even the
     // lock file) is touched. The key's md5 runs meanwhile.
-    let (key, peeked) = std::thread::scope(|s| {
+    let (keyed, peeked) = std::thread::scope(|s| {
         let key = s.spawn(|| wanted.key(cfg.link));
         let peeked = match &wanted {
             Wanted::Raw { .. } => crate::replay::recover::peek(fs, layout),
@@ -414,6 +405,14 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         (key, peeked)
     });
     let peeked = peeked?;
+    let (key, raw_md5) = keyed.unzip();
+    // The md5 the `Begin` record keeps: of the bytes when known, else of the
+    // parsed manifest.
+    let manifest_md5 = |m: &Manifest| {
+        raw_md5
+            .clone()
+            .unwrap_or_else(|| crate::reconcile::manifest::digest(m))
+    };
     let same = |s: &SyncState| {
         s.journal
             .pulled
@@ -427,7 +426,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         early = Some(wanted.parse()?);
     }
     let mut checked = match &early {
-        Some(m) => Some((validate(m, cfg.origin)?, wanted.digest(m))),
+        Some(m) => Some((validate(m, cfg.origin)?, manifest_md5(m))),
         None => None,
     };
     if checked.is_some() {
@@ -457,7 +456,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         // The state file changed between the peek and the lock (rare): validate now.
         None => {
             let m = late.insert(wanted.parse()?);
-            (validate(m, cfg.origin)?, wanted.digest(m))
+            (validate(m, cfg.origin)?, manifest_md5(m))
         }
     };
     let mut rec = match fast {

@@ -19,14 +19,7 @@ pub struct ManifestBytes {
 }
 
 impl ManifestBytes {
-    pub fn wanted(&self) -> crate::reconcile::pull::Wanted<'_> {
-        crate::reconcile::pull::Wanted::Raw {
-            bytes: (&self.bytes[..]).into(),
-            origin: (&self.origin[..]).into(),
-        }
-    }
-
-    /// The same, owning the bytes: the pull drops them once it parsed them.
+    /// The pull's input, owning the bytes: the pull drops them once parsed.
     pub fn into_wanted(self) -> crate::reconcile::pull::Wanted<'static> {
         crate::reconcile::pull::Wanted::Raw {
             bytes: self.bytes.into(),

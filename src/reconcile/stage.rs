@@ -132,15 +132,9 @@ fn stage_small(
     for ((item, bytes), digest) in small.drain(..).zip(digests) {
         // Such an origin cannot resume: the bytes go straight to the staged name.
         let staged = layout.staged(&item.md5);
-        let mut w = match fs.create(&staged) {
-            // A read-only leftover of a power loss (see `stage_one`).
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                fs.set_readonly(&staged, false).at("chmod", &staged)?;
-                fs.create(&staged)
-            }
-            r => r,
-        }
-        .at("create", &staged)?;
+        // No `<md5>` survives a crash (a rollback removes every one), so no
+        // read-only leftover can be in the way here, unlike a kept `.part`.
+        let mut w = fs.create(&staged).at("create", &staged)?;
         w.write_all(&bytes).at("write", &staged)?;
         w.flush().at("write", &staged)?;
         drop(w);

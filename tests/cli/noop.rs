@@ -129,3 +129,39 @@ fn a_state_file_that_never_ends_is_rebuilt_not_read_forever() {
     assert_eq!(after, before);
     assert_verify_clean(&dir);
 }
+
+#[test]
+fn tables_over_the_small_limit_stream_whatever_size_the_manifest_claims() {
+    // Two tables of 2 MiB (over the 1 MiB a local origin hands over whole), one
+    // declared with its true size and one under-declared as 10 bytes, beside the
+    // small base tables: the large ones stream, the small ones are batched.
+    let big_a: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+    let big_b: Vec<u8> = (0..2u32 << 20).map(|i| (i % 241) as u8).collect();
+    let mut ts = base_tables();
+    ts.push(t("tbl_big_a", "big_a", Some("p1"), &big_a));
+    ts.push(t("tbl_big_b", "big_b", None, &big_b));
+    let o = Origin::new(&ts, &base_domains());
+    let mut m = o.manifest_value(&ts, &base_domains());
+    for e in m["direct_tables"].as_array_mut().unwrap() {
+        if e["id"] == json!("tbl_big_b") {
+            e["size"] = json!(10);
+        }
+    }
+    let path = o.write_manifest(&m, "big.json");
+    let l = Local::new();
+    let dir = l.dir();
+    let r = pull(&path, &dir, &["--json"]);
+    r.ok();
+    assert_eq!(counts(&r.json(), "direct_tables")[0], 2);
+    assert_eq!(
+        std::fs::read(dir.join("data/p1/big_a.parquet")).unwrap(),
+        big_a
+    );
+    assert_eq!(
+        std::fs::read(dir.join("data/_direct/big_b.parquet")).unwrap(),
+        big_b
+    );
+    assert_verify_clean(&dir);
+    let v = verify(&dir, true);
+    v.ok();
+}

@@ -460,6 +460,14 @@ pub fn manifest_of(step: &StepSpec) -> Manifest {
 pub struct PoolOrigin;
 
 impl PoolOrigin {
+    /// The body a request names, or the fetch error of an unknown URL.
+    fn served(req: &Request<'_>) -> stack::Result<Vec<u8>> {
+        Self::body(req.url).ok_or_else(|| stack::Error::Fetch {
+            what: req.item.describe(),
+            message: "unknown URL".to_string(),
+        })
+    }
+
     fn body(url: &str) -> Option<Vec<u8>> {
         let parts: Vec<&str> = url.trim_start_matches('/').split('/').collect();
         let version = |s: &str| s.strip_prefix('v')?.parse::<u8>().ok();
@@ -479,23 +487,13 @@ impl Origin for PoolOrigin {
     }
 
     fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> stack::Result<Fetched> {
-        let body = Self::body(req.url).ok_or_else(|| stack::Error::Fetch {
-            what: req.item.describe(),
-            message: "unknown URL".to_string(),
-        })?;
-        origin::stream_to_part(fs, body.as_slice(), part)
+        origin::stream_to_part(fs, Self::served(req)?.as_slice(), part)
     }
 
     /// About half the items (by md5) are handed over whole: staging's batched path
     /// and its streamed path are both fuzzed.
     fn read_small(&self, req: &Request<'_>) -> Option<stack::Result<Vec<u8>>> {
-        if req.md5 >= "8" {
-            return None;
-        }
-        Some(Self::body(req.url).ok_or_else(|| stack::Error::Fetch {
-            what: req.item.describe(),
-            message: "unknown URL".to_string(),
-        }))
+        (req.md5 < "8").then(|| Self::served(req))
     }
 }
 
