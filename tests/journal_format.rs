@@ -619,6 +619,49 @@ fn checkpoint_and_tail(events: &[Event]) -> (Option<SyncState>, Vec<Event>) {
 }
 
 #[test]
+fn compaction_keeps_the_request_the_state_realised() {
+    use stack::replay::project::project;
+    use stack::replay::state::Pulled;
+    let (_dir, layout) = temp_layout();
+    let mut journal = Journal::open(real_fs(), &layout).expect("open").journal;
+    let pulled = Pulled {
+        key: "0123456789abcdef0123456789abcdef".into(),
+        skipped_direct: 2,
+        skipped_packages: 3,
+    };
+    let mut state = sample_state();
+    state.journal.pulled = Some(pulled.clone());
+    journal.compact(&state).expect("compact");
+    let (txn, seq) = (journal.last_txn(), journal.last_seq());
+    drop(journal);
+    let opened = Journal::open(real_fs(), &layout).expect("reopen");
+    assert!(opened.torn.is_none(), "{:?}", opened.torn);
+    let records = &opened.records;
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(matches!(records[0].event, Event::Checkpoint { .. }));
+    assert!(matches!(records[1].event, Event::Request { .. }));
+    assert_eq!((records[1].txn, records[1].seq), (txn, seq));
+    assert_eq!((records[0].txn, records[0].seq + 1), (txn, seq));
+    // The projection is the state again, key included, standing at the request;
+    // nothing is left open.
+    let p = project(records);
+    assert!(p.pending.is_none(), "{:?}", p.pending);
+    assert_eq!(p.state.journal.pulled, Some(pulled));
+    assert_eq!((p.state.journal.txn, p.state.journal.seq), (txn, seq));
+    // A request anywhere else is a pull's, not the checkpoint's: it waits for its
+    // transaction's `Committed`.
+    let stray = Record {
+        seq: seq + 1,
+        txn: txn + 1,
+        event: records[1].event.clone(),
+    };
+    let mut more = records.clone();
+    more.push(stray);
+    let p = project(&more);
+    assert_eq!(p.pending.map(|p| p.txn), Some(txn + 1));
+}
+
+#[test]
 fn checkpoint_with_absent_optional_fields_survives_compaction_and_reopen() {
     let (_dir, layout) = temp_layout();
     let mut journal = Journal::open(real_fs(), &layout).expect("open").journal;

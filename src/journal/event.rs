@@ -218,6 +218,26 @@ impl Serialize for CheckpointRecord<'_> {
     }
 }
 
+/// The one frame of a compacted journal: a borrowed [`CheckpointRecord`], then,
+/// if the state knows it, the `Request` its last pull realised, in the checkpoint's
+/// transaction. Serializes as the `Vec<Record>` of those records does.
+pub struct CheckpointFrame<'a> {
+    pub checkpoint: CheckpointRecord<'a>,
+    pub request: Option<Record>,
+}
+
+impl Serialize for CheckpointFrame<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(1 + usize::from(self.request.is_some())))?;
+        seq.serialize_element(&self.checkpoint)?;
+        if let Some(r) = &self.request {
+            seq.serialize_element(r)?;
+        }
+        seq.end()
+    }
+}
+
 /// The variant index of `Event::Checkpoint` (its position in the enum).
 const CHECKPOINT_INDEX: u32 = 12;
 

@@ -41,8 +41,9 @@
 //! `stack journal compact` (and a pull, automatically, once the journal is larger than
 //! [`AUTO_COMPACT_BYTES`] and more than twice its size after the last compaction,
 //! which is the size of its leading checkpoint frame, read from the file itself)
-//! writes a new file holding one `Checkpoint` record carrying the whole projection,
-//! syncs it, renames it over the journal and syncs the folder. Replaying checkpoint
+//! writes a new file holding one frame: a `Checkpoint` record carrying the whole
+//! projection and, when the projection knows the request its last pull realised, that
+//! `Request` in the checkpoint's transaction (so the no-op key survives). It syncs it, renames it over the journal and syncs the folder. Replaying checkpoint
 //! plus tail gives the state that replaying the whole history gives.
 
 pub mod event;
@@ -390,24 +391,35 @@ impl Journal {
     }
 
     /// Replace the journal by one holding a single checkpoint of `state`, under a new
-    /// transaction. Temp file, fsync, rename, fsync folder.
+    /// transaction, followed in the same frame by the request that state realised
+    /// (`state.journal.pulled`), if known. Temp file, fsync, rename, fsync folder.
     pub fn compact(&mut self, state: &crate::replay::state::SyncState) -> Result<()> {
         self.check_usable()?;
         self.sync()?;
         let txn = self.new_txn();
         // Encoded from the borrowed state, straight after the header: the state is
         // neither copied nor its encoding held twice.
-        let record = event::CheckpointRecord {
-            seq: self.next_seq,
-            txn,
-            state,
+        let frame_records = event::CheckpointFrame {
+            checkpoint: event::CheckpointRecord {
+                seq: self.next_seq,
+                txn,
+                state,
+            },
+            request: state.journal.pulled.as_ref().map(|p| Record {
+                seq: self.next_seq + 1,
+                txn,
+                event: Event::Request {
+                    key: p.key.clone(),
+                    skipped_direct: p.skipped_direct,
+                    skipped_packages: p.skipped_packages,
+                },
+            }),
         };
+        let written = 1 + u64::from(frame_records.request.is_some());
         let mut bytes = frame::header().to_vec();
-        frame::encode_frame_into(&mut bytes, std::slice::from_ref(&record)).map_err(|message| {
-            Error::State {
-                path: self.layout.journal(),
-                message,
-            }
+        frame::encode_frame_into(&mut bytes, &frame_records).map_err(|message| Error::State {
+            path: self.layout.journal(),
+            message,
         })?;
         let private = self.layout.private();
         let tmp: PathBuf = private.join("journal.compact");
@@ -420,7 +432,7 @@ impl Journal {
         // The journal is now the new file: follow it before anything else can
         // fail, and if something does, append nothing more through this writer
         // (neither into the replaced file, nor into a name not yet durable).
-        self.next_seq += 1;
+        self.next_seq += written;
         self.len = bytes.len() as u64;
         self.len_after_compaction = self.len;
         self.broken = Some("a compaction did not complete".to_string());

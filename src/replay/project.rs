@@ -32,7 +32,10 @@ pub struct Projection {
 pub fn project(records: &[Record]) -> Projection {
     let mut state = SyncState::default();
     let mut open: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
+    // The transaction of the record just folded if it was a checkpoint.
+    let mut checkpoint = None;
     for r in records {
+        let after_checkpoint = std::mem::take(&mut checkpoint);
         match &r.event {
             Event::Checkpoint { state: s } => {
                 state = (**s).clone();
@@ -45,6 +48,13 @@ pub fn project(records: &[Record]) -> Projection {
                     pulled: None,
                 };
                 open.clear();
+                checkpoint = Some(r.txn);
+            }
+            // The request the checkpointed state realised, right after it in its
+            // transaction (a compaction changes no table: the no-op key holds).
+            Event::Request { .. } if after_checkpoint == Some(r.txn) => {
+                state.journal.pulled = requested(std::iter::once(&r.event));
+                state.journal.seq = r.seq;
             }
             Event::Committed { fingerprints } => {
                 let txn_records = open.remove(&r.txn).unwrap_or_default();

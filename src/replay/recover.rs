@@ -164,9 +164,9 @@ pub fn compact_state(
     state.journal.txn = journal.last_txn();
     state.journal.seq = journal.last_seq();
     state.journal.at = Some(journal.end());
-    // A checkpoint does not carry the last pull's request: neither may the file
-    // that must equal its projection (the next change records a new one).
-    state.journal.pulled = None;
+    // The compacted journal keeps the last pull's request (`state.journal.pulled`)
+    // after its checkpoint, and so does the file that must equal its projection: a
+    // no-op pull after a compaction stays a no-op.
     write_state(fs, layout, &state)?;
     // `write_state` left its scratch folder behind; a `.stack/tmp` counts as a
     // leftover and would send the next command down the slow path (reading the

@@ -182,9 +182,13 @@ fn compact_shrinks_the_journal_and_pulls_go_on() {
     r.ok();
     let after = std::fs::metadata(&jpath).unwrap().len();
     assert!(after < size, "{size} -> {after}");
+    // One checkpoint, and the request the last pull realised (the no-op key), in
+    // the checkpoint's transaction.
     let records = show(&dir);
-    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records.len(), 2, "{records:?}");
     assert_eq!(records[0]["kind"], json!("checkpoint"));
+    assert_eq!(records[1]["kind"], json!("request"));
+    assert_eq!(records[1]["txn"], records[0]["txn"]);
     journal_verify(&dir).ok();
     assert_verify_clean(&dir);
     let mut s = state(&dir);

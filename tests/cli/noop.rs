@@ -84,24 +84,37 @@ fn an_unchanged_manifest_still_repairs_damage() {
 }
 
 #[test]
-fn the_key_is_rebuilt_by_replay_and_dropped_by_compaction() {
+fn the_key_is_rebuilt_by_replay_and_kept_by_compaction() {
     let (_o, l, path) = with_a_skipped_table();
     let dir = l.dir();
+    let d = dir.to_str().unwrap();
     let key = state(&dir)["journal"]["pulled"].clone();
     assert!(key["key"].is_string());
     // The journal's `request` record carries it: a rebuilt state file has it.
     std::fs::remove_file(dir.join("sync_state.json")).unwrap();
-    stack(&["journal", "replay", "--dir", dir.to_str().unwrap()]).ok();
+    stack(&["journal", "replay", "--dir", d]).ok();
     assert_eq!(state(&dir)["journal"]["pulled"], key);
-    // A checkpoint does not: after compaction the next pull plans in full, and
-    // still counts right.
-    stack(&["journal", "compact", "--dir", dir.to_str().unwrap()]).ok();
-    assert!(state(&dir)["journal"].get("pulled").is_none());
+    // A checkpoint carries it too (a compaction changes no table): the state file
+    // keeps it, a replay of the compacted journal rebuilds it, and the next pull is
+    // still a no-op that touches nothing and counts right.
+    stack(&["journal", "compact", "--dir", d]).ok();
+    assert_eq!(state(&dir)["journal"]["pulled"], key);
+    std::fs::remove_file(dir.join("sync_state.json")).unwrap();
+    stack(&["journal", "replay", "--dir", d]).ok();
+    assert_eq!(state(&dir)["journal"]["pulled"], key);
+    let txn = state(&dir)["journal"]["txn"].clone();
+    let mut before = snapshot(&dir);
     let r = pull(&path, &dir, &["--json"]);
     r.ok();
     let v = r.json();
+    assert_eq!(v["txn"], txn, "no new transaction");
     assert_eq!(counts(&v, "direct_tables")[4], 1);
     assert_eq!(counts(&v, "data_packages")[3], 4);
+    let mut after = snapshot(&dir);
+    for s in [&mut before, &mut after] {
+        s.remove(std::path::Path::new(".stack/lock"));
+    }
+    assert_same(&before, &after, "no-op pull after a compaction");
     assert_verify_clean(&dir);
 }
 
