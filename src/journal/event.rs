@@ -109,6 +109,13 @@ pub enum Event {
         skipped_direct: u64,
         skipped_packages: u64,
     },
+    /// Apply: move the folder `.stack/staging/<staged>/`, built out of sight before
+    /// the commit point, to `rel` (`data/_shared` or a slot's folder), which did not
+    /// exist when the pull was planned; if `rel` exists by now, move its entries in
+    /// one by one. The steps whose files travelled inside it (see
+    /// `reconcile::place`) follow as usual. Added after `Request`, last, for the
+    /// same reason.
+    Place { staged: String, rel: String },
 }
 
 impl Event {
@@ -130,6 +137,7 @@ impl Event {
             Event::Checkpoint { .. } => "checkpoint",
             Event::RemoveStray { .. } => "remove_stray",
             Event::Request { .. } => "request",
+            Event::Place { .. } => "place",
         }
     }
 
@@ -176,6 +184,7 @@ impl Event {
             } => format!(
                 "key {key}, skipped {skipped_direct} direct / {skipped_packages} package tables"
             ),
+            Event::Place { staged, rel } => format!("{rel}/ <- .stack/staging/{staged}/"),
         }
     }
 }

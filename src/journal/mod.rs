@@ -42,8 +42,9 @@
 //! [`AUTO_COMPACT_BYTES`] and more than twice its size after the last compaction,
 //! which is the size of its leading checkpoint frame, read from the file itself)
 //! writes a new file holding one frame: a `Checkpoint` record carrying the whole
-//! projection and, when the projection knows the request its last pull realised, that
-//! `Request` in the checkpoint's transaction (so the no-op key survives). It syncs it, renames it over the journal and syncs the folder. Replaying checkpoint
+//! projection and, when the projection knows the request its last pull realised,
+//! that `Request` in the checkpoint's transaction (so the no-op key survives). It
+//! syncs the file, renames it over the journal and syncs the folder. Replaying checkpoint
 //! plus tail gives the state that replaying the whole history gives.
 
 pub mod event;

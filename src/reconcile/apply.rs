@@ -24,6 +24,7 @@ use crate::fs::{not_found_ok, Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::journal::Journal;
 use crate::layout::{self, Layout};
+use crate::reconcile::place;
 use crate::replay::project::{apply_event_owned, apply_fingerprints, compact_maps};
 use crate::replay::state::{write_state, StatFp, Strategy, SyncState};
 
@@ -53,6 +54,9 @@ pub struct Applier<'a> {
     warned_fallback: AtomicBool,
     /// Seqs of `PutShared` steps that are the only consumer of their staged file.
     sole_consumers: std::collections::HashSet<u64>,
+    /// Folders this applier moved into place itself (`Place`): the steps whose
+    /// files travelled inside them are done.
+    placed: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Folders this applier made or found (one `mkdir -p` each, not one per file);
     /// forgotten when a step removes a folder.
     made_dirs: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
@@ -72,6 +76,7 @@ impl<'a> Applier<'a> {
             txn,
             warned_fallback: AtomicBool::new(false),
             sole_consumers: std::collections::HashSet::new(),
+            placed: Default::default(),
             made_dirs: Default::default(),
             threads: 1,
             staged_read_only: false,
@@ -178,6 +183,42 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
+    /// `Place`: move `.stack/staging/<staged>/` to `rel`. Gone already: moved
+    /// before a crash (the travelling steps then run and find their files). `rel`
+    /// there by now: the staged entries move in one by one, replacing.
+    fn place(&self, staged: &str, rel: &str) -> Result<()> {
+        let src = self.layout.staging().join(staged);
+        let dst = self.layout.join(rel);
+        if !self.fs.exists(&src).at("stat", &src)? {
+            return Ok(());
+        }
+        if let Some(parent) = dst.parent() {
+            self.ensure_dir(parent)?;
+        }
+        match self.fs.rename(&src, &dst) {
+            Ok(()) => {}
+            Err(e) if is_not_empty(&e) || e.kind() == io::ErrorKind::AlreadyExists => {
+                for entry in self.fs.read_dir(&src).at("list", &src)? {
+                    let to = dst.join(&entry.name);
+                    self.fs
+                        .rename(&src.join(&entry.name), &to)
+                        .at("rename", &to)?;
+                }
+                self.fs.remove_dir(&src).at("rmdir", &src)?;
+            }
+            Err(e) => return Err(e).at("rename", &dst),
+        }
+        self.made_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dst);
+        self.placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rel.to_string());
+        Ok(())
+    }
+
     fn forget_dirs(&self) {
         self.made_dirs
             .lock()
@@ -192,7 +233,14 @@ impl<'a> Applier<'a> {
             message: format!("refusing journal event {}: {message}", ev.kind()),
         })?;
         let l = self.layout;
+        if let Some(folder) = place::travels_in(ev, self.sole_consumers.contains(&seq)) {
+            let placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
+            if placed.contains(&folder) {
+                return Ok(());
+            }
+        }
         match ev {
+            Event::Place { staged, rel } => self.place(staged, rel),
             Event::PutShared { table_id, md5 } => {
                 let dst = l.join(&layout::shared_rel(table_id));
                 let staged = l.staged(md5);
@@ -335,12 +383,7 @@ impl<'a> Applier<'a> {
     pub fn apply_all(&mut self, records: &[Record]) -> Result<()> {
         // Staged files that exactly one step of the transaction consumes can be
         // moved into place instead of linked and removed later.
-        let mut uses: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
-        for r in records {
-            if let Event::PutShared { md5, .. } | Event::PutBundle { md5, .. } = &r.event {
-                *uses.entry(md5.as_str()).or_default() += 1;
-            }
-        }
+        let uses = place::consumers(records.iter().map(|r| &r.event));
         self.sole_consumers = records
             .iter()
             .filter(|r| matches!(&r.event, Event::PutShared { md5, .. } if uses[md5.as_str()] == 1))
@@ -428,6 +471,18 @@ fn check_event_paths(ev: &Event) -> std::result::Result<(), String> {
         Event::RemoveBundle { slug } => safe("slug", slug),
         Event::RemoveDir { slug } if slug == "_direct" => Ok(()),
         Event::RemoveDir { slug } => safe("slug", slug),
+        Event::Place { staged, rel } => {
+            let folder = rel
+                .strip_prefix("data/")
+                .is_some_and(|f| f == "_shared" || f == "_direct" || is_safe_component(f));
+            if !folder {
+                Err(format!("folder {rel:?} is not one stack places"))
+            } else if !(staged.starts_with(place::PREFIX) && is_safe_component(staged)) {
+                Err(format!("staged folder {staged:?} is not one stack makes"))
+            } else {
+                Ok(())
+            }
+        }
         _ => Ok(()),
     }
 }
@@ -436,18 +491,23 @@ fn is_not_empty(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::DirectoryNotEmpty || e.raw_os_error() == Some(libc::ENOTEMPTY)
 }
 
-/// The stat fingerprint of `rel` (not following a final symlink).
-pub fn fingerprint(fs: &dyn Fs, layout: &Layout, rel: &str) -> Result<Option<StatFp>> {
-    let path = layout.join(rel);
-    match fs.symlink_metadata(&path) {
-        Ok(m) => Ok(Some(StatFp {
-            size: m.len,
-            mtime_ns: m.mtime_ns as i64,
-            ino: m.ino,
-        })),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).at("stat", &path),
-    }
+/// The stat fingerprint of each of `rels` (`None`: not there), stated a folder at
+/// a time, over threads.
+fn fingerprints(fs: &dyn Fs, layout: &Layout, rels: &[String]) -> Result<Vec<Option<StatFp>>> {
+    let names: Vec<&str> = rels.iter().map(String::as_str).collect();
+    let metas = crate::reconcile::heal::stat_all(fs, layout, &names)?;
+    rels.iter()
+        .zip(metas)
+        .map(|(rel, m)| match m {
+            Ok(m) => Ok(Some(StatFp {
+                size: m.len,
+                mtime_ns: m.mtime_ns as i64,
+                ino: m.ino,
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).at("stat", &layout.join(rel)),
+        })
+        .collect()
 }
 
 /// The relative paths a transaction wrote, whose fingerprints `Committed` records.
@@ -516,9 +576,7 @@ pub fn finish(
     };
     let (state, stats) = std::thread::scope(|s| {
         let state = s.spawn(project);
-        let stats = crate::par::map(&paths, crate::par::threads(), |rel| {
-            fingerprint(fs, layout, rel)
-        });
+        let stats = fingerprints(fs, layout, &paths);
         let state = state
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -570,17 +628,22 @@ pub fn has_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
     }
     let staging = layout.staging();
     match fs.read_dir(&staging) {
-        Ok(entries) => Ok(entries
-            .iter()
-            .any(|e| e.kind == Kind::File && !e.name.ends_with(".part"))),
+        Ok(entries) => Ok(entries.iter().any(is_leftover)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e).at("list", &staging),
     }
 }
 
-/// Remove the trash, the scratch folder and every complete staged file, keeping
-/// partial downloads (`*.part`) for the next pull to resume. Checks before it
-/// touches, so a clean directory sees no mutation at all.
+/// A complete staged file, or a folder built out of sight (`reconcile::place`);
+/// not a partial download (`*.part`), which the next pull resumes.
+fn is_leftover(e: &crate::fs::DirEntry) -> bool {
+    e.kind == Kind::Dir || (e.kind == Kind::File && !e.name.ends_with(".part"))
+}
+
+/// Remove the trash, the scratch folder, every complete staged file and every
+/// folder built out of sight, keeping partial downloads (`*.part`) for the next
+/// pull to resume. Checks before it touches, so a clean directory sees no mutation
+/// at all.
 pub fn clean_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<()> {
     for dir in [layout.trash(), layout.tmp()] {
         if fs.exists(&dir).at("stat", &dir)? {
@@ -593,11 +656,108 @@ pub fn clean_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).at("list", &staging),
     };
-    for e in entries {
-        if e.kind == Kind::File && !e.name.ends_with(".part") {
-            let p = staging.join(&e.name);
+    for e in entries.iter().filter(|e| is_leftover(e)) {
+        let p = staging.join(&e.name);
+        if e.kind == Kind::Dir {
+            not_found_ok(fs.remove_tree(&p)).at("remove", &p)?;
+        } else {
             not_found_ok(fs.remove_file(&p)).at("remove", &p)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::path::Path;
+
+    use super::*;
+    use crate::fs::sim::SimFs;
+
+    fn write(fs: &SimFs, path: &Path, bytes: &[u8]) {
+        fs.create_dir_all(path.parent().unwrap()).unwrap();
+        let mut f = fs.create(path).unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    fn record(seq: u64, event: Event) -> Record {
+        Record { seq, txn: 1, event }
+    }
+
+    /// A folder that appeared after planning gets the staged entries moved in one by
+    /// one (the user's file stays); the travelling steps are then done without
+    /// their own staged files; a redo after the folder is gone finds nothing to move.
+    #[test]
+    fn place_merges_into_a_folder_that_appeared_and_skips_travelling_steps() {
+        let fs = SimFs::new();
+        let l = Layout::new("/d");
+        let staged = l.staging().join("place-0");
+        write(&fs, &staged.join("t1.parquet"), b"one");
+        write(&fs, &l.join("data/_shared/mine.txt"), b"the user's");
+        let records = [
+            record(
+                1,
+                Event::Place {
+                    staged: "place-0".into(),
+                    rel: layout::SHARED_DIR.into(),
+                },
+            ),
+            record(
+                2,
+                Event::PutShared {
+                    table_id: "t1".into(),
+                    md5: "0123456789abcdef0123456789abcdef".into(),
+                },
+            ),
+        ];
+        Applier::new(&fs, &l, 1).apply_all(&records).unwrap();
+        assert_eq!(fs.read(&l.join("data/_shared/t1.parquet")).unwrap(), b"one");
+        assert_eq!(
+            fs.read(&l.join("data/_shared/mine.txt")).unwrap(),
+            b"the user's"
+        );
+        assert!(!fs.exists(&staged).unwrap(), "the staged folder is gone");
+        // Redone (a crash before `Committed`): the staged folder is gone, so the put
+        // runs as any other, finds its staged file gone and its content in place
+        // only if the md5 matches, which here it does not: the redo says so.
+        let err = Applier::new(&fs, &l, 1).apply_all(&records).unwrap_err();
+        assert!(err.to_string().contains("rename"), "{err}");
+    }
+
+    #[test]
+    fn place_moves_the_folder_whole_when_its_name_is_free() {
+        let fs = SimFs::new();
+        let l = Layout::new("/d");
+        let staged = l.staging().join("place-3");
+        write(&fs, &staged.join("n.parquet"), b"x");
+        let ev = Event::Place {
+            staged: "place-3".into(),
+            rel: "data/pkg".into(),
+        };
+        let before = fs.ops();
+        Applier::new(&fs, &l, 1)
+            .apply_all(&[record(1, ev)])
+            .unwrap();
+        assert_eq!(fs.read(&l.join("data/pkg/n.parquet")).unwrap(), b"x");
+        // `data/` made, then one rename.
+        assert_eq!(fs.ops() - before, 2, "{:?}", fs.op_log());
+    }
+
+    #[test]
+    fn place_refuses_folders_it_does_not_make() {
+        for (staged, rel) in [
+            ("place-0", "memory/x"),
+            ("place-0", "data/../x"),
+            ("place-0", "data"),
+            ("../x", "data/_shared"),
+            ("other", "data/_shared"),
+        ] {
+            let ev = Event::Place {
+                staged: staged.into(),
+                rel: rel.into(),
+            };
+            assert!(check_event_paths(&ev).is_err(), "{staged} {rel}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Reconcile: from a manifest to an applied stack.
 //!
 //! Owns: the manifest model and its validation (`manifest`), origins (`origin`, `http`), the
-//! pure planner (`plan`), staging downloads (`stage`) and applying a plan (`apply`).
+//! pure planner (`plan`), staging downloads (`stage`), folders built out of sight
+//! (`place`) and applying a plan (`apply`).
 //!
 //! Architecture invariant: `plan` does no I/O; every mutation in `stage` and `apply`
 //! goes through `crate::fs::Fs` and, for `apply`, is in the journal first.
@@ -12,6 +13,7 @@ pub mod heal;
 pub mod http;
 pub mod manifest;
 pub mod origin;
+pub mod place;
 pub mod plan;
 pub mod pull;
 pub mod source;

@@ -5,6 +5,7 @@
 //! plan is durable in the journal (the commit point); a failure before that point
 //! leaves the previous stack exactly as it was.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::reconcile::apply::{finish, Applier};
 use crate::reconcile::heal::{find_damage, HashFn};
 use crate::reconcile::manifest::{validate, Desired, Manifest};
 use crate::reconcile::origin::Origin;
+use crate::reconcile::place;
 use crate::reconcile::plan::{plan, resolve_strategy, Caps, Counts, Damage, Plan};
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
@@ -271,8 +273,9 @@ fn make_plan(
 /// Refuse, before anything is journaled, a plan that could not be applied: a folder
 /// where a file goes, or a file where a folder goes. After the commit point such a
 /// step would fail on every recovery; before it, the pull fails cleanly (exit 1) with
-/// the previous stack intact and the offending path named.
-fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<()> {
+/// the previous stack intact and the offending path named. Returns the folders the
+/// plan writes into that do not exist (relative).
+fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>> {
     use crate::fs::Kind;
     use crate::layout as paths;
     let kind_of = |rel: &str| -> Result<Option<Kind>> {
@@ -287,7 +290,7 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<()> {
         path: layout.join(rel),
         message: format!("{what}; move it away and pull again (nothing was changed)"),
     };
-    let mut folders = std::collections::BTreeSet::new();
+    let mut folders = BTreeSet::new();
     let mut files = Vec::new(); // (folder, file)
     for ev in &p.ops {
         match ev {
@@ -309,24 +312,24 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<()> {
             _ => {}
         }
     }
-    let mut absent = std::collections::BTreeSet::new();
-    for rel in &folders {
-        match kind_of(rel)? {
+    let mut absent = BTreeSet::new();
+    for rel in folders {
+        match kind_of(&rel)? {
             Some(Kind::Dir) => {}
-            Some(_) => return Err(refuse(rel, "a file is where stack needs a folder")),
+            Some(_) => return Err(refuse(&rel, "a file is where stack needs a folder")),
             None => {
-                absent.insert(rel.as_str());
+                absent.insert(rel);
             }
         }
     }
     // A file in a folder that does not exist yet cannot be in the way (a cold
     // pull stats a handful of folders, not every file).
     for (folder, rel) in &files {
-        if !absent.contains(folder.as_str()) && kind_of(rel)? == Some(Kind::Dir) {
+        if !absent.contains(folder) && kind_of(rel)? == Some(Kind::Dir) {
             return Err(refuse(rel, "a folder is where stack puts a file"));
         }
     }
-    Ok(())
+    Ok(absent)
 }
 
 /// What a pull would do, changing nothing (no lock, no recovery, no probe).
@@ -480,7 +483,10 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         rep.recovered = rec.notes;
         return Ok(rep);
     }
-    preflight(fs, layout, &p)?;
+    let absent = preflight(fs, layout, &p)?;
+    // Folders the stack gains whole are built out of sight and placed whole.
+    let placement = place::plan(&p, &absent.iter().map(String::as_str).collect());
+    drop(absent);
 
     // Phase 1: stage, invisibly.
     let txn = journal.new_txn();
@@ -506,18 +512,31 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         bytes: p.stage.iter().map(|s| s.size).sum(),
     });
     let fetched = |bytes: u64| (cfg.progress)(Progress::Fetched { bytes });
-    let bytes = match stage_all(
-        fs,
-        layout,
-        cfg.origin,
-        &p.stage,
-        cfg.jobs,
-        cfg.bundles,
-        &fetched,
-    ) {
+    let staged = place::prepare(fs, layout, &placement).and_then(|()| {
+        let bytes = stage_all(
+            fs,
+            layout,
+            cfg.origin,
+            &p.stage,
+            &placement.dests,
+            cfg.jobs,
+            cfg.bundles,
+            &fetched,
+        )?;
+        place::make_links(fs, layout, &placement, cfg.jobs)?;
+        Ok(bytes)
+    });
+    let bytes = match staged {
         Ok(b) => b,
         Err(e) if e.is_crash() => return Err(e),
         Err(e) => {
+            // Before the commit point: the folders are staging, and the next
+            // command's recovery removes whatever this cannot.
+            if let Err(d) = place::discard(fs, layout, &placement) {
+                if d.is_crash() {
+                    return Err(d);
+                }
+            }
             journal.append(
                 txn,
                 Event::Aborted {
@@ -528,14 +547,17 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
             return Err(e);
         }
     };
-    if !p.stage.is_empty() {
+    if !p.stage.is_empty() || !placement.folders.is_empty() {
         let staging = layout.staging();
         fs.sync_fs(&staging).at("syncfs", &staging)?;
     }
     drop(std::mem::take(&mut p.stage)); // staged: not held through apply
 
-    // Phase 2: the commit point — the whole plan, durable, in one batch.
-    let mut events = std::mem::take(&mut p.ops);
+    // Phase 2: the commit point — the whole plan, durable, in one batch. The
+    // placed folders come first: every other step may need them in place.
+    let mut events = placement.events();
+    drop(placement);
+    events.append(&mut p.ops);
     if let Some(key) = key {
         events.push(Event::Request {
             key,

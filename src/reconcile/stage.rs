@@ -3,7 +3,9 @@
 //! Owns: `.stack/staging/`. Each download streams into `<md5>.part` (hashing while
 //! writing), is checked against the manifest's md5, and is renamed to `<md5>`
 //! (a table's made read-only, as its shared file will be). An origin that cannot
-//! resume (a local folder) writes `<md5>` directly.
+//! resume (a local folder) writes `<md5>` directly. A table whose file travels in
+//! a folder built out of sight (`reconcile::place`) is written to its final name
+//! in that folder instead of `<md5>`.
 //! Invariant kept: nothing visible changes while staging; a partial download from
 //! a resuming origin keeps its `.part` name so a later pull can resume it; by the
 //! commit point every staged file holds the content its name promises (or, with
@@ -11,6 +13,7 @@
 //! before it, a crash drops every `<md5>` file whatever it holds.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -30,14 +33,18 @@ pub enum BundleCheck {
     TrustServer,
 }
 
-/// Download every item into staging with up to `jobs` parallel workers. Returns
-/// the bytes fetched. On error, every complete staged file this call made is
-/// removed again (unless the error is a simulated crash).
+/// Download every item into staging with up to `jobs` parallel workers: to
+/// `<md5>`, or to `dests[i]` (relative to `.stack/staging/`, inside a placed
+/// folder: `reconcile::place`) where one is given. Returns the bytes fetched. On
+/// error, every complete staged file this call made is removed again (unless the
+/// error is a simulated crash).
+#[allow(clippy::too_many_arguments)]
 pub fn stage_all(
     fs: &dyn Fs,
     layout: &Layout,
     origin: &dyn Origin,
     items: &[StageItem],
+    dests: &[Option<String>],
     jobs: usize,
     bundles: BundleCheck,
     progress: &(dyn Fn(u64) + Sync),
@@ -47,6 +54,10 @@ pub fn stage_all(
     }
     let staging = layout.staging();
     fs.create_dir_all(&staging).at("mkdir", &staging)?;
+    let dest_of = |i: usize| match dests.get(i) {
+        Some(Some(rel)) => staging.join(rel),
+        _ => layout.staged(&items[i].md5),
+    };
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let bytes = AtomicU64::new(0);
@@ -62,20 +73,21 @@ pub fn stage_all(
     let worker = || {
         // Small items a local origin hands over whole wait here until a batch is
         // full, then are hashed together; any other item is staged at once.
-        let mut small: Vec<(&StageItem, Vec<u8>)> = Vec::with_capacity(BATCH);
+        let mut small: Vec<(&StageItem, PathBuf, Vec<u8>)> = Vec::with_capacity(BATCH);
         while !failed.load(Ordering::Relaxed) {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(item) = items.get(i) else { break };
             let staged = match origin.read_small(&request(item)) {
                 Some(Ok(bytes)) => {
-                    small.push((item, bytes));
+                    small.push((item, dest_of(i), bytes));
                     if small.len() < BATCH {
                         continue;
                     }
-                    stage_small(fs, layout, &mut small, bundles, progress)
+                    stage_small(fs, &mut small, bundles, progress)
                 }
                 Some(Err(e)) => Err(e),
-                None => stage_one(fs, layout, origin, item, bundles).inspect(|n| progress(*n)),
+                None => stage_one(fs, layout, origin, item, &dest_of(i), bundles)
+                    .inspect(|n| progress(*n)),
             };
             match staged {
                 Ok(n) => {
@@ -85,7 +97,7 @@ pub fn stage_all(
             }
         }
         if !small.is_empty() && !failed.load(Ordering::Relaxed) {
-            match stage_small(fs, layout, &mut small, bundles, progress) {
+            match stage_small(fs, &mut small, bundles, progress) {
                 Ok(n) => {
                     bytes.fetch_add(n, Ordering::Relaxed);
                 }
@@ -104,8 +116,8 @@ pub fn stage_all(
         None => Ok(bytes.into_inner()),
         Some(e) if e.is_crash() => Err(e),
         Some(e) => {
-            for item in items {
-                let p = layout.staged(&item.md5);
+            for i in 0..items.len() {
+                let p = dest_of(i);
                 not_found_ok(fs.remove_file(&p)).at("remove", &p)?;
             }
             Err(e)
@@ -121,17 +133,15 @@ const BATCH: usize = 8;
 /// eight files instead of one each). Empties `small`; returns the bytes fetched.
 fn stage_small(
     fs: &dyn Fs,
-    layout: &Layout,
-    small: &mut Vec<(&StageItem, Vec<u8>)>,
+    small: &mut Vec<(&StageItem, PathBuf, Vec<u8>)>,
     bundles: BundleCheck,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<u64> {
-    let slices: Vec<&[u8]> = small.iter().map(|(_, b)| b.as_slice()).collect();
+    let slices: Vec<&[u8]> = small.iter().map(|(_, _, b)| b.as_slice()).collect();
     let digests = crate::md5x::digest_slices(&slices);
     let mut total = 0;
-    for ((item, bytes), digest) in small.drain(..).zip(digests) {
+    for ((item, staged, bytes), digest) in small.drain(..).zip(digests) {
         // Such an origin cannot resume: the bytes go straight to the staged name.
-        let staged = layout.staged(&item.md5);
         // No `<md5>` survives a crash (a rollback removes every one), so no
         // read-only leftover can be in the way here, unlike a kept `.part`.
         let mut w = fs.create(&staged).at("create", &staged)?;
@@ -184,11 +194,15 @@ fn stage_one(
     layout: &Layout,
     origin: &dyn Origin,
     item: &StageItem,
+    staged: &Path,
     bundles: BundleCheck,
 ) -> Result<u64> {
-    let staged = layout.staged(&item.md5);
     let part = layout.partial(&item.md5);
-    let dest = if origin.resumes() { &part } else { &staged };
+    let dest = if origin.resumes() {
+        part.as_path()
+    } else {
+        staged
+    };
     let req = request(item);
     let got = match origin.fetch(fs, &req, dest) {
         // A power loss can keep the chmod of a staged file and lose the rename
@@ -200,14 +214,14 @@ fn stage_one(
         r => r?,
     };
     checked(fs, item, dest, got.md5, bundles)?;
-    if dest != &staged {
-        fs.rename(&part, &staged).at("rename", &staged)?;
+    if dest != staged {
+        fs.rename(&part, staged).at("rename", staged)?;
     }
     if matches!(item.item, Item::Table { .. }) {
         // Shared files are read-only (contract §2). The mode belongs to the inode:
         // set here, in parallel, it is made durable with the staged bytes by the
         // `syncfs` before the commit point, and apply only moves the file.
-        fs.set_readonly(&staged, true).at("chmod", &staged)?;
+        fs.set_readonly(staged, true).at("chmod", staged)?;
     }
     Ok(got.bytes_fetched)
 }

@@ -205,7 +205,8 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
         | Event::Aborted { .. }
         | Event::Checkpoint { .. }
         | Event::RemoveStray { .. }
-        | Event::Request { .. } => {}
+        | Event::Request { .. }
+        | Event::Place { .. } => {}
     }
 }
 
