@@ -58,6 +58,17 @@ pub trait FileWrite: Write + Send {
     fn sync(&mut self) -> io::Result<()>;
 }
 
+/// [`Fs::write_files_in`] for one path, through the seam's single calls: create,
+/// make read-only, write.
+fn write_one<F: Fs + ?Sized>(fs: &F, path: &Path, bytes: &[u8], readonly: bool) -> io::Result<()> {
+    let mut f = fs.create(path)?;
+    if readonly {
+        fs.set_readonly(path, true)?;
+    }
+    f.write_all(bytes)?;
+    f.flush()
+}
+
 /// A held exclusive lock; released when dropped (or when the holder dies).
 pub trait LockGuard: Send {}
 
@@ -88,6 +99,29 @@ pub trait Fs: Send + Sync {
     // ---- mutations --------------------------------------------------------
     /// Create or truncate a file for writing.
     fn create(&self, path: &Path) -> io::Result<Box<dyn FileWrite>>;
+    /// Write each `(name, bytes)` as a whole file named `name` (one component) in
+    /// the folder `dir`: created or truncated, made read-only first if `readonly`
+    /// (the open handle still writes), then written; no sync. One result per file,
+    /// in order. A batch, for which an implementation may look the folder up once.
+    fn write_files_in(
+        &self,
+        dir: &Path,
+        files: &[(&str, &[u8])],
+        readonly: bool,
+    ) -> Vec<io::Result<()>> {
+        files
+            .iter()
+            .map(|(name, bytes)| write_one(self, &dir.join(name), bytes, readonly))
+            .collect()
+    }
+    /// [`Fs::symlink`] of each `(target, name)` as `name` (one component) in the
+    /// folder `dir`, in order: a batch, as [`Fs::write_files_in`].
+    fn symlinks_in(&self, dir: &Path, links: &[(&Path, &str)]) -> Vec<io::Result<()>> {
+        links
+            .iter()
+            .map(|(target, name)| self.symlink(target, &dir.join(name)))
+            .collect()
+    }
     /// Open an existing file (or create it) for appending at its end.
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn FileWrite>>;
     /// Cut a file to `len` bytes and make that durable.
@@ -282,58 +316,55 @@ impl Fs for RealFs {
     /// One `open(O_PATH)` of the folder, then `fstatat` relative to it: the kernel
     /// walks one component per name instead of the whole path.
     fn symlink_metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
-        use std::ffi::CString;
-        use std::os::unix::ffi::OsStrExt;
-        let one_by_one = || {
-            names
+        let Some(d) = sys::Dir::open(dir) else {
+            // A missing or odd folder: per path, with exactly the usual errors.
+            return names
                 .iter()
                 .map(|n| self.symlink_metadata(&dir.join(n)))
-                .collect()
+                .collect();
         };
-        let Ok(cdir) = CString::new(dir.as_os_str().as_bytes()) else {
-            return one_by_one();
-        };
-        // SAFETY: `cdir` is a NUL-terminated path; the descriptor is closed below.
-        let fd = unsafe {
-            libc::open(
-                cdir.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            // A missing or odd folder: per path, with exactly the usual errors.
-            return one_by_one();
-        }
-        let out = names
+        names
             .iter()
-            .map(|n| {
-                let Ok(c) = CString::new(n.as_bytes()).map_err(|_| ()).and_then(|c| {
-                    if n.contains('/') {
-                        Err(())
-                    } else {
-                        Ok(c)
-                    }
-                }) else {
-                    return self.symlink_metadata(&dir.join(n));
-                };
-                let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-                // SAFETY: `fd` is an open folder, `c` a NUL-terminated single name
-                // and `st` points to writable memory for one `struct stat`.
-                let r = unsafe {
-                    libc::fstatat(fd, c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW)
-                };
-                if r != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: `fstatat` returned 0, so it filled `st`.
-                Ok(meta_of_stat(unsafe { st.assume_init_ref() }))
+            .map(|n| match sys::name(n) {
+                Some(c) => d.lstat(&c).map(|st| meta_of_stat(&st)),
+                None => self.symlink_metadata(&dir.join(n)),
             })
-            .collect();
-        // SAFETY: `fd` was opened above and is closed exactly once.
-        unsafe {
-            libc::close(fd);
-        }
-        out
+            .collect()
+    }
+    /// One `open(O_PATH)` of the folder, then `openat`, `fchmod` and `write` per
+    /// file: no path walk beyond one component, and no chmod by path.
+    fn write_files_in(
+        &self,
+        dir: &Path,
+        files: &[(&str, &[u8])],
+        readonly: bool,
+    ) -> Vec<io::Result<()>> {
+        let d = sys::Dir::open(dir);
+        files
+            .iter()
+            .map(|(n, bytes)| match (&d, sys::name(n)) {
+                (Some(d), Some(c)) => {
+                    let mut f = d.create(&c)?;
+                    if readonly {
+                        use std::os::unix::fs::PermissionsExt;
+                        f.set_permissions(std::fs::Permissions::from_mode(0o444))?;
+                    }
+                    f.write_all(bytes)
+                }
+                _ => write_one(self, &dir.join(n), bytes, readonly),
+            })
+            .collect()
+    }
+    /// One `open(O_PATH)` of the folder, then `symlinkat` per link.
+    fn symlinks_in(&self, dir: &Path, links: &[(&Path, &str)]) -> Vec<io::Result<()>> {
+        let d = sys::Dir::open(dir);
+        links
+            .iter()
+            .map(|(target, n)| match (&d, sys::name(n), sys::path(target)) {
+                (Some(d), Some(c), Some(t)) => d.symlink(&t, &c),
+                _ => self.symlink(target, &dir.join(n)),
+            })
+            .collect()
     }
     fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
         let mut out = Vec::new();
@@ -424,8 +455,92 @@ impl Fs for RealFs {
 }
 
 mod sys {
+    use std::ffi::CString;
     use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
     use std::path::Path;
+
+    /// A folder held open (`O_PATH`) for calls relative to it.
+    pub struct Dir(OwnedFd);
+
+    /// `name` as a C string if it is one path component (no `/`, no NUL).
+    pub fn name(name: &str) -> Option<CString> {
+        if name.contains('/') || name.is_empty() {
+            return None;
+        }
+        CString::new(name).ok()
+    }
+
+    /// Any path as a C string (no NUL).
+    pub fn path(p: &Path) -> Option<CString> {
+        CString::new(p.as_os_str().as_bytes()).ok()
+    }
+
+    fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+
+    impl Dir {
+        /// `None` if the folder cannot be opened (the caller falls back to paths,
+        /// which report the usual errors).
+        pub fn open(dir: &Path) -> Option<Dir> {
+            let c = path(dir)?;
+            // SAFETY: `c` is a NUL-terminated path.
+            let fd = unsafe {
+                libc::open(
+                    c.as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            // SAFETY: a non-negative `fd` was just opened and is owned from here.
+            (fd >= 0).then(|| Dir(unsafe { OwnedFd::from_raw_fd(fd) }))
+        }
+
+        /// `fstatat(AT_SYMLINK_NOFOLLOW)` of one name.
+        pub fn lstat(&self, name: &CString) -> io::Result<libc::stat> {
+            let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+            // SAFETY: the folder is open, `name` NUL-terminated, and `st` points to
+            // writable memory for one `struct stat`.
+            check(unsafe {
+                libc::fstatat(
+                    self.0.as_raw_fd(),
+                    name.as_ptr(),
+                    st.as_mut_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
+            // SAFETY: `fstatat` returned 0, so it filled `st`.
+            Ok(unsafe { st.assume_init() })
+        }
+
+        /// Create or truncate one name for writing (mode 0666 less the umask, as
+        /// `File::create`).
+        pub fn create(&self, name: &CString) -> io::Result<std::fs::File> {
+            // SAFETY: the folder is open and `name` NUL-terminated.
+            let fd = check(unsafe {
+                libc::openat(
+                    self.0.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+                    0o666 as libc::c_uint,
+                )
+            })?;
+            // SAFETY: `openat` returned a new descriptor, owned from here.
+            Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+        }
+
+        /// `symlinkat(target, dir, name)`.
+        pub fn symlink(&self, target: &CString, name: &CString) -> io::Result<()> {
+            // SAFETY: both are NUL-terminated and the folder is open.
+            check(unsafe { libc::symlinkat(target.as_ptr(), self.0.as_raw_fd(), name.as_ptr()) })
+                .map(drop)
+        }
+    }
 
     /// syncfs(2) on Linux; elsewhere, a full `sync(2)`, which is at least as strong.
     pub fn syncfs(path: &Path) -> io::Result<()> {
@@ -456,6 +571,53 @@ mod tests {
     /// The batched stat says exactly what one `symlink_metadata` per path says:
     /// for a file, a symlink (not followed), a folder, a missing name, and a
     /// folder that does not exist.
+    /// The batched writes and symlinks do what the seam's single calls do, in a
+    /// folder (read-only from creation, yet written; a truncated old file) and in
+    /// a folder that does not exist (the same errors).
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the fixture is read with std::fs
+    fn batched_writes_and_links_equal_single_calls() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("old"), b"a longer old content").unwrap();
+        let fs = RealFs;
+        let files: [(&str, &[u8]); 3] = [("a", b"alpha"), ("old", b"new"), ("", b"x")];
+        let r = fs.write_files_in(dir, &files, true);
+        assert!(r[0].is_ok() && r[1].is_ok(), "{r:?}");
+        assert!(r[2].is_err(), "an empty name is no file");
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"alpha");
+        assert_eq!(std::fs::read(dir.join("old")).unwrap(), b"new");
+        for n in ["a", "old"] {
+            let mode = std::fs::metadata(dir.join(n)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o444, "{n}");
+        }
+        let w = fs.write_files_in(dir, &[("b", b"beta")], false);
+        assert!(w[0].is_ok());
+        assert!(!std::fs::metadata(dir.join("b"))
+            .unwrap()
+            .permissions()
+            .readonly());
+        let links = [(Path::new("../x/a.parquet"), "l1"), (Path::new("a"), "l2")];
+        let r = fs.symlinks_in(dir, &links);
+        assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+        assert_eq!(
+            std::fs::read_link(dir.join("l1")).unwrap(),
+            Path::new("../x/a.parquet")
+        );
+        let again = fs.symlinks_in(dir, &links[1..]);
+        assert_eq!(
+            again[0].as_ref().unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        let missing = dir.join("no-such-folder");
+        let single = fs.create(&missing.join("a")).map(drop).unwrap_err();
+        let batch = fs.write_files_in(&missing, &files[..1], true);
+        assert_eq!(batch[0].as_ref().unwrap_err().kind(), single.kind());
+        let batch = fs.symlinks_in(&missing, &links[..1]);
+        assert_eq!(batch[0].as_ref().unwrap_err().kind(), single.kind());
+    }
+
     #[test]
     #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
     fn batched_stats_equal_single_stats() {

@@ -23,7 +23,7 @@
 //!   put re-hashes it; a symlink is remade through `.stack/tmp`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
 use crate::fs::Fs;
@@ -166,10 +166,23 @@ pub fn make_links(
     placement: &Placement,
     threads: usize,
 ) -> Result<()> {
+    // A folder's links at a time (`Fs::symlinks_in`), in units small enough to
+    // spread over the threads.
     let staging = layout.staging();
-    crate::par::map(&placement.links, threads, |(rel, target)| {
-        let path = staging.join(rel);
-        fs.symlink(target, &path).at("symlink", &path)
+    let mut units: Vec<(&str, Vec<(&Path, &str)>)> = Vec::new();
+    for (rel, target) in &placement.links {
+        let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        match units.last_mut() {
+            Some((d, v)) if *d == dir && v.len() < 512 => v.push((target, name)),
+            _ => units.push((dir, vec![(target.as_path(), name)])),
+        }
+    }
+    crate::par::map_balanced(&units, threads, |(dir, links)| {
+        let dir = staging.join(dir);
+        for (r, (_, name)) in fs.symlinks_in(&dir, links).into_iter().zip(links) {
+            r.at("symlink", &dir.join(name))?;
+        }
+        Ok(())
     })?;
     Ok(())
 }

@@ -12,7 +12,6 @@
 //! [`BundleCheck::TrustServer`], the bytes the server sent for that version) —
 //! before it, a crash drops every `<md5>` file whatever it holds.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -130,7 +129,9 @@ const BATCH: usize = 8;
 
 /// Write a batch of small items handed over whole (`Origin::read_small`) to their
 /// staged names and hash them together in lock step (one md5 pass for up to
-/// eight files instead of one each). Empties `small`; returns the bytes fetched.
+/// eight files instead of one each). The bytes are checked before they are
+/// written, and written a folder at a time (`Fs::write_files_in`), a table's
+/// file read-only from its creation. Empties `small`; returns the bytes fetched.
 fn stage_small(
     fs: &dyn Fs,
     small: &mut Vec<(&StageItem, PathBuf, Vec<u8>)>,
@@ -139,23 +140,42 @@ fn stage_small(
 ) -> Result<u64> {
     let slices: Vec<&[u8]> = small.iter().map(|(_, _, b)| b.as_slice()).collect();
     let digests = crate::md5x::digest_slices(&slices);
-    let mut total = 0;
-    for ((item, staged, bytes), digest) in small.drain(..).zip(digests) {
-        // Such an origin cannot resume: the bytes go straight to the staged name.
-        // No `<md5>` survives a crash (a rollback removes every one), so no
-        // read-only leftover can be in the way here, unlike a kept `.part`.
-        let mut w = fs.create(&staged).at("create", &staged)?;
-        w.write_all(&bytes).at("write", &staged)?;
-        w.flush().at("write", &staged)?;
-        drop(w);
-        let got = crate::reconcile::origin::hex(&digest);
-        checked(fs, item, &staged, got, bundles)?;
-        if matches!(item.item, Item::Table { .. }) {
-            fs.set_readonly(&staged, true).at("chmod", &staged)?;
+    for ((item, _, _), digest) in small.iter().zip(digests) {
+        if let Some(e) = mismatch(item, crate::reconcile::origin::hex(&digest), bundles) {
+            return Err(e);
         }
-        total += bytes.len() as u64;
-        progress(bytes.len() as u64);
     }
+    // Such an origin cannot resume: the bytes go straight to the staged names. No
+    // staged file or placed folder survives a crash before the commit point (a
+    // rollback removes them all), so no read-only leftover is in the way.
+    let mut total = 0;
+    let mut rest = &small[..];
+    while let Some((first, dest, _)) = rest.first() {
+        let dir = dest.parent().unwrap_or(Path::new(""));
+        let table = |i: &StageItem| matches!(i.item, Item::Table { .. });
+        let n = rest
+            .iter()
+            .take_while(|(i, d, _)| d.parent() == Some(dir) && table(i) == table(first))
+            .count();
+        let (group, tail) = rest.split_at(n);
+        let files: Vec<(&str, &[u8])> = group
+            .iter()
+            .map(|(_, d, b)| {
+                let name = d.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                (name, b.as_slice())
+            })
+            .collect();
+        for ((_, d, b), r) in group
+            .iter()
+            .zip(fs.write_files_in(dir, &files, table(first)))
+        {
+            r.at("write", d)?;
+            total += b.len() as u64;
+            progress(b.len() as u64);
+        }
+        rest = tail;
+    }
+    small.clear();
     Ok(total)
 }
 
@@ -168,25 +188,33 @@ fn request(item: &StageItem) -> Request<'_> {
     }
 }
 
+/// The error for bytes whose md5 is not the manifest's (`None`: they are right,
+/// or a bundle's md5 is only a version tag).
+fn mismatch(item: &StageItem, got: String, bundles: BundleCheck) -> Option<Error> {
+    let trust = matches!(item.item, Item::Bundle { .. }) && bundles == BundleCheck::TrustServer;
+    (got != item.md5 && !trust).then(|| Error::Checksum {
+        what: format!("{} from {}", item.item.describe(), item.url),
+        expected: item.md5.clone(),
+        actual: got,
+    })
+}
+
 /// Check a download's md5 against the manifest's; wrong bytes are removed (they
 /// are useless for resuming).
 fn checked(
     fs: &dyn Fs,
     item: &StageItem,
-    dest: &std::path::Path,
+    dest: &Path,
     got: String,
     bundles: BundleCheck,
 ) -> Result<()> {
-    let trust = matches!(item.item, Item::Bundle { .. }) && bundles == BundleCheck::TrustServer;
-    if got != item.md5 && !trust {
-        not_found_ok(fs.remove_file(dest)).at("remove", dest)?;
-        return Err(Error::Checksum {
-            what: format!("{} from {}", item.item.describe(), item.url),
-            expected: item.md5.clone(),
-            actual: got,
-        });
+    match mismatch(item, got, bundles) {
+        Some(e) => {
+            not_found_ok(fs.remove_file(dest)).at("remove", dest)?;
+            Err(e)
+        }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn stage_one(
