@@ -420,14 +420,13 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     let mut early = None;
     if !peeked.as_ref().is_some_and(|p| same(&p.state)) {
         early = Some(wanted.parse()?);
+        // Parsed: a large manifest's text is not held while it is validated.
+        wanted.drop_bytes();
     }
     let mut checked = match &early {
         Some(m) => Some((validate(m, cfg.origin)?, manifest_md5(m), &**m)),
         None => None,
     };
-    if checked.is_some() {
-        wanted.drop_bytes();
-    }
     let _lock = lock::acquire(fs, layout, &cfg.command, cfg.wait)?;
     // The fast path of recovery reads only; the slow one may roll a transaction
     // back or forward, so it waits until the manifest is known to be valid.
