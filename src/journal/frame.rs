@@ -140,6 +140,83 @@ pub fn encode_frame_into<T: serde::Serialize + ?Sized>(
     Ok(())
 }
 
+/// A frame measured by [`measure_frame`]: its payload's length and its checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measured {
+    len: u32,
+    crc: u32,
+}
+
+impl Measured {
+    /// The frame's whole length (header and payload) in bytes.
+    pub fn frame_len(&self) -> u64 {
+        FRAME_HEADER_LEN as u64 + u64::from(self.len)
+    }
+}
+
+/// A bincode sink that keeps only the length and the crc32 of what it is given.
+struct Checksum {
+    crc: crc32fast::Hasher,
+    len: usize,
+}
+
+impl bincode::enc::write::Writer for Checksum {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.crc.update(bytes);
+        self.len += bytes.len();
+        Ok(())
+    }
+}
+
+/// Measure the frame [`encode_frame_into`] would make of `records` (its length and
+/// checksum) by encoding it into nothing, for [`write_frame`].
+pub fn measure_frame<T: serde::Serialize + ?Sized>(records: &T) -> Result<Measured, String> {
+    let mut sink = Checksum {
+        crc: crc32fast::Hasher::new(),
+        len: 0,
+    };
+    bincode::serde::encode_into_writer(records, &mut sink, bincode_config())
+        .map_err(|e| format!("encoding journal records: {e}"))?;
+    let len = sink.len;
+    if len > MAX_PAYLOAD {
+        return Err(format!(
+            "journal batch of {len} bytes exceeds the {MAX_PAYLOAD} byte frame limit"
+        ));
+    }
+    let len = len as u32;
+    // The checksum covers the length, then the payload.
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&len.to_le_bytes());
+    crc.combine(&sink.crc);
+    Ok(Measured {
+        len,
+        crc: crc.finalize(),
+    })
+}
+
+/// Write the frame of `records`, as measured by [`measure_frame`], to `w`, encoding
+/// the payload straight into it: the same bytes as [`encode_frame_into`] without
+/// ever holding them (a checkpoint of a large state is not buffered whole). An
+/// encoding that does not match the measure is an error; `w` may then hold part of
+/// the frame.
+pub fn write_frame<W: std::io::Write, T: serde::Serialize + ?Sized>(
+    w: &mut W,
+    records: &T,
+    measured: Measured,
+) -> std::io::Result<()> {
+    w.write_all(&measured.len.to_le_bytes())?;
+    w.write_all(&measured.crc.to_le_bytes())?;
+    let written = bincode::serde::encode_into_std_write(records, w, bincode_config())
+        .map_err(|e| std::io::Error::other(format!("encoding journal records: {e}")))?;
+    if written != measured.len as usize {
+        return Err(std::io::Error::other(format!(
+            "encoding journal records: {written} bytes written, {} measured",
+            measured.len
+        )));
+    }
+    Ok(())
+}
+
 /// How the scan of a journal ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
@@ -386,6 +463,32 @@ mod tests {
         out.extend_from_slice(&hasher.finalize().to_le_bytes());
         out.extend_from_slice(payload);
         out
+    }
+
+    #[test]
+    fn a_streamed_frame_is_byte_identical_to_an_encoded_one() {
+        let records: Vec<Record> = (1..=300)
+            .map(|seq| Record {
+                seq,
+                txn: 7,
+                event: Event::MakeRef {
+                    slot: crate::journal::event::Slot::Package(format!("pkg{seq}")),
+                    table_id: format!("tbl_{seq:06}"),
+                    name: "x".repeat(seq as usize % 40 + 1),
+                    md5: format!("{seq:032x}"),
+                    size: Some(seq * 1000),
+                    strategy: crate::replay::state::Strategy::Copy,
+                },
+            })
+            .collect();
+        for batch in [&records[..0], &records[..1], &records[..]] {
+            let encoded = encode_frame(batch).expect("encode");
+            let measured = measure_frame(batch).expect("measure");
+            assert_eq!(measured.frame_len(), encoded.len() as u64);
+            let mut streamed = Vec::new();
+            write_frame(&mut streamed, batch, measured).expect("write");
+            assert_eq!(streamed, encoded);
+        }
     }
 
     #[test]

@@ -310,10 +310,18 @@ impl Journal {
     /// Append `events` of `txn` as one batch, make it durable (as [`Journal::sync`]),
     /// and hand the stamped records back (moved, not copied: a large plan is held
     /// once, not twice). Anything queued before is written first, in its own batch.
-    pub fn append_batch(&mut self, txn: u64, events: Vec<Event>) -> Result<Vec<Record>> {
+    pub fn append_batch(&mut self, txn: u64, mut events: Vec<Event>) -> Result<Vec<Record>> {
         self.sync()?;
-        for event in events {
+        // The records' list is allocated once, at its exact size, and the events'
+        // list is taken from its back while its buffer shrinks: a large batch's two
+        // lists are not both whole at once (their pages are touched as filled).
+        self.pending.reserve_exact(events.len());
+        events.reverse();
+        while let Some(event) = events.pop() {
             self.append(txn, event);
+            if events.capacity() > 2 * events.len() + 1024 {
+                events.shrink_to_fit();
+            }
         }
         self.sync_taking()
     }
@@ -399,7 +407,7 @@ impl Journal {
         self.sync()?;
         let txn = self.new_txn();
         // Encoded from the borrowed state, straight after the header: the state is
-        // neither copied nor its encoding held twice.
+        // not copied.
         let frame_records = event::CheckpointFrame {
             checkpoint: event::CheckpointRecord {
                 seq: self.next_seq,
@@ -417,16 +425,24 @@ impl Journal {
             }),
         };
         let written = 1 + u64::from(frame_records.request.is_some());
-        let mut bytes = frame::header().to_vec();
-        frame::encode_frame_into(&mut bytes, &frame_records).map_err(|message| Error::State {
+        // Measured first, then streamed into the file: a large state's encoding
+        // is never held in memory.
+        let measured = frame::measure_frame(&frame_records).map_err(|message| Error::State {
             path: self.layout.journal(),
             message,
         })?;
         let private = self.layout.private();
         let tmp: PathBuf = private.join("journal.compact");
         let path = self.layout.journal();
-        let mut f = self.fs.create(&tmp).at("create", &tmp)?;
-        f.write_all(&bytes).at("write", &tmp)?;
+        let f = self.fs.create(&tmp).at("create", &tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
+        w.write_all(&frame::header())
+            .and_then(|()| frame::write_frame(&mut w, &frame_records, measured))
+            .at("write", &tmp)?;
+        let mut f = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .at("write", &tmp)?;
         f.sync().at("fsync", &tmp)?;
         drop(f);
         self.fs.rename(&tmp, &path).at("rename", &path)?;
@@ -434,7 +450,7 @@ impl Journal {
         // fail, and if something does, append nothing more through this writer
         // (neither into the replaced file, nor into a name not yet durable).
         self.next_seq += written;
-        self.len = bytes.len() as u64;
+        self.len = frame::HEADER_LEN as u64 + measured.frame_len();
         self.len_after_compaction = self.len;
         self.broken = Some("a compaction did not complete".to_string());
         self.file = self.fs.open_append(&path).at("open", &path)?;

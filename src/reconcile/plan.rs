@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::journal::event::{Event, LinkMode, Slot};
-use crate::reconcile::manifest::{Desired, SlotRef, WantRef};
+use crate::reconcile::manifest::{Desired, SlotRef, WantRef, WantTable};
 use crate::reconcile::origin::Item;
 use crate::replay::state::{Strategy, SyncState};
 
@@ -110,44 +110,126 @@ pub fn resolve_strategy(mode: LinkMode, caps: Caps) -> Strategy {
     }
 }
 
-/// Plan one pull. Pure.
-pub fn plan(
+/// The current md5 of each table id (one per id: the state came from valid
+/// manifests).
+fn current_md5s(state: &SyncState) -> BTreeMap<&str, &str> {
+    let mut current = BTreeMap::new();
+    for (_, id, e) in state.entries() {
+        current.insert(id, e.md5.as_str());
+    }
+    current
+}
+
+/// The ids whose shared file must be (re)placed: new or changed content, or damaged.
+fn shared_to_put<'m>(
+    current_md5: &BTreeMap<&str, &str>,
+    tables: &BTreeMap<&'m str, WantTable<'m>>,
+    damage: &Damage,
+) -> BTreeSet<&'m str> {
+    tables
+        .iter()
+        .filter(|&(&id, want)| {
+            current_md5.get(id) != Some(&&*want.md5) || damage.shared.contains(id)
+        })
+        .map(|(&id, _)| id)
+        .collect()
+}
+
+/// Whether a wanted reference is (re)made and with which strategy: `Some` to make
+/// it. Tallies it as added, updated or unchanged in `counts` (a silent re-make of a
+/// reference whose shared file is re-placed is not counted).
+fn decide_ref(
+    state: &SyncState,
+    (slot, id): (SlotRef<'_>, &str),
+    want: &WantRef<'_>,
+    (mode, strategy): (LinkMode, Strategy),
+    damage: &Damage,
+    put_shared: &BTreeSet<&str>,
+    counts: &mut Counts,
+) -> Option<Strategy> {
+    let Some(e) = state_entry(state, slot, id) else {
+        counts.added += 1;
+        return Some(strategy);
+    };
+    let changed = e.md5 != want.md5 || e.name != want.name;
+    let content_moved = put_shared.contains(id) && e.strategy != Strategy::Symlink;
+    let restrategy = mode != LinkMode::Auto && e.strategy != strategy;
+    // A damaged reference (rare): looked up with an owned key only if there is any.
+    let ref_damaged =
+        !damage.refs.is_empty() && damage.refs.contains(&(slot.to_slot(), id.to_string()));
+    let damaged = ref_damaged || damage.shared.contains(id);
+    let mut use_strategy = strategy;
+    if mode == LinkMode::Auto {
+        // `auto` keeps whatever strategy an existing reference was given, except a
+        // reflink where the filesystem no longer clones (the directory moved): that
+        // one takes auto's choice here, so the state records what is really made.
+        let lost_reflink = e.strategy == Strategy::Reflink && strategy != Strategy::Reflink;
+        use_strategy = if lost_reflink { strategy } else { e.strategy };
+    }
+    if changed || damaged || restrategy {
+        counts.updated += 1;
+        Some(use_strategy)
+    } else if content_moved {
+        // The shared file is re-placed (heal) and this reference holds its own copy
+        // of the bytes: re-make it silently.
+        Some(use_strategy)
+    } else {
+        counts.unchanged += 1;
+        None
+    }
+}
+
+/// Would [`plan`] make any reference (so that the link strategy matters)? The same
+/// decisions as `plan`'s, without building its events: a pull asks this with the
+/// optimistic strategy before it probes the filesystem. Pure.
+pub fn makes_refs(
     state: &SyncState,
     desired: &Desired<'_>,
     mode: LinkMode,
     strategy: Strategy,
     damage: &Damage,
+) -> bool {
+    let current_md5 = current_md5s(state);
+    let put_shared = shared_to_put(&current_md5, &desired.tables, damage);
+    let mut counts = Counts::default();
+    desired.refs.iter().any(|(&key, want)| {
+        let how = (mode, strategy);
+        decide_ref(state, key, want, how, damage, &put_shared, &mut counts).is_some()
+    })
+}
+
+/// Plan one pull. Pure.
+///
+/// The desired set is consumed: its references are freed while their events are
+/// built, so a large stack's plan does not hold both at once.
+pub fn plan(
+    state: &SyncState,
+    desired: Desired<'_>,
+    mode: LinkMode,
+    strategy: Strategy,
+    damage: &Damage,
 ) -> Plan {
+    let Desired {
+        refs,
+        tables,
+        domains,
+        skipped,
+    } = desired;
     let mut p = Plan {
         refresh: damage.refresh.clone(),
         ..Plan::default()
     };
-    p.tally.direct_tables.skipped = desired.skipped.direct;
-    p.tally.data_packages.skipped = desired.skipped.packages;
+    p.tally.direct_tables.skipped = skipped.direct;
+    p.tally.data_packages.skipped = skipped.packages;
 
-    // Current md5 of each table id (one per id: the state came from valid manifests).
-    let mut current_md5: BTreeMap<&str, &str> = BTreeMap::new();
-    for (_, id, e) in state.entries() {
-        current_md5.insert(id, &e.md5);
-    }
-
+    let current_md5 = current_md5s(state);
     // Which shared files must be (re)placed.
-    let mut put_shared: BTreeSet<&str> = BTreeSet::new();
-    for (&id, want) in &desired.tables {
-        let fresh = current_md5.get(id) != Some(&&*want.md5);
-        if fresh || damage.shared.contains(id) {
-            put_shared.insert(id);
-        }
-    }
-    // A damaged reference (rare): looked up with an owned key only if there is any.
-    let ref_damaged = |slot: SlotRef<'_>, id: &str| {
-        !damage.refs.is_empty() && damage.refs.contains(&(slot.to_slot(), id.to_string()))
-    };
+    let put_shared = shared_to_put(&current_md5, &tables, damage);
 
-    // Reference removals and (re)makes.
+    // Reference removals (first: a new reference may take the path an old one held).
     let mut removals = Vec::new();
     for (slot, id, e) in state.entries() {
-        match desired.refs.get(&(SlotRef::of(&slot), id)) {
+        match refs.get(&(SlotRef::of(&slot), id)) {
             None => {
                 p.tally.of(&slot).removed += 1;
                 removals.push(Event::RemoveRef {
@@ -167,58 +249,28 @@ pub fn plan(
             Some(_) => {}
         }
     }
-    // The references to (re)make, decided first and turned into events only once
-    // the plan's size is known (a large plan is built in one allocation).
-    let mut makes: Vec<(SlotRef<'_>, &str, &WantRef<'_>, Strategy)> = Vec::new();
-    for (&(slot, id), want) in &desired.refs {
-        let mut use_strategy = strategy;
+    // The references to (re)make: one decision per wanted reference, in the order
+    // of `refs` (a byte or two each, not a borrowed copy of the set), turned into
+    // events only once the plan's size is known (a large plan is built in one
+    // allocation).
+    let mut makes: Vec<Option<Strategy>> = Vec::with_capacity(refs.len());
+    let mut made = 0;
+    for (&(slot, id), want) in &refs {
         let counts = match slot {
             SlotRef::Direct => &mut p.tally.direct_tables,
             SlotRef::Package(_) => &mut p.tally.data_packages,
         };
-        let remake = match state_entry(state, slot, id) {
-            None => {
-                counts.added += 1;
-                true
-            }
-            Some(e) => {
-                let changed = e.md5 != want.md5 || e.name != want.name;
-                let content_moved = put_shared.contains(id) && e.strategy != Strategy::Symlink;
-                let restrategy = mode != LinkMode::Auto && e.strategy != strategy;
-                let damaged = ref_damaged(slot, id) || damage.shared.contains(id);
-                if mode == LinkMode::Auto {
-                    // `auto` keeps whatever strategy an existing reference was given,
-                    // except a reflink where the filesystem no longer clones (the
-                    // directory moved): that one takes auto's choice here, so the
-                    // state records what is really made.
-                    let lost_reflink =
-                        e.strategy == Strategy::Reflink && strategy != Strategy::Reflink;
-                    use_strategy = if lost_reflink { strategy } else { e.strategy };
-                }
-                if changed || damaged || restrategy {
-                    counts.updated += 1;
-                    true
-                } else if content_moved {
-                    // The shared file is re-placed (heal) and this reference holds
-                    // its own copy of the bytes: re-make it silently.
-                    true
-                } else {
-                    counts.unchanged += 1;
-                    false
-                }
-            }
-        };
-        if remake {
-            makes.push((slot, id, want, use_strategy));
-        }
+        let how = (mode, strategy);
+        let decided = decide_ref(state, (slot, id), want, how, damage, &put_shared, counts);
+        made += usize::from(decided.is_some());
+        makes.push(decided);
     }
 
     // Staging: one download per distinct md5.
     let mut staged: BTreeSet<&str> = BTreeSet::new();
-    p.stage
-        .reserve_exact(put_shared.len() + desired.domains.len());
+    p.stage.reserve_exact(put_shared.len() + domains.len());
     for &id in &put_shared {
-        let want = &desired.tables[id];
+        let want = &tables[id];
         if staged.insert(&want.md5) {
             p.stage.push(StageItem {
                 md5: want.md5.to_string(),
@@ -234,10 +286,10 @@ pub fn plan(
     let removed_shared: Vec<&str> = current_md5
         .keys()
         .copied()
-        .filter(|id| !desired.tables.contains_key(id))
+        .filter(|id| !tables.contains_key(id))
         .collect();
     let mut folders_left: BTreeSet<&str> = BTreeSet::new();
-    for (slot, _) in desired.refs.keys() {
+    for (slot, _) in refs.keys() {
         folders_left.insert(match slot {
             SlotRef::Direct => DIRECT_FOLDER,
             SlotRef::Package(slug) => slug,
@@ -253,13 +305,14 @@ pub fn plan(
         }
     }
     let folders_gone: Vec<&str> = folders_before.difference(&folders_left).copied().collect();
+    drop(folders_left);
 
     p.ops.reserve_exact(
         removals.len()
             + put_shared.len()
-            + makes.len()
+            + made
             + removed_shared.len()
-            + desired.domains.len()
+            + domains.len()
             + state.memory_domains.len()
             + folders_gone.len(),
     );
@@ -267,18 +320,22 @@ pub fn plan(
     for &id in &put_shared {
         p.ops.push(Event::PutShared {
             table_id: id.to_string(),
-            md5: desired.tables[id].md5.to_string(),
+            md5: tables[id].md5.to_string(),
         });
     }
-    for (slot, id, want, strategy) in makes {
-        p.ops.push(Event::MakeRef {
-            slot: slot.to_slot(),
-            table_id: id.to_string(),
-            name: want.name.to_string(),
-            md5: want.md5.to_string(),
-            size: want.size,
-            strategy,
-        });
+    drop(put_shared);
+    // Consumed: each node of the set is freed once its references are events.
+    for (((slot, id), want), decided) in refs.into_iter().zip(makes) {
+        if let Some(strategy) = decided {
+            p.ops.push(Event::MakeRef {
+                slot: slot.to_slot(),
+                table_id: id.to_string(),
+                name: want.name.to_string(),
+                md5: want.md5.into_owned(),
+                size: want.size,
+                strategy,
+            });
+        }
     }
     for id in removed_shared {
         p.ops.push(Event::RemoveShared {
@@ -287,7 +344,7 @@ pub fn plan(
     }
 
     // Memory domains.
-    for (slug, want) in &desired.domains {
+    for (slug, want) in &domains {
         let put = match state.memory_domains.get(slug) {
             None => {
                 p.tally.memory_domains.added += 1;
@@ -318,7 +375,7 @@ pub fn plan(
         }
     }
     for slug in state.memory_domains.keys() {
-        if !desired.domains.contains_key(slug) {
+        if !domains.contains_key(slug) {
             p.tally.memory_domains.removed += 1;
             p.ops.push(Event::RemoveBundle { slug: slug.clone() });
         }
@@ -379,7 +436,7 @@ mod tests {
     fn check(state: &SyncState, d: &Desired, mode: LinkMode) -> (Plan, SyncState) {
         let p = plan(
             state,
-            d,
+            d.clone(),
             mode,
             resolve_strategy(
                 mode,
@@ -467,12 +524,12 @@ mod tests {
         let (_, s1) = check(&SyncState::default(), &v1, LinkMode::Copy);
         let mut damage = Damage::default();
         damage.refs.insert((Slot::Direct, "tbl_a".to_string()));
-        let p = plan(&s1, &v1, LinkMode::Copy, Strategy::Copy, &damage);
+        let p = plan(&s1, v1.clone(), LinkMode::Copy, Strategy::Copy, &damage);
         assert_eq!(kinds(&p), ["make_ref"]);
         assert!(p.stage.is_empty());
         let mut damage = Damage::default();
         damage.shared.insert("tbl_a".to_string());
-        let p = plan(&s1, &v1, LinkMode::Copy, Strategy::Copy, &damage);
+        let p = plan(&s1, v1.clone(), LinkMode::Copy, Strategy::Copy, &damage);
         assert_eq!(kinds(&p), ["put_shared", "make_ref"]);
         assert_eq!(p.stage.len(), 1);
     }

@@ -23,7 +23,7 @@ use crate::reconcile::heal::{find_damage, HashFn};
 use crate::reconcile::manifest::{validate, Desired, Manifest};
 use crate::reconcile::origin::Origin;
 use crate::reconcile::place;
-use crate::reconcile::plan::{plan, resolve_strategy, Caps, Counts, Damage, Plan};
+use crate::reconcile::plan::{makes_refs, plan, resolve_strategy, Caps, Counts, Damage, Plan};
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
 use crate::replay::recover::recover;
@@ -210,12 +210,13 @@ fn report(plan: &Plan, txn: u64, dry_run: bool, bytes: u64, started: Instant) ->
     }
 }
 
-/// Plan against `state`, probing the filesystem only if references will be made.
+/// Plan against `state` (consuming the desired set), probing the filesystem only if
+/// references will be made.
 fn make_plan(
     fs: &dyn Fs,
     cfg: &PullConfig<'_>,
     state: &SyncState,
-    desired: &Desired,
+    desired: Desired,
     probe: bool,
     damage: Option<Damage>,
 ) -> Result<Plan> {
@@ -223,21 +224,16 @@ fn make_plan(
         Some(d) => d,
         None => find_damage(fs, &cfg.layout, state, cfg.hash)?,
     };
-    let optimistic = Caps {
-        reflink: true,
-        hardlink: true,
-    };
-    let first = plan(
-        state,
-        desired,
+    let optimistic = resolve_strategy(
         cfg.link,
-        resolve_strategy(cfg.link, optimistic),
-        &damage,
+        Caps {
+            reflink: true,
+            hardlink: true,
+        },
     );
-    if !first.makes_refs() {
-        return Ok(first);
+    if !makes_refs(state, &desired, cfg.link, optimistic, &damage) {
+        return Ok(plan(state, desired, cfg.link, optimistic, &damage));
     }
-    drop(first); // not held while the real plan is made
     let caps = if probe {
         probe_caps(fs, &cfg.layout, cfg.link)?
     } else {
@@ -370,7 +366,7 @@ pub fn status(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
             project(&records)
         }
     };
-    let p = make_plan(fs, cfg, &projection.state, &desired, false, damage)?;
+    let p = make_plan(fs, cfg, &projection.state, desired, false, damage)?;
     let mut rep = report(&p, projection.state.journal.txn, true, 0, started);
     if let Some(pending) = projection.pending {
         rep.recovered.push(format!(
@@ -427,14 +423,13 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     let mut early = None;
     if !peeked.as_ref().is_some_and(|p| same(&p.state)) {
         early = Some(wanted.parse()?);
-    }
-    let mut checked = match &early {
-        Some(m) => Some((validate(m, cfg.origin)?, manifest_md5(m))),
-        None => None,
-    };
-    if checked.is_some() {
+        // Parsed: a large manifest's text is not held while it is validated.
         wanted.drop_bytes();
     }
+    let mut checked = match &early {
+        Some(m) => Some((validate(m, cfg.origin)?, manifest_md5(m), &**m)),
+        None => None,
+    };
     let _lock = lock::acquire(fs, layout, &cfg.command, cfg.wait)?;
     // The fast path of recovery reads only; the slow one may roll a transaction
     // back or forward, so it waits until the manifest is known to be valid.
@@ -454,27 +449,28 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         }
     }
     let mut late = None;
-    let (desired, manifest_md5) = match checked.take() {
+    let (desired, manifest_md5, manifest) = match checked.take() {
         Some(v) => v,
         // The state file changed between the peek and the lock (rare): validate now.
         None => {
-            let m = late.insert(wanted.parse()?);
-            (validate(m, cfg.origin)?, manifest_md5(m))
+            let m = &**late.insert(wanted.parse()?);
+            (validate(m, cfg.origin)?, manifest_md5(m), m)
         }
     };
     let mut rec = match fast {
         Some(rec) => rec,
         None => recover(cfg.fs.clone(), layout)?,
     };
-    let mut p = make_plan(fs, cfg, &rec.state, &desired, true, damage)?;
+    let mut p = make_plan(fs, cfg, &rec.state, desired, true, damage)?;
     if !p.is_noop() && rec.trusted && !crate::replay::recover::journal_is_clean(fs, layout)? {
         // About to append, but the journal's end is not whole although the state
         // file named it: recover from the journal itself (cuts a torn tail, rolls
-        // its transaction forward) and plan again.
+        // its transaction forward) and plan again (from the manifest, still held).
         rec = crate::replay::recover::replay(cfg.fs.clone(), layout)?;
-        p = make_plan(fs, cfg, &rec.state, &desired, true, None)?;
+        let desired = validate(manifest, cfg.origin)?;
+        p = make_plan(fs, cfg, &rec.state, desired, true, None)?;
     }
-    drop(desired); // planned: the plan holds what it needs
+    // Planned: the plan holds what it needs.
     drop((early, late));
     let mut journal = rec.journal;
     let state = rec.state;
