@@ -307,20 +307,25 @@ impl Journal {
         Ok(std::mem::take(&mut self.pending))
     }
 
-    /// Append `events` of `txn` as one batch, make it durable (as [`Journal::sync`]),
-    /// and hand the stamped records back (moved, not copied: a large plan is held
-    /// once, not twice). Anything queued before is written first, in its own batch.
-    pub fn append_batch(&mut self, txn: u64, mut events: Vec<Event>) -> Result<Vec<Record>> {
+    /// Append the events of `parts`, in order, as one batch of `txn`, make it
+    /// durable (as [`Journal::sync`]), and hand the stamped records back (moved, not
+    /// copied: a large plan is held once, not twice). Anything queued before is
+    /// written first, in its own batch.
+    pub fn append_batch(&mut self, txn: u64, parts: Vec<Vec<Event>>) -> Result<Vec<Record>> {
         self.sync()?;
-        // The records' list is allocated once, at its exact size, and the events'
-        // list is taken from its back while its buffer shrinks: a large batch's two
-        // lists are not both whole at once (their pages are touched as filled).
-        self.pending.reserve_exact(events.len());
-        events.reverse();
-        while let Some(event) = events.pop() {
-            self.append(txn, event);
-            if events.capacity() > 2 * events.len() + 1024 {
-                events.shrink_to_fit();
+        // The records' list is allocated once, at its exact size, and each part is
+        // taken from its back while its buffer shrinks: a large batch's two lists
+        // are not both whole at once (their pages are touched as filled), and the
+        // parts are not first joined into one more list.
+        self.pending
+            .reserve_exact(parts.iter().map(Vec::len).sum::<usize>());
+        for mut events in parts {
+            events.reverse();
+            while let Some(event) = events.pop() {
+                self.append(txn, event);
+                if events.capacity() > 2 * events.len() + 1024 {
+                    events.shrink_to_fit();
+                }
             }
         }
         self.sync_taking()

@@ -76,11 +76,7 @@ enum Probe {
 
 /// `lstat` every relative path, in order. Consecutive paths of one folder go to the
 /// filesystem as one batch (`Fs::symlink_metadata_in`), the batches over threads.
-pub(crate) fn stat_all(
-    fs: &dyn Fs,
-    layout: &Layout,
-    rels: &[&str],
-) -> Result<Vec<io::Result<Meta>>> {
+fn stat_all(fs: &dyn Fs, layout: &Layout, rels: &[&str]) -> Result<Vec<io::Result<Meta>>> {
     const UNIT: usize = 512;
     let mut units: Vec<(&str, Vec<&str>)> = Vec::new();
     for rel in rels {

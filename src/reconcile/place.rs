@@ -42,16 +42,16 @@ pub struct Folder {
     pub staged: String,
 }
 
-/// What a pull builds out of sight besides its staged files.
+/// What a pull builds out of sight besides its staged files. Compact: indices
+/// into the plan's steps, not paths (a first pull of 100k tables has as many).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Placement {
     pub folders: Vec<Folder>,
-    /// Per stage item of the plan (same order): where it is written instead of
-    /// `<md5>`, relative to `.stack/staging/`.
-    pub dests: Vec<Option<String>>,
-    /// Symlinks to make before the commit point: (path relative to
-    /// `.stack/staging/`, target).
-    pub links: Vec<(String, PathBuf)>,
+    /// Per stage item of the plan (same order): `(folder, step)` if its file
+    /// travels, written as that step's file in that folder instead of `<md5>`.
+    pub dests: Vec<Option<(u32, u32)>>,
+    /// `(folder, step)` of each symlink reference to make before the commit point.
+    pub links: Vec<(u32, u32)>,
 }
 
 impl Placement {
@@ -64,6 +64,17 @@ impl Placement {
                 rel: f.rel.clone(),
             })
             .collect()
+    }
+
+    /// Where stage item `i` is written, if its file travels: its final name in
+    /// its placed folder under `.stack/staging/`. `ops` are the plan's steps.
+    pub fn dest(&self, layout: &Layout, ops: &[Event], i: usize) -> Option<PathBuf> {
+        let (k, step) = self.dests.get(i).copied().flatten()?;
+        let dir = layout.staging().join(&self.folders[k as usize].staged);
+        match &ops[step as usize] {
+            Event::PutShared { table_id, .. } => Some(dir.join(format!("{table_id}.parquet"))),
+            _ => None,
+        }
     }
 }
 
@@ -109,8 +120,11 @@ pub fn plan(p: &Plan, absent: &BTreeSet<&str>) -> Placement {
         dests: vec![None; p.stage.len()],
         ..Placement::default()
     };
-    let mut index: HashMap<String, usize> = HashMap::new();
-    for ev in &p.ops {
+    let (Ok(_), Ok(_)) = (u32::try_from(p.ops.len()), u32::try_from(p.stage.len())) else {
+        return out;
+    };
+    let mut index: HashMap<String, u32> = HashMap::new();
+    for (step, ev) in p.ops.iter().enumerate() {
         let sole = matches!(ev, Event::PutShared { md5, .. } if uses.get(md5.as_str()) == Some(&1));
         let Some(rel) = travels_in(ev, sole) else {
             continue;
@@ -118,7 +132,7 @@ pub fn plan(p: &Plan, absent: &BTreeSet<&str>) -> Placement {
         if !absent.contains(rel.as_str()) {
             continue;
         }
-        let next = out.folders.len();
+        let next = out.folders.len() as u32;
         let k = *index.entry(rel.clone()).or_insert(next);
         if k == next {
             out.folders.push(Folder {
@@ -126,18 +140,15 @@ pub fn plan(p: &Plan, absent: &BTreeSet<&str>) -> Placement {
                 staged: format!("{PREFIX}{k}"),
             });
         }
-        let staged = &out.folders[k].staged;
+        let at = (k, step as u32);
         match ev {
-            Event::PutShared { table_id, md5 } => match stage_of.get(md5.as_str()) {
-                Some(&i) => out.dests[i] = Some(format!("{staged}/{table_id}.parquet")),
+            Event::PutShared { md5, .. } => match stage_of.get(md5.as_str()) {
+                Some(&i) => out.dests[i] = Some(at),
                 // Every put stages its md5; if one did not, its file would not be in
                 // the folder that its step skips: place nothing.
                 None => return Placement::default(),
             },
-            Event::MakeRef { table_id, name, .. } => out.links.push((
-                format!("{staged}/{name}.parquet"),
-                layout::symlink_target(table_id),
-            )),
+            Event::MakeRef { .. } => out.links.push(at),
             _ => {}
         }
     }
@@ -164,22 +175,35 @@ pub fn make_links(
     fs: &dyn Fs,
     layout: &Layout,
     placement: &Placement,
+    ops: &[Event],
     threads: usize,
 ) -> Result<()> {
     // A folder's links at a time (`Fs::symlinks_in`), in units small enough to
     // spread over the threads.
-    let staging = layout.staging();
-    let mut units: Vec<(&str, Vec<(&Path, &str)>)> = Vec::new();
-    for (rel, target) in &placement.links {
-        let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
-        match units.last_mut() {
-            Some((d, v)) if *d == dir && v.len() < 512 => v.push((target, name)),
-            _ => units.push((dir, vec![(target.as_path(), name)])),
-        }
-    }
-    crate::par::map_balanced(&units, threads, |(dir, links)| {
-        let dir = staging.join(dir);
-        for (r, (_, name)) in fs.symlinks_in(&dir, links).into_iter().zip(links) {
+    let units: Vec<&[(u32, u32)]> = placement
+        .links
+        .chunk_by(|a, b| a.0 == b.0)
+        .flat_map(|run| run.chunks(512))
+        .collect();
+    crate::par::map_balanced(&units, threads, |unit| {
+        let Some(&(k, _)) = unit.first() else {
+            return Ok(());
+        };
+        let dir = layout.staging().join(&placement.folders[k as usize].staged);
+        let links: Vec<(PathBuf, String)> = unit
+            .iter()
+            .filter_map(|&(_, step)| match &ops[step as usize] {
+                Event::MakeRef { table_id, name, .. } => {
+                    Some((layout::symlink_target(table_id), format!("{name}.parquet")))
+                }
+                _ => None,
+            })
+            .collect();
+        let refs: Vec<(&Path, &str)> = links
+            .iter()
+            .map(|(t, n)| (t.as_path(), n.as_str()))
+            .collect();
+        for (r, (_, name)) in fs.symlinks_in(&dir, &refs).into_iter().zip(&links) {
             r.at("symlink", &dir.join(name))?;
         }
         Ok(())
@@ -250,16 +274,16 @@ mod tests {
         assert_eq!(rels, ["data/_shared", "data/p"]);
         assert_eq!(
             pl.dests,
-            [Some("place-0/t1.parquet".to_string()), None],
+            [Some((0, 0)), None],
             "only the sole consumer's file travels"
         );
+        assert_eq!(pl.links, [(1, 3)]);
+        let l = Layout::new("/d");
         assert_eq!(
-            pl.links,
-            [(
-                "place-1/n_t1.parquet".to_string(),
-                PathBuf::from("../_shared/t1.parquet")
-            )]
+            pl.dest(&l, &p.ops, 0),
+            Some(PathBuf::from("/d/.stack/staging/place-0/t1.parquet"))
         );
+        assert_eq!(pl.dest(&l, &p.ops, 1), None);
         let events = pl.events();
         assert_eq!(
             events[0],

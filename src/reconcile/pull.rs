@@ -514,12 +514,12 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
             layout,
             cfg.origin,
             &p.stage,
-            &placement.dests,
+            &|i| placement.dest(layout, &p.ops, i),
             cfg.jobs,
             cfg.bundles,
             &fetched,
         )?;
-        place::make_links(fs, layout, &placement, cfg.jobs)?;
+        place::make_links(fs, layout, &placement, &p.ops, cfg.jobs)?;
         Ok(bytes)
     });
     let bytes = match staged {
@@ -551,18 +551,19 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
 
     // Phase 2: the commit point — the whole plan, durable, in one batch. The
     // placed folders come first: every other step may need them in place.
-    let mut events = placement.events();
+    let places = placement.events();
     drop(placement);
-    events.append(&mut p.ops);
+    let mut last = Vec::with_capacity(2);
     if let Some(key) = key {
-        events.push(Event::Request {
+        last.push(Event::Request {
             key,
             skipped_direct: p.tally.direct_tables.skipped,
             skipped_packages: p.tally.data_packages.skipped,
         });
     }
-    events.push(Event::Prepared);
-    let records: Vec<Record> = journal.append_batch(txn, events)?;
+    last.push(Event::Prepared);
+    let parts = vec![places, std::mem::take(&mut p.ops), last];
+    let records: Vec<Record> = journal.append_batch(txn, parts)?;
 
     // Phase 3: apply, then finish (state file, Committed, cleanup).
     let applied = Applier::new(fs, layout, txn)

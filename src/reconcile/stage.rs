@@ -33,8 +33,8 @@ pub enum BundleCheck {
 }
 
 /// Download every item into staging with up to `jobs` parallel workers: to
-/// `<md5>`, or to `dests[i]` (relative to `.stack/staging/`, inside a placed
-/// folder: `reconcile::place`) where one is given. Returns the bytes fetched. On
+/// `<md5>`, or to `dest(i)` (inside a placed folder: `reconcile::place`) where
+/// that gives a path. Returns the bytes fetched. On
 /// error, every complete staged file this call made is removed again (unless the
 /// error is a simulated crash).
 #[allow(clippy::too_many_arguments)]
@@ -43,7 +43,7 @@ pub fn stage_all(
     layout: &Layout,
     origin: &dyn Origin,
     items: &[StageItem],
-    dests: &[Option<String>],
+    dest: &(dyn Fn(usize) -> Option<PathBuf> + Sync),
     jobs: usize,
     bundles: BundleCheck,
     progress: &(dyn Fn(u64) + Sync),
@@ -53,10 +53,7 @@ pub fn stage_all(
     }
     let staging = layout.staging();
     fs.create_dir_all(&staging).at("mkdir", &staging)?;
-    let dest_of = |i: usize| match dests.get(i) {
-        Some(Some(rel)) => staging.join(rel),
-        _ => layout.staged(&items[i].md5),
-    };
+    let dest_of = |i: usize| dest(i).unwrap_or_else(|| layout.staged(&items[i].md5));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let bytes = AtomicU64::new(0);
