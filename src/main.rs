@@ -483,16 +483,13 @@ fn run(cli: Cli) -> Result<i32> {
             JournalCommand::Show { dir, json } => journal_show(&dir.dir, json),
             JournalCommand::Verify { dir } => journal_verify(&dir.dir),
             JournalCommand::Compact { dir, wait } => {
-                let layout = Layout::new(&dir.dir);
-                let fs: Arc<dyn Fs> = Arc::new(RealFs);
-                let _lock = journal::lock::acquire(fs.as_ref(), &layout, &command_line(), wait)?;
-                let mut rec = replay::recover::replay(fs.clone(), &layout)?;
-                let before = rec.journal.len();
-                replay::recover::compact(fs.as_ref(), &layout, &mut rec.journal, &rec.state)?;
-                println!(
-                    "ok: journal compacted from {before} to {} bytes",
-                    rec.journal.len()
-                );
+                let (before, after) = replay::recover::compact_dir(
+                    Arc::new(RealFs),
+                    &Layout::new(&dir.dir),
+                    &command_line(),
+                    wait,
+                )?;
+                println!("ok: journal compacted from {before} to {after} bytes");
                 Ok(0)
             }
         },

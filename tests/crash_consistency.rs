@@ -17,6 +17,9 @@
 //!    pessimistic images of a stride of the crash points), then recovers again and
 //!    checks the same.
 //!
+//! Compaction (`stack journal compact`, and the automatic one at the end of a pull)
+//! is crashed the same way at every one of its operations; see "Compaction" below.
+//!
 //! The number of crash states checked is printed (`--nocapture`). `STACK_CRASH_LONG=1`
 //! (or a number, the multiplier) explores more power-loss subsets, crashes recovery
 //! at every crash point and runs more random sequences.
@@ -32,11 +35,12 @@ use md5::{Digest, Md5};
 use serde_json::{json, Value};
 use stack::fs::sim::{Crash, SimFs, SnapEntry};
 use stack::fs::Fs;
+use stack::journal::{check_end, scan_file, End};
 use stack::layout::Layout;
 use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
 use stack::reconcile::pull::{pull, PullConfig, Wanted};
-use stack::replay::recover::recover;
-use stack::replay::state::{read_state, JournalPos};
+use stack::replay::recover::{compact_dir, recover, replay};
+use stack::replay::state::{read_state, JournalPos, Pulled};
 use stack::verify::{audit, Contents};
 use stack::{BundleCheck, LinkMode, Manifest, SyncState};
 use support::pyrandom::PyRandom;
@@ -701,4 +705,576 @@ fn journal_created_after_lock_made_private_dir_survives_power_loss() {
         "a synced journal batch was lost with the unsynced .stack folder; op log:\n{}",
         fs.op_log().join("\n")
     );
+}
+
+// ---------------------------------------------------------------------------
+// Compaction: `stack journal compact`, and the automatic one at the end of a pull.
+// ---------------------------------------------------------------------------
+//
+// A compaction changes no table: after a crash anywhere in it and the recovery that
+// follows, the state (fingerprints included) and the tree are exactly what they were
+// before it, the journal verifies, and the no-op key is the one from before or none
+// (never another). Then a pull of the same manifest changes nothing (journal bytes
+// included), and a pull of another manifest gives what it gives on an uncompacted
+// directory, with a journal that verifies and replays to the state file.
+
+/// `stack journal compact`'s code path: lock, replay, compact.
+fn compact_on(fs: &SimFs) -> stack::Result<()> {
+    compact_dir(Arc::new(fs.clone()), &layout(), "crash test compact", false).map(drop)
+}
+
+/// `stack journal verify`, and stricter: after recovery no torn tail is left.
+/// Returns the journal's bytes.
+fn journal_verifies(fs: &SimFs) -> Result<Vec<u8>, String> {
+    let bytes = match fs.read(&layout().journal()) {
+        Ok(bytes) => bytes,
+        Err(e) => return Err(format!("journal unreadable: {e}")),
+    };
+    let scan = stack::journal::frame::scan(&bytes);
+    check_end(&layout(), &scan).map_err(|e| format!("journal does not verify: {e}"))?;
+    if scan.end != End::Clean {
+        return Err(format!("journal not clean after recovery: {:?}", scan.end));
+    }
+    Ok(bytes)
+}
+
+/// The state without its journal position (what a compaction may change).
+fn tables_of(s: &SyncState) -> SyncState {
+    let mut s = s.clone();
+    s.journal = JournalPos::default();
+    s
+}
+
+/// One directory before a crashed compaction, and what must hold after it.
+struct CompactPrepared {
+    name: String,
+    setup: SimFs,
+    link: LinkMode,
+    /// The manifests whose stacks recovery may show (one for `journal compact`; the
+    /// old and the new one for a pull that compacts), with what each must give: the
+    /// view, the state (fingerprints included), the no-op key.
+    allowed: Vec<Expected>,
+    /// Compare the fingerprints too: a crashed compaction leaves the tables alone,
+    /// but a crashed pull rolled forward re-makes files (new stat fingerprints).
+    fingerprints: bool,
+    /// Pulled after recovery; the view it must give.
+    second: Manifest,
+    after_second: View,
+}
+
+struct Expected {
+    manifest: Manifest,
+    view: View,
+    state: SyncState,
+    key: Option<Pulled>,
+}
+
+fn expected(fs: &SimFs, manifest: Manifest) -> Expected {
+    let state = read_state(fs, &layout()).unwrap().expect("a state file");
+    assert!(
+        state.journal.pulled.is_some(),
+        "the stack has no no-op key to keep"
+    );
+    Expected {
+        manifest,
+        view: view(fs).unwrap(),
+        key: state.journal.pulled.clone(),
+        state: tables_of(&state),
+    }
+}
+
+/// Crash states (of every compaction test so far) recovered without a no-op key.
+static KEY_ABSENT: AtomicU64 = AtomicU64::new(0);
+
+fn report_key_absent() {
+    eprintln!(
+        "  (compaction tests so far: no-op key absent after recovery in {} states)",
+        KEY_ABSENT.load(Ordering::Relaxed)
+    );
+}
+
+/// Check a recovered image (see the section comment); `what` names the crash.
+fn check_compacted(fs: &SimFs, p: &CompactPrepared, what: &dyn Fn() -> String) {
+    let fail = |msg: String| -> ! {
+        let log = fs.op_log();
+        let tail = &log[log.len().saturating_sub(60)..];
+        panic!(
+            "compaction crash consistency violated\n  case: {}\n  at: {}\n  problem: {msg}\n  op log (last {} lines):\n    {}",
+            p.name,
+            what(),
+            tail.len(),
+            tail.join("\n    ")
+        );
+    };
+    let journal = journal_verifies(fs).unwrap_or_else(|e| fail(e));
+    let state = match read_state(fs, &layout()) {
+        Ok(Some(s)) => s,
+        Ok(None) => fail("no state file after recovery".to_string()),
+        Err(e) => fail(format!("state file unreadable after recovery: {e}")),
+    };
+    let got = view(fs).unwrap_or_else(|e| fail(e));
+    let Some(want) = p.allowed.iter().find(|w| w.view == got) else {
+        let diffs: Vec<String> = p
+            .allowed
+            .iter()
+            .map(|w| describe_diff(&got, &w.view))
+            .collect();
+        fail(format!("not the stack of before: {}", diffs.join(" | ")))
+    };
+    if p.fingerprints && tables_of(&state) != want.state {
+        fail("state (fingerprints included) differs from before".to_string());
+    }
+    if tables_of(&state).without_fingerprints() != want.state.without_fingerprints() {
+        fail("state differs from before".to_string());
+    }
+    match &state.journal.pulled {
+        None => {
+            KEY_ABSENT.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(k) if Some(k) == want.key.as_ref() => {}
+        Some(k) => fail(format!(
+            "no-op key {k:?}, before it was {:?}",
+            want.key.as_ref()
+        )),
+    }
+    let hash = |path: &Path| md5_file(fs, path);
+    match audit(fs, &layout(), &state, Contents::Rehash(&hash, 1)) {
+        Ok(v) if v.is_empty() => {}
+        Ok(v) => fail(format!(
+            "invariants violated: {}",
+            v.iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+        Err(e) => fail(format!("audit failed: {e}")),
+    }
+
+    // The same manifest again: nothing changes, not even the journal.
+    if let Err(e) = pull_on(fs, &want.manifest, p.link) {
+        fail(format!("pull of the same manifest failed: {e}"));
+    }
+    if view(fs).unwrap_or_else(|e| fail(e)) != want.view {
+        fail("a pull of the same manifest changed the stack".to_string());
+    }
+    if fs.read(&layout().journal()).ok() != Some(journal) {
+        fail("a pull of the same manifest wrote to the journal".to_string());
+    }
+
+    // Another manifest: pulls, verifies, and the journal replays to the state file.
+    if let Err(e) = pull_on(fs, &p.second, p.link) {
+        fail(format!("pull of a second manifest failed: {e}"));
+    }
+    let got = view(fs).unwrap_or_else(|e| fail(e));
+    if got != p.after_second {
+        fail(format!(
+            "second pull: {}",
+            describe_diff(&got, &p.after_second)
+        ));
+    }
+    journal_verifies(fs).unwrap_or_else(|e| fail(format!("after a second pull: {e}")));
+    let state = read_state(fs, &layout()).ok().flatten().unwrap_or_default();
+    match replay(Arc::new(clone_fs(fs)), &layout()) {
+        Ok(rec) if tables_of(&rec.state) == tables_of(&state) => {}
+        Ok(_) => fail("after a second pull the journal replays to another state".to_string()),
+        Err(e) => fail(format!(
+            "after a second pull the journal does not replay: {e}"
+        )),
+    }
+    match audit(fs, &layout(), &state, Contents::Rehash(&hash, 1)) {
+        Ok(v) if v.is_empty() => {}
+        Ok(v) => fail(format!(
+            "second pull: invariants violated: {}",
+            v.iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+        Err(e) => fail(format!("second pull: audit failed: {e}")),
+    }
+}
+
+/// Every power-loss outcome SimFs offers for the pending operations of `fs`: process
+/// kill, optimistic, pessimistic, and every subset of the pending operations that
+/// are not the lock file's when there are at most `all_up_to` of them (the lock
+/// file's, which nothing reads back, are kept in every other subset); else both
+/// prefixes of `modes` and `random` seeded subsets.
+fn every_mode(fs: &SimFs, salt: u64, all_up_to: usize, random: u64) -> Vec<Crash> {
+    let mut out = vec![
+        Crash::Process,
+        Crash::PowerLossOptimistic,
+        Crash::PowerLossPessimistic,
+    ];
+    let pending = fs.pending();
+    if pending.is_empty() {
+        return out;
+    }
+    let lock = layout().lock_file().display().to_string();
+    let lock_mask: u64 = pending
+        .iter()
+        .enumerate()
+        .filter(|(i, d)| *i < 64 && (d.ends_with(&lock) || d.contains(&format!("{lock} "))))
+        .fold(0, |m, (i, _)| m | (1u64 << i));
+    let others: Vec<usize> = (0..pending.len().min(64))
+        .filter(|i| lock_mask & (1u64 << i) == 0)
+        .collect();
+    if others.len() <= all_up_to {
+        for k in 0..(1u64 << others.len()) {
+            let mut mask = if k % 2 == 1 { lock_mask } else { 0 };
+            for (bit, i) in others.iter().enumerate() {
+                if k & (1u64 << bit) != 0 {
+                    mask |= 1u64 << i;
+                }
+            }
+            out.push(Crash::PowerLossSubset(mask));
+        }
+        return out;
+    }
+    let b = Budget {
+        subsets: random,
+        recovery_stride: 1,
+    };
+    out.extend(modes(pending.len(), salt, b).into_iter().skip(2));
+    out
+}
+
+fn recover_and_check_compacted(
+    crashed: &SimFs,
+    mode: Crash,
+    p: &CompactPrepared,
+    what: &dyn Fn() -> String,
+) -> u64 {
+    let fs = crashed.reboot(mode);
+    if let Err(e) = recover_on(&fs) {
+        let log = fs.op_log();
+        let tail = &log[log.len().saturating_sub(60)..];
+        panic!(
+            "recovery failed\n  case: {}\n  at: {} / {mode:?}\n  error: {e}\n  op log:\n    {}",
+            p.name,
+            what(),
+            tail.join("\n    ")
+        );
+    }
+    check_compacted(&fs, p, &|| format!("{} / {mode:?}", what()));
+    1
+}
+
+/// How much of the power-loss outcomes a compaction's crash points explore.
+#[derive(Clone, Copy)]
+struct Sweep {
+    /// Every subset of the pending operations (but the lock file's) up to this many.
+    all_up_to: usize,
+    /// Else this many random subsets (and the two prefixes).
+    random: u64,
+    /// Crash recovery at every operation for every `recovery_stride`-th crash point.
+    recovery_stride: u64,
+}
+
+impl Sweep {
+    /// `default` unless `STACK_CRASH_LONG` is set: then every subset up to 12
+    /// pending operations, 16·N random ones beyond, recovery crashed everywhere.
+    fn or_long(default: Sweep) -> Sweep {
+        match long_factor() {
+            0 => default,
+            f => Sweep {
+                all_up_to: 12,
+                random: 16 * f,
+                recovery_stride: 1,
+            },
+        }
+    }
+}
+
+/// Crash `run` (a compaction, or a pull that compacts) at each of `crash_points`,
+/// under every power-loss mode (`sweep`); recover, check. Recovery itself is
+/// crashed at every operation too, on the process-kill and pessimistic images.
+fn explore_compaction(
+    p: &CompactPrepared,
+    run: &dyn Fn(&SimFs) -> stack::Result<()>,
+    crash_points: std::ops::Range<u64>,
+    sweep: Sweep,
+) -> u64 {
+    let Sweep {
+        all_up_to,
+        random,
+        recovery_stride: stride,
+    } = sweep;
+    let counting = clone_fs(&p.setup);
+    run(&counting).unwrap_or_else(|e| panic!("{}: clean run failed: {e}", p.name));
+    let n = counting.ops();
+    let from = crash_points.start;
+    assert!(
+        from < crash_points.end && crash_points.end <= n,
+        "{}: crash points {crash_points:?} of {n}",
+        p.name
+    );
+    let mut states = 0;
+    for i in crash_points {
+        let fs = clone_fs(&p.setup);
+        fs.crash_after(i);
+        match run(&fs) {
+            Err(e) if e.is_crash() => {}
+            Err(e) => panic!("{}: crash at op {i}: failed without crashing: {e}", p.name),
+            Ok(()) => panic!("{}: crash at op {i} of {n}: succeeded", p.name),
+        }
+        let what = || format!("crashed at op {i}/{n}");
+        for mode in every_mode(&fs, i, all_up_to, random) {
+            states += recover_and_check_compacted(&fs, mode, p, &what);
+        }
+        if (i - from) % stride != 0 {
+            continue;
+        }
+        for first in [Crash::Process, Crash::PowerLossPessimistic] {
+            let image = fs.reboot(first);
+            let count = clone_fs(&image);
+            recover_on(&count).unwrap();
+            let m = count.ops();
+            for j in 0..m {
+                let rec = clone_fs(&image);
+                rec.crash_after(j);
+                match recover_on(&rec) {
+                    Err(e) if e.is_crash() => {}
+                    Err(e) => panic!(
+                        "{}: recovery crash at op {j}: failed otherwise: {e}",
+                        p.name
+                    ),
+                    Ok(()) => panic!("{}: recovery crash at op {j} of {m}: succeeded", p.name),
+                }
+                for mode in [Crash::Process, Crash::PowerLossPessimistic] {
+                    states += recover_and_check_compacted(&rec, mode, p, &|| {
+                        format!("crashed at op {i}/{n}, {first:?}; recovery crashed at op {j}/{m}")
+                    });
+                }
+            }
+        }
+    }
+    STATES.fetch_add(states, Ordering::Relaxed);
+    states
+}
+
+struct CompactCase {
+    name: &'static str,
+    /// Pulled cleanly, in order; the last one is the stack compacted (and its key).
+    history: Vec<Value>,
+    /// Then a pull that fails before its commit point (its content is missing from
+    /// the origin): the journal ends in an `Aborted` past the last commit.
+    failed: Option<Value>,
+    /// Clean compactions before the crashed one (a compacted journal compacted again).
+    compacted: usize,
+    second: Value,
+}
+
+fn compact_cases() -> Vec<CompactCase> {
+    let m1 = manifest(
+        vec![table("tbl_a", "a", 1)],
+        vec![package("p1", vec![table("tbl_b", "b", 1)])],
+        vec![domain("finance", 1)],
+    );
+    let m2 = manifest(
+        vec![table("tbl_a", "a", 2), table("tbl_c", "c", 1)],
+        vec![
+            package("p1", vec![table("tbl_b", "b", 1)]),
+            package("p2", vec![table("tbl_b", "b", 1)]),
+        ],
+        vec![domain("finance", 2), domain("ops", 1)],
+    );
+    let second = manifest(
+        vec![table("tbl_c", "c", 2)],
+        vec![package("p2", vec![table("tbl_b", "b_renamed", 1)])],
+        vec![domain("ops", 2)],
+    );
+    let missing = manifest(
+        vec![table_md5("tbl_z", "z", &hexmd5(b"not served"))],
+        vec![],
+        vec![],
+    );
+    vec![
+        CompactCase {
+            name: "history of two pulls",
+            history: vec![m1.clone(), m2.clone()],
+            failed: None,
+            compacted: 0,
+            second: second.clone(),
+        },
+        CompactCase {
+            name: "history ending in a rolled-back pull",
+            history: vec![m1.clone(), m2.clone()],
+            failed: Some(missing),
+            compacted: 0,
+            second: second.clone(),
+        },
+        CompactCase {
+            name: "a compacted journal compacted again",
+            history: vec![m1, m2],
+            failed: None,
+            compacted: 1,
+            second,
+        },
+    ]
+}
+
+fn prepare_compact(c: &CompactCase, link: LinkMode) -> CompactPrepared {
+    let name = format!("{} ({link:?})", c.name);
+    let fs = SimFs::new();
+    fs.create_dirs(ROOT).unwrap();
+    for (k, m) in c.history.iter().enumerate() {
+        pull_on(&fs, &to_manifest(m), link)
+            .unwrap_or_else(|e| panic!("{name}: setup pull {k} failed: {e}"));
+    }
+    if let Some(m) = &c.failed {
+        let e = pull_on(&fs, &to_manifest(m), link).expect_err("the failing pull fails");
+        assert!(!e.is_crash(), "{name}: {e}");
+    }
+    for _ in 0..c.compacted {
+        compact_on(&fs).unwrap_or_else(|e| panic!("{name}: setup compaction failed: {e}"));
+    }
+    fs.make_durable();
+    let same = to_manifest(c.history.last().expect("a history"));
+    let second = to_manifest(&c.second);
+    let after = clone_fs(&fs);
+    pull_on(&after, &second, link).unwrap_or_else(|e| panic!("{name}: second pull failed: {e}"));
+    CompactPrepared {
+        name,
+        link,
+        allowed: vec![expected(&fs, same)],
+        fingerprints: true,
+        after_second: view(&after).unwrap(),
+        second,
+        setup: fs,
+    }
+}
+
+#[test]
+fn crash_at_every_op_of_journal_compact() {
+    // Each case under one link mode (a compaction touches no table: the mode only
+    // changes what the fingerprints hold); every case under each of them in the
+    // long mode.
+    let links = [LinkMode::Symlink, LinkMode::Copy, LinkMode::Hardlink];
+    let mut states = 0;
+    for (k, c) in compact_cases().into_iter().enumerate() {
+        let all = if long_factor() > 0 {
+            &links[..]
+        } else {
+            &links[k % 3..=k % 3]
+        };
+        for &link in all {
+            let p = prepare_compact(&c, link);
+            // The compaction does compact: one frame (checkpoint and request) left.
+            let done = clone_fs(&p.setup);
+            compact_on(&done).unwrap();
+            let n = done.ops();
+            let scan = scan_file(&done, &layout()).unwrap().unwrap();
+            assert_eq!(scan.records.len(), 2, "{}", p.name);
+            check_compacted(&done, &p, &|| "no crash".to_string());
+            // A compaction leaves at most four operations pending besides the lock
+            // file's: every subset of them, and recovery crashed everywhere.
+            let sweep = Sweep::or_long(Sweep {
+                all_up_to: 8,
+                random: 4,
+                recovery_stride: 1,
+            });
+            states += explore_compaction(&p, &compact_on, 0..n, sweep);
+        }
+    }
+    report("journal compact", states);
+    report_key_absent();
+    assert!(states >= 1_000, "only {states} crash states");
+}
+
+/// The automatic compaction at the end of a pull, reached cheaply: the journal is
+/// padded past [`AUTO_COMPACT_BYTES`] with one rolled-back transaction whose
+/// `Aborted` reason is that long (a legal journal: the projection ignores it), so
+/// the next pull that commits compacts. Its crash points run from the compaction's
+/// first operation (the pull before it is what the tests above crash; under
+/// `STACK_CRASH_LONG` it is crashed here too, recovering to the old stack or the
+/// new one).
+#[test]
+fn crash_at_every_op_of_automatic_compaction() {
+    use stack::journal::{Event, Journal, AUTO_COMPACT_BYTES};
+    let link = LinkMode::Symlink;
+    let m1 = manifest(
+        vec![table("tbl_a", "a", 1)],
+        vec![package("p1", vec![table("tbl_b", "b", 1)])],
+        vec![domain("finance", 1)],
+    );
+    let m2 = manifest(
+        vec![table("tbl_a", "a", 2)],
+        vec![package(
+            "p1",
+            vec![table("tbl_b", "b", 1), table("tbl_c", "c", 1)],
+        )],
+        vec![domain("finance", 1), domain("ops", 1)],
+    );
+    let m3 = manifest(vec![table("tbl_c", "c", 2)], vec![], vec![domain("ops", 2)]);
+    let (m1, m2, m3) = (to_manifest(&m1), to_manifest(&m2), to_manifest(&m3));
+
+    let fs = SimFs::new();
+    fs.create_dirs(ROOT).unwrap();
+    pull_on(&fs, &m1, link).unwrap();
+    {
+        let sim: Arc<dyn Fs> = Arc::new(fs.clone());
+        let mut journal = Journal::open(sim, &layout()).unwrap().journal;
+        let txn = journal.new_txn();
+        let reason = "x".repeat(AUTO_COMPACT_BYTES as usize);
+        journal.append(txn, Event::Aborted { reason });
+        journal.sync().unwrap();
+        assert!(journal.wants_compaction());
+    }
+    fs.make_durable();
+    let old = expected(&fs, m1.clone());
+
+    let pull_m2 = |fs: &SimFs| pull_on(fs, &m2, link);
+    let done = clone_fs(&fs);
+    pull_m2(&done).unwrap();
+    let n = done.ops();
+    let scan = scan_file(&done, &layout()).unwrap().unwrap();
+    assert_eq!(scan.records.len(), 2, "the pull did not compact");
+    // The log numbers the operations since the last reboot from 1: crashing after
+    // `start` operations crashes the compaction's first (creating its temp file).
+    let log = done.op_log();
+    let since_reboot = log
+        .iter()
+        .rposition(|l| l.starts_with("--- reboot"))
+        .unwrap();
+    let start = log[since_reboot..]
+        .iter()
+        .find(|l| l.ends_with("create /stack/.stack/journal.compact"))
+        .and_then(|l| l[1..].split(' ').next()?.parse::<u64>().ok())
+        .expect("the compaction's first operation")
+        - 1;
+    let new = expected(&done, m2.clone());
+    let after_second = {
+        let a = clone_fs(&done);
+        pull_on(&a, &m3, link).unwrap();
+        let b = clone_fs(&fs);
+        pull_on(&b, &m3, link).unwrap();
+        assert_eq!(view(&a).unwrap(), view(&b).unwrap());
+        view(&a).unwrap()
+    };
+    let mut p = CompactPrepared {
+        name: "automatic compaction at the end of a pull".to_string(),
+        setup: fs,
+        link,
+        allowed: vec![new],
+        fingerprints: true,
+        second: m3,
+        after_second,
+    };
+    check_compacted(&done, &p, &|| "no crash".to_string());
+    // Every crash state here reads a journal of 8 MiB several times: fewer subsets
+    // than above (the compaction is the same code, exhaustively crashed there).
+    let sweep = Sweep::or_long(Sweep {
+        all_up_to: 2,
+        random: 1,
+        recovery_stride: 4,
+    });
+    let mut states = explore_compaction(&p, &pull_m2, start..n, sweep);
+    if long_factor() > 0 {
+        p.allowed.push(old);
+        p.fingerprints = false;
+        states += explore_compaction(&p, &pull_m2, 0..start, sweep);
+    }
+    report("automatic compaction", states);
+    report_key_absent();
+    assert!(states >= 100, "only {states} crash states");
 }

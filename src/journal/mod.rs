@@ -134,6 +134,8 @@ pub struct Journal {
     layout: Layout,
     file: Box<dyn FileWrite>,
     len: u64,
+    /// The inode of the file `file` appends to (see `JournalEnd::ino`).
+    ino: u64,
     len_after_compaction: u64,
     next_seq: u64,
     last_txn: u64,
@@ -211,12 +213,14 @@ impl Journal {
         // could keep what recovery does (deleting staged files) but lose the
         // records it relied on.
         file.sync().at("fsync", &path)?;
+        let ino = fs.metadata(&path).at("stat", &path)?.ino;
         Ok(Opened {
             journal: Journal {
                 fs,
                 layout: layout.clone(),
                 file,
                 len,
+                ino,
                 len_after_compaction: baseline,
                 next_seq,
                 last_txn,
@@ -352,6 +356,11 @@ impl Journal {
         self.len_after_compaction
     }
 
+    /// The inode of the journal file this writer appends to.
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+
     /// Where this journal ends now, for a state file to record.
     pub fn end(&self) -> crate::replay::state::JournalEnd {
         crate::replay::state::JournalEnd {
@@ -359,11 +368,12 @@ impl Journal {
             base: self.len_after_compaction,
             seq: self.last_seq(),
             txn: self.last_txn,
+            ino: self.ino,
         }
     }
 
     /// Open the journal for appending without reading it, trusting a state file
-    /// that names its exact end.
+    /// that names its exact end (its file and length).
     pub fn open_trusted(
         fs: Arc<dyn Fs>,
         layout: &Layout,
@@ -376,6 +386,7 @@ impl Journal {
             layout: layout.clone(),
             file,
             len: end.len,
+            ino: end.ino,
             len_after_compaction: end.base.max(frame::HEADER_LEN as u64),
             next_seq: end.seq + 1,
             last_txn: end.txn,
@@ -459,6 +470,7 @@ impl Journal {
         self.len_after_compaction = self.len;
         self.broken = Some("a compaction did not complete".to_string());
         self.file = self.fs.open_append(&path).at("open", &path)?;
+        self.ino = self.fs.metadata(&path).at("stat", &path)?.ino;
         self.fs.sync_dir(&private).at("fsync", &private)?;
         self.broken = None;
         Ok(())

@@ -634,6 +634,7 @@ pub fn finish(
             base: journal.baseline(),
             seq,
             txn: journal.last_txn(),
+            ino: journal.ino(),
         }),
         pulled,
     };

@@ -40,10 +40,11 @@ pub fn journal_is_clean(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
     Ok(scan.end == crate::journal::End::Clean)
 }
 
-/// The fast path: a state file naming the journal's exact current length (`end`)
-/// was written for the journal's last record, and nothing was appended since — so
-/// no transaction is open and the file is the projection. Taking it costs one stat
-/// and one read instead of replaying the journal. Only leftovers are cleaned.
+/// The fast path: a state file naming the journal's file and its exact current
+/// length (`end`: inode and length) was written for the journal's last record, and
+/// nothing was appended since — so no transaction is open and the file is the
+/// projection. Taking it costs one stat and one read instead of replaying the
+/// journal. Only leftovers are cleaned.
 ///
 /// `peeked`: the state file as read before the lock was taken ([`peek`]); used if
 /// it is still the same file and the journal still ends where it says.
@@ -54,8 +55,8 @@ pub fn recover_trusted(
 ) -> Result<Option<Recovered>> {
     let still = match peeked {
         Some(p) if state_stamp(fs.as_ref(), layout)? == Some(p.stamp) => {
-            let len = journal_len(fs.as_ref(), layout)?;
-            Some(p.state).filter(|s| s.journal.at.is_some_and(|at| Some(at.len) == len))
+            let id = journal_id(fs.as_ref(), layout)?;
+            Some(p.state).filter(|s| names_journal(s, id))
         }
         _ => None,
     };
@@ -116,25 +117,33 @@ fn state_stamp(fs: &dyn Fs, layout: &Layout) -> Result<Option<(u64, u64, u64, i1
     }
 }
 
-fn journal_len(fs: &dyn Fs, layout: &Layout) -> Result<Option<u64>> {
+/// The journal file's (length, inode), if it exists.
+fn journal_id(fs: &dyn Fs, layout: &Layout) -> Result<Option<(u64, u64)>> {
     let path = layout.journal();
     match fs.metadata(&path) {
-        Ok(m) => Ok(Some(m.len)),
+        Ok(m) => Ok(Some((m.len, m.ino))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).at("stat", &path),
     }
 }
 
-/// The state file, if it names the journal's exact current length (the fast
-/// path's condition); reads only.
+/// Does `state` name the journal file `id` (length, inode) as it is now? Not only
+/// its length: a compaction replaces the file, possibly by one of the same length.
+fn names_journal(state: &SyncState, id: Option<(u64, u64)>) -> bool {
+    state
+        .journal
+        .at
+        .is_some_and(|at| Some((at.len, at.ino)) == id)
+}
+
+/// The state file, if it names the journal's file and exact current length (the
+/// fast path's condition); reads only.
 pub fn trusted_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
-    let Some(len) = journal_len(fs, layout)? else {
+    let Some(id) = journal_id(fs, layout)? else {
         return Ok(None);
     };
     Ok(match read_state(fs, layout) {
-        Ok(Some(s)) if s.journal.at.is_some_and(|at| at.len == len) && s.check_paths().is_ok() => {
-            Some(s)
-        }
+        Ok(Some(s)) if names_journal(&s, Some(id)) && s.check_paths().is_ok() => Some(s),
         _ => None,
     })
 }
@@ -176,6 +185,22 @@ pub fn compact_state(
         fs.remove_tree(&tmp).at("remove", &tmp)?;
     }
     Ok(state)
+}
+
+/// `stack journal compact`: take the directory lock, recover from the journal
+/// itself ([`replay`]: never the fast path, so a corrupt journal is refused rather
+/// than compacted), then [`compact`]. Returns the journal's length before and after.
+pub fn compact_dir(
+    fs: Arc<dyn Fs>,
+    layout: &Layout,
+    command: &str,
+    wait: bool,
+) -> Result<(u64, u64)> {
+    let _lock = crate::journal::lock::acquire(fs.as_ref(), layout, command, wait)?;
+    let mut rec = replay(fs.clone(), layout)?;
+    let before = rec.journal.len();
+    compact(fs.as_ref(), layout, &mut rec.journal, &rec.state)?;
+    Ok((before, rec.journal.len()))
 }
 
 /// Recover `layout`'s directory. Hold the directory lock.

@@ -78,9 +78,10 @@ pub struct Pulled {
     pub skipped_packages: u64,
 }
 
-/// The journal's end as a state file saw it. If the journal still has exactly
-/// `len` bytes, nothing was appended since: recovery may trust the state file
-/// without replaying the journal, and a writer continues after `seq` / `txn`.
+/// The journal's end as a state file saw it. If the journal is still the same file
+/// (`ino`) and has exactly `len` bytes, nothing was appended since: recovery may
+/// trust the state file without replaying the journal, and a writer continues after
+/// `seq` / `txn`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalEnd {
     /// The journal's length in bytes.
@@ -91,6 +92,15 @@ pub struct JournalEnd {
     pub seq: u64,
     /// The highest transaction id in it.
     pub txn: u64,
+    /// The journal file's inode. A compaction replaces the file (rename over it),
+    /// and the new one may have exactly the old one's length (compacting a
+    /// compacted journal does, as a rule): the length alone would let a state file
+    /// written for the old file be trusted for the new one, and a writer continue
+    /// its `seq` from the old end, which breaks the sequence (corruption). 0 in a
+    /// file from an engine that did not record it: never trusted, the next
+    /// recovery replays once and records it.
+    #[serde(default)]
+    pub ino: u64,
 }
 
 /// One table reference (direct or in a package).
