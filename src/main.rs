@@ -541,13 +541,6 @@ fn main() -> ExitCode {
     // SAFETY: mallopt only sets an allocator parameter; called before any thread.
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
-        // One arena for every thread: memory one thread frees is reused by
-        // another's allocations. Finishing a pull builds the new state on its own
-        // thread while the records it is made from are freed; in a fresh arena the
-        // state grew beside their freed memory instead of into it (100k-table cold
-        // pull: finishing 145-153 -> 135 MiB). The threads' work is I/O and hashing,
-        // not allocation: no measurable cost (5,000-table cold pull).
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
     // An empty STACK_DIR means unset (contract §5: then the current directory).
     if std::env::var_os("STACK_DIR").is_some_and(|v| v.is_empty()) {

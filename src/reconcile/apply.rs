@@ -579,8 +579,8 @@ pub fn finish(
     let mut paths = written_paths(&records);
     paths.extend(refresh.iter().cloned());
     let pulled = crate::replay::project::requested(records.iter().map(|r| &r.event));
-    // The projection (CPU) runs on its own thread while the fingerprints (stats of
-    // every written path) fan out: they are independent.
+    // The projection (CPU) runs while the fingerprints (stats of every written
+    // path) fan out on other threads: they are independent.
     let project = move || {
         let mut state = base;
         // Consumed from the back of a reversed list whose buffer shrinks as it
@@ -596,10 +596,13 @@ pub fn finish(
         compact_maps(&mut state);
         state
     };
+    // The projection stays on this thread, which allocated the records: the new
+    // state grows into the memory they free, in the same malloc arena (a state
+    // built on another thread's arena grew beside it: 100k tables, +15 MiB peak).
     let (state, stats) = std::thread::scope(|s| {
-        let state = s.spawn(project);
-        let stats = fingerprints(fs, layout, &paths);
-        let state = state
+        let stats = s.spawn(|| fingerprints(fs, layout, &paths));
+        let state = project();
+        let stats = stats
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (state, stats)
