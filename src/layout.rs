@@ -86,6 +86,10 @@ impl Layout {
         self.staging().join(format!("{md5}.part"))
     }
     /// Scratch folder for files made before being renamed into place.
+    /// The new journal a compaction writes before renaming it over the journal.
+    pub fn journal_compact(&self) -> PathBuf {
+        self.private().join("journal.compact")
+    }
     pub fn tmp(&self) -> PathBuf {
         self.private().join("tmp")
     }

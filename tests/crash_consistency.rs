@@ -807,6 +807,9 @@ fn check_compacted(fs: &SimFs, p: &CompactPrepared, what: &dyn Fn() -> String) {
         );
     };
     let journal = journal_verifies(fs).unwrap_or_else(|e| fail(e));
+    if fs.exists(&layout().journal_compact()).unwrap_or(true) {
+        fail("recovery left .stack/journal.compact behind".to_string());
+    }
     let state = match read_state(fs, &layout()) {
         Ok(Some(s)) => s,
         Ok(None) => fail("no state file after recovery".to_string()),

@@ -448,7 +448,7 @@ impl Journal {
             message,
         })?;
         let private = self.layout.private();
-        let tmp: PathBuf = private.join("journal.compact");
+        let tmp: PathBuf = self.layout.journal_compact();
         let path = self.layout.journal();
         let f = self.fs.create(&tmp).at("create", &tmp)?;
         let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);

@@ -655,10 +655,10 @@ pub fn finish(
     Ok(state)
 }
 
-/// Are there leftovers of a transaction (trash, scratch files, complete staged
-/// files)? Reads only.
+/// Are there leftovers of a transaction or a compaction (trash, scratch files, an
+/// unfinished new journal, complete staged files or placed folders)? Reads only.
 pub fn has_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
-    for dir in [layout.trash(), layout.tmp()] {
+    for dir in [layout.trash(), layout.tmp(), layout.journal_compact()] {
         if fs.exists(&dir).at("stat", &dir)? {
             return Ok(true);
         }
@@ -677,15 +677,21 @@ fn is_leftover(e: &crate::fs::DirEntry) -> bool {
     e.kind == Kind::Dir || (e.kind == Kind::File && !e.name.ends_with(".part"))
 }
 
-/// Remove the trash, the scratch folder, every complete staged file and every
-/// folder built out of sight, keeping partial downloads (`*.part`) for the next
-/// pull to resume. Checks before it touches, so a clean directory sees no mutation
+/// Remove the trash, the scratch folder, a compaction's unfinished new journal,
+/// every complete staged file and every folder built out of sight, keeping partial
+/// downloads (`*.part`) for the next pull to resume. Checks before it touches, so a clean directory sees no mutation
 /// at all.
 pub fn clean_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<()> {
     for dir in [layout.trash(), layout.tmp()] {
         if fs.exists(&dir).at("stat", &dir)? {
             fs.remove_tree(&dir).at("remove", &dir)?;
         }
+    }
+    // A compaction cut short before its rename: never the journal (the rename is
+    // what would have made it one), possibly as large as it.
+    let compact = layout.journal_compact();
+    if fs.exists(&compact).at("stat", &compact)? {
+        fs.remove_file(&compact).at("remove", &compact)?;
     }
     let staging = layout.staging();
     let entries = match fs.read_dir(&staging) {
