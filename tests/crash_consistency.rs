@@ -419,29 +419,40 @@ fn explore(t: &Transition, b: Budget) -> u64 {
             continue;
         }
         // Crash recovery itself, at every one of its operations.
-        for first in [Crash::Process, Crash::PowerLossPessimistic] {
-            let image = fs.reboot(first);
-            let count = clone_fs(&image);
-            recover_on(&count).unwrap();
-            let m = count.ops();
-            for j in 0..m {
-                let rec = clone_fs(&image);
-                rec.crash_after(j);
-                match recover_on(&rec) {
-                    Err(e) if e.is_crash() => {}
-                    Err(e) => panic!(
-                        "{}: recovery crash at op {j}: failed otherwise: {e}",
-                        t.name
-                    ),
-                    Ok(()) => panic!("{}: recovery crash at op {j} of {m}: succeeded", t.name),
-                }
-                for mode in [Crash::Process, Crash::PowerLossPessimistic] {
-                    states += recover_and_check(&rec, mode, &p, &|| {
-                        format!(
-                            "pull crashed at op {i}/{n}, {first:?}; recovery crashed at op {j}/{m}"
-                        )
-                    });
-                }
+        states += crash_recovery(&fs, &t.name, &|rec, mode, what| {
+            recover_and_check(rec, mode, &p, &|| {
+                format!("pull crashed at op {i}/{n}, {}", what())
+            })
+        });
+    }
+    states
+}
+
+/// A check of one recovered image after a crash (`what` says where it crashed).
+type Check<'a> = dyn Fn(&SimFs, Crash, &dyn Fn() -> String) -> u64 + 'a;
+
+/// Reboot `fs` (a crashed image) by a process kill and by a pessimistic power loss,
+/// crash recovery at every one of its operations, and `check` each result after a
+/// process kill and a pessimistic power loss. Returns the states `check` counted.
+fn crash_recovery(fs: &SimFs, name: &str, check: &Check<'_>) -> u64 {
+    let mut states = 0;
+    for first in [Crash::Process, Crash::PowerLossPessimistic] {
+        let image = fs.reboot(first);
+        let count = clone_fs(&image);
+        recover_on(&count).unwrap();
+        let m = count.ops();
+        for j in 0..m {
+            let rec = clone_fs(&image);
+            rec.crash_after(j);
+            match recover_on(&rec) {
+                Err(e) if e.is_crash() => {}
+                Err(e) => panic!("{name}: recovery crash at op {j}: failed otherwise: {e}"),
+                Ok(()) => panic!("{name}: recovery crash at op {j} of {m}: succeeded"),
+            }
+            for mode in [Crash::Process, Crash::PowerLossPessimistic] {
+                states += check(&rec, mode, &|| {
+                    format!("{first:?}; recovery crashed at op {j}/{m}")
+                });
             }
         }
     }
@@ -1027,29 +1038,11 @@ fn explore_compaction(
         if (i - from) % stride != 0 {
             continue;
         }
-        for first in [Crash::Process, Crash::PowerLossPessimistic] {
-            let image = fs.reboot(first);
-            let count = clone_fs(&image);
-            recover_on(&count).unwrap();
-            let m = count.ops();
-            for j in 0..m {
-                let rec = clone_fs(&image);
-                rec.crash_after(j);
-                match recover_on(&rec) {
-                    Err(e) if e.is_crash() => {}
-                    Err(e) => panic!(
-                        "{}: recovery crash at op {j}: failed otherwise: {e}",
-                        p.name
-                    ),
-                    Ok(()) => panic!("{}: recovery crash at op {j} of {m}: succeeded", p.name),
-                }
-                for mode in [Crash::Process, Crash::PowerLossPessimistic] {
-                    states += recover_and_check_compacted(&rec, mode, p, &|| {
-                        format!("crashed at op {i}/{n}, {first:?}; recovery crashed at op {j}/{m}")
-                    });
-                }
-            }
-        }
+        states += crash_recovery(&fs, &p.name, &|rec, mode, what| {
+            recover_and_check_compacted(rec, mode, p, &|| {
+                format!("crashed at op {i}/{n}, {}", what())
+            })
+        });
     }
     STATES.fetch_add(states, Ordering::Relaxed);
     states

@@ -568,9 +568,6 @@ mod sys {
 mod tests {
     use super::*;
 
-    /// The batched stat says exactly what one `symlink_metadata` per path says:
-    /// for a file, a symlink (not followed), a folder, a missing name, and a
-    /// folder that does not exist.
     /// The batched writes and symlinks do what the seam's single calls do, in a
     /// folder (read-only from creation, yet written; a truncated old file) and in
     /// a folder that does not exist (the same errors).
@@ -618,6 +615,9 @@ mod tests {
         assert_eq!(batch[0].as_ref().unwrap_err().kind(), single.kind());
     }
 
+    /// The batched stat says exactly what one `symlink_metadata` per path says:
+    /// for a file, a symlink (not followed), a folder, a missing name, and a
+    /// folder that does not exist.
     #[test]
     #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
     fn batched_stats_equal_single_stats() {
