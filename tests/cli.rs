@@ -33,3 +33,6 @@ mod review;
 
 #[path = "cli/noop.rs"]
 mod noop;
+
+#[path = "cli/place.rs"]
+mod place;

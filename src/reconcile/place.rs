@@ -107,7 +107,8 @@ pub fn travels_in(ev: &Event, sole: bool) -> Option<String> {
 }
 
 /// Which of the plan's folders to build out of sight: those in `absent` (folders
-/// that did not exist when the plan was checked) that some step's file travels in.
+/// that did not exist when the plan was checked) that some step's file travels in
+/// and no removal names.
 pub fn plan(p: &Plan, absent: &BTreeSet<&str>) -> Placement {
     let uses = consumers(&p.ops);
     let stage_of: HashMap<&str, usize> = p
@@ -123,13 +124,24 @@ pub fn plan(p: &Plan, absent: &BTreeSet<&str>) -> Placement {
     let (Ok(_), Ok(_)) = (u32::try_from(p.ops.len()), u32::try_from(p.stage.len())) else {
         return out;
     };
+    // A folder a removal names is not placed even if absent (the user deleted
+    // it; the state still lists references in it): the removals run after the
+    // `Place` steps, and would take the new file of a name the plan reuses.
+    let removed_in: BTreeSet<String> = p
+        .ops
+        .iter()
+        .filter_map(|e| match e {
+            Event::RemoveRef { slot, .. } => Some(layout::slot_dir_rel(slot)),
+            _ => None,
+        })
+        .collect();
     let mut index: HashMap<String, u32> = HashMap::new();
     for (step, ev) in p.ops.iter().enumerate() {
         let sole = matches!(ev, Event::PutShared { md5, .. } if uses.get(md5.as_str()) == Some(&1));
         let Some(rel) = travels_in(ev, sole) else {
             continue;
         };
-        if !absent.contains(rel.as_str()) {
+        if !absent.contains(rel.as_str()) || removed_in.contains(&rel) {
             continue;
         }
         let next = out.folders.len() as u32;
@@ -294,5 +306,22 @@ mod tests {
         );
         // Nothing absent: nothing placed.
         assert_eq!(plan(&p, &BTreeSet::new()).folders, []);
+        // A folder a removal names (deleted by the user, still in the state) is
+        // not placed: the removal would run after the `Place` step.
+        let mut q = p.clone();
+        q.ops.insert(
+            0,
+            Event::RemoveRef {
+                slot: Slot::Package("p".into()),
+                table_id: "t0".into(),
+                name: "n_t1".into(),
+            },
+        );
+        let rels: Vec<String> = plan(&q, &absent)
+            .folders
+            .into_iter()
+            .map(|f| f.rel)
+            .collect();
+        assert_eq!(rels, ["data/_shared"]);
     }
 }
