@@ -17,6 +17,9 @@
 //! - Whether a step's file travels is a function of the transaction's own events
 //!   ([`travels_in`] over [`consumers`]), so the planner, the pull's apply and a
 //!   recovery's apply agree on it.
+//! - A folder that a removal of the plan names is never placed (the user deleted
+//!   it; the state still lists references in it): removals run after the `Place`
+//!   steps, and would take the new file of a name the plan reuses.
 //! - An applier skips a travelling step only if it moved that folder itself, so it
 //!   knows the folder's files are the staged ones. After a crash that came once the
 //!   folder was moved, the step runs as any other and finds its file in place (a
