@@ -10,7 +10,10 @@
 //!   atomically, content and all); anything else (a replacement, a redo finding the
 //!   name taken, a copy) is made under `.stack/tmp` and renamed into place; removals move
 //!   into `.stack/trash/<txn>/` and treat "not found" as done; staged content stays
-//!   in `.stack/staging/` until `Committed` is durable.
+//!   in `.stack/staging/` until `Committed` is durable. A folder built out of sight
+//!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
+//!   was taken meanwhile; a redo finds it gone and the steps that travelled in it
+//!   then run as any other.
 //! - Nothing temporary is ever created inside `data/` or `memory/`.
 //! - `Committed` is appended only after `sync_fs` made every applied step durable, so a
 //!   durable `Committed` implies a durable applied tree.
