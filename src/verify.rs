@@ -207,11 +207,7 @@ impl Probe {
         } else {
             None
         };
-        own.map(|m| StatFp {
-            size: m.len,
-            mtime_ns: m.mtime_ns as i64,
-            ino: m.ino,
-        })
+        own.map(StatFp::of)
     }
 
     fn file_key(&self) -> Option<FileKey> {

@@ -27,7 +27,7 @@ use crate::fs::{not_found_ok, Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::journal::Journal;
 use crate::layout::{self, Layout};
-use crate::reconcile::place;
+use crate::reconcile::{heal, place};
 use crate::replay::project::{apply_event_owned, apply_fingerprints, compact_maps};
 use crate::replay::state::{write_state, StatFp, Strategy, SyncState};
 
@@ -494,44 +494,13 @@ fn is_not_empty(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::DirectoryNotEmpty || e.raw_os_error() == Some(libc::ENOTEMPTY)
 }
 
-/// The stat fingerprint of each of `rels` (`None`: not there), stated a folder at
-/// a time (`Fs::symlink_metadata_in`) in units spread over the threads; returned
-/// unit by unit, in order (not joined into one more list: a first pull of 100k
-/// tables has 250k paths).
+/// The stat fingerprint of each of `rels` (`None`: not there), batch by batch
+/// ([`heal::stat_batches`]: a first pull of 100k tables has 250k paths).
 fn fingerprints(fs: &dyn Fs, layout: &Layout, rels: &[String]) -> Result<Vec<Vec<Option<StatFp>>>> {
-    const UNIT: usize = 512;
-    // (length of the folder part, start of the name)
-    fn split(r: &str) -> (usize, usize) {
-        r.rfind('/').map_or((0, 0), |i| (i, i + 1))
-    }
-    fn dir_of(r: &str) -> &str {
-        &r[..split(r).0]
-    }
-    let mut units: Vec<(usize, usize)> = Vec::new();
-    let mut start = 0;
-    for i in 1..=rels.len() {
-        if i == rels.len() || i - start == UNIT || dir_of(&rels[i]) != dir_of(&rels[start]) {
-            units.push((start, i));
-            start = i;
-        }
-    }
-    crate::par::map_balanced(&units, crate::par::threads(), |&(a, b)| {
-        let unit = &rels[a..b];
-        let names: Vec<&str> = unit.iter().map(|r| &r[split(r).1..]).collect();
-        let dir = layout.join(dir_of(&unit[0]));
-        fs.symlink_metadata_in(&dir, &names)
-            .into_iter()
-            .zip(unit)
-            .map(|(m, rel)| match m {
-                Ok(m) => Ok(Some(StatFp {
-                    size: m.len,
-                    mtime_ns: m.mtime_ns as i64,
-                    ino: m.ino,
-                })),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e).at("stat", &layout.join(rel)),
-            })
-            .collect::<Result<Vec<_>>>()
+    heal::stat_batches(fs, layout, rels, |rel, m| match m {
+        Ok(m) => Ok(Some(StatFp::of(&m))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).at("stat", &layout.join(rel)),
     })
 }
 

@@ -20,12 +20,7 @@ pub type HashFn<'a> = &'a (dyn Fn(&Path) -> io::Result<String> + Sync);
 
 fn fp_now(fs: &dyn Fs, path: &Path) -> Result<Option<StatFp>> {
     match fs.symlink_metadata(path) {
-        Ok(m) => Ok(Some(StatFp {
-            size: m.len,
-            mtime_ns: m.mtime_ns as i64,
-            ino: m.ino,
-        })
-        .filter(|_| m.kind != Kind::Dir)),
+        Ok(m) => Ok(Some(StatFp::of(&m)).filter(|_| m.kind != Kind::Dir)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).at("stat", path),
     }
@@ -74,22 +69,48 @@ enum Probe {
     Hash,
 }
 
-/// `lstat` every relative path, in order. Consecutive paths of one folder go to the
-/// filesystem as one batch (`Fs::symlink_metadata_in`), the batches over threads.
-fn stat_all(fs: &dyn Fs, layout: &Layout, rels: &[&str]) -> Result<Vec<io::Result<Meta>>> {
+/// `lstat` every relative path, in order, and hand each result to `f` (with its
+/// path). Consecutive paths of one folder go to the filesystem as one batch
+/// (`Fs::symlink_metadata_in`), the batches over threads; the results come back
+/// batch by batch, in order, so that a caller with 250k paths holds only what `f`
+/// keeps, and need not join them into one more list.
+pub(crate) fn stat_batches<S, R, F>(
+    fs: &dyn Fs,
+    layout: &Layout,
+    rels: &[S],
+    f: F,
+) -> Result<Vec<Vec<R>>>
+where
+    S: AsRef<str> + Sync,
+    R: Send,
+    F: Fn(&str, io::Result<Meta>) -> Result<R> + Sync,
+{
     const UNIT: usize = 512;
-    let mut units: Vec<(&str, Vec<&str>)> = Vec::new();
-    for rel in rels {
-        let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
-        match units.last_mut() {
-            Some((d, names)) if *d == dir && names.len() < UNIT => names.push(name),
-            _ => units.push((dir, vec![name])),
+    // (the folder part, the name)
+    fn split(r: &str) -> (&str, &str) {
+        r.rsplit_once('/').unwrap_or(("", r))
+    }
+    let mut units: Vec<(usize, usize)> = Vec::new();
+    let mut start = 0;
+    for i in 1..=rels.len() {
+        if i == rels.len()
+            || i - start == UNIT
+            || split(rels[i].as_ref()).0 != split(rels[start].as_ref()).0
+        {
+            units.push((start, i));
+            start = i;
         }
     }
-    let done = crate::par::map_balanced(&units, crate::par::threads(), |(dir, names)| {
-        Ok(fs.symlink_metadata_in(&layout.join(dir), names))
-    })?;
-    Ok(done.into_iter().flatten().collect())
+    crate::par::map_balanced(&units, crate::par::threads(), |&(a, b)| {
+        let unit = &rels[a..b];
+        let names: Vec<&str> = unit.iter().map(|r| split(r.as_ref()).1).collect();
+        let dir = layout.join(split(unit[0].as_ref()).0);
+        fs.symlink_metadata_in(&dir, &names)
+            .into_iter()
+            .zip(unit)
+            .map(|(m, rel)| f(rel.as_ref(), m))
+            .collect()
+    })
 }
 
 /// [`check_file`]'s first half, from a stat already made.
@@ -101,11 +122,7 @@ fn probe_file(
 ) -> Result<Probe> {
     let now = match meta {
         Ok(m) if m.kind == Kind::Dir => None,
-        Ok(m) => Some(StatFp {
-            size: m.len,
-            mtime_ns: m.mtime_ns as i64,
-            ino: m.ino,
-        }),
+        Ok(m) => Some(StatFp::of(&m)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(e).at("stat", &layout.join(rel)),
     };
@@ -132,11 +149,7 @@ fn probe_ref(
         Ok(m) if m.kind == Kind::Symlink => {
             // A symlink cannot be rewritten in place: an unchanged stat fingerprint
             // is the same link, trusted as a file's would be.
-            let now = StatFp {
-                size: m.len,
-                mtime_ns: m.mtime_ns as i64,
-                ino: m.ino,
-            };
+            let now = StatFp::of(&m);
             let wrong = e.ref_fp != Some(now)
                 && fs.read_link(&path()).at("readlink", &path())? != layout::symlink_target(id);
             Ok(Probe::Done(if wrong { Check::Damaged } else { Check::Ok }))
@@ -191,8 +204,9 @@ pub fn find_damage(
         .collect();
     drop(shared_seen);
     let rels: Vec<&str> = shared.iter().map(|(_, e)| e.shared_path.as_str()).collect();
-    let probes = stat_all(fs, layout, &rels)?
+    let probes = stat_batches(fs, layout, &rels, |_, m| Ok(m))?
         .into_iter()
+        .flatten()
         .zip(&shared)
         .map(|(meta, (_, e))| probe_file(layout, &e.shared_path, meta, e.shared_fp))
         .collect::<Result<Vec<_>>>()?;
@@ -228,8 +242,9 @@ pub fn find_damage(
         );
     }
     let rels: Vec<&str> = refs.iter().map(|(_, _, e)| e.ref_path.as_str()).collect();
-    let probes = stat_all(fs, layout, &rels)?
+    let probes = stat_batches(fs, layout, &rels, |_, m| Ok(m))?
         .into_iter()
+        .flatten()
         .zip(&refs)
         .map(|(meta, (_, id, e))| probe_ref(fs, layout, id, e, meta))
         .collect::<Result<Vec<_>>>()?;

@@ -47,6 +47,17 @@ pub struct StatFp {
     pub ino: u64,
 }
 
+impl StatFp {
+    /// The fingerprint of what `lstat` said of a path.
+    pub fn of(m: &crate::fs::Meta) -> StatFp {
+        StatFp {
+            size: m.len,
+            mtime_ns: m.mtime_ns as i64,
+            ino: m.ino,
+        }
+    }
+}
+
 /// Where the last applied transaction stands in the journal.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalPos {

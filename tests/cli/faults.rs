@@ -126,6 +126,12 @@ fn a_failed_first_pull_leaves_no_visible_stack() {
             "a failed first pull made {p} visible"
         );
     }
+    // The folders it was building out of sight (`place-<k>`) are gone too, and the
+    // staged files with them (a local origin keeps no partial download).
+    let staging: Vec<_> = std::fs::read_dir(l.dir().join(".stack/staging"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(staging.is_empty(), "a failed first pull left {staging:?}");
 }
 
 #[test]

@@ -25,18 +25,16 @@ fn a_deleted_folder_whose_names_are_reused_is_rebuilt_whole() {
     let (o, l) = pulled("symlink");
     let dir = l.dir();
     std::fs::remove_dir_all(dir.join("data/p1")).unwrap();
-    let ts = vec![
-        t("tbl_a", "a", None, b"table a, version 1\n"),
-        t("tbl_a", "b", Some("p1"), b"table a, version 1\n"),
-        t(
-            "tbl_b",
-            "alpha",
-            Some("p1"),
-            b"table b, version 1 -- a bit longer\n",
-        ),
-        t("tbl_a", "a", Some("p2"), b"table a, version 1\n"),
-        t("tbl_c", "c", Some("p2"), b"table c\n"),
-    ];
+    // The base stack with p1's two names swapped (alpha <-> b).
+    let ts: Vec<T> = base_tables()
+        .into_iter()
+        .map(|mut t| {
+            if t.package == Some("p1") {
+                t.name = if t.name == "alpha" { "b" } else { "alpha" };
+            }
+            t
+        })
+        .collect();
     let v2 = o.write(&ts, &base_domains(), "v2.json");
     pull(&v2, &dir, &["--link", "symlink", "--json"]).ok();
     assert_verify_clean(&dir);
