@@ -112,7 +112,7 @@ pub fn travels_in(ev: &Event, sole: bool) -> Option<String> {
 /// Which of the plan's folders to build out of sight: those in `absent` (folders
 /// that did not exist when the plan was checked) that some step's file travels in
 /// and no removal names.
-pub fn plan(p: &Plan, absent: &BTreeSet<&str>) -> Placement {
+pub fn plan(p: &Plan, absent: &BTreeSet<String>) -> Placement {
     let uses = consumers(&p.ops);
     let stage_of: HashMap<&str, usize> = p
         .stage
@@ -283,7 +283,9 @@ mod tests {
             ],
             ..Plan::default()
         };
-        let absent: BTreeSet<&str> = ["data", "data/_shared", "data/p", "data/q"].into();
+        let absent: BTreeSet<String> = ["data", "data/_shared", "data/p", "data/q"]
+            .map(String::from)
+            .into();
         let pl = plan(&p, &absent);
         let rels: Vec<&str> = pl.folders.iter().map(|f| f.rel.as_str()).collect();
         assert_eq!(rels, ["data/_shared", "data/p"]);

@@ -475,10 +475,8 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         rep.recovered = rec.notes;
         return Ok(rep);
     }
-    let absent = preflight(fs, layout, &p)?;
     // Folders the stack gains whole are built out of sight and placed whole.
-    let placement = place::plan(&p, &absent.iter().map(String::as_str).collect());
-    drop(absent);
+    let placement = place::plan(&p, &preflight(fs, layout, &p)?);
 
     // Phase 1: stage, invisibly.
     let txn = journal.new_txn();
