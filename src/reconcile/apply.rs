@@ -236,9 +236,13 @@ impl<'a> Applier<'a> {
             message: format!("refusing journal event {}: {message}", ev.kind()),
         })?;
         let l = self.layout;
-        if let Some(folder) = place::travels_in(ev, self.sole_consumers.contains(&seq)) {
+        {
+            // (The folder's name is built only when something was placed.)
             let placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
-            if placed.contains(&folder) {
+            if !placed.is_empty()
+                && place::travels_in(ev, self.sole_consumers.contains(&seq))
+                    .is_some_and(|folder| placed.contains(&folder))
+            {
                 return Ok(());
             }
         }
