@@ -13,6 +13,7 @@
 //! threads that take files as they go. Violations and errors are the same, in the
 //! same order, as checking entry by entry.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -24,7 +25,7 @@ use serde::Serialize;
 use crate::error::{IoContext, Result};
 use crate::fs::{Fs, Kind, Meta, RealFs};
 use crate::layout::{self, Layout};
-use crate::replay::state::{StatFp, SyncState};
+use crate::replay::state::{Md5Sum, StatFp, SyncState};
 
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -356,11 +357,15 @@ pub fn audit(
     // Per entry: (shared probe, reference probe), or None for an entry that does not
     // name the engine's own paths.
     let mut own: Vec<Option<(usize, usize)>> = Vec::with_capacity(n_entries);
-    for (slot, id, e) in state.entries() {
-        if e.ref_path == layout::ref_rel(&slot, &e.name) && e.shared_path == layout::shared_rel(id)
-        {
-            let s = slot_of(&mut index, &mut paths, &e.shared_path);
-            let r = slot_of(&mut index, &mut paths, &e.ref_path);
+    // Each entry's (reference, shared) paths, as the state file names them.
+    let named: Vec<(Cow<'_, str>, Cow<'_, str>)> = state
+        .entries()
+        .map(|(slot, id, e)| (e.ref_path(slot), e.shared_path(id)))
+        .collect();
+    for ((_, _, e), (ref_path, shared_path)) in state.entries().zip(&named) {
+        if e.has_own_paths() {
+            let s = slot_of(&mut index, &mut paths, shared_path);
+            let r = slot_of(&mut index, &mut paths, ref_path);
             own.push(Some((s, r)));
         } else {
             own.push(None);
@@ -396,14 +401,15 @@ pub fn audit(
 
     let mut out = Vec::new();
     // Invariant 2: every entry's paths exist (and are the engine's own paths).
-    for ((slot, id, e), own) in state.entries().zip(&own) {
+    for (((slot, id, e), own), (ref_path, shared_path)) in state.entries().zip(&own).zip(&named) {
         let Some((s, r)) = *own else {
-            let want_ref = layout::ref_rel(&slot, &e.name);
+            let mut want_ref = String::new();
+            crate::replay::state::push_ref_path(&mut want_ref, slot, &e.name);
             let want_shared = layout::shared_rel(id);
             out.push(v(
                 2,
                 "bad_path",
-                &e.ref_path,
+                ref_path,
                 format!("state entry of {id} does not name {want_ref} / {want_shared}"),
             ));
             continue;
@@ -413,7 +419,7 @@ pub fn audit(
             Err(err) if err.kind() == io::ErrorKind::NotFound => out.push(v(
                 2,
                 "missing_shared",
-                &e.shared_path,
+                shared_path,
                 format!("shared file of {id} is missing"),
             )),
             Err(err) => return Err(stat_error(err, &layout.join(paths[s]))),
@@ -424,7 +430,7 @@ pub fn audit(
                 out.push(v(
                     2,
                     "missing_ref",
-                    &e.ref_path,
+                    ref_path,
                     format!("reference to {id} is missing"),
                 ));
                 continue;
@@ -436,7 +442,7 @@ pub fn audit(
             Err(err) if err.kind() == io::ErrorKind::NotFound => out.push(v(
                 2,
                 "broken_ref",
-                &e.ref_path,
+                ref_path,
                 format!("reference to {id} does not resolve"),
             )),
             Err(err) => return Err(stat_error(err, &layout.join(paths[r]))),
@@ -451,24 +457,25 @@ pub fn audit(
     // References are often one file (symlinks and hard links to the shared copy):
     // hash each file once, then check every reference that resolves to it, the file
     // known by its probe's `stat`.
-    let mut groups: Vec<(&str, Vec<(&str, &str)>)> = Vec::new(); // (rel to hash, [(rel, md5)])
+    let mut groups: Vec<(&str, Vec<(&str, &Md5Sum)>)> = Vec::new(); // (rel to hash, [(rel, md5)])
     let mut by_file: HashMap<FileKey, usize, Quick> = HashMap::default();
-    for (_, _, e) in state.entries() {
-        if !ref_paths.contains(e.ref_path.as_str()) {
+    for ((_, _, e), (ref_path, shared_path)) in state.entries().zip(&named) {
+        let ref_path: &str = ref_path;
+        if !ref_paths.contains(ref_path) {
             continue;
         }
-        let r = index[e.ref_path.as_str()];
+        let r = index[ref_path];
         // With `always`, the fingerprints are not needed.
         let unchanged = || {
             e.ref_fp.is_some()
                 && e.ref_fp == probes[r].fp()
                 && e.shared_fp.is_some()
                 && e.shared_fp
-                    == match index.get(e.shared_path.as_str()) {
+                    == match index.get(&**shared_path) {
                         Some(&s) => probes[s].fp(),
                         // Only an entry with a bad path that shares a good one's
                         // reference path has a shared path nobody probed.
-                        None => Probe::run(fs, &layout.join(&e.shared_path), true).fp(),
+                        None => Probe::run(fs, &layout.join(shared_path), true).fp(),
                     }
         };
         if !always && unchanged() {
@@ -476,12 +483,12 @@ pub fn audit(
         }
         let key = probes[r].file_key();
         match key.and_then(|k| by_file.get(&k).copied()) {
-            Some(i) => groups[i].1.push((&e.ref_path, &e.md5)),
+            Some(i) => groups[i].1.push((ref_path, &e.md5)),
             None => {
                 if let Some(k) = key {
                     by_file.insert(k, groups.len());
                 }
-                groups.push((&e.ref_path, vec![(&e.ref_path, &e.md5)]));
+                groups.push((ref_path, vec![(ref_path, &e.md5)]));
             }
         }
     }
@@ -498,7 +505,7 @@ pub fn audit(
     for ((_, refs), got) in groups.iter().zip(&hashed) {
         for &(rel, md5) in refs {
             match got {
-                Ok(h) if h == md5 => {}
+                Ok(h) if md5.is(h) => {}
                 Ok(h) => found.push(v(
                     5,
                     "content",

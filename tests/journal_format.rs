@@ -18,6 +18,7 @@ use proptest::prelude::*;
 use proptest::strategy::Union;
 
 use stack::fs::{Fs, RealFs};
+use stack::journal::event::SlotRef;
 use stack::journal::frame::{self, HEADER_LEN, MAGIC};
 use stack::journal::{check_end, scan_file, End, Event, Journal, LinkMode, Record, Slot};
 use stack::layout::Layout;
@@ -170,17 +171,17 @@ fn fp(n: u64) -> StatFp {
     }
 }
 
+/// A direct table entry at id `tbl_<name>` (its paths are the layout's there).
 fn table(name: &str, with_optionals: bool) -> stack::replay::state::TableEntry {
-    stack::replay::state::TableEntry {
-        name: name.to_string(),
-        md5: format!("{:032x}", name.len()),
-        size: with_optionals.then_some(4096),
-        ref_path: format!("data/_direct/{name}.parquet"),
-        shared_path: format!("data/_shared/tbl_{name}.parquet"),
-        strategy: RefStrategy::Hardlink,
-        ref_fp: with_optionals.then(|| fp(1)),
-        shared_fp: with_optionals.then(|| fp(2)),
-    }
+    let mut e = stack::replay::state::TableEntry::new(
+        name.to_string(),
+        format!("{:032x}", name.len()).into(),
+        with_optionals.then_some(4096),
+        RefStrategy::Hardlink,
+    );
+    e.ref_fp = with_optionals.then(|| fp(1));
+    e.shared_fp = with_optionals.then(|| fp(2));
+    e
 }
 
 /// A small state with both present and absent optional fields.
@@ -362,26 +363,40 @@ fn arb_slot() -> impl Strategy<Value = Slot> {
     prop_oneof![Just(Slot::Direct), arb_text().prop_map(Slot::Package)]
 }
 
-fn arb_table_entry() -> impl Strategy<Value = stack::replay::state::TableEntry> {
+/// A table entry before it has a place: its paths are the layout's for the place
+/// it is put in (`None`), or any text.
+type RawEntry = (stack::replay::state::TableEntry, Option<(String, String)>);
+
+fn arb_table_entry() -> impl Strategy<Value = RawEntry> {
     (
         (arb_text(), arb_text(), option::of(any::<u64>())),
-        (arb_text(), arb_text(), arb_ref_strategy()),
+        (option::of((arb_text(), arb_text())), arb_ref_strategy()),
         (option::of(arb_fp()), option::of(arb_fp())),
     )
         .prop_map(
-            |((name, md5, size), (ref_path, shared_path, strategy), (ref_fp, shared_fp))| {
-                stack::replay::state::TableEntry {
-                    name,
-                    md5,
-                    size,
-                    ref_path,
-                    shared_path,
-                    strategy,
-                    ref_fp,
-                    shared_fp,
-                }
+            |((name, md5, size), (paths, strategy), (ref_fp, shared_fp))| {
+                let mut e = stack::replay::state::TableEntry::new(name, md5.into(), size, strategy);
+                e.ref_fp = ref_fp;
+                e.shared_fp = shared_fp;
+                (e, paths)
             },
         )
+}
+
+/// The entries of one slot, each given its paths there.
+fn place(
+    slot: SlotRef<'_>,
+    raw: BTreeMap<String, RawEntry>,
+) -> BTreeMap<String, stack::replay::state::TableEntry> {
+    raw.into_iter()
+        .map(|(id, (e, paths))| {
+            let e = match paths {
+                Some((ref_path, shared_path)) => e.with_paths((slot, &id), &ref_path, &shared_path),
+                None => e,
+            };
+            (id, e)
+        })
+        .collect()
 }
 
 fn arb_domain() -> impl Strategy<Value = DomainEntry> {
@@ -412,8 +427,14 @@ fn arb_state() -> impl Strategy<Value = SyncState> {
                     at: None,
                     pulled: None,
                 },
-                direct_tables,
-                data_packages,
+                direct_tables: place(SlotRef::Direct, direct_tables),
+                data_packages: data_packages
+                    .into_iter()
+                    .map(|(slug, raw)| {
+                        let tables = place(SlotRef::Package(&slug), raw);
+                        (slug, tables)
+                    })
+                    .collect(),
                 memory_domains,
             },
         )

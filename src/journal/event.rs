@@ -23,6 +23,32 @@ pub enum Slot {
     Package(String),
 }
 
+/// Where a reference lives: [`Slot`], borrowing the package's slug (from a
+/// manifest or a state). Ordered as `Slot` is (direct first, then packages by slug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SlotRef<'m> {
+    Direct,
+    Package(&'m str),
+}
+
+impl<'m> SlotRef<'m> {
+    /// The journal's (owned) slot.
+    pub fn to_slot(self) -> Slot {
+        match self {
+            SlotRef::Direct => Slot::Direct,
+            SlotRef::Package(slug) => Slot::Package(slug.to_string()),
+        }
+    }
+
+    /// `slot`, borrowed.
+    pub fn of(slot: &'m Slot) -> SlotRef<'m> {
+        match slot {
+            Slot::Direct => SlotRef::Direct,
+            Slot::Package(slug) => SlotRef::Package(slug),
+        }
+    }
+}
+
 /// The link strategy a pull was asked for (`--link`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LinkMode {
@@ -264,11 +290,15 @@ const CHECKPOINT_INDEX: u32 = 12;
 /// all present has exactly the bytes it had before. Human-readable formats (JSON, for
 /// `journal show --json`) still see `SyncState` itself.
 pub mod checkpoint_state {
+    use std::borrow::Cow;
     use std::collections::BTreeMap;
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use crate::replay::state::{DomainEntry, JournalPos, StatFp, Strategy, SyncState, TableEntry};
+    use super::SlotRef;
+    use crate::replay::state::{
+        DomainEntry, JournalPos, Md5Sum, StatFp, Strategy, SyncState, TableEntry,
+    };
 
     #[derive(Deserialize)]
     struct WireTable {
@@ -314,10 +344,10 @@ pub mod checkpoint_state {
     #[derive(Serialize)]
     struct TableOut<'a> {
         name: &'a str,
-        md5: &'a str,
+        md5: &'a Md5Sum,
         size: Option<u64>,
-        ref_path: &'a str,
-        shared_path: &'a str,
+        ref_path: Cow<'a, str>,
+        shared_path: Cow<'a, str>,
         strategy: Strategy,
         ref_fp: Option<StatFp>,
         shared_fp: Option<StatFp>,
@@ -330,17 +360,17 @@ pub mod checkpoint_state {
         fp: Option<StatFp>,
     }
 
-    struct TablesOut<'a>(&'a BTreeMap<String, TableEntry>);
+    struct TablesOut<'a>(SlotRef<'a>, &'a BTreeMap<String, TableEntry>);
 
     impl Serialize for TablesOut<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_map(self.0.iter().map(|(id, t)| {
+            s.collect_map(self.1.iter().map(|(id, t)| {
                 let wire = TableOut {
                     name: &t.name,
                     md5: &t.md5,
                     size: t.size,
-                    ref_path: &t.ref_path,
-                    shared_path: &t.shared_path,
+                    ref_path: t.ref_path(self.0),
+                    shared_path: t.shared_path(id),
                     strategy: t.strategy,
                     ref_fp: t.ref_fp,
                     shared_fp: t.shared_fp,
@@ -357,7 +387,7 @@ pub mod checkpoint_state {
             s.collect_map(
                 self.0
                     .iter()
-                    .map(|(slug, tables)| (slug, TablesOut(tables))),
+                    .map(|(slug, tables)| (slug, TablesOut(SlotRef::Package(slug), tables))),
             )
         }
     }
@@ -386,22 +416,18 @@ pub mod checkpoint_state {
         memory_domains: DomainsOut<'a>,
     }
 
-    fn table_from_wire(t: WireTable) -> TableEntry {
-        TableEntry {
-            name: t.name,
-            md5: t.md5,
-            size: t.size,
-            ref_path: t.ref_path,
-            shared_path: t.shared_path,
-            strategy: t.strategy,
-            ref_fp: t.ref_fp,
-            shared_fp: t.shared_fp,
-        }
-    }
-
-    fn tables_from_wire(m: BTreeMap<String, WireTable>) -> BTreeMap<String, TableEntry> {
+    fn tables_from_wire(
+        slot: SlotRef<'_>,
+        m: BTreeMap<String, WireTable>,
+    ) -> BTreeMap<String, TableEntry> {
         m.into_iter()
-            .map(|(k, t)| (k, table_from_wire(t)))
+            .map(|(id, t)| {
+                let mut e = TableEntry::new(t.name, Md5Sum::from(t.md5), t.size, t.strategy)
+                    .with_paths((slot, &id), &t.ref_path, &t.shared_path);
+                e.ref_fp = t.ref_fp;
+                e.shared_fp = t.shared_fp;
+                (id, e)
+            })
             .collect()
     }
 
@@ -415,7 +441,7 @@ pub mod checkpoint_state {
                 txn: state.journal.txn,
                 seq: state.journal.seq,
             },
-            direct_tables: TablesOut(&state.direct_tables),
+            direct_tables: TablesOut(SlotRef::Direct, &state.direct_tables),
             data_packages: PackagesOut(&state.data_packages),
             memory_domains: DomainsOut(&state.memory_domains),
         }
@@ -435,11 +461,14 @@ pub mod checkpoint_state {
                 at: None,
                 pulled: None,
             },
-            direct_tables: tables_from_wire(w.direct_tables),
+            direct_tables: tables_from_wire(SlotRef::Direct, w.direct_tables),
             data_packages: w
                 .data_packages
                 .into_iter()
-                .map(|(slug, tables)| (slug, tables_from_wire(tables)))
+                .map(|(slug, tables)| {
+                    let tables = tables_from_wire(SlotRef::Package(&slug), tables);
+                    (slug, tables)
+                })
                 .collect(),
             memory_domains: w
                 .memory_domains
@@ -469,27 +498,31 @@ mod tests {
         ino: 5,
     };
 
-    fn entry(with_optionals: bool) -> TableEntry {
-        TableEntry {
-            name: "orders".into(),
-            md5: "0123456789abcdef0123456789abcdef".into(),
-            size: with_optionals.then_some(10),
-            ref_path: "data/_direct/orders.parquet".into(),
-            shared_path: "data/_shared/tbl_a.parquet".into(),
-            strategy: Strategy::Copy,
-            ref_fp: with_optionals.then_some(FP),
-            shared_fp: with_optionals.then_some(FP),
-        }
+    fn entry(with_optionals: bool, slot: SlotRef<'_>) -> TableEntry {
+        let mut e = TableEntry::new(
+            "orders".into(),
+            "0123456789abcdef0123456789abcdef".into(),
+            with_optionals.then_some(10),
+            Strategy::Copy,
+        )
+        .with_paths(
+            (slot, "tbl_a"),
+            "data/_direct/orders.parquet",
+            "data/_shared/tbl_a.parquet",
+        );
+        e.ref_fp = with_optionals.then_some(FP);
+        e.shared_fp = with_optionals.then_some(FP);
+        e
     }
 
     fn state(with_optionals: bool) -> SyncState {
         let mut s = SyncState::default();
         s.direct_tables
-            .insert("tbl_a".into(), entry(with_optionals));
-        s.data_packages
-            .entry("sales".into())
-            .or_default()
-            .insert("tbl_a".into(), entry(with_optionals));
+            .insert("tbl_a".into(), entry(with_optionals, SlotRef::Direct));
+        s.data_packages.entry("sales".into()).or_default().insert(
+            "tbl_a".into(),
+            entry(with_optionals, SlotRef::Package("sales")),
+        );
         s.memory_domains.insert(
             "ops".into(),
             DomainEntry {

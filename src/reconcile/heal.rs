@@ -10,10 +10,10 @@ use std::path::Path;
 
 use crate::error::{IoContext, Result};
 use crate::fs::{Fs, Kind, Meta};
-use crate::journal::event::Slot;
+use crate::journal::event::{Slot, SlotRef};
 use crate::layout::{self, Layout};
 use crate::reconcile::plan::Damage;
-use crate::replay::state::{StatFp, Strategy, SyncState, TableEntry};
+use crate::replay::state::{Md5Sum, StatFp, Strategy, SyncState, TableEntry};
 
 /// How content is hashed (the library API lets a caller inject it).
 pub type HashFn<'a> = &'a (dyn Fn(&Path) -> io::Result<String> + Sync);
@@ -69,46 +69,111 @@ enum Probe {
     Hash,
 }
 
-/// `lstat` every relative path, in order, and hand each result to `f` (with its
-/// path). Consecutive paths of one folder go to the filesystem as one batch
-/// (`Fs::symlink_metadata_in`), the batches over threads; the results come back
-/// batch by batch, in order, so that a caller with 250k paths holds only what `f`
-/// keeps, and need not join them into one more list.
-pub(crate) fn stat_batches<S, R, F>(
+/// Where one file to `lstat` is: a folder (relative to the local directory) and
+/// a name in it.
+pub(crate) trait Located: Sync {
+    /// The folder, relative.
+    fn dir(&self) -> &str;
+    /// Append the file's name (one component) to `out`.
+    fn push_name(&self, out: &mut String);
+    /// The whole relative path (for error messages).
+    fn rel(&self) -> String {
+        let mut out = self.dir().to_string();
+        out.push('/');
+        self.push_name(&mut out);
+        out
+    }
+}
+
+/// (the folder part, the name) of a relative path.
+fn split(r: &str) -> (&str, &str) {
+    r.rsplit_once('/').unwrap_or(("", r))
+}
+
+impl Located for String {
+    fn dir(&self) -> &str {
+        split(self).0
+    }
+    fn push_name(&self, out: &mut String) {
+        out.push_str(split(self).1)
+    }
+    fn rel(&self) -> String {
+        self.clone()
+    }
+}
+
+/// A table file where the layout puts it (`<dir>/<stem>.parquet`), or, for an
+/// entry of a hand-edited state, the path it names.
+enum TableLoc<'a> {
+    Own { dir: &'a str, stem: &'a str },
+    Named(String),
+}
+
+impl Located for TableLoc<'_> {
+    fn dir(&self) -> &str {
+        match self {
+            TableLoc::Own { dir, .. } => dir,
+            TableLoc::Named(rel) => split(rel).0,
+        }
+    }
+    fn push_name(&self, out: &mut String) {
+        match self {
+            TableLoc::Own { stem, .. } => {
+                out.push_str(stem);
+                out.push_str(".parquet");
+            }
+            TableLoc::Named(rel) => out.push_str(split(rel).1),
+        }
+    }
+}
+
+/// `lstat` every item, in order, and hand each result to `f` (with its item).
+/// Consecutive items of one folder go to the filesystem as one batch
+/// (`Fs::symlink_metadata_in`), their names written into one buffer, the batches
+/// over threads; the results come back batch by batch, in order, so that a caller
+/// with 250k paths holds only what `f` keeps, and need not join them into one more
+/// list.
+pub(crate) fn stat_batches<T, R, F>(
     fs: &dyn Fs,
     layout: &Layout,
-    rels: &[S],
+    items: &[T],
     f: F,
 ) -> Result<Vec<Vec<R>>>
 where
-    S: AsRef<str> + Sync,
+    T: Located,
     R: Send,
-    F: Fn(&str, io::Result<Meta>) -> Result<R> + Sync,
+    F: Fn(&T, io::Result<Meta>) -> Result<R> + Sync,
 {
     const UNIT: usize = 512;
-    // (the folder part, the name)
-    fn split(r: &str) -> (&str, &str) {
-        r.rsplit_once('/').unwrap_or(("", r))
-    }
     let mut units: Vec<(usize, usize)> = Vec::new();
     let mut start = 0;
-    for i in 1..=rels.len() {
-        if i == rels.len()
-            || i - start == UNIT
-            || split(rels[i].as_ref()).0 != split(rels[start].as_ref()).0
-        {
+    for i in 1..=items.len() {
+        if i == items.len() || i - start == UNIT || items[i].dir() != items[start].dir() {
             units.push((start, i));
             start = i;
         }
     }
     crate::par::map_balanced(&units, crate::par::threads(), |&(a, b)| {
-        let unit = &rels[a..b];
-        let names: Vec<&str> = unit.iter().map(|r| split(r.as_ref()).1).collect();
-        let dir = layout.join(split(unit[0].as_ref()).0);
+        let unit = &items[a..b];
+        let mut buf = String::with_capacity(32 * unit.len());
+        let mut ends = Vec::with_capacity(unit.len());
+        for item in unit {
+            item.push_name(&mut buf);
+            ends.push(buf.len());
+        }
+        let names: Vec<&str> = ends
+            .iter()
+            .scan(0, |from, &to| {
+                let name = &buf[*from..to];
+                *from = to;
+                Some(name)
+            })
+            .collect();
+        let dir = layout.join(unit[0].dir());
         fs.symlink_metadata_in(&dir, &names)
             .into_iter()
             .zip(unit)
-            .map(|(m, rel)| f(rel.as_ref(), m))
+            .map(|(m, item)| f(item, m))
             .collect()
     })
 }
@@ -116,7 +181,7 @@ where
 /// [`check_file`]'s first half, from a stat already made.
 fn probe_file(
     layout: &Layout,
-    rel: &str,
+    at: &impl Located,
     meta: io::Result<Meta>,
     recorded: Option<StatFp>,
 ) -> Result<Probe> {
@@ -124,7 +189,7 @@ fn probe_file(
         Ok(m) if m.kind == Kind::Dir => None,
         Ok(m) => Some(StatFp::of(&m)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).at("stat", &layout.join(rel)),
+        Err(e) => return Err(e).at("stat", &layout.join(&at.rel())),
     };
     Ok(match now {
         None => Probe::Done(Check::Damaged),
@@ -134,17 +199,12 @@ fn probe_file(
 }
 
 /// [`check_ref`] from a stat already made.
-fn probe_ref(
-    fs: &dyn Fs,
-    layout: &Layout,
-    id: &str,
-    e: &TableEntry,
-    meta: io::Result<Meta>,
-) -> Result<Probe> {
+fn probe_ref(fs: &dyn Fs, layout: &Layout, r: &RefAt<'_>, meta: io::Result<Meta>) -> Result<Probe> {
+    let (id, e) = (r.id, r.e);
     if e.strategy != Strategy::Symlink {
-        return probe_file(layout, &e.ref_path, meta, e.ref_fp);
+        return probe_file(layout, &r.loc, meta, e.ref_fp);
     }
-    let path = || layout.join(&e.ref_path);
+    let path = || layout.join(&r.loc.rel());
     match meta {
         Ok(m) if m.kind == Kind::Symlink => {
             // A symlink cannot be rewritten in place: an unchanged stat fingerprint
@@ -165,14 +225,14 @@ fn probe_ref(
 fn settle<'a>(
     probes: Vec<Probe>,
     hash: HashFn<'_>,
-    target: impl Fn(usize) -> (std::path::PathBuf, &'a str) + Sync,
+    target: impl Fn(usize) -> (std::path::PathBuf, &'a Md5Sum) + Sync,
 ) -> Result<Vec<Check>> {
     let to_hash: Vec<usize> = (0..probes.len())
         .filter(|&i| matches!(probes[i], Probe::Hash))
         .collect();
     let hashed_checks = crate::par::map_balanced(&to_hash, crate::par::threads(), |&i| {
         let (path, md5) = target(i);
-        hashed(&path, md5, hash)
+        md5.with_str(|md5| hashed(&path, md5, hash))
     })?;
     let mut hashed_checks = hashed_checks.into_iter();
     Ok(probes
@@ -184,6 +244,39 @@ fn settle<'a>(
         .collect())
 }
 
+/// One shared file to check: the first entry of its id.
+struct SharedAt<'a> {
+    id: &'a str,
+    e: &'a TableEntry,
+    loc: TableLoc<'a>,
+}
+
+impl Located for SharedAt<'_> {
+    fn dir(&self) -> &str {
+        self.loc.dir()
+    }
+    fn push_name(&self, out: &mut String) {
+        self.loc.push_name(out)
+    }
+}
+
+/// One reference to check (`slug`: its package, or `None` for a direct table).
+struct RefAt<'a> {
+    slug: Option<&'a str>,
+    id: &'a str,
+    e: &'a TableEntry,
+    loc: TableLoc<'a>,
+}
+
+impl Located for RefAt<'_> {
+    fn dir(&self) -> &str {
+        self.loc.dir()
+    }
+    fn push_name(&self, out: &mut String) {
+        self.loc.push_name(out)
+    }
+}
+
 /// Check every file of `state` on disk.
 pub fn find_damage(
     fs: &dyn Fs,
@@ -193,71 +286,96 @@ pub fn find_damage(
 ) -> Result<Damage> {
     let mut d = Damage::default();
     // One check per shared file, then one per reference; both fan out over threads
-    // (a no-op pull is mostly these stats).
+    // (a no-op pull is mostly these stats). Paths are not built: each folder is
+    // named once and each file by its stem.
     let mut shared_seen = std::collections::HashSet::new();
-    let shared: Vec<(&str, &TableEntry)> = state
+    let shared: Vec<SharedAt<'_>> = state
         .direct_tables
         .iter()
         .chain(state.data_packages.values().flatten())
-        .map(|(id, e)| (id.as_str(), e))
-        .filter(|(id, _)| shared_seen.insert(*id))
+        .filter(|(id, _)| shared_seen.insert(id.as_str()))
+        .map(|(id, e)| SharedAt {
+            id,
+            e,
+            loc: if e.has_own_paths() {
+                TableLoc::Own {
+                    dir: layout::SHARED_DIR,
+                    stem: id,
+                }
+            } else {
+                TableLoc::Named(e.shared_path(id).into_owned())
+            },
+        })
         .collect();
     drop(shared_seen);
-    let rels: Vec<&str> = shared.iter().map(|(_, e)| e.shared_path.as_str()).collect();
-    let probes = stat_batches(fs, layout, &rels, |_, m| Ok(m))?
-        .into_iter()
-        .flatten()
-        .zip(&shared)
-        .map(|(meta, (_, e))| probe_file(layout, &e.shared_path, meta, e.shared_fp))
-        .collect::<Result<Vec<_>>>()?;
+    let probes = stat_batches(fs, layout, &shared, |at, meta| {
+        probe_file(layout, at, meta, at.e.shared_fp)
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
     let checks = settle(probes, hash, |i| {
-        (
-            layout.join(&shared[i].1.shared_path),
-            shared[i].1.md5.as_str(),
-        )
+        (layout.join(&shared[i].loc.rel()), &shared[i].e.md5)
     })?;
-    for ((id, e), check) in shared.iter().zip(checks) {
+    for (at, check) in shared.iter().zip(checks) {
         match check {
             Check::Ok => {}
-            Check::Refresh => d.refresh.push(e.shared_path.clone()),
+            Check::Refresh => d.refresh.push(at.loc.rel()),
             Check::Damaged => {
-                d.shared.insert(id.to_string());
+                d.shared.insert(at.id.to_string());
             }
         }
     }
-    // (package slug or None for a direct table, id, entry): no slot is built (and
-    // no slug copied) for the references that turn out fine.
-    let mut refs: Vec<(Option<&str>, &str, &TableEntry)> = Vec::new();
-    refs.extend(
+    // Each slot's folder, named once.
+    let mut dirs: Vec<String> = Vec::new();
+    dirs.extend((!state.direct_tables.is_empty()).then(|| "data/_direct".to_string()));
+    dirs.extend(
         state
-            .direct_tables
-            .iter()
-            .map(|(id, e)| (None, id.as_str(), e)),
+            .data_packages
+            .keys()
+            .map(|slug| format!("data/{slug}")),
     );
-    for (slug, tables) in &state.data_packages {
-        refs.extend(
-            tables
+    let mut dirs = dirs.iter();
+    let mut refs: Vec<RefAt<'_>> = Vec::new();
+    let slots = (!state.direct_tables.is_empty())
+        .then_some((None, &state.direct_tables))
+        .into_iter()
+        .chain(
+            state
+                .data_packages
                 .iter()
-                .map(|(id, e)| (Some(slug.as_str()), id.as_str(), e)),
+                .map(|(slug, t)| (Some(slug.as_str()), t)),
         );
+    for (slug, tables) in slots {
+        let dir = dirs.next().map_or("", String::as_str);
+        let slot = slug.map_or(SlotRef::Direct, SlotRef::Package);
+        refs.extend(tables.iter().map(|(id, e)| RefAt {
+            slug,
+            id,
+            e,
+            loc: if e.has_own_paths() {
+                TableLoc::Own { dir, stem: &e.name }
+            } else {
+                TableLoc::Named(e.ref_path(slot).into_owned())
+            },
+        }));
     }
-    let rels: Vec<&str> = refs.iter().map(|(_, _, e)| e.ref_path.as_str()).collect();
-    let probes = stat_batches(fs, layout, &rels, |_, m| Ok(m))?
+    let probes = stat_batches(fs, layout, &refs, |r, meta| probe_ref(fs, layout, r, meta))?
         .into_iter()
         .flatten()
-        .zip(&refs)
-        .map(|(meta, (_, id, e))| probe_ref(fs, layout, id, e, meta))
-        .collect::<Result<Vec<_>>>()?;
+        .collect();
     let checks = settle(probes, hash, |i| {
-        (layout.join(&refs[i].2.ref_path), refs[i].2.md5.as_str())
+        (layout.join(&refs[i].loc.rel()), &refs[i].e.md5)
     })?;
-    for ((slug, id, e), check) in refs.into_iter().zip(checks) {
+    for (r, check) in refs.iter().zip(checks) {
         match check {
             Check::Ok => {}
-            Check::Refresh => d.refresh.push(e.ref_path.clone()),
+            Check::Refresh => d.refresh.push(r.loc.rel()),
             Check::Damaged => {
-                let slot = slug.map_or(Slot::Direct, |s| Slot::Package(s.to_string()));
-                d.refs.insert((slot, id.to_string()));
+                let slot = r
+                    .slug
+                    .map_or(Slot::Direct, |s| Slot::Package(s.to_string()));
+                d.refs.insert((slot, r.id.to_string()));
             }
         }
     }

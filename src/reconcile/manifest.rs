@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::journal::event::Slot;
 use crate::reconcile::origin::Origin;
 
 /// A streaming check, without building a JSON tree, that the manifest and every
@@ -237,31 +236,7 @@ impl Manifest {
     }
 }
 
-/// Where a wanted reference lives: [`Slot`], borrowing the package's slug from
-/// the manifest. Ordered as `Slot` is (direct first, then packages by slug).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum SlotRef<'m> {
-    Direct,
-    Package(&'m str),
-}
-
-impl<'m> SlotRef<'m> {
-    /// The journal's (owned) slot.
-    pub fn to_slot(self) -> Slot {
-        match self {
-            SlotRef::Direct => Slot::Direct,
-            SlotRef::Package(slug) => Slot::Package(slug.to_string()),
-        }
-    }
-
-    /// `slot`, borrowed.
-    pub fn of(slot: &'m Slot) -> SlotRef<'m> {
-        match slot {
-            Slot::Direct => SlotRef::Direct,
-            Slot::Package(slug) => SlotRef::Package(slug),
-        }
-    }
-}
+pub use crate::journal::event::SlotRef;
 
 /// An md5 as 32 lowercase hex digits: borrowed from the manifest when it is
 /// written so there, else lowered into a copy.

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::journal::event::{Event, LinkMode, Slot};
 use crate::reconcile::manifest::{Desired, SlotRef, WantRef, WantTable};
 use crate::reconcile::origin::Item;
-use crate::replay::state::{Strategy, SyncState};
+use crate::replay::state::{Md5Sum, Strategy, SyncState};
 
 /// Report counts of one section (contract §5).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -37,10 +37,10 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn of(&mut self, slot: &Slot) -> &mut Counts {
+    fn of(&mut self, slot: SlotRef<'_>) -> &mut Counts {
         match slot {
-            Slot::Direct => &mut self.direct_tables,
-            Slot::Package(_) => &mut self.data_packages,
+            SlotRef::Direct => &mut self.direct_tables,
+            SlotRef::Package(_) => &mut self.data_packages,
         }
     }
 }
@@ -112,24 +112,24 @@ pub fn resolve_strategy(mode: LinkMode, caps: Caps) -> Strategy {
 
 /// The current md5 of each table id (one per id: the state came from valid
 /// manifests).
-fn current_md5s(state: &SyncState) -> BTreeMap<&str, &str> {
+fn current_md5s(state: &SyncState) -> BTreeMap<&str, &Md5Sum> {
     let mut current = BTreeMap::new();
     for (_, id, e) in state.entries() {
-        current.insert(id, e.md5.as_str());
+        current.insert(id, &e.md5);
     }
     current
 }
 
 /// The ids whose shared file must be (re)placed: new or changed content, or damaged.
 fn shared_to_put<'m>(
-    current_md5: &BTreeMap<&str, &str>,
+    current_md5: &BTreeMap<&str, &Md5Sum>,
     tables: &BTreeMap<&'m str, WantTable<'m>>,
     damage: &Damage,
 ) -> BTreeSet<&'m str> {
     tables
         .iter()
         .filter(|&(&id, want)| {
-            current_md5.get(id) != Some(&&*want.md5) || damage.shared.contains(id)
+            current_md5.get(id).is_none_or(|m| !m.is(&want.md5)) || damage.shared.contains(id)
         })
         .map(|(&id, _)| id)
         .collect()
@@ -151,7 +151,7 @@ fn decide_ref(
         counts.added += 1;
         return Some(strategy);
     };
-    let changed = e.md5 != want.md5 || e.name != want.name;
+    let changed = !e.md5.is(&want.md5) || e.name != want.name;
     let content_moved = put_shared.contains(id) && e.strategy != Strategy::Symlink;
     let restrategy = mode != LinkMode::Auto && e.strategy != strategy;
     // A damaged reference (rare): looked up with an owned key only if there is any.
@@ -229,11 +229,11 @@ pub fn plan(
     // Reference removals (first: a new reference may take the path an old one held).
     let mut removals = Vec::new();
     for (slot, id, e) in state.entries() {
-        match refs.get(&(SlotRef::of(&slot), id)) {
+        match refs.get(&(slot, id)) {
             None => {
-                p.tally.of(&slot).removed += 1;
+                p.tally.of(slot).removed += 1;
                 removals.push(Event::RemoveRef {
-                    slot,
+                    slot: slot.to_slot(),
                     table_id: id.to_string(),
                     name: e.name.clone(),
                 });
@@ -241,7 +241,7 @@ pub fn plan(
             Some(want) if want.name != e.name => {
                 // Same table, new file name: move the reference.
                 removals.push(Event::RemoveRef {
-                    slot,
+                    slot: slot.to_slot(),
                     table_id: id.to_string(),
                     name: e.name.clone(),
                 });
@@ -497,7 +497,7 @@ mod tests {
         let (p, s2) = check(&s1, &v2, LinkMode::Copy);
         assert_eq!(kinds(&p), ["put_shared", "make_ref"]);
         assert_eq!(p.tally.direct_tables.updated, 1);
-        assert_eq!(s2.direct_tables["tbl_a"].md5, md5('b'));
+        assert_eq!(s2.direct_tables["tbl_a"].md5.to_string(), md5('b'));
     }
 
     #[test]

@@ -7,9 +7,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::journal::event::{Event, Record, Slot};
+use crate::journal::event::{Event, Record, Slot, SlotRef};
 use crate::layout;
-use crate::replay::state::{DomainEntry, JournalPos, Pulled, StatFp, SyncState, TableEntry};
+use crate::replay::state::{
+    DomainEntry, JournalPos, Md5Sum, Pulled, StatFp, SyncState, TableEntry,
+};
 
 /// The last transaction, if it neither committed nor aborted.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,16 +103,7 @@ pub fn apply_event_owned(state: &mut SyncState, ev: Event) {
             size,
             strategy,
         } => {
-            let entry = TableEntry {
-                ref_path: layout::ref_rel(&slot, &name),
-                shared_path: layout::shared_rel(&table_id),
-                name,
-                md5,
-                size,
-                strategy,
-                ref_fp: None,
-                shared_fp: None,
-            };
+            let entry = TableEntry::new(name, Md5Sum::from(md5), size, strategy);
             match slot {
                 Slot::Direct => {
                     state.direct_tables.insert(table_id, entry);
@@ -189,9 +182,8 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
         }
         Event::PutShared { table_id, .. } => {
             // The shared file is new: every entry's old fingerprint of it is stale.
-            let shared = layout::shared_rel(table_id);
-            for_each_entry(state, |e| {
-                if e.shared_path == shared {
+            for_each_entry(state, |_, id, e| {
+                if e.shares(id, table_id) {
                     e.shared_fp = None;
                 }
             });
@@ -210,10 +202,15 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
     }
 }
 
-fn for_each_entry(state: &mut SyncState, mut f: impl FnMut(&mut TableEntry)) {
-    state.direct_tables.values_mut().for_each(&mut f);
-    for tables in state.data_packages.values_mut() {
-        tables.values_mut().for_each(&mut f);
+/// `f(slot, id, entry)` for every table entry.
+fn for_each_entry(state: &mut SyncState, mut f: impl FnMut(SlotRef<'_>, &str, &mut TableEntry)) {
+    for (id, e) in state.direct_tables.iter_mut() {
+        f(SlotRef::Direct, id, e);
+    }
+    for (slug, tables) in state.data_packages.iter_mut() {
+        for (id, e) in tables.iter_mut() {
+            f(SlotRef::Package(slug), id, e);
+        }
     }
 }
 
@@ -233,11 +230,17 @@ pub fn apply_fingerprints(state: &mut SyncState, fps: &[(String, StatFp)]) {
             .filter(|(p, _)| *p == path)
             .map(|(_, fp)| *fp)
     };
-    for_each_entry(state, |e| {
-        if let Some(fp) = get(&e.ref_path) {
+    // Each entry's paths are built in one buffer (an entry does not hold them).
+    let mut path = String::new();
+    for_each_entry(state, |slot, id, e| {
+        path.clear();
+        e.push_ref_path(slot, &mut path);
+        if let Some(fp) = get(&path) {
             e.ref_fp = Some(fp);
         }
-        if let Some(fp) = get(&e.shared_path) {
+        path.clear();
+        e.push_shared_path(id, &mut path);
+        if let Some(fp) = get(&path) {
             e.shared_fp = Some(fp);
         }
     });

@@ -507,7 +507,10 @@ pub type View = (
 pub fn view_of_state(s: &SyncState) -> View {
     let refs = s
         .entries()
-        .map(|(slot, id, e)| ((slot, id.to_string()), (e.name.clone(), e.md5.clone())))
+        .map(|(slot, id, e)| {
+            let key = (slot.to_slot(), id.to_string());
+            (key, (e.name.clone(), e.md5.to_string()))
+        })
         .collect();
     let doms = s
         .memory_domains
