@@ -3,11 +3,16 @@
 
 use crate::error::Result;
 
-/// How many threads to use for CPU- or syscall-bound fan-outs.
+/// How many threads to use for CPU- or syscall-bound fan-outs. Asked once per
+/// process: `available_parallelism` reads `/proc/self/cgroup` and two cgroup files
+/// each time, and a no-op pull fans out four times.
 pub fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(8)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(8)
+    })
 }
 
 /// Run `work` once on each of `threads` scoped threads and collect what each
