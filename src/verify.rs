@@ -521,3 +521,6 @@ pub fn audit(
     out.extend(found);
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;
