@@ -89,6 +89,12 @@ pub trait Fs: Send + Sync {
             .map(|n| self.symlink_metadata(&dir.join(n)))
             .collect()
     }
+    /// [`Fs::metadata`] (following symlinks) of each of `names` (single
+    /// components) in the folder `dir`, in order: a batch, as
+    /// [`Fs::symlink_metadata_in`].
+    fn metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
+        names.iter().map(|n| self.metadata(&dir.join(n))).collect()
+    }
     /// Entries of a folder, sorted by name, without `.` and `..`.
     fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
     /// The target of a symlink.
@@ -331,6 +337,21 @@ impl Fs for RealFs {
             })
             .collect()
     }
+    /// One `open(O_PATH)` of the folder, then `fstatat` (following symlinks)
+    /// relative to it, as [`RealFs::symlink_metadata_in`].
+    fn metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
+        let Some(d) = sys::Dir::open(dir) else {
+            // A missing or odd folder: per path, with exactly the usual errors.
+            return names.iter().map(|n| self.metadata(&dir.join(n))).collect();
+        };
+        names
+            .iter()
+            .map(|n| match sys::name(n) {
+                Some(c) => d.stat(&c).map(|st| meta_of_stat(&st)),
+                None => self.metadata(&dir.join(n)),
+            })
+            .collect()
+    }
     /// One `open(O_PATH)` of the folder, then `openat`, `fchmod` and `write` per
     /// file: no path walk beyond one component, and no chmod by path.
     fn write_files_in(
@@ -503,16 +524,20 @@ mod sys {
 
         /// `fstatat(AT_SYMLINK_NOFOLLOW)` of one name.
         pub fn lstat(&self, name: &CString) -> io::Result<libc::stat> {
+            self.fstatat(name, libc::AT_SYMLINK_NOFOLLOW)
+        }
+
+        /// `fstatat` of one name, following a final symlink.
+        pub fn stat(&self, name: &CString) -> io::Result<libc::stat> {
+            self.fstatat(name, 0)
+        }
+
+        fn fstatat(&self, name: &CString, flags: libc::c_int) -> io::Result<libc::stat> {
             let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
             // SAFETY: the folder is open, `name` NUL-terminated, and `st` points to
             // writable memory for one `struct stat`.
             check(unsafe {
-                libc::fstatat(
-                    self.0.as_raw_fd(),
-                    name.as_ptr(),
-                    st.as_mut_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
+                libc::fstatat(self.0.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), flags)
             })?;
             // SAFETY: `fstatat` returned 0, so it filled `st`.
             Ok(unsafe { st.assume_init() })
@@ -615,9 +640,10 @@ mod tests {
         assert_eq!(batch[0].as_ref().unwrap_err().kind(), single.kind());
     }
 
-    /// The batched stat says exactly what one `symlink_metadata` per path says:
-    /// for a file, a symlink (not followed), a folder, a missing name, and a
-    /// folder that does not exist.
+    /// The batched stats say exactly what one `symlink_metadata` or `metadata` per
+    /// path says: for a file, a symlink (followed or not), a dangling symlink, a
+    /// symlink loop, a folder, a missing name, names that are not one component
+    /// (per path), a folder that does not exist and one that is a file.
     #[test]
     #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
     fn batched_stats_equal_single_stats() {
@@ -632,19 +658,54 @@ mod tests {
             .permissions();
         ro.set_readonly(true);
         std::fs::set_permissions(dir.join("a.parquet"), ro).unwrap();
-        let names = ["a.parquet", "b.parquet", "c.parquet", "d", "missing"];
+        std::os::unix::fs::symlink("e.parquet", dir.join("e.parquet")).unwrap();
+        std::fs::create_dir(dir.join("f")).unwrap();
+        std::fs::write(dir.join("f/g.parquet"), b"in a sub-folder").unwrap();
+        let names = [
+            "a.parquet",
+            "b.parquet",
+            "c.parquet",
+            "d",
+            "missing",
+            "e.parquet",
+            "f/g.parquet",
+            "f/missing",
+            "a.parquet/x",
+        ];
         let fs = RealFs;
-        for folder in [dir.to_path_buf(), dir.join("no-such-folder")] {
-            let batch = fs.symlink_metadata_in(&folder, &names);
-            assert_eq!(batch.len(), names.len());
-            for (name, got) in names.iter().zip(batch) {
-                let want = fs.symlink_metadata(&folder.join(name));
-                match (got, want) {
-                    (Ok(g), Ok(w)) => assert_eq!(g, w, "{name}"),
-                    (Err(g), Err(w)) => assert_eq!(g.kind(), w.kind(), "{name}"),
-                    (g, w) => panic!("{name}: batch {g:?}, single {w:?}"),
+        for folder in [
+            dir.to_path_buf(),
+            dir.join("no-such-folder"),
+            dir.join("a.parquet"),
+        ] {
+            let lstats = fs.symlink_metadata_in(&folder, &names);
+            let stats = fs.metadata_in(&folder, &names);
+            assert_eq!(lstats.len(), names.len());
+            assert_eq!(stats.len(), names.len());
+            for (i, name) in names.iter().enumerate() {
+                let path = folder.join(name);
+                let pairs = [
+                    (&lstats[i], fs.symlink_metadata(&path)),
+                    (&stats[i], fs.metadata(&path)),
+                ];
+                for (got, want) in pairs {
+                    match (got, want) {
+                        (Ok(g), Ok(w)) => assert_eq!(*g, w, "{name}"),
+                        (Err(g), Err(w)) => {
+                            assert_eq!(g.kind(), w.kind(), "{name}");
+                            assert_eq!(g.raw_os_error(), w.raw_os_error(), "{name}");
+                        }
+                        (g, w) => panic!("{name}: batch {g:?}, single {w:?}"),
+                    }
                 }
             }
         }
+        // `stat` follows the link, `lstat` does not.
+        let (l, s) = (
+            fs.symlink_metadata_in(dir, &["b.parquet"]),
+            fs.metadata_in(dir, &["b.parquet"]),
+        );
+        assert_eq!(l[0].as_ref().unwrap().kind, Kind::Symlink);
+        assert_eq!(s[0].as_ref().unwrap().kind, Kind::File);
     }
 }
