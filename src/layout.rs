@@ -16,6 +16,12 @@ pub const PRIVATE_DIR: &str = ".stack";
 /// The shared-table folder, relative.
 pub const SHARED_DIR: &str = "data/_shared";
 
+/// The folder under `data/` of the direct tables' references.
+pub const DIRECT_DIR: &str = "_direct";
+/// What a table's file name adds to its stem: its id in `_shared`, its name in a
+/// slot's folder.
+pub const TABLE_EXT: &str = ".parquet";
+
 /// `data/_shared/<table_id>.parquet`
 pub fn shared_rel(table_id: &str) -> String {
     format!("{SHARED_DIR}/{table_id}.parquet")

@@ -1,31 +1,51 @@
 //! `stack verify`: check invariants 1–5 of contract §4 against the disk.
 //!
 //! Owns: [`Violation`] and the audit (it hashes with the multi-buffer `crate::md5x`).
-//! Reads only, every access through [`Fs`]. Every distinct path the state's
-//! well-formed entries name is probed once, in parallel: `lstat` and, for a
-//! symlink, `stat` when invariant 5 compares stat fingerprints; otherwise `stat`,
-//! and `lstat` only when that finds nothing. Invariant 2 and the fingerprints of
-//! invariant 5 are read from those probes, while one more thread lists the folders
-//! for invariants 1, 3 and 4. Invariant 5 (content) is checked by stat fingerprint
-//! by default (a changed file is re-hashed) and by re-hashing every reference with
-//! `--contents`; either way each distinct file (device, inode, size, mtime, from
-//! its probe) is hashed once, its references sharing the result, on several
-//! threads that take files as they go. Violations and errors are the same, in the
-//! same order, as checking entry by entry.
+//! Reads only, every access through [`Fs`].
+//!
+//! The state's table entries are numbered (in [`SyncState::entries`] order) and
+//! indexed by their structure, not by path strings: an entry with the engine's own
+//! paths names `data/_shared/<id>.parquet` and `data/<slot>/<name>.parquet`, so
+//! the shared files are the distinct ids, sorted by file name, and each slot's
+//! references are its entries, sorted by file name too. Entries whose paths are
+//! not the engine's (`bad_path`) are reported, and are otherwise left out — except
+//! that one whose reference path is another entry's reference is checked for
+//! content too, probed by itself.
+//!
+//! Probes: each shared file once, each reference once, a folder at a time
+//! (`Fs::symlink_metadata_in` / `Fs::metadata_in` from one folder descriptor,
+//! batches spread over threads): `lstat` and, for a symlink, `stat` when
+//! invariant 5 compares stat fingerprints; otherwise `stat`, and (for a reference)
+//! `lstat` only when that finds nothing. A probe keeps what the checks read — found
+//! or not, the file `stat` found when it is to be hashed, whether the fingerprints
+//! changed — and keeps an error only when it is not "not found". Invariant 2 reads
+//! the probes; meanwhile one more thread lists the folders for invariants 1, 3 and
+//! 4 and walks each (sorted) listing along the sorted names the state expects
+//! there. Invariant 5 (content) is checked by stat fingerprint by default (a
+//! changed file is re-hashed) and by re-hashing every reference with `--contents`;
+//! either way each distinct file (device, inode, size, mtime, from its probe) is
+//! hashed once, its references sharing the result, on several threads that take
+//! files as they go.
+//!
+//! Violations and errors are the same, in the same order, as checking entry by
+//! entry: invariant 2 in entry order, then 1, 3 and 4 in listing order, then 5 by
+//! path. The first error other than "not found" stops the audit (a probe's, in
+//! entry order, before a listing's), except that a simulated crash
+//! (`error::is_crash_io`) reaches the caller whatever failed before it.
 
-use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt::Write as _;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::Serialize;
 
 use crate::error::{IoContext, Result};
 use crate::fs::{Fs, Kind, Meta, RealFs};
+use crate::journal::event::SlotRef;
 use crate::layout::{self, Layout};
-use crate::replay::state::{Md5Sum, StatFp, SyncState};
+use crate::replay::state::{StatFp, SyncState, TableEntry};
 
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -95,134 +115,372 @@ pub fn audit_invariants(local_data: &Path, state: &SyncState) -> Vec<Violation> 
     }
 }
 
-/// A fast hasher for the audit's own maps (paths and file keys; no untrusted
-/// adversary chooses them): a multiply-rotate over 8-byte words and a final mix.
-#[derive(Default, Clone, Copy)]
-struct QuickHasher(u64);
+// ---------------------------------------------------------------------------
+// The entries, numbered.
+// ---------------------------------------------------------------------------
 
-impl Hasher for QuickHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.write_u64(u64::from_le_bytes(w));
-        }
-        let mut w = [0u8; 8];
-        w[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-        self.write_u64(u64::from_le_bytes(w) ^ bytes.len() as u64);
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn finish(&self) -> u64 {
-        // murmur3's fmix64: every output bit depends on every input bit.
-        let mut h = self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        h ^ (h >> 33)
+/// `(stem + ".parquet").cmp(name)`, without building the file name.
+fn cmp_stem(stem: &str, name: &str) -> Ordering {
+    let (s, n) = (stem.as_bytes(), name.as_bytes());
+    let k = s.len().min(n.len());
+    match s[..k].cmp(&n[..k]) {
+        Ordering::Equal if s.len() > n.len() => Ordering::Greater,
+        Ordering::Equal => layout::TABLE_EXT.as_bytes().cmp(&n[k..]),
+        other => other,
     }
 }
 
-type Quick = BuildHasherDefault<QuickHasher>;
+/// `(a + ".parquet").cmp(b + ".parquet")`: the order of the file names, which a
+/// folder listing has (not the order of the stems when one is a prefix of the
+/// other: `x-y.parquet` < `x.parquet`).
+fn cmp_stems(a: &str, b: &str) -> Ordering {
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    let k = x.len().min(y.len());
+    match x[..k].cmp(&y[..k]) {
+        Ordering::Equal => {
+            let ext = layout::TABLE_EXT.as_bytes();
+            x[k..].iter().chain(ext).cmp(y[k..].iter().chain(ext))
+        }
+        other => other,
+    }
+}
 
-/// A file as `stat` knows it: device, inode, size, mtime.
-type FileKey = (u64, u64, u64, i128);
+/// Is the next of `names` (a sorted list; `at` moves on over it as a sorted
+/// listing is walked) the file `name`? `stem`: the stem of a list item.
+fn walk_to<'s, T>(names: &[T], at: &mut usize, name: &str, stem: impl Fn(&T) -> &'s str) -> bool {
+    let before = |x: &T| cmp_stem(stem(x), name) == Ordering::Less;
+    if *at > 0 && !before(&names[*at - 1]) {
+        // The listing went back (it should not): search from the start.
+        *at = 0;
+    }
+    let rest = &names[*at..];
+    // Usually the very next one; otherwise a binary search of the rest.
+    *at += match rest.first() {
+        Some(x) if !before(x) => 0,
+        _ => rest.partition_point(before),
+    };
+    names
+        .get(*at)
+        .is_some_and(|x| cmp_stem(stem(x), name).is_eq())
+}
 
-/// What the audit learnt of one path, from as few calls as its checks need.
-struct Probe {
+/// Marks an entry whose paths are not the engine's own (in `Tables::shared_of`).
+const BAD: u32 = u32::MAX;
+
+/// One slot (the direct tables, or a package): its entries are numbered
+/// `start..start + tables.len()`.
+struct SlotView<'a> {
+    slot: SlotRef<'a>,
+    /// Its folder under `data/`: `_direct` or the slug.
+    sub: &'a str,
+    tables: &'a BTreeMap<String, TableEntry>,
+    start: u32,
+    /// Its entries with the engine's own paths, sorted by file name
+    /// (`<name>.parquet`): its folder's listing is walked along it.
+    by_name: Vec<u32>,
+    /// Whether its files are probed by name from its folder (the folder is one
+    /// path component; otherwise each file by its whole path).
+    batched: bool,
+}
+
+/// The state's table entries as the audit indexes them: by number, not by path.
+struct Tables<'a> {
+    /// The direct tables, then the packages by slug.
+    slots: Vec<SlotView<'a>>,
+    /// Entry by number.
+    ents: Vec<&'a TableEntry>,
+    /// Per entry: its shared file (an index into `shared`), or [`BAD`].
+    shared_of: Vec<u32>,
+    /// The distinct ids of the entries with the engine's own paths, sorted by file
+    /// name (`<id>.parquet`).
+    shared: Vec<&'a str>,
+}
+
+impl<'a> Tables<'a> {
+    fn new(state: &'a SyncState) -> Result<Tables<'a>> {
+        let n = state.direct_tables.len()
+            + state.data_packages.values().map(|p| p.len()).sum::<usize>();
+        if u32::try_from(n).map_or(true, |n| n == BAD) {
+            return Err(crate::error::Error::State {
+                path: PathBuf::new(),
+                message: format!("{n} table entries are more than the audit counts"),
+            });
+        }
+        let mut ents: Vec<&TableEntry> = Vec::with_capacity(n);
+        let mut shared_of: Vec<u32> = Vec::with_capacity(n);
+        // (id, entry) of every entry with the engine's own paths.
+        let mut by_id: Vec<(&str, u32)> = Vec::with_capacity(n);
+        let mut slots = Vec::with_capacity(1 + state.data_packages.len());
+        let direct = std::iter::once((SlotRef::Direct, layout::DIRECT_DIR, &state.direct_tables));
+        let packages = state
+            .data_packages
+            .iter()
+            .map(|(slug, t)| (SlotRef::Package(slug), slug.as_str(), t));
+        for (slot, sub, tables) in direct.chain(packages) {
+            let start = ents.len() as u32;
+            let mut by_name = Vec::new();
+            for (id, e) in tables {
+                let o = ents.len() as u32;
+                ents.push(e);
+                if e.has_own_paths() {
+                    by_id.push((id, o));
+                    by_name.push(o);
+                    shared_of.push(0);
+                } else {
+                    shared_of.push(BAD);
+                }
+            }
+            // Usually in order already (names follow ids): a stable sort merges runs.
+            by_name.sort_by(|&a, &b| cmp_stems(&ents[a as usize].name, &ents[b as usize].name));
+            slots.push(SlotView {
+                slot,
+                sub,
+                tables,
+                start,
+                by_name,
+                batched: !sub.is_empty() && !sub.contains('/'),
+            });
+        }
+        // Each slot's ids are in order: a stable sort merges the runs.
+        by_id.sort_by(|a, b| cmp_stems(a.0, b.0));
+        let mut shared: Vec<&str> = Vec::new();
+        for (id, o) in by_id {
+            if shared.last() != Some(&id) {
+                shared.push(id);
+            }
+            shared_of[o as usize] = shared.len() as u32 - 1;
+        }
+        Ok(Tables {
+            slots,
+            ents,
+            shared_of,
+            shared,
+        })
+    }
+
+    /// The slot of entry `o`.
+    fn slot_of(&self, o: u32) -> &SlotView<'a> {
+        let i = self.slots.partition_point(|s| s.start <= o);
+        &self.slots[i.saturating_sub(1)]
+    }
+
+    /// The slots whose folder is `data/<sub>` (the direct tables' and a package's,
+    /// if a package is named after their folder).
+    fn slots_in(&self, sub: &str) -> impl Iterator<Item = &SlotView<'a>> {
+        let direct = self.slots.first().filter(|_| sub == layout::DIRECT_DIR);
+        let packages = self.slots.get(1..).unwrap_or_default();
+        let k = packages.partition_point(|s| s.sub < sub);
+        direct
+            .into_iter()
+            .chain(packages.get(k).filter(|s| s.sub == sub))
+    }
+
+    /// The reference path of entry `o`, as the state names it.
+    fn ref_rel(&self, o: u32) -> String {
+        self.ents[o as usize]
+            .ref_path(self.slot_of(o).slot)
+            .into_owned()
+    }
+
+    /// Is `rel` the reference path of an entry with the engine's own paths?
+    fn is_own_ref(&self, rel: &str) -> bool {
+        let Some(rest) = rel.strip_prefix("data/") else {
+            return false;
+        };
+        // `<sub>/<name>.parquet`, where either may hold a `/`: try every split.
+        rest.match_indices('/').any(|(k, _)| {
+            let (sub, file) = (&rest[..k], &rest[k + 1..]);
+            self.slots_in(sub).any(|s| {
+                let name = |o: &u32| cmp_stem(&self.ents[*o as usize].name, file);
+                s.by_name.binary_search_by(name).is_ok()
+            })
+        })
+    }
+}
+
+/// `<stem>.parquet` of each stem, in one buffer: the names of one batch.
+fn file_names<'s>(
+    stems: impl Iterator<Item = &'s str>,
+    buf: &mut String,
+) -> Vec<std::ops::Range<usize>> {
+    stems
+        .map(|stem| {
+            let a = buf.len();
+            buf.push_str(stem);
+            buf.push_str(layout::TABLE_EXT);
+            a..buf.len()
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Probes.
+// ---------------------------------------------------------------------------
+
+/// A file as `stat` knows it: device, inode, size, mtime (its high and low
+/// halves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, u64),
+}
+
+impl FileKey {
+    fn of(m: &Meta) -> FileKey {
+        FileKey {
+            dev: m.dev,
+            ino: m.ino,
+            len: m.len,
+            mtime: ((m.mtime_ns >> 64) as i64, m.mtime_ns as u64),
+        }
+    }
+}
+
+/// What a probe says of a path, for one question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Yes,
+    No,
+    /// An error other than "not found": the probe kept it.
+    Failed,
+}
+
+fn found<T>(r: &io::Result<T>) -> Found {
+    match r {
+        Ok(_) => Found::Yes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Found::No,
+        Err(_) => Found::Failed,
+    }
+}
+
+/// The calls made for one path, as few as the checks need; read through [`Mode`]
+/// and dropped.
+struct Raw {
     /// `stat` (following symlinks); with `lstat_first`, `lstat` — and then `stat`
     /// only said the same thing unless `second` holds it.
     first: io::Result<Meta>,
     /// With `lstat_first`: `stat` of a symlink. Otherwise: `lstat`, made only when
-    /// `stat` found nothing (to tell a missing path from a dangling symlink).
+    /// `stat` found nothing and the caller asks whether the path itself exists
+    /// (to tell a missing path from a dangling symlink).
     second: Option<io::Result<Meta>>,
+}
+
+impl Raw {
+    /// The one error of a probe the audit may report: not "not found" (there is at
+    /// most one: a second call follows a first that succeeded or found nothing),
+    /// or a simulated crash.
+    fn into_error(self) -> Option<io::Error> {
+        let keep =
+            |e: &io::Error| e.kind() != io::ErrorKind::NotFound || crate::error::is_crash_io(e);
+        [Some(self.first), self.second]
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.err())
+            .find(keep)
+    }
+}
+
+/// How the audit probes a path.
+#[derive(Clone, Copy)]
+struct Mode {
+    /// The checks need the path's own fingerprint (`lstat`): `lstat` it and `stat`
+    /// only a symlink. Otherwise `stat` it, and `lstat` only when `stat` finds
+    /// nothing (if asked). Either way one call for a regular file.
     lstat_first: bool,
 }
 
-/// How the path itself (not followed) is: `Ok(true)` exists, `Ok(false)` missing.
-type Presence<'a> = std::result::Result<bool, &'a io::Error>;
+impl Mode {
+    fn wants_second(self, first: &io::Result<Meta>, presence: bool) -> bool {
+        match first {
+            Ok(m) => self.lstat_first && m.kind == Kind::Symlink,
+            Err(e) => !self.lstat_first && presence && e.kind() == io::ErrorKind::NotFound,
+        }
+    }
 
-impl Probe {
-    /// `lstat_first`: the caller needs the path's own fingerprint (`lstat`), so
-    /// `lstat` it and `stat` only a symlink; otherwise `stat` it and `lstat` only
-    /// when `stat` finds nothing. Either way one call for a regular file.
-    fn run(fs: &dyn Fs, path: &Path, lstat_first: bool) -> Probe {
-        if lstat_first {
-            let first = fs.symlink_metadata(path);
-            let second = match &first {
-                Ok(m) if m.kind == Kind::Symlink => Some(fs.metadata(path)),
-                _ => None,
-            };
-            Probe {
-                first,
-                second,
-                lstat_first,
+    /// Probe one path by itself (`presence`: the path's own existence is asked).
+    fn probe(self, fs: &dyn Fs, path: &Path, presence: bool) -> Raw {
+        let lstat = || fs.symlink_metadata(path);
+        let stat = || fs.metadata(path);
+        let first = if self.lstat_first { lstat() } else { stat() };
+        let second = self.wants_second(&first, presence).then(|| {
+            if self.lstat_first {
+                stat()
+            } else {
+                lstat()
             }
+        });
+        Raw { first, second }
+    }
+
+    /// Probe `names` (single components) of the folder `dir`: one batch, and one
+    /// more for the names that need a second call.
+    fn probe_in(self, fs: &dyn Fs, dir: &Path, names: &[&str], presence: bool) -> Vec<Raw> {
+        let first = if self.lstat_first {
+            fs.symlink_metadata_in(dir, names)
         } else {
-            let first = fs.metadata(path);
-            let second = match &first {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Some(fs.symlink_metadata(path)),
-                _ => None,
-            };
-            Probe {
+            fs.metadata_in(dir, names)
+        };
+        let again: Vec<usize> = (0..first.len())
+            .filter(|&i| self.wants_second(&first[i], presence))
+            .collect();
+        let mut raws: Vec<Raw> = first
+            .into_iter()
+            .map(|first| Raw {
                 first,
-                second,
-                lstat_first,
+                second: None,
+            })
+            .collect();
+        if !again.is_empty() {
+            let names: Vec<&str> = again.iter().map(|&i| names[i]).collect();
+            let second = if self.lstat_first {
+                fs.metadata_in(dir, &names)
+            } else {
+                fs.symlink_metadata_in(dir, &names)
+            };
+            for (i, r) in again.into_iter().zip(second) {
+                raws[i].second = Some(r);
             }
         }
+        raws
     }
 
     /// What `stat` (following symlinks) says. (A path whose `lstat` fails fails
     /// `stat` the same way: both resolve the same folders first.)
-    fn followed(&self) -> &io::Result<Meta> {
-        match (&self.second, self.lstat_first) {
+    fn followed(self, raw: &Raw) -> &io::Result<Meta> {
+        match (&raw.second, self.lstat_first) {
             (Some(stat), true) => stat,
-            _ => &self.first,
+            _ => &raw.first,
         }
     }
 
-    /// Whether the path itself exists (a dangling symlink does).
-    fn presence(&self) -> Presence<'_> {
-        let own = match (&self.second, self.lstat_first) {
-            (_, true) => &self.first,
-            (Some(lstat), false) => lstat,
+    /// Whether the path itself exists (a dangling symlink does), if asked.
+    fn presence(self, raw: &Raw) -> Found {
+        match (&raw.second, self.lstat_first) {
+            (_, true) => found(&raw.first),
+            (Some(lstat), false) => found(lstat),
             // `stat` found something (so the path exists), or failed otherwise
             // than "not found", which the path itself fails too or passes on to
             // its target: either way the check stops at this error.
-            (None, false) => return self.first.as_ref().map(|_| true),
-        };
-        match own {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
+            (None, false) => match &raw.first {
+                Ok(_) => Found::Yes,
+                Err(_) => Found::Failed,
+            },
         }
     }
 
     /// The fingerprint the engine records (`lstat` of the path), if asked for.
-    fn fp(&self) -> Option<StatFp> {
-        let own = if self.lstat_first {
-            self.first.as_ref().ok()
+    fn fp(self, raw: &Raw) -> Option<StatFp> {
+        if self.lstat_first {
+            raw.first.as_ref().ok().map(StatFp::of)
         } else {
             None
-        };
-        own.map(StatFp::of)
+        }
     }
 
-    fn file_key(&self) -> Option<FileKey> {
-        self.followed()
-            .as_ref()
-            .ok()
-            .map(|m| (m.dev, m.ino, m.len, m.mtime_ns))
-    }
-
-    fn errors(&self) -> impl Iterator<Item = &io::Error> {
-        [&self.first]
-            .into_iter()
-            .chain(self.second.as_ref())
-            .filter_map(|r| r.as_ref().err())
+    fn key(self, raw: &Raw) -> Option<FileKey> {
+        self.followed(raw).as_ref().ok().map(FileKey::of)
     }
 }
 
@@ -241,22 +499,210 @@ fn stat_error(e: &io::Error, path: &Path) -> crate::error::Error {
     }
 }
 
+/// How many files of one folder go to the filesystem as one batch.
+const UNIT: usize = 512;
+
+/// The shared files' probes, by index into `Tables::shared`.
+struct SharedProbes {
+    /// What `stat` says.
+    found: Vec<Found>,
+    /// The fingerprint (`lstat`), when invariant 5 compares fingerprints.
+    fp: Vec<Option<StatFp>>,
+    /// The errors kept, by shared file, in order.
+    errors: Vec<(u32, io::Error)>,
+}
+
+fn probe_shared(fs: &dyn Fs, layout: &Layout, t: &Tables<'_>, mode: Mode) -> Result<SharedProbes> {
+    let units: Vec<usize> = (0..t.shared.len()).step_by(UNIT).collect();
+    let dir = layout.shared_dir();
+    let parts = crate::par::map_balanced(&units, crate::par::threads(), |&a| {
+        let ids = &t.shared[a..(a + UNIT).min(t.shared.len())];
+        // An id holding a `/` is probed by its whole path.
+        let batched = |id: &str| !id.contains('/');
+        let mut buf = String::with_capacity(24 * ids.len());
+        let ranges = file_names(ids.iter().copied().filter(|id| batched(id)), &mut buf);
+        let names: Vec<&str> = ranges.into_iter().map(|r| &buf[r]).collect();
+        let mut batch = mode.probe_in(fs, &dir, &names, false).into_iter();
+        let mut found = Vec::with_capacity(ids.len());
+        let mut fps = Vec::new();
+        let mut errors = Vec::new();
+        for (i, id) in (a as u32..).zip(ids) {
+            let raw = if batched(id) {
+                batch.next()
+            } else {
+                Some(mode.probe(fs, &layout.join(&layout::shared_rel(id)), false))
+            };
+            let Some(raw) = raw else { break };
+            found.push(crate::verify::found(mode.followed(&raw)));
+            if mode.lstat_first {
+                fps.push(mode.fp(&raw));
+            }
+            errors.extend(raw.into_error().map(|e| (i, e)));
+        }
+        Ok((found, fps, errors))
+    })?;
+    let mut p = SharedProbes {
+        found: Vec::with_capacity(t.shared.len()),
+        fp: Vec::new(),
+        errors: Vec::new(),
+    };
+    for (found, fp, errors) in parts {
+        p.found.extend(found);
+        p.fp.extend(fp);
+        p.errors.extend(errors);
+    }
+    Ok(p)
+}
+
+/// Which references invariant 5 hashes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hashes {
+    None,
+    /// Those whose fingerprints (of the reference and its shared file) changed.
+    Changed,
+    All,
+}
+
+/// The references' probes, by entry.
+struct RefProbes {
+    /// (whether the path itself exists, what `stat` says); for an entry whose paths
+    /// are not the engine's, nothing.
+    found: Vec<(Found, Found)>,
+    /// The errors kept, by entry, in order.
+    errors: Vec<(u32, io::Error)>,
+    /// The references invariant 5 hashes, with the file `stat` found, unsorted.
+    keyed: Vec<(FileKey, u32)>,
+    /// The references invariant 5 hashes whose `stat` failed.
+    solo: Vec<u32>,
+}
+
+fn probe_refs(
+    fs: &dyn Fs,
+    layout: &Layout,
+    t: &Tables<'_>,
+    shared: &SharedProbes,
+    mode: Mode,
+    hashes: Hashes,
+) -> Result<RefProbes> {
+    // (slot, first entry, end): at most UNIT entries with the engine's paths each.
+    let mut units: Vec<(usize, u32, u32)> = Vec::new();
+    let mut own_total = 0;
+    for (k, s) in t.slots.iter().enumerate() {
+        let end = s.start + s.tables.len() as u32;
+        let (mut a, mut own) = (s.start, 0);
+        for o in s.start..end {
+            if t.shared_of[o as usize] != BAD {
+                if own == UNIT {
+                    units.push((k, a, o));
+                    (a, own) = (o, 0);
+                }
+                own += 1;
+                own_total += 1;
+            }
+        }
+        if own > 0 {
+            units.push((k, a, end));
+        }
+    }
+    let keyed = Mutex::new(Vec::with_capacity(if hashes == Hashes::All {
+        own_total
+    } else {
+        0
+    }));
+    let parts = crate::par::map_balanced(&units, crate::par::threads(), |&(k, a, b)| {
+        let s = &t.slots[k];
+        let own: Vec<u32> = (a..b).filter(|&o| t.shared_of[o as usize] != BAD).collect();
+        let name = |o: u32| t.ents[o as usize].name.as_str();
+        // A name holding a `/` (or any name of an odd slot) is probed by its whole path.
+        let batched = |o: u32| s.batched && !name(o).contains('/');
+        let mut buf = String::with_capacity(24 * own.len());
+        let ranges = file_names(
+            own.iter().filter(|&&o| batched(o)).map(|&o| name(o)),
+            &mut buf,
+        );
+        let names: Vec<&str> = ranges.into_iter().map(|r| &buf[r]).collect();
+        let mut batch = if names.is_empty() {
+            Vec::new()
+        } else {
+            mode.probe_in(fs, &layout.data().join(s.sub), &names, true)
+        }
+        .into_iter();
+        let mut found = Vec::with_capacity(own.len());
+        let mut errors = Vec::new();
+        let mut mine = Vec::new();
+        let mut solo = Vec::new();
+        for &o in &own {
+            let e = t.ents[o as usize];
+            let raw = if batched(o) {
+                batch.next()
+            } else {
+                Some(mode.probe(fs, &layout.join(&e.ref_path(s.slot)), true))
+            };
+            let Some(raw) = raw else { break };
+            found.push((
+                o,
+                mode.presence(&raw),
+                crate::verify::found(mode.followed(&raw)),
+            ));
+            let hash = match hashes {
+                Hashes::None => false,
+                Hashes::All => true,
+                Hashes::Changed => {
+                    let sh = t.shared_of[o as usize] as usize;
+                    !(e.ref_fp.is_some()
+                        && e.ref_fp == mode.fp(&raw)
+                        && e.shared_fp.is_some()
+                        && e.shared_fp == shared.fp.get(sh).copied().flatten())
+                }
+            };
+            if hash {
+                match mode.key(&raw) {
+                    Some(key) => mine.push((key, o)),
+                    None => solo.push(o),
+                }
+            }
+            errors.extend(raw.into_error().map(|e| (o, e)));
+        }
+        if !mine.is_empty() {
+            keyed.lock().unwrap_or_else(|p| p.into_inner()).extend(mine);
+        }
+        Ok((found, errors, solo))
+    })?;
+    let mut p = RefProbes {
+        found: vec![(Found::Yes, Found::Yes); t.ents.len()],
+        errors: Vec::new(),
+        keyed: keyed.into_inner().unwrap_or_else(|p| p.into_inner()),
+        solo: Vec::new(),
+    };
+    for (found, errors, solo) in parts {
+        for (o, presence, followed) in found {
+            p.found[o as usize] = (presence, followed);
+        }
+        p.errors.extend(errors);
+        p.solo.extend(solo);
+    }
+    Ok(p)
+}
+
+// ---------------------------------------------------------------------------
+// Listings.
+// ---------------------------------------------------------------------------
+
 /// Invariants 1, 3 and 4 (everything read from folder listings), in the order
-/// `stack verify` reports them.
+/// `stack verify` reports them. Each listing (sorted) is walked along the sorted
+/// names the state expects there.
 fn audit_listings(
     fs: &dyn Fs,
     layout: &Layout,
     state: &SyncState,
-    shared_paths: &HashSet<&str, Quick>,
-    ref_paths: &HashSet<&str, Quick>,
+    t: &Tables<'_>,
 ) -> Result<Vec<Violation>> {
     let mut out = Vec::new();
-    let mut rel = String::new();
     // Invariant 1: no orphan in data/_shared.
+    let mut at = 0;
     for entry in list(fs, &layout.shared_dir())? {
-        rel.clear();
-        let _ = write!(rel, "{}/{}", layout::SHARED_DIR, entry.name);
-        if !shared_paths.contains(rel.as_str()) {
+        if !walk_to(&t.shared, &mut at, &entry.name, |id: &&str| *id) {
+            let rel = format!("{}/{}", layout::SHARED_DIR, entry.name);
             out.push(v(
                 1,
                 "orphan",
@@ -266,6 +712,7 @@ fn audit_listings(
         }
     }
     // Invariant 3: every file in data/<sub>/ has an entry (the reverse is 2).
+    let name_of = |o: &u32| t.ents[*o as usize].name.as_str();
     for sub in list(fs, &layout.data())? {
         if sub.name == "_shared" {
             continue;
@@ -280,10 +727,17 @@ fn audit_listings(
             ));
             continue;
         }
+        // (sorted names, position) of each slot whose folder this is.
+        let mut mine: Vec<(&[u32], usize)> =
+            t.slots_in(&sub.name).map(|s| (&s.by_name[..], 0)).collect();
         for f in list(fs, &layout.data().join(&sub.name))? {
-            rel.clear();
-            let _ = write!(rel, "data/{}/{}", sub.name, f.name);
-            if !ref_paths.contains(rel.as_str()) {
+            // (Every walk moves on, whether or not an earlier one knew the file.)
+            let mut known = false;
+            for (names, at) in &mut mine {
+                known |= walk_to(names, at, &f.name, name_of);
+            }
+            if !known {
+                let rel = format!("data/{}/{}", sub.name, f.name);
                 out.push(v(3, "untracked", &rel, "no state entry holds this file"));
             }
         }
@@ -320,6 +774,14 @@ fn audit_listings(
     Ok(out)
 }
 
+// ---------------------------------------------------------------------------
+// The audit.
+// ---------------------------------------------------------------------------
+
+/// How many files invariant 5 hashes per round (the paths and digests of one
+/// round are held at once).
+const HASH_ROUND: usize = 8192;
+
 /// Check invariants 1–5 of `state` against the directory of `layout`.
 pub fn audit(
     fs: &dyn Fs,
@@ -335,117 +797,117 @@ pub fn audit(
         Contents::RehashMd5(n) => (Some(HashWith::Md5), n.max(1), true),
     };
     // Only the fingerprint check reads `lstat` results of the paths themselves.
-    let lstat_first = hash.is_some() && !always;
+    let mode = Mode {
+        lstat_first: hash.is_some() && !always,
+    };
+    let hashes = match (&hash, always) {
+        (None, _) => Hashes::None,
+        (Some(_), false) => Hashes::Changed,
+        (Some(_), true) => Hashes::All,
+    };
+    let t = Tables::new(state)?;
 
-    // Every distinct path a well-formed entry names (shared file or reference) is
-    // probed once; the checks below only read the probes.
-    let n_entries =
-        state.direct_tables.len() + state.data_packages.values().map(|p| p.len()).sum::<usize>();
-    let mut index: HashMap<&str, usize, Quick> =
-        HashMap::with_capacity_and_hasher(2 * n_entries, Quick::default());
-    let mut paths: Vec<&str> = Vec::with_capacity(2 * n_entries);
-    fn slot_of<'a>(
-        index: &mut HashMap<&'a str, usize, Quick>,
-        paths: &mut Vec<&'a str>,
-        rel: &'a str,
-    ) -> usize {
-        *index.entry(rel).or_insert_with(|| {
-            paths.push(rel);
-            paths.len() - 1
-        })
-    }
-    // Per entry: (shared probe, reference probe), or None for an entry that does not
-    // name the engine's own paths.
-    let mut own: Vec<Option<(usize, usize)>> = Vec::with_capacity(n_entries);
-    // Each entry's (reference, shared) paths, as the state file names them.
-    let named: Vec<(Cow<'_, str>, Cow<'_, str>)> = state
-        .entries()
-        .map(|(slot, id, e)| (e.ref_path(slot), e.shared_path(id)))
-        .collect();
-    for ((_, _, e), (ref_path, shared_path)) in state.entries().zip(&named) {
-        if e.has_own_paths() {
-            let s = slot_of(&mut index, &mut paths, shared_path);
-            let r = slot_of(&mut index, &mut paths, ref_path);
-            own.push(Some((s, r)));
-        } else {
-            own.push(None);
-        }
-    }
-    let shared_paths: HashSet<&str, Quick> = own.iter().flatten().map(|&(s, _)| paths[s]).collect();
-    let ref_paths: HashSet<&str, Quick> = own.iter().flatten().map(|&(_, r)| paths[r]).collect();
-
-    // The folder listings (invariants 1, 3, 4) on one thread, the probes on the
-    // others, at the same time.
+    // The folder listings (invariants 1, 3, 4) on one thread, the probes (the
+    // shared files', then the references') on the others, at the same time.
     let (listed, probes) = std::thread::scope(|s| {
-        let listing = s.spawn(|| audit_listings(fs, layout, state, &shared_paths, &ref_paths));
-        let probes = crate::par::map_balanced(&paths, crate::par::threads(), |rel| {
-            Ok(Probe::run(fs, &layout.join(rel), lstat_first))
+        let listing = s.spawn(|| audit_listings(fs, layout, state, &t));
+        let probes = probe_shared(fs, layout, &t, mode).and_then(|shared| {
+            let refs = probe_refs(fs, layout, &t, &shared, mode, hashes)?;
+            Ok((shared, refs))
         });
         let listed = listing
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (listed, probes)
     });
-    let probes = probes?;
-    // A simulated crash must reach the caller whatever failed before it.
-    for (p, rel) in probes.iter().zip(&paths) {
-        if let Some(e) = p.errors().find(|e| crate::error::is_crash_io(e)) {
-            return Err(stat_error(e, &layout.join(rel)));
-        }
+    let (shared, mut refs) = probes?;
+    let shared_path = |s: u32| layout.join(&layout::shared_rel(t.shared[s as usize]));
+    // A simulated crash must reach the caller whatever failed before it: the first
+    // in entry order (an entry's shared file before its reference).
+    let first_entry_of = |s: u32| t.shared_of.iter().position(|&x| x == s).unwrap_or(0);
+    fn crashes(errors: &[(u32, io::Error)]) -> impl Iterator<Item = (u32, &io::Error)> {
+        errors
+            .iter()
+            .filter(|(_, e)| crate::error::is_crash_io(e))
+            .map(|(i, e)| (*i, e))
+    }
+    let crash = crashes(&shared.errors)
+        .map(|(s, e)| ((first_entry_of(s), 0), shared_path(s), e))
+        .chain(crashes(&refs.errors).map(|(o, e)| ((o as usize, 1), layout.join(&t.ref_rel(o)), e)))
+        .min_by_key(|(at, _, _)| *at);
+    if let Some((_, path, e)) = crash {
+        return Err(stat_error(e, &path));
     }
     if let Err(e) = &listed {
         if e.is_crash() {
             return listed;
         }
     }
+    // The error a failed probe kept.
+    let error = |errors: &[(u32, io::Error)], i: u32, path: PathBuf| {
+        let e = errors.binary_search_by_key(&i, |(x, _)| *x).ok();
+        match e {
+            Some(k) => stat_error(&errors[k].1, &path),
+            // (Not reached: a failed probe keeps its error.)
+            None => stat_error(&io::Error::other("the probe failed"), &path),
+        }
+    };
 
     let mut out = Vec::new();
     // Invariant 2: every entry's paths exist (and are the engine's own paths).
-    for (((slot, id, e), own), (ref_path, shared_path)) in state.entries().zip(&own).zip(&named) {
-        let Some((s, r)) = *own else {
-            let mut want_ref = String::new();
-            crate::replay::state::push_ref_path(&mut want_ref, slot, &e.name);
-            let want_shared = layout::shared_rel(id);
-            out.push(v(
-                2,
-                "bad_path",
-                ref_path,
-                format!("state entry of {id} does not name {want_ref} / {want_shared}"),
-            ));
-            continue;
-        };
-        match probes[s].followed() {
-            Ok(_) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => out.push(v(
-                2,
-                "missing_shared",
-                shared_path,
-                format!("shared file of {id} is missing"),
-            )),
-            Err(err) => return Err(stat_error(err, &layout.join(paths[s]))),
-        }
-        match probes[r].presence() {
-            Ok(true) => {}
-            Ok(false) => {
+    for s in &t.slots {
+        for (o, (id, e)) in (s.start..).zip(s.tables) {
+            let sh = t.shared_of[o as usize];
+            if sh == BAD {
+                let mut want_ref = String::new();
+                crate::replay::state::push_ref_path(&mut want_ref, s.slot, &e.name);
+                let want_shared = layout::shared_rel(id);
                 out.push(v(
                     2,
-                    "missing_ref",
-                    ref_path,
-                    format!("reference to {id} is missing"),
+                    "bad_path",
+                    &e.ref_path(s.slot),
+                    format!("state entry of {id} does not name {want_ref} / {want_shared}"),
                 ));
                 continue;
             }
-            Err(err) => return Err(stat_error(err, &layout.join(paths[r]))),
-        }
-        match probes[r].followed() {
-            Ok(_) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => out.push(v(
-                2,
-                "broken_ref",
-                ref_path,
-                format!("reference to {id} does not resolve"),
-            )),
-            Err(err) => return Err(stat_error(err, &layout.join(paths[r]))),
+            match shared.found[sh as usize] {
+                Found::Yes => {}
+                Found::No => out.push(v(
+                    2,
+                    "missing_shared",
+                    &e.shared_path(id),
+                    format!("shared file of {id} is missing"),
+                )),
+                Found::Failed => return Err(error(&shared.errors, sh, shared_path(sh))),
+            }
+            let (presence, followed) = refs.found[o as usize];
+            match presence {
+                Found::Yes => {}
+                Found::No => {
+                    out.push(v(
+                        2,
+                        "missing_ref",
+                        &e.ref_path(s.slot),
+                        format!("reference to {id} is missing"),
+                    ));
+                    continue;
+                }
+                Found::Failed => {
+                    return Err(error(&refs.errors, o, layout.join(&e.ref_path(s.slot))))
+                }
+            }
+            match followed {
+                Found::Yes => {}
+                Found::No => out.push(v(
+                    2,
+                    "broken_ref",
+                    &e.ref_path(s.slot),
+                    format!("reference to {id} does not resolve"),
+                )),
+                Found::Failed => {
+                    return Err(error(&refs.errors, o, layout.join(&e.ref_path(s.slot))))
+                }
+            }
         }
     }
     out.extend(listed?);
@@ -454,71 +916,91 @@ pub fn audit(
     let Some(hash) = hash else {
         return Ok(out);
     };
+    // An entry whose paths are not the engine's is checked too when its reference
+    // path is another entry's (probed by itself: rare).
+    for s in &t.slots {
+        for (o, (id, e)) in (s.start..).zip(s.tables) {
+            if t.shared_of[o as usize] != BAD {
+                continue;
+            }
+            let rel = e.ref_path(s.slot);
+            if !t.is_own_ref(&rel) {
+                continue;
+            }
+            let raw = mode.probe(fs, &layout.join(&rel), false);
+            // With `always`, the fingerprints are not needed.
+            let unchanged = || {
+                e.ref_fp.is_some()
+                    && e.ref_fp == mode.fp(&raw)
+                    && e.shared_fp.is_some()
+                    && e.shared_fp
+                        == fs
+                            .symlink_metadata(&layout.join(&e.shared_path(id)))
+                            .ok()
+                            .map(|m| StatFp::of(&m))
+            };
+            if !always && unchanged() {
+                continue;
+            }
+            match mode.key(&raw) {
+                Some(key) => refs.keyed.push((key, o)),
+                None => refs.solo.push(o),
+            }
+        }
+    }
     // References are often one file (symlinks and hard links to the shared copy):
     // hash each file once, then check every reference that resolves to it, the file
-    // known by its probe's `stat`.
-    let mut groups: Vec<(&str, Vec<(&str, &Md5Sum)>)> = Vec::new(); // (rel to hash, [(rel, md5)])
-    let mut by_file: HashMap<FileKey, usize, Quick> = HashMap::default();
-    for ((_, _, e), (ref_path, shared_path)) in state.entries().zip(&named) {
-        let ref_path: &str = ref_path;
-        if !ref_paths.contains(ref_path) {
-            continue;
+    // known by its probe's `stat`. A group: the references of one file, the first
+    // in entry order hashed for all; a reference whose `stat` failed is a group
+    // alone.
+    refs.keyed.sort_unstable();
+    let mut members: Vec<u32> = Vec::with_capacity(refs.keyed.len() + refs.solo.len());
+    let mut starts: Vec<u32> = Vec::new();
+    for (i, &(key, o)) in refs.keyed.iter().enumerate() {
+        if i == 0 || refs.keyed[i - 1].0 != key {
+            starts.push(members.len() as u32);
         }
-        let r = index[ref_path];
-        // With `always`, the fingerprints are not needed.
-        let unchanged = || {
-            e.ref_fp.is_some()
-                && e.ref_fp == probes[r].fp()
-                && e.shared_fp.is_some()
-                && e.shared_fp
-                    == match index.get(&**shared_path) {
-                        Some(&s) => probes[s].fp(),
-                        // Only an entry with a bad path that shares a good one's
-                        // reference path has a shared path nobody probed.
-                        None => Probe::run(fs, &layout.join(shared_path), true).fp(),
-                    }
-        };
-        if !always && unchanged() {
-            continue;
-        }
-        let key = probes[r].file_key();
-        match key.and_then(|k| by_file.get(&k).copied()) {
-            Some(i) => groups[i].1.push((ref_path, &e.md5)),
-            None => {
-                if let Some(k) = key {
-                    by_file.insert(k, groups.len());
-                }
-                groups.push((ref_path, vec![(ref_path, &e.md5)]));
-            }
-        }
+        members.push(o);
     }
-    let hashed: Vec<io::Result<String>> = match hash {
-        HashWith::Fn(hash) => {
-            crate::par::map_balanced(&groups, threads, |(first, _)| Ok(hash(&layout.join(first))))?
-        }
-        HashWith::Md5 => {
-            let files: Vec<PathBuf> = groups.iter().map(|(first, _)| layout.join(first)).collect();
-            crate::md5x::md5_files(fs, &files, threads)
-        }
+    drop(std::mem::take(&mut refs.keyed));
+    for o in std::mem::take(&mut refs.solo) {
+        starts.push(members.len() as u32);
+        members.push(o);
+    }
+    let group = |g: usize| {
+        let a = starts[g] as usize;
+        let b = starts.get(g + 1).map_or(members.len(), |&x| x as usize);
+        &members[a..b]
     };
-    let mut found = Vec::new();
-    for ((_, refs), got) in groups.iter().zip(&hashed) {
-        for &(rel, md5) in refs {
-            match got {
-                Ok(h) if md5.is(h) => {}
-                Ok(h) => found.push(v(
-                    5,
-                    "content",
-                    rel,
-                    format!("md5 is {h}, state says {md5}"),
-                )),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {} // reported as invariant 2
-                Err(e) => found.push(v(5, "unreadable", rel, e.to_string())),
+    let mut found: Vec<(u32, Violation)> = Vec::new();
+    for round in (0..starts.len()).step_by(HASH_ROUND) {
+        let groups = round..(round + HASH_ROUND).min(starts.len());
+        let files: Vec<PathBuf> = groups
+            .clone()
+            .map(|g| layout.join(&t.ref_rel(group(g)[0])))
+            .collect();
+        let hashed: Vec<io::Result<String>> = match hash {
+            HashWith::Fn(hash) => crate::par::map_balanced(&files, threads, |f| Ok(hash(f)))?,
+            HashWith::Md5 => crate::md5x::md5_files(fs, &files, threads),
+        };
+        for (g, got) in groups.zip(&hashed) {
+            for &o in group(g) {
+                let md5 = &t.ents[o as usize].md5;
+                let bad = match got {
+                    Ok(h) if md5.is(h) => None,
+                    Ok(h) => Some(("content", format!("md5 is {h}, state says {md5}"))),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => None, // reported as invariant 2
+                    Err(e) => Some(("unreadable", e.to_string())),
+                };
+                if let Some((kind, message)) = bad {
+                    found.push((o, v(5, kind, &t.ref_rel(o), message)));
+                }
             }
         }
     }
-    found.sort_by(|a, b| a.path.cmp(&b.path));
-    out.extend(found);
+    // By path, and in entry order for one path.
+    found.sort_by(|a, b| a.1.path.cmp(&b.1.path).then(a.0.cmp(&b.0)));
+    out.extend(found.into_iter().map(|(_, v)| v));
     Ok(out)
 }
 
