@@ -24,20 +24,20 @@ pub const TABLE_EXT: &str = ".parquet";
 
 /// `data/_shared/<table_id>.parquet`
 pub fn shared_rel(table_id: &str) -> String {
-    format!("{SHARED_DIR}/{table_id}.parquet")
+    format!("{SHARED_DIR}/{table_id}{TABLE_EXT}")
 }
 
 /// The folder of a slot, relative: `data/_direct` or `data/<slug>`.
 pub fn slot_dir_rel(slot: &Slot) -> String {
     match slot {
-        Slot::Direct => "data/_direct".to_string(),
+        Slot::Direct => format!("data/{DIRECT_DIR}"),
         Slot::Package(slug) => format!("data/{slug}"),
     }
 }
 
 /// `data/_direct/<name>.parquet` or `data/<slug>/<name>.parquet`
 pub fn ref_rel(slot: &Slot, name: &str) -> String {
-    format!("{}/{name}.parquet", slot_dir_rel(slot))
+    format!("{}/{name}{TABLE_EXT}", slot_dir_rel(slot))
 }
 
 /// `memory/<slug>/bundle.md`

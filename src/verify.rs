@@ -368,6 +368,15 @@ struct Raw {
 }
 
 impl Raw {
+    /// What stands for a result a batch did not return (an `Fs` that breaks the
+    /// seam's contract): an error.
+    fn missing() -> Raw {
+        Raw {
+            first: Err(io::Error::other("the filesystem returned no result")),
+            second: None,
+        }
+    }
+
     /// The one error of a probe the audit may report: not "not found" (there is at
     /// most one: a second call follows a first that succeeded or found nothing),
     /// or a simulated crash.
@@ -528,11 +537,10 @@ fn probe_shared(fs: &dyn Fs, layout: &Layout, t: &Tables<'_>, mode: Mode) -> Res
         let mut errors = Vec::new();
         for (i, id) in (a as u32..).zip(ids) {
             let raw = if batched(id) {
-                batch.next()
+                batch.next().unwrap_or_else(Raw::missing)
             } else {
-                Some(mode.probe(fs, &layout.join(&layout::shared_rel(id)), false))
+                mode.probe(fs, &layout.join(&layout::shared_rel(id)), false)
             };
-            let Some(raw) = raw else { break };
             found.push(crate::verify::found(mode.followed(&raw)));
             if mode.lstat_first {
                 fps.push(mode.fp(&raw));
@@ -634,11 +642,10 @@ fn probe_refs(
         for &o in &own {
             let e = t.ents[o as usize];
             let raw = if batched(o) {
-                batch.next()
+                batch.next().unwrap_or_else(Raw::missing)
             } else {
-                Some(mode.probe(fs, &layout.join(&e.ref_path(s.slot)), true))
+                mode.probe(fs, &layout.join(&e.ref_path(s.slot)), true)
             };
-            let Some(raw) = raw else { break };
             found.push((
                 o,
                 mode.presence(&raw),
