@@ -347,7 +347,7 @@ enum Found {
     Failed,
 }
 
-fn found<T>(r: &io::Result<T>) -> Found {
+fn found_of<T>(r: &io::Result<T>) -> Found {
     match r {
         Ok(_) => Found::Yes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Found::No,
@@ -467,8 +467,8 @@ impl Mode {
     /// Whether the path itself exists (a dangling symlink does), if asked.
     fn presence(self, raw: &Raw) -> Found {
         match (&raw.second, self.lstat_first) {
-            (_, true) => found(&raw.first),
-            (Some(lstat), false) => found(lstat),
+            (_, true) => found_of(&raw.first),
+            (Some(lstat), false) => found_of(lstat),
             // `stat` found something (so the path exists), or failed otherwise
             // than "not found", which the path itself fails too or passes on to
             // its target: either way the check stops at this error.
@@ -531,7 +531,12 @@ fn probe_shared(fs: &dyn Fs, layout: &Layout, t: &Tables<'_>, mode: Mode) -> Res
         let mut buf = String::with_capacity(24 * ids.len());
         let ranges = file_names(ids.iter().copied().filter(|id| batched(id)), &mut buf);
         let names: Vec<&str> = ranges.into_iter().map(|r| &buf[r]).collect();
-        let mut batch = mode.probe_in(fs, &dir, &names, false).into_iter();
+        let mut batch = if names.is_empty() {
+            Vec::new()
+        } else {
+            mode.probe_in(fs, &dir, &names, false)
+        }
+        .into_iter();
         let mut found = Vec::with_capacity(ids.len());
         let mut fps = Vec::new();
         let mut errors = Vec::new();
@@ -541,7 +546,7 @@ fn probe_shared(fs: &dyn Fs, layout: &Layout, t: &Tables<'_>, mode: Mode) -> Res
             } else {
                 mode.probe(fs, &layout.join(&layout::shared_rel(id)), false)
             };
-            found.push(crate::verify::found(mode.followed(&raw)));
+            found.push(found_of(mode.followed(&raw)));
             if mode.lstat_first {
                 fps.push(mode.fp(&raw));
             }
@@ -646,11 +651,7 @@ fn probe_refs(
             } else {
                 mode.probe(fs, &layout.join(&e.ref_path(s.slot)), true)
             };
-            found.push((
-                o,
-                mode.presence(&raw),
-                crate::verify::found(mode.followed(&raw)),
-            ));
+            found.push((o, mode.presence(&raw), found_of(mode.followed(&raw))));
             let hash = match hashes {
                 Hashes::None => false,
                 Hashes::All => true,
