@@ -629,4 +629,187 @@ mod tests {
         let back: Event = serde_json::from_value(json).unwrap();
         assert_eq!(back, checkpoint(s).event);
     }
+
+    /// The model as it was before the lean entry (fc7c1ad), frozen: a checkpoint
+    /// written by the previous build (all optional fields present) must keep its
+    /// bytes, and decode to the same state; and `sync_state.json`'s text must be
+    /// the derived model's, optional fields absent or not. Unlike
+    /// `checkpoint_with_all_fields_present_keeps_its_old_bytes`, whose "old" side
+    /// is today's `SyncState` serializer, this one does not compare new code
+    /// with new code.
+    #[test]
+    fn checkpoint_and_state_text_match_the_frozen_old_model() {
+        use crate::replay::state::{JournalEnd, JournalPos, Pulled};
+        use std::collections::BTreeMap;
+        #[derive(Serialize)]
+        struct OldEntry {
+            name: String,
+            md5: String,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            size: Option<u64>,
+            ref_path: String,
+            shared_path: String,
+            strategy: Strategy,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            ref_fp: Option<StatFp>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            shared_fp: Option<StatFp>,
+        }
+        #[derive(Serialize)]
+        struct OldPos {
+            txn: u64,
+            seq: u64,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            at: Option<JournalEnd>,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pulled: Option<Pulled>,
+        }
+        #[derive(Serialize)]
+        struct OldState {
+            version: u32,
+            journal: OldPos,
+            direct_tables: BTreeMap<String, OldEntry>,
+            data_packages: BTreeMap<String, BTreeMap<String, OldEntry>>,
+            memory_domains: BTreeMap<String, DomainEntry>,
+        }
+        #[derive(Serialize)]
+        enum OldEvent<'a> {
+            _V0,
+            _V1,
+            _V2,
+            _V3,
+            _V4,
+            _V5,
+            _V6,
+            _V7,
+            _V8,
+            _V9,
+            _V10,
+            _V11,
+            Checkpoint { state: &'a OldState },
+        }
+        // (slot dir, id, name, md5, ref_path, shared_path)
+        let rows: [(&str, &str, &str, &str, &str, &str); 4] = [
+            (
+                "",
+                "tbl_a",
+                "orders",
+                "0123456789abcdef0123456789abcdef",
+                "data/_direct/orders.parquet",
+                "data/_shared/tbl_a.parquet",
+            ),
+            (
+                "sales",
+                "tbl_a",
+                "orders",
+                "0123456789ABCDEF0123456789abcdef",
+                "data/_direct/orders.parquet",
+                "data/_shared/tbl_a.parquet",
+            ),
+            (
+                "sales",
+                "tbl_b",
+                "b",
+                "not hex",
+                "data/sales/b.parquet",
+                "data/_shared/tbl_b.parquet",
+            ),
+            (
+                "sales",
+                "tbl_c",
+                "c",
+                "",
+                "data/sales/c.parquet",
+                "data/_shared/other.parquet",
+            ),
+        ];
+        for with_optionals in [true, false] {
+            let old_entry = |r: &(&str, &str, &str, &str, &str, &str)| OldEntry {
+                name: r.2.into(),
+                md5: r.3.into(),
+                size: with_optionals.then_some(10),
+                ref_path: r.4.into(),
+                shared_path: r.5.into(),
+                strategy: Strategy::Copy,
+                ref_fp: with_optionals.then_some(FP),
+                shared_fp: with_optionals.then_some(FP),
+            };
+            let new_entry = |slot: SlotRef<'_>, r: &(&str, &str, &str, &str, &str, &str)| {
+                let mut e = TableEntry::new(
+                    r.2.into(),
+                    r.3.into(),
+                    with_optionals.then_some(10),
+                    Strategy::Copy,
+                )
+                .with_paths((slot, r.1), r.4, r.5);
+                e.ref_fp = with_optionals.then_some(FP);
+                e.shared_fp = with_optionals.then_some(FP);
+                e
+            };
+            let domain = DomainEntry {
+                md5: "d41d8cd98f00b204e9800998ecf8427e".into(),
+                path: "memory/ops/bundle.md".into(),
+                fp: with_optionals.then_some(FP),
+            };
+            let mut old = OldState {
+                version: 1,
+                journal: OldPos {
+                    txn: 4,
+                    seq: 9,
+                    at: None,
+                    pulled: None,
+                },
+                direct_tables: BTreeMap::new(),
+                data_packages: BTreeMap::new(),
+                memory_domains: BTreeMap::from([("ops".to_string(), domain.clone())]),
+            };
+            let mut new = SyncState {
+                journal: JournalPos {
+                    txn: 4,
+                    seq: 9,
+                    at: None,
+                    pulled: None,
+                },
+                memory_domains: BTreeMap::from([("ops".to_string(), domain)]),
+                ..SyncState::default()
+            };
+            for r in &rows {
+                if r.0.is_empty() {
+                    old.direct_tables.insert(r.1.into(), old_entry(r));
+                    new.direct_tables
+                        .insert(r.1.into(), new_entry(SlotRef::Direct, r));
+                } else {
+                    old.data_packages
+                        .entry(r.0.into())
+                        .or_default()
+                        .insert(r.1.into(), old_entry(r));
+                    new.data_packages
+                        .entry(r.0.into())
+                        .or_default()
+                        .insert(r.1.into(), new_entry(SlotRef::Package(r.0), r));
+                }
+            }
+            // The state file's text.
+            assert_eq!(
+                serde_json::to_string(&new).unwrap(),
+                serde_json::to_string(&old).unwrap()
+            );
+            let back =
+                crate::replay::state::parse_state(serde_json::to_string(&old).unwrap().as_bytes())
+                    .unwrap();
+            assert_eq!(back, new);
+            if with_optionals {
+                // The journal's bytes, both ways.
+                let cfg = bincode::config::standard();
+                let old_bytes =
+                    bincode::serde::encode_to_vec(OldEvent::Checkpoint { state: &old }, cfg)
+                        .unwrap();
+                let ev = checkpoint(new.clone()).event;
+                assert_eq!(bincode::serde::encode_to_vec(&ev, cfg).unwrap(), old_bytes);
+                let (decoded, _): (Event, usize) =
+                    bincode::serde::decode_from_slice(&old_bytes, cfg).unwrap();
+                assert_eq!(decoded, ev);
+            }
+        }
+    }
 }

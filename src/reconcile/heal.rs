@@ -389,3 +389,37 @@ pub fn find_damage(
     }
     Ok(d)
 }
+
+#[cfg(test)]
+mod review_tests {
+    use super::*;
+    use crate::fs::RealFs;
+    use std::sync::Mutex;
+
+    /// An entry whose (odd) shared path has no folder part: the stat is made at
+    /// `<dir>/x.parquet` but the hash, the refresh list and any error name
+    /// `/x.parquet` (`Located::rel` joins an empty folder with a `/`), a path outside
+    /// the local directory. Before the change both used `<dir>/x.parquet`.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
+    fn named_path_without_a_folder_is_hashed_where_it_was_stat_ed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::write(root.join("x.parquet"), b"abc").unwrap();
+        let md5 = "900150983cd24fb0d6963f7d28e17f72"; // md5("abc")
+        let text = format!(
+            r#"{{"version":1,"journal":{{"txn":1,"seq":1}},"direct_tables":{{"tbl_a":{{"name":"a","md5":"{md5}","ref_path":"data/_direct/a.parquet","shared_path":"x.parquet","strategy":"copy"}}}},"data_packages":{{}},"memory_domains":{{}}}}"#
+        );
+        let state = crate::replay::state::parse_state(text.as_bytes()).unwrap();
+        assert!(!state.direct_tables["tbl_a"].has_own_paths());
+        let asked = Mutex::new(Vec::new());
+        let hash = |p: &Path| -> io::Result<String> {
+            asked.lock().unwrap().push(p.to_path_buf());
+            Ok(md5.to_string())
+        };
+        let layout = Layout::new(root);
+        let d = find_damage(&RealFs, &layout, &state, &hash).unwrap();
+        assert_eq!(*asked.lock().unwrap(), vec![root.join("x.parquet")]);
+        assert_eq!(d.refresh, vec!["x.parquet".to_string()]);
+    }
+}

@@ -1010,3 +1010,14 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod review_tests {
+    /// The unreadable-state message names an internal type the file never had.
+    #[test]
+    fn unreadable_entry_message_names_the_entry_type() {
+        let text = r#"{"version":1,"direct_tables":{"tbl_a":5}}"#;
+        let e = super::parse_state(text.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("TableEntry"), "{e}");
+    }
+}
