@@ -372,9 +372,13 @@ impl Raw {
     /// seam's contract): an error.
     fn missing() -> Raw {
         Raw {
-            first: Err(io::Error::other("the filesystem returned no result")),
+            first: Err(Raw::no_result()),
             second: None,
         }
+    }
+
+    fn no_result() -> io::Error {
+        io::Error::other("the filesystem returned no result")
     }
 
     /// The one error of a probe the audit may report: not "not found" (there is at
@@ -448,8 +452,10 @@ impl Mode {
             } else {
                 fs.symlink_metadata_in(dir, &names)
             };
-            for (i, r) in again.into_iter().zip(second) {
-                raws[i].second = Some(r);
+            // A result the batch did not return is an error, as in the first batch.
+            let mut second = second.into_iter();
+            for i in again {
+                raws[i].second = Some(second.next().unwrap_or_else(|| Err(Raw::no_result())));
             }
         }
         raws

@@ -171,13 +171,24 @@ fn fp(n: u64) -> StatFp {
     }
 }
 
-/// A direct table entry at id `tbl_<name>` (its paths are the layout's there).
-fn table(name: &str, with_optionals: bool) -> stack::replay::state::TableEntry {
+/// An entry at `place` naming `data/_direct/<name>.parquet` and
+/// `data/_shared/tbl_<name>.parquet`: paths that are not the layout's for the
+/// places the sample puts it, so that odd entries travel through checkpoints.
+fn table(
+    name: &str,
+    with_optionals: bool,
+    place: (SlotRef<'_>, &str),
+) -> stack::replay::state::TableEntry {
     let mut e = stack::replay::state::TableEntry::new(
         name.to_string(),
         format!("{:032x}", name.len()).into(),
         with_optionals.then_some(4096),
         RefStrategy::Hardlink,
+    )
+    .with_paths(
+        place,
+        &format!("data/_direct/{name}.parquet"),
+        &format!("data/_shared/tbl_{name}.parquet"),
     );
     e.ref_fp = with_optionals.then(|| fp(1));
     e.shared_fp = with_optionals.then(|| fp(2));
@@ -195,15 +206,21 @@ fn sample_state() -> SyncState {
         },
         ..SyncState::default()
     };
-    state
-        .direct_tables
-        .insert("tbl_a".into(), table("alpha", true));
-    state
-        .direct_tables
-        .insert("tbl_b".into(), table("beta", false));
+    state.direct_tables.insert(
+        "tbl_a".into(),
+        table("alpha", true, (SlotRef::Direct, "tbl_a")),
+    );
+    state.direct_tables.insert(
+        "tbl_b".into(),
+        table("beta", false, (SlotRef::Direct, "tbl_b")),
+    );
     let mut pkg = BTreeMap::new();
-    pkg.insert("tbl_c".into(), table("gamma", false));
+    pkg.insert(
+        "tbl_c".into(),
+        table("gamma", false, (SlotRef::Package("sales"), "tbl_c")),
+    );
     state.data_packages.insert("sales".into(), pkg);
+    assert!(state.entries().all(|(_, _, e)| !e.has_own_paths()));
     state.memory_domains.insert(
         "ops".into(),
         DomainEntry {

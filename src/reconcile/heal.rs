@@ -125,6 +125,18 @@ impl Located for TableLoc<'_> {
             TableLoc::Named(rel) => out.push_str(split(rel).1),
         }
     }
+    fn rel(&self) -> String {
+        match self {
+            TableLoc::Own { .. } => {
+                let mut out = self.dir().to_string();
+                out.push('/');
+                self.push_name(&mut out);
+                out
+            }
+            // As named: a path without a folder part is not given one.
+            TableLoc::Named(rel) => rel.clone(),
+        }
+    }
 }
 
 /// `lstat` every item, in order, and hand each result to `f` (with its item).
@@ -391,15 +403,14 @@ pub fn find_damage(
 }
 
 #[cfg(test)]
-mod review_tests {
+mod tests {
     use super::*;
     use crate::fs::RealFs;
     use std::sync::Mutex;
 
-    /// An entry whose (odd) shared path has no folder part: the stat is made at
-    /// `<dir>/x.parquet` but the hash, the refresh list and any error name
-    /// `/x.parquet` (`Located::rel` joins an empty folder with a `/`), a path outside
-    /// the local directory. Before the change both used `<dir>/x.parquet`.
+    /// An entry whose (odd) shared path has no folder part is stat-ed, hashed and
+    /// listed for refresh at the one path `<dir>/x.parquet` (review finding: the
+    /// hash had read `/x.parquet`, outside the local directory).
     #[test]
     #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
     fn named_path_without_a_folder_is_hashed_where_it_was_stat_ed() {

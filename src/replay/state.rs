@@ -432,7 +432,9 @@ impl Serialize for EntryOut<'_> {
 }
 
 /// An entry as the state file has it (paths borrowed from the text when they can be).
+/// Named as the file's entries always were, for error messages.
 #[derive(Deserialize)]
+#[serde(rename = "TableEntry", expecting = "struct TableEntry")]
 struct EntryIn<'a> {
     name: String,
     md5: Md5Sum,
@@ -1009,15 +1011,13 @@ mod tests {
             assert!(s.check_paths().is_err(), "case {i} accepted: {s:?}");
         }
     }
-}
 
-#[cfg(test)]
-mod review_tests {
-    /// The unreadable-state message names an internal type the file never had.
+    /// An unreadable entry's message names the type the file's entries always had
+    /// (review finding: it named the internal reader).
     #[test]
     fn unreadable_entry_message_names_the_entry_type() {
         let text = r#"{"version":1,"direct_tables":{"tbl_a":5}}"#;
-        let e = super::parse_state(text.as_bytes()).unwrap_err().to_string();
+        let e = parse_state(text.as_bytes()).unwrap_err().to_string();
         assert!(e.contains("TableEntry"), "{e}");
     }
 }

@@ -567,6 +567,14 @@ impl Fs for Failing {
         self.check(path, "list")?;
         RealFs.read_dir(path)
     }
+    /// ("short stat" on a folder: its batched `stat` returns no result at all, an
+    /// `Fs` that breaks the seam's contract.)
+    fn metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
+        if self.check(dir, "short stat").is_err() {
+            return Vec::new();
+        }
+        names.iter().map(|n| self.metadata(&dir.join(n))).collect()
+    }
     fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
         RealFs.read_link(path)
     }
@@ -700,4 +708,35 @@ fn a_crash_wins_over_every_other_error() {
             }
         }
     }
+}
+
+/// A batch that returns fewer results than names is an error for the missing
+/// ones, in the second batch (`stat` of the symlinks an `lstat` found) as in the
+/// first (review finding: a missing second result read as "resolves").
+#[test]
+fn a_short_batch_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let layout = Layout::new(root);
+    write(root, "data/_shared/t.parquet", "t");
+    symlink(root, "../_shared/t.parquet", "data/p/t.parquet");
+    let st = state(
+        json!({}),
+        json!({"p": {"t": {"name": "t", "md5": h("t"), "ref_path": "data/p/t.parquet",
+                           "shared_path": "data/_shared/t.parquet", "strategy": "symlink"}}}),
+        json!({}),
+    );
+    assert_eq!(
+        audit(&RealFs, &layout, &st, Contents::FingerprintMd5).unwrap(),
+        vec![]
+    );
+    let fs = Failing {
+        fail: vec![(root.join("data/p"), "short stat", false)],
+    };
+    let err = audit(&fs, &layout, &st, Contents::FingerprintMd5).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the filesystem returned no result"),
+        "{err}"
+    );
 }
