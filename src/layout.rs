@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::journal::event::Slot;
+use crate::journal::event::{Slot, SlotRef};
 
 /// The state file, relative to the local directory.
 pub const STATE_FILE: &str = "sync_state.json";
@@ -24,20 +24,75 @@ pub const TABLE_EXT: &str = ".parquet";
 
 /// `data/_shared/<table_id>.parquet`
 pub fn shared_rel(table_id: &str) -> String {
-    format!("{SHARED_DIR}/{table_id}{TABLE_EXT}")
+    let mut out = String::new();
+    push_shared_rel(&mut out, table_id);
+    out
+}
+
+/// [`shared_rel`], appended to `out`.
+pub fn push_shared_rel(out: &mut String, table_id: &str) {
+    out.push_str(SHARED_DIR);
+    out.push('/');
+    out.push_str(table_id);
+    out.push_str(TABLE_EXT);
 }
 
 /// The folder of a slot, relative: `data/_direct` or `data/<slug>`.
 pub fn slot_dir_rel(slot: &Slot) -> String {
-    match slot {
-        Slot::Direct => format!("data/{DIRECT_DIR}"),
-        Slot::Package(slug) => format!("data/{slug}"),
-    }
+    let mut out = String::new();
+    push_slot_dir_rel(&mut out, SlotRef::of(slot));
+    out
+}
+
+/// [`slot_dir_rel`], appended to `out`.
+pub fn push_slot_dir_rel(out: &mut String, slot: SlotRef<'_>) {
+    out.push_str("data/");
+    out.push_str(match slot {
+        SlotRef::Direct => DIRECT_DIR,
+        SlotRef::Package(slug) => slug,
+    });
 }
 
 /// `data/_direct/<name>.parquet` or `data/<slug>/<name>.parquet`
 pub fn ref_rel(slot: &Slot, name: &str) -> String {
-    format!("{}/{name}{TABLE_EXT}", slot_dir_rel(slot))
+    let mut out = String::new();
+    push_ref_rel(&mut out, SlotRef::of(slot), name);
+    out
+}
+
+/// [`ref_rel`], appended to `out`.
+pub fn push_ref_rel(out: &mut String, slot: SlotRef<'_>, name: &str) {
+    push_slot_dir_rel(out, slot);
+    out.push('/');
+    out.push_str(name);
+    out.push_str(TABLE_EXT);
+}
+
+/// Whether `path` is [`ref_rel`] of `slot` and `name` (compared piece by piece,
+/// without building it).
+pub fn is_ref_rel(path: &str, slot: SlotRef<'_>, name: &str) -> bool {
+    let folder = match slot {
+        SlotRef::Direct => DIRECT_DIR,
+        SlotRef::Package(slug) => slug,
+    };
+    is_joined(path, &["data/", folder, "/", name, TABLE_EXT])
+}
+
+/// Whether `path` is [`shared_rel`] of `table_id`.
+pub fn is_shared_rel(path: &str, table_id: &str) -> bool {
+    is_joined(path, &[SHARED_DIR, "/", table_id, TABLE_EXT])
+}
+
+/// `path` is `parts` joined.
+fn is_joined(path: &str, parts: &[&str]) -> bool {
+    let mut rest = path;
+    for p in parts {
+        match rest.strip_prefix(p) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    rest.is_empty()
 }
 
 /// `memory/<slug>/bundle.md`
@@ -52,7 +107,7 @@ pub fn domain_dir_rel(slug: &str) -> String {
 
 /// The symlink target of a reference: relative, so the directory can move.
 pub fn symlink_target(table_id: &str) -> PathBuf {
-    PathBuf::from(format!("../_shared/{table_id}.parquet"))
+    PathBuf::from(format!("../_shared/{table_id}{TABLE_EXT}"))
 }
 
 /// Absolute (or cwd-relative) paths of one local directory.

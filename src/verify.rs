@@ -874,7 +874,7 @@ pub fn audit(
             let sh = t.shared_of[o as usize];
             if sh == BAD {
                 let mut want_ref = String::new();
-                crate::replay::state::push_ref_path(&mut want_ref, s.slot, &e.name);
+                layout::push_ref_rel(&mut want_ref, s.slot, &e.name);
                 let want_shared = layout::shared_rel(id);
                 out.push(v(
                     2,

@@ -5,6 +5,7 @@
 //! fingerprint changed is re-hashed, and only wrong content counts as damage.
 //! Reads only: it never mutates anything.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
@@ -120,7 +121,7 @@ impl Located for TableLoc<'_> {
         match self {
             TableLoc::Own { stem, .. } => {
                 out.push_str(stem);
-                out.push_str(".parquet");
+                out.push_str(layout::TABLE_EXT);
             }
             TableLoc::Named(rel) => out.push_str(split(rel).1),
         }
@@ -338,28 +339,22 @@ pub fn find_damage(
             }
         }
     }
-    // Each slot's folder, named once.
-    let mut dirs: Vec<String> = Vec::new();
-    dirs.extend((!state.direct_tables.is_empty()).then(|| "data/_direct".to_string()));
-    dirs.extend(
+    // Each slot with its folder, named once.
+    let mut slots: Vec<(Option<&str>, &BTreeMap<String, TableEntry>, String)> = Vec::new();
+    if !state.direct_tables.is_empty() {
+        slots.push((None, &state.direct_tables, String::new()));
+    }
+    slots.extend(
         state
             .data_packages
-            .keys()
-            .map(|slug| format!("data/{slug}")),
+            .iter()
+            .map(|(slug, t)| (Some(slug.as_str()), t, String::new())),
     );
-    let mut dirs = dirs.iter();
+    for (slug, _, dir) in &mut slots {
+        layout::push_slot_dir_rel(dir, slug.map_or(SlotRef::Direct, SlotRef::Package));
+    }
     let mut refs: Vec<RefAt<'_>> = Vec::new();
-    let slots = (!state.direct_tables.is_empty())
-        .then_some((None, &state.direct_tables))
-        .into_iter()
-        .chain(
-            state
-                .data_packages
-                .iter()
-                .map(|(slug, t)| (Some(slug.as_str()), t)),
-        );
-    for (slug, tables) in slots {
-        let dir = dirs.next().map_or("", String::as_str);
+    for &(slug, tables, ref dir) in &slots {
         let slot = slug.map_or(SlotRef::Direct, SlotRef::Package);
         refs.extend(tables.iter().map(|(id, e)| RefAt {
             slug,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::fs::Fs;
 use crate::journal::event::SlotRef;
-use crate::layout::Layout;
+use crate::layout::{self, Layout};
 
 /// The state-file format version.
 pub const STATE_VERSION: u32 = 1;
@@ -296,7 +296,8 @@ impl TableEntry {
         ref_path: &str,
         shared_path: &str,
     ) -> TableEntry {
-        let own = is_ref_path(ref_path, slot, &self.name) && is_shared_path(shared_path, id);
+        let own = layout::is_ref_rel(ref_path, slot, &self.name)
+            && layout::is_shared_rel(shared_path, id);
         self.odd = (!own).then(|| {
             Box::new(OddPaths {
                 ref_path: ref_path.to_string(),
@@ -318,7 +319,7 @@ impl TableEntry {
             Some(o) => Cow::Borrowed(&o.ref_path),
             None => {
                 let mut s = String::new();
-                push_ref_path(&mut s, slot, &self.name);
+                layout::push_ref_rel(&mut s, slot, &self.name);
                 Cow::Owned(s)
             }
         }
@@ -328,7 +329,7 @@ impl TableEntry {
     pub fn shared_path(&self, id: &str) -> Cow<'_, str> {
         match &self.odd {
             Some(o) => Cow::Borrowed(&o.shared_path),
-            None => Cow::Owned(crate::layout::shared_rel(id)),
+            None => Cow::Owned(layout::shared_rel(id)),
         }
     }
 
@@ -336,7 +337,7 @@ impl TableEntry {
     pub fn push_ref_path(&self, slot: SlotRef<'_>, out: &mut String) {
         match &self.odd {
             Some(o) => out.push_str(&o.ref_path),
-            None => push_ref_path(out, slot, &self.name),
+            None => layout::push_ref_rel(out, slot, &self.name),
         }
     }
 
@@ -344,59 +345,17 @@ impl TableEntry {
     pub fn push_shared_path(&self, id: &str, out: &mut String) {
         match &self.odd {
             Some(o) => out.push_str(&o.shared_path),
-            None => {
-                out.push_str(crate::layout::SHARED_DIR);
-                out.push('/');
-                out.push_str(id);
-                out.push_str(".parquet");
-            }
+            None => layout::push_shared_rel(out, id),
         }
     }
 
     /// Whether the entry of `id` names table `table_id`'s shared file.
     pub fn shares(&self, id: &str, table_id: &str) -> bool {
         match &self.odd {
-            Some(o) => is_shared_path(&o.shared_path, table_id),
+            Some(o) => layout::is_shared_rel(&o.shared_path, table_id),
             None => id == table_id,
         }
     }
-}
-
-/// `data/_direct/<name>.parquet` or `data/<slug>/<name>.parquet`, appended.
-pub fn push_ref_path(out: &mut String, slot: SlotRef<'_>, name: &str) {
-    match slot {
-        SlotRef::Direct => out.push_str("data/_direct/"),
-        SlotRef::Package(slug) => {
-            out.push_str("data/");
-            out.push_str(slug);
-            out.push('/');
-        }
-    }
-    out.push_str(name);
-    out.push_str(".parquet");
-}
-
-/// `path` is `parts` joined, compared piece by piece (no path is built).
-fn is_joined(path: &str, parts: &[&str]) -> bool {
-    let mut rest = path;
-    for p in parts {
-        match rest.strip_prefix(p) {
-            Some(r) => rest = r,
-            None => return false,
-        }
-    }
-    rest.is_empty()
-}
-
-fn is_ref_path(path: &str, slot: SlotRef<'_>, name: &str) -> bool {
-    match slot {
-        SlotRef::Direct => is_joined(path, &["data/_direct/", name, ".parquet"]),
-        SlotRef::Package(slug) => is_joined(path, &["data/", slug, "/", name, ".parquet"]),
-    }
-}
-
-fn is_shared_path(path: &str, id: &str) -> bool {
-    is_joined(path, &["data/_shared/", id, ".parquet"])
 }
 
 /// An entry as the state file writes it: with its paths, which its place gives.
@@ -635,7 +594,6 @@ impl SyncState {
     /// path is the one the layout builds from them: a state file edited by hand (or
     /// written by something else) must never point the engine outside the directory.
     pub fn check_paths(&self) -> std::result::Result<(), String> {
-        use crate::layout;
         use crate::reconcile::manifest::is_safe_component;
         // Read by every command: an entry holds its paths only if they are not
         // the layout's, so no path is built or compared here.
