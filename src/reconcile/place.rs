@@ -194,12 +194,23 @@ pub fn make_links(
     threads: usize,
 ) -> Result<()> {
     // A folder's links at a time (`Fs::symlinks_in`), in units small enough to
-    // spread over the threads.
-    let units: Vec<&[(u32, u32)]> = placement
+    // spread over the threads. The kernel makes one folder's entries one at a time
+    // (its lock), and threads on one folder spin on that lock: the units are dealt
+    // from the folders in turn, so that threads taking them in order mostly work
+    // in different folders.
+    let mut per_folder: Vec<std::slice::Chunks<'_, (u32, u32)>> = placement
         .links
         .chunk_by(|a, b| a.0 == b.0)
-        .flat_map(|run| run.chunks(512))
+        .map(|run| run.chunks(512))
         .collect();
+    let mut units: Vec<&[(u32, u32)]> = Vec::new();
+    loop {
+        let before = units.len();
+        units.extend(per_folder.iter_mut().filter_map(Iterator::next));
+        if units.len() == before {
+            break;
+        }
+    }
     crate::par::map_balanced(&units, threads, |unit| {
         let Some(&(k, _)) = unit.first() else {
             return Ok(());
