@@ -310,6 +310,34 @@ fn meta_of(m: &std::fs::Metadata) -> Meta {
     }
 }
 
+impl RealFs {
+    /// `lstat` (or, with `follow`, `stat`) of each of `names` in `dir`: one
+    /// `open(O_PATH)` of the folder, then `fstatat` relative to it. A missing or
+    /// odd folder, or a name that is not one component, goes by path, with exactly
+    /// the usual errors.
+    fn stat_in(&self, dir: &Path, names: &[&str], follow: bool) -> Vec<io::Result<Meta>> {
+        let by_path = |n: &str| {
+            let p = dir.join(n);
+            if follow {
+                self.metadata(&p)
+            } else {
+                self.symlink_metadata(&p)
+            }
+        };
+        let Some(d) = sys::Dir::open(dir) else {
+            return names.iter().map(|n| by_path(n)).collect();
+        };
+        names
+            .iter()
+            .map(|n| match sys::name(n) {
+                Some(c) if follow => d.stat(&c).map(|st| meta_of_stat(&st)),
+                Some(c) => d.lstat(&c).map(|st| meta_of_stat(&st)),
+                None => by_path(n),
+            })
+            .collect()
+    }
+}
+
 // The one place allowed to call std::fs mutators (clippy.toml enforces it elsewhere).
 #[allow(clippy::disallowed_methods)]
 impl Fs for RealFs {
@@ -322,35 +350,12 @@ impl Fs for RealFs {
     /// One `open(O_PATH)` of the folder, then `fstatat` relative to it: the kernel
     /// walks one component per name instead of the whole path.
     fn symlink_metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
-        let Some(d) = sys::Dir::open(dir) else {
-            // A missing or odd folder: per path, with exactly the usual errors.
-            return names
-                .iter()
-                .map(|n| self.symlink_metadata(&dir.join(n)))
-                .collect();
-        };
-        names
-            .iter()
-            .map(|n| match sys::name(n) {
-                Some(c) => d.lstat(&c).map(|st| meta_of_stat(&st)),
-                None => self.symlink_metadata(&dir.join(n)),
-            })
-            .collect()
+        self.stat_in(dir, names, false)
     }
     /// One `open(O_PATH)` of the folder, then `fstatat` (following symlinks)
     /// relative to it, as [`RealFs::symlink_metadata_in`].
     fn metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
-        let Some(d) = sys::Dir::open(dir) else {
-            // A missing or odd folder: per path, with exactly the usual errors.
-            return names.iter().map(|n| self.metadata(&dir.join(n))).collect();
-        };
-        names
-            .iter()
-            .map(|n| match sys::name(n) {
-                Some(c) => d.stat(&c).map(|st| meta_of_stat(&st)),
-                None => self.metadata(&dir.join(n)),
-            })
-            .collect()
+        self.stat_in(dir, names, true)
     }
     /// One `open(O_PATH)` of the folder, then `openat`, `fchmod` and `write` per
     /// file: no path walk beyond one component, and no chmod by path.

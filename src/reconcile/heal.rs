@@ -212,7 +212,12 @@ fn probe_file(
 }
 
 /// [`check_ref`] from a stat already made.
-fn probe_ref(fs: &dyn Fs, layout: &Layout, r: &RefAt<'_>, meta: io::Result<Meta>) -> Result<Probe> {
+fn probe_ref(
+    fs: &dyn Fs,
+    layout: &Layout,
+    r: &TableAt<'_>,
+    meta: io::Result<Meta>,
+) -> Result<Probe> {
     let (id, e) = (r.id, r.e);
     if e.strategy != Strategy::Symlink {
         return probe_file(layout, &r.loc, meta, e.ref_fp);
@@ -257,36 +262,24 @@ fn settle<'a>(
         .collect())
 }
 
-/// One shared file to check: the first entry of its id.
-struct SharedAt<'a> {
-    id: &'a str,
-    e: &'a TableEntry,
-    loc: TableLoc<'a>,
-}
-
-impl Located for SharedAt<'_> {
-    fn dir(&self) -> &str {
-        self.loc.dir()
-    }
-    fn push_name(&self, out: &mut String) {
-        self.loc.push_name(out)
-    }
-}
-
-/// One reference to check (`slug`: its package, or `None` for a direct table).
-struct RefAt<'a> {
+/// One file to check: a shared file (`slug` unused; the first entry of its id)
+/// or a reference (`slug`: its package, or `None` for a direct table).
+struct TableAt<'a> {
     slug: Option<&'a str>,
     id: &'a str,
     e: &'a TableEntry,
     loc: TableLoc<'a>,
 }
 
-impl Located for RefAt<'_> {
+impl Located for TableAt<'_> {
     fn dir(&self) -> &str {
         self.loc.dir()
     }
     fn push_name(&self, out: &mut String) {
         self.loc.push_name(out)
+    }
+    fn rel(&self) -> String {
+        self.loc.rel()
     }
 }
 
@@ -302,12 +295,13 @@ pub fn find_damage(
     // (a no-op pull is mostly these stats). Paths are not built: each folder is
     // named once and each file by its stem.
     let mut shared_seen = std::collections::HashSet::new();
-    let shared: Vec<SharedAt<'_>> = state
+    let shared: Vec<TableAt<'_>> = state
         .direct_tables
         .iter()
         .chain(state.data_packages.values().flatten())
         .filter(|(id, _)| shared_seen.insert(id.as_str()))
-        .map(|(id, e)| SharedAt {
+        .map(|(id, e)| TableAt {
+            slug: None,
             id,
             e,
             loc: if e.has_own_paths() {
@@ -353,10 +347,10 @@ pub fn find_damage(
     for (slug, _, dir) in &mut slots {
         layout::push_slot_dir_rel(dir, slug.map_or(SlotRef::Direct, SlotRef::Package));
     }
-    let mut refs: Vec<RefAt<'_>> = Vec::new();
+    let mut refs: Vec<TableAt<'_>> = Vec::new();
     for &(slug, tables, ref dir) in &slots {
         let slot = slug.map_or(SlotRef::Direct, SlotRef::Package);
-        refs.extend(tables.iter().map(|(id, e)| RefAt {
+        refs.extend(tables.iter().map(|(id, e)| TableAt {
             slug,
             id,
             e,
