@@ -286,26 +286,46 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
         path: layout.join(rel),
         message: format!("{what}; move it away and pull again (nothing was changed)"),
     };
-    let mut folders = BTreeSet::new();
-    let mut files = Vec::new(); // (folder, file)
-    for ev in &p.ops {
+    // The folder each file step writes into, and the file: built into `buf`,
+    // without allocating per step (a 100k-table pull has 250k steps).
+    let locate = |ev: &Event, buf: &mut String| -> Option<usize> {
+        buf.clear();
         match ev {
             Event::PutShared { table_id, .. } => {
-                folders.insert("data".to_string());
-                folders.insert(paths::SHARED_DIR.to_string());
-                files.push((paths::SHARED_DIR.to_string(), paths::shared_rel(table_id)));
+                paths::push_shared_rel(buf, table_id);
+                Some(paths::SHARED_DIR.len())
             }
             Event::MakeRef { slot, name, .. } => {
-                folders.insert("data".to_string());
-                folders.insert(paths::slot_dir_rel(slot));
-                files.push((paths::slot_dir_rel(slot), paths::ref_rel(slot, name)));
+                let slot = crate::journal::event::SlotRef::of(slot);
+                paths::push_slot_dir_rel(buf, slot);
+                let folder = buf.len();
+                buf.clear();
+                paths::push_ref_rel(buf, slot, name);
+                Some(folder)
             }
             Event::PutBundle { slug, .. } => {
-                folders.insert("memory".to_string());
-                folders.insert(paths::domain_dir_rel(slug));
-                files.push((paths::domain_dir_rel(slug), paths::bundle_rel(slug)));
+                let folder = paths::domain_dir_rel(slug).len();
+                buf.push_str(&paths::bundle_rel(slug));
+                Some(folder)
             }
-            _ => {}
+            _ => None,
+        }
+    };
+    let mut folders: BTreeSet<String> = BTreeSet::new();
+    let mut buf = String::new();
+    for ev in &p.ops {
+        let Some(folder) = locate(ev, &mut buf) else {
+            continue;
+        };
+        let top = if buf.starts_with("memory/") {
+            "memory"
+        } else {
+            "data"
+        };
+        for f in [top, &buf[..folder]] {
+            if !folders.contains(f) {
+                folders.insert(f.to_string());
+            }
         }
     }
     let mut absent = BTreeSet::new();
@@ -320,9 +340,12 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
     }
     // A file in a folder that does not exist yet cannot be in the way (a cold
     // pull stats a handful of folders, not every file).
-    for (folder, rel) in &files {
-        if !absent.contains(folder) && kind_of(rel)? == Some(Kind::Dir) {
-            return Err(refuse(rel, "a folder is where stack puts a file"));
+    for ev in &p.ops {
+        let Some(folder) = locate(ev, &mut buf) else {
+            continue;
+        };
+        if !absent.contains(&buf[..folder]) && kind_of(&buf)? == Some(Kind::Dir) {
+            return Err(refuse(&buf, "a folder is where stack puts a file"));
         }
     }
     Ok(absent)

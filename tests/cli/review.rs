@@ -158,6 +158,27 @@ fn a_file_where_a_package_folder_goes_is_refused_before_the_commit_point() {
     assert_verify_clean(&dir);
 }
 
+/// A folder where stack puts a file (a new reference, a new shared file) is
+/// refused before the commit point too, naming it, and nothing changes.
+#[test]
+fn a_folder_where_a_file_goes_is_refused_before_the_commit_point() {
+    for in_the_way in ["data/p1/d.parquet", "data/_shared/tbl_d.parquet"] {
+        let (o, l) = pulled("symlink");
+        let dir = l.dir();
+        std::fs::create_dir(dir.join(in_the_way)).unwrap();
+        let mut ts = base_tables();
+        ts.push(t("tbl_d", "d", Some("p1"), b"table d\n"));
+        let v2 = o.write(&ts, &base_domains(), "v2.json");
+        let before = snapshot(&dir);
+        let err = pull(&v2, &dir, &["--json"]).json_error(1);
+        assert!(err.contains(in_the_way), "{in_the_way}: {err}");
+        assert_same(&visible(&before), &visible(&snapshot(&dir)), "refused pull");
+        std::fs::remove_dir(dir.join(in_the_way)).unwrap();
+        pull(&v2, &dir, &[]).ok();
+        assert_verify_clean(&dir);
+    }
+}
+
 /// `verify` with an unreadable `sync_state.json` checks the journal's projection
 /// instead, and says so.
 #[test]
