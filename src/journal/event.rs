@@ -285,19 +285,20 @@ const CHECKPOINT_INDEX: u32 = 12;
 /// written without that field and then could not be read back; the checkpoint frame
 /// failed to decode and, being the last frame after a compaction, was cut as a torn
 /// tail, losing the whole state. In the journal (a non-human-readable format) a
-/// checkpoint is therefore written through a mirror of the state in which every
-/// field is always present, in the same order, so a state whose optional fields are
-/// all present has exactly the bytes it had before. Human-readable formats (JSON, for
+/// checkpoint is therefore written with every field always present, in the same
+/// order (table entries by the state file's own writer, which does so in a binary
+/// format; the rest through mirrors), so a state whose optional fields are all
+/// present has exactly the bytes it had before. Human-readable formats (JSON, for
 /// `journal show --json`) still see `SyncState` itself.
 pub mod checkpoint_state {
-    use std::borrow::Cow;
     use std::collections::BTreeMap;
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     use super::SlotRef;
     use crate::replay::state::{
-        DomainEntry, JournalPos, Md5Sum, StatFp, Strategy, SyncState, TableEntry,
+        DomainEntry, JournalPos, Md5Sum, PackagesOut, StatFp, Strategy, SyncState, TableEntry,
+        TablesOut,
     };
 
     #[derive(Deserialize)]
@@ -339,57 +340,15 @@ pub mod checkpoint_state {
     // The writing side borrows from the state (a checkpoint of a large stack is not
     // copied to be encoded); it serializes field for field, in the same order, as
     // the owned mirrors above deserialize (a `&str` encodes as a `String`, a map
-    // written by `collect_map` as a `BTreeMap`).
-
-    #[derive(Serialize)]
-    struct TableOut<'a> {
-        name: &'a str,
-        md5: &'a Md5Sum,
-        size: Option<u64>,
-        ref_path: Cow<'a, str>,
-        shared_path: Cow<'a, str>,
-        strategy: Strategy,
-        ref_fp: Option<StatFp>,
-        shared_fp: Option<StatFp>,
-    }
+    // written by `collect_map` as a `BTreeMap`). Table entries are written by the
+    // state file's own writer (`TablesOut`), which writes every field in a binary
+    // format.
 
     #[derive(Serialize)]
     struct DomainOut<'a> {
         md5: &'a str,
         path: &'a str,
         fp: Option<StatFp>,
-    }
-
-    struct TablesOut<'a>(SlotRef<'a>, &'a BTreeMap<String, TableEntry>);
-
-    impl Serialize for TablesOut<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_map(self.1.iter().map(|(id, t)| {
-                let wire = TableOut {
-                    name: &t.name,
-                    md5: &t.md5,
-                    size: t.size,
-                    ref_path: t.ref_path(self.0),
-                    shared_path: t.shared_path(id),
-                    strategy: t.strategy,
-                    ref_fp: t.ref_fp,
-                    shared_fp: t.shared_fp,
-                };
-                (id, wire)
-            }))
-        }
-    }
-
-    struct PackagesOut<'a>(&'a BTreeMap<String, BTreeMap<String, TableEntry>>);
-
-    impl Serialize for PackagesOut<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_map(
-                self.0
-                    .iter()
-                    .map(|(slug, tables)| (slug, TablesOut(SlotRef::Package(slug), tables))),
-            )
-        }
     }
 
     struct DomainsOut<'a>(&'a BTreeMap<String, DomainEntry>);

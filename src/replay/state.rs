@@ -369,21 +369,25 @@ impl Serialize for EntryOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let e = self.e;
+        // The file leaves absent optional fields out. A binary format (a journal
+        // checkpoint, `journal::event::checkpoint_state`) decodes a struct as all
+        // of its fields in order, so there every field is written.
+        let all = !s.is_human_readable();
         let mut st = s.serialize_struct("TableEntry", 8)?;
         st.serialize_field("name", &e.name)?;
         st.serialize_field("md5", &e.md5)?;
         // Optional fields as `Some` (the same JSON as the bare value; in a binary
         // format, the bytes the derived model wrote).
-        if e.size.is_some() {
+        if all || e.size.is_some() {
             st.serialize_field("size", &e.size)?;
         }
         st.serialize_field("ref_path", &e.ref_path(self.slot))?;
         st.serialize_field("shared_path", &e.shared_path(self.id))?;
         st.serialize_field("strategy", &e.strategy)?;
-        if e.ref_fp.is_some() {
+        if all || e.ref_fp.is_some() {
             st.serialize_field("ref_fp", &e.ref_fp)?;
         }
-        if e.shared_fp.is_some() {
+        if all || e.shared_fp.is_some() {
             st.serialize_field("shared_fp", &e.shared_fp)?;
         }
         st.end()
@@ -480,14 +484,21 @@ fn de_direct<'de, D: serde::Deserializer<'de>>(
     serde::de::DeserializeSeed::deserialize(TablesSeed(SlotRef::Direct), d)
 }
 
-fn ser_packages<S: serde::Serializer>(
-    m: &BTreeMap<String, BTreeMap<String, TableEntry>>,
-    s: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    s.collect_map(
-        m.iter()
-            .map(|(slug, t)| (slug, TablesOut(SlotRef::Package(slug), t))),
-    )
+/// The packages' table maps, each written with its entries' paths.
+pub(crate) struct PackagesOut<'a>(pub &'a Packages);
+
+impl Serialize for PackagesOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_map(
+            self.0
+                .iter()
+                .map(|(slug, t)| (slug, TablesOut(SlotRef::Package(slug), t))),
+        )
+    }
+}
+
+fn ser_packages<S: serde::Serializer>(m: &Packages, s: S) -> std::result::Result<S::Ok, S::Error> {
+    PackagesOut(m).serialize(s)
 }
 
 type Packages = BTreeMap<String, BTreeMap<String, TableEntry>>;
