@@ -42,7 +42,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::error::{IoContext, Result};
-use crate::fs::{Fs, Kind, Meta, RealFs};
+use crate::fs::{Fs, Kind, Meta, NameBatch, RealFs};
 use crate::journal::event::SlotRef;
 use crate::layout::{self, Layout};
 use crate::replay::state::{StatFp, SyncState, TableEntry};
@@ -298,19 +298,16 @@ impl<'a> Tables<'a> {
     }
 }
 
-/// `<stem>.parquet` of each stem, in one buffer: the names of one batch.
-fn file_names<'s>(
-    stems: impl Iterator<Item = &'s str>,
-    buf: &mut String,
-) -> Vec<std::ops::Range<usize>> {
-    stems
-        .map(|stem| {
-            let a = buf.len();
+/// `<stem>.parquet` of each stem: the names of one batch.
+fn file_names<'s>(stems: impl Iterator<Item = &'s str>) -> NameBatch {
+    let mut names = NameBatch::default();
+    for stem in stems {
+        names.push(|buf| {
             buf.push_str(stem);
             buf.push_str(layout::TABLE_EXT);
-            a..buf.len()
-        })
-        .collect()
+        });
+    }
+    names
 }
 
 // ---------------------------------------------------------------------------
@@ -534,9 +531,8 @@ fn probe_shared(fs: &dyn Fs, layout: &Layout, t: &Tables<'_>, mode: Mode) -> Res
         let ids = &t.shared[a..(a + UNIT).min(t.shared.len())];
         // An id holding a `/` is probed by its whole path.
         let batched = |id: &str| !id.contains('/');
-        let mut buf = String::with_capacity(24 * ids.len());
-        let ranges = file_names(ids.iter().copied().filter(|id| batched(id)), &mut buf);
-        let names: Vec<&str> = ranges.into_iter().map(|r| &buf[r]).collect();
+        let files = file_names(ids.iter().copied().filter(|id| batched(id)));
+        let names = files.names();
         let mut batch = if names.is_empty() {
             Vec::new()
         } else {
@@ -634,12 +630,8 @@ fn probe_refs(
         let name = |o: u32| t.ents[o as usize].name.as_str();
         // A name holding a `/` (or any name of an odd slot) is probed by its whole path.
         let batched = |o: u32| s.batched && !name(o).contains('/');
-        let mut buf = String::with_capacity(24 * own.len());
-        let ranges = file_names(
-            own.iter().filter(|&&o| batched(o)).map(|&o| name(o)),
-            &mut buf,
-        );
-        let names: Vec<&str> = ranges.into_iter().map(|r| &buf[r]).collect();
+        let files = file_names(own.iter().filter(|&&o| batched(o)).map(|&o| name(o)));
+        let names = files.names();
         let mut batch = if names.is_empty() {
             Vec::new()
         } else {

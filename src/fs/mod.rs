@@ -52,6 +52,42 @@ pub struct DirEntry {
     pub kind: Kind,
 }
 
+/// The names of one batch for the seam's `*_in` methods, written into one buffer
+/// (no allocation per name).
+#[derive(Default)]
+pub struct NameBatch {
+    buf: String,
+    ends: Vec<usize>,
+}
+
+impl NameBatch {
+    pub fn with_capacity(names: usize) -> NameBatch {
+        NameBatch {
+            buf: String::with_capacity(32 * names),
+            ends: Vec::with_capacity(names),
+        }
+    }
+
+    /// Add a name, written by `write`.
+    pub fn push(&mut self, write: impl FnOnce(&mut String)) {
+        write(&mut self.buf);
+        self.ends.push(self.buf.len());
+    }
+
+    /// The names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        let mut from = 0;
+        self.ends
+            .iter()
+            .map(|&to| {
+                let name = &self.buf[from..to];
+                from = to;
+                name
+            })
+            .collect()
+    }
+}
+
 /// An open file being written. Dropping it closes it without syncing.
 pub trait FileWrite: Write + Send {
     /// Make the bytes written so far durable (fdatasync).

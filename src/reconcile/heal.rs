@@ -10,7 +10,7 @@ use std::io;
 use std::path::Path;
 
 use crate::error::{IoContext, Result};
-use crate::fs::{Fs, Kind, Meta};
+use crate::fs::{Fs, Kind, Meta, NameBatch};
 use crate::journal::event::{Slot, SlotRef};
 use crate::layout::{self, Layout};
 use crate::reconcile::plan::Damage;
@@ -168,22 +168,12 @@ where
     }
     crate::par::map_balanced(&units, crate::par::threads(), |&(a, b)| {
         let unit = &items[a..b];
-        let mut buf = String::with_capacity(32 * unit.len());
-        let mut ends = Vec::with_capacity(unit.len());
+        let mut names = NameBatch::with_capacity(unit.len());
         for item in unit {
-            item.push_name(&mut buf);
-            ends.push(buf.len());
+            names.push(|buf| item.push_name(buf));
         }
-        let names: Vec<&str> = ends
-            .iter()
-            .scan(0, |from, &to| {
-                let name = &buf[*from..to];
-                *from = to;
-                Some(name)
-            })
-            .collect();
         let dir = layout.join(unit[0].dir());
-        fs.symlink_metadata_in(&dir, &names)
+        fs.symlink_metadata_in(&dir, &names.names())
             .into_iter()
             .zip(unit)
             .map(|(m, item)| f(item, m))
