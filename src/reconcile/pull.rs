@@ -288,12 +288,13 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
     };
     // The folder each file step writes into, and the file: built into `buf`,
     // without allocating per step (a 100k-table pull has 250k steps).
-    let locate = |ev: &Event, buf: &mut String| -> Option<usize> {
+    // (its top folder, the length of its folder's path in `buf`)
+    let locate = |ev: &Event, buf: &mut String| -> Option<(&'static str, usize)> {
         buf.clear();
         match ev {
             Event::PutShared { table_id, .. } => {
                 paths::push_shared_rel(buf, table_id);
-                Some(paths::SHARED_DIR.len())
+                Some(("data", paths::SHARED_DIR.len()))
             }
             Event::MakeRef { slot, name, .. } => {
                 let slot = crate::journal::event::SlotRef::of(slot);
@@ -301,12 +302,12 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
                 let folder = buf.len();
                 buf.clear();
                 paths::push_ref_rel(buf, slot, name);
-                Some(folder)
+                Some(("data", folder))
             }
             Event::PutBundle { slug, .. } => {
                 let folder = paths::domain_dir_rel(slug).len();
                 buf.push_str(&paths::bundle_rel(slug));
-                Some(folder)
+                Some(("memory", folder))
             }
             _ => None,
         }
@@ -314,13 +315,8 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
     let mut folders: BTreeSet<String> = BTreeSet::new();
     let mut buf = String::new();
     for ev in &p.ops {
-        let Some(folder) = locate(ev, &mut buf) else {
+        let Some((top, folder)) = locate(ev, &mut buf) else {
             continue;
-        };
-        let top = if buf.starts_with("memory/") {
-            "memory"
-        } else {
-            "data"
         };
         for f in [top, &buf[..folder]] {
             if !folders.contains(f) {
@@ -341,7 +337,7 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
     // A file in a folder that does not exist yet cannot be in the way (a cold
     // pull stats a handful of folders, not every file).
     for ev in &p.ops {
-        let Some(folder) = locate(ev, &mut buf) else {
+        let Some((_, folder)) = locate(ev, &mut buf) else {
             continue;
         };
         if !absent.contains(&buf[..folder]) && kind_of(&buf)? == Some(Kind::Dir) {
