@@ -369,13 +369,9 @@ impl Raw {
     /// seam's contract): an error.
     fn missing() -> Raw {
         Raw {
-            first: Err(Raw::no_result()),
+            first: Err(crate::fs::no_result()),
             second: None,
         }
-    }
-
-    fn no_result() -> io::Error {
-        io::Error::other("the filesystem returned no result")
     }
 
     /// The one error of a probe the audit may report: not "not found" (there is at
@@ -432,6 +428,7 @@ impl Mode {
         } else {
             fs.metadata_in(dir, names)
         };
+        let first = crate::fs::one_per_name(first, names.len());
         let again: Vec<usize> = (0..first.len())
             .filter(|&i| self.wants_second(&first[i], presence))
             .collect();
@@ -450,9 +447,9 @@ impl Mode {
                 fs.symlink_metadata_in(dir, &names)
             };
             // A result the batch did not return is an error, as in the first batch.
-            let mut second = second.into_iter();
-            for i in again {
-                raws[i].second = Some(second.next().unwrap_or_else(|| Err(Raw::no_result())));
+            let second = crate::fs::one_per_name(second, again.len());
+            for (i, r) in again.into_iter().zip(second) {
+                raws[i].second = Some(r);
             }
         }
         raws
@@ -1011,4 +1008,4 @@ pub fn audit(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

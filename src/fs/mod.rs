@@ -52,6 +52,19 @@ pub struct DirEntry {
     pub kind: Kind,
 }
 
+/// A batch's results, exactly one per name: a result that an `Fs` breaking the
+/// seam's contract did not return is an error, never a shift of the ones after it.
+pub fn one_per_name<T>(mut results: Vec<io::Result<T>>, names: usize) -> Vec<io::Result<T>> {
+    results.truncate(names);
+    results.resize_with(names, || Err(no_result()));
+    results
+}
+
+/// What stands for a result a batch did not return.
+pub fn no_result() -> io::Error {
+    io::Error::other("the filesystem returned no result")
+}
+
 /// The names of one batch for the seam's `*_in` methods, written into one buffer
 /// (no allocation per name).
 #[derive(Default)]

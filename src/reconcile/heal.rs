@@ -173,7 +173,7 @@ where
             names.push(|buf| item.push_name(buf));
         }
         let dir = layout.join(unit[0].dir());
-        fs.symlink_metadata_in(&dir, &names.names())
+        crate::fs::one_per_name(fs.symlink_metadata_in(&dir, &names.names()), unit.len())
             .into_iter()
             .zip(unit)
             .map(|(m, item)| f(item, m))
@@ -411,5 +411,29 @@ mod tests {
         let d = find_damage(&RealFs, &layout, &state, &hash).unwrap();
         assert_eq!(*asked.lock().unwrap(), vec![root.join("x.parquet")]);
         assert_eq!(d.refresh, vec!["x.parquet".to_string()]);
+    }
+
+    /// A batch that returns fewer results than names is an error for the missing
+    /// ones (the shared `fs::one_per_name`), never a shift that pairs the results
+    /// after it with other files: heal must not find an unreadable stack intact.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
+    fn a_short_stat_batch_is_an_error_not_a_shift() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("data/_shared")).unwrap();
+        std::fs::write(root.join("data/_shared/tbl_a.parquet"), b"abc").unwrap();
+        let md5 = "900150983cd24fb0d6963f7d28e17f72"; // md5("abc")
+        let text = format!(
+            r#"{{"version":1,"journal":{{"txn":1,"seq":1}},"direct_tables":{{"tbl_a":{{"name":"a","md5":"{md5}","ref_path":"data/_direct/a.parquet","shared_path":"data/_shared/tbl_a.parquet","strategy":"copy"}}}},"data_packages":{{}},"memory_domains":{{}}}}"#
+        );
+        let state = crate::replay::state::parse_state(text.as_bytes()).unwrap();
+        let hash = |_: &Path| -> io::Result<String> { Ok(md5.to_string()) };
+        let layout = Layout::new(root);
+        let fs = crate::verify::tests::Failing {
+            fail: vec![(root.join("data/_shared"), "short lstat", false)],
+        };
+        let err = find_damage(&fs, &layout, &state, &hash).unwrap_err();
+        assert!(err.to_string().contains("returned no result"), "{err}");
     }
 }

@@ -532,11 +532,11 @@ fn the_first_error_stops_the_audit() {
 }
 
 /// A call to fail: (path, which call: "lstat", "stat" or "list", crash?).
-type Fail = (PathBuf, &'static str, bool);
+pub(crate) type Fail = (PathBuf, &'static str, bool);
 
-/// An [`Fs`] that fails chosen calls on chosen paths.
-struct Failing {
-    fail: Vec<Fail>,
+/// An [`Fs`] that fails chosen calls on chosen paths (also used by heal's tests).
+pub(crate) struct Failing {
+    pub(crate) fail: Vec<Fail>,
 }
 
 impl Failing {
@@ -567,13 +567,22 @@ impl Fs for Failing {
         self.check(path, "list")?;
         RealFs.read_dir(path)
     }
-    /// ("short stat" on a folder: its batched `stat` returns no result at all, an
-    /// `Fs` that breaks the seam's contract.)
+    /// ("short stat" / "short lstat" on a folder: its batched `stat` / `lstat`
+    /// returns no result at all, an `Fs` that breaks the seam's contract.)
     fn metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
         if self.check(dir, "short stat").is_err() {
             return Vec::new();
         }
         names.iter().map(|n| self.metadata(&dir.join(n))).collect()
+    }
+    fn symlink_metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
+        if self.check(dir, "short lstat").is_err() {
+            return Vec::new();
+        }
+        names
+            .iter()
+            .map(|n| self.symlink_metadata(&dir.join(n)))
+            .collect()
     }
     fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
         RealFs.read_link(path)
