@@ -25,11 +25,13 @@ const ROOT: &str = "/stack";
 const BYTES: &[u8] = b"one table\n";
 
 /// `SimFs`, except that taking the directory lock first rewrites the state file
-/// (a new file renamed over it) with `edit` applied, when `armed`.
+/// (a new file renamed over it) with `edit` applied, when `armed`; and it counts
+/// the state file's reads.
 struct Racing {
     inner: SimFs,
     armed: std::sync::atomic::AtomicBool,
     edit: fn(&mut Value),
+    state_reads: std::sync::atomic::AtomicUsize,
 }
 
 impl Racing {
@@ -61,6 +63,10 @@ impl Fs for Racing {
         self.inner.read_link(path)
     }
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
+        if path == Layout::new(ROOT).state_file() {
+            self.state_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         self.inner.open_read(path)
     }
     fn create(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
@@ -182,6 +188,7 @@ fn racing(edit: fn(&mut Value)) -> Arc<Racing> {
         inner: SimFs::new(),
         armed: false.into(),
         edit,
+        state_reads: 0.into(),
     })
 }
 
@@ -197,10 +204,18 @@ fn a_state_replaced_after_the_peek_is_read_again_under_the_lock() {
     let first = pull_on(&fs, &m).unwrap();
     let before = tree(&fs.inner);
     fs.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reads = fs.state_reads.load(std::sync::atomic::Ordering::SeqCst);
     let again = pull_on(&fs, &m).unwrap();
     assert!(
         !fs.armed.load(std::sync::atomic::Ordering::SeqCst),
         "the race ran"
+    );
+    // The peek and the read under the lock. (The report alone cannot tell: the
+    // peeked state would have said "unchanged" too.)
+    assert_eq!(
+        fs.state_reads.load(std::sync::atomic::Ordering::SeqCst) - reads,
+        2,
+        "the state file is read again under the lock"
     );
     assert_eq!(again.txn, first.txn, "nothing committed");
     assert_eq!(again.direct_tables.unchanged, 1, "{again:?}");
