@@ -22,6 +22,12 @@ pub const DIRECT_DIR: &str = "_direct";
 /// slot's folder.
 pub const TABLE_EXT: &str = ".parquet";
 
+/// `<stem>.parquet`: a table's file name in its folder (its id in `_shared`, its
+/// name in a slot's folder).
+pub fn table_file(stem: &str) -> String {
+    format!("{stem}{TABLE_EXT}")
+}
+
 /// `data/_shared/<table_id>.parquet`
 pub fn shared_rel(table_id: &str) -> String {
     let mut out = String::new();
@@ -146,11 +152,11 @@ impl Layout {
     pub fn partial(&self, md5: &str) -> PathBuf {
         self.staging().join(format!("{md5}.part"))
     }
-    /// Scratch folder for files made before being renamed into place.
     /// The new journal a compaction writes before renaming it over the journal.
     pub fn journal_compact(&self) -> PathBuf {
         self.private().join("journal.compact")
     }
+    /// Scratch folder for files made before being renamed into place.
     pub fn tmp(&self) -> PathBuf {
         self.private().join("tmp")
     }

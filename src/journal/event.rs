@@ -189,7 +189,7 @@ impl Event {
                 strategy.as_str()
             ),
             Event::RemoveRef { slot, name, .. } => crate::layout::ref_rel(slot, name),
-            Event::RemoveShared { table_id } => format!("data/_shared/{table_id}.parquet"),
+            Event::RemoveShared { table_id } => crate::layout::shared_rel(table_id),
             Event::PutBundle { slug, md5 } => format!("memory/{slug}/bundle.md = {md5}"),
             Event::RemoveBundle { slug } => format!("memory/{slug}/"),
             Event::RemoveDir { slug } => format!("data/{slug}/"),

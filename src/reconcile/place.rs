@@ -75,7 +75,7 @@ impl Placement {
         let (k, step) = self.dests.get(i).copied().flatten()?;
         let dir = layout.staging().join(&self.folders[k as usize].staged);
         match &ops[step as usize] {
-            Event::PutShared { table_id, .. } => Some(dir.join(format!("{table_id}.parquet"))),
+            Event::PutShared { table_id, .. } => Some(dir.join(layout::table_file(table_id))),
             _ => None,
         }
     }
@@ -220,7 +220,7 @@ pub fn make_links(
             .iter()
             .filter_map(|&(_, step)| match &ops[step as usize] {
                 Event::MakeRef { table_id, name, .. } => {
-                    Some((layout::symlink_target(table_id), format!("{name}.parquet")))
+                    Some((layout::symlink_target(table_id), layout::table_file(name)))
                 }
                 _ => None,
             })
