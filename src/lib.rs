@@ -4,6 +4,7 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![deny(unused_must_use)]
 
+pub mod drain;
 pub mod error;
 pub mod fs;
 pub mod journal;

@@ -318,19 +318,13 @@ impl Journal {
     pub fn append_batch(&mut self, txn: u64, parts: Vec<Vec<Event>>) -> Result<Vec<Record>> {
         self.sync()?;
         // The records' list is allocated once, at its exact size, and each part is
-        // taken from its back while its buffer shrinks: a large batch's two lists
+        // consumed while its buffer shrinks (`drain_freeing`): a large batch's two lists
         // are not both whole at once (their pages are touched as filled), and the
         // parts are not first joined into one more list.
         self.pending
             .reserve_exact(parts.iter().map(Vec::len).sum::<usize>());
-        for mut events in parts {
-            events.reverse();
-            while let Some(event) = events.pop() {
-                self.append(txn, event);
-                if events.capacity() > 2 * events.len() + 1024 {
-                    events.shrink_to_fit();
-                }
-            }
+        for event in parts.into_iter().flat_map(crate::drain::drain_freeing) {
+            self.append(txn, event);
         }
         self.sync_taking()
     }

@@ -559,15 +559,10 @@ pub fn finish(
     // path) fan out on other threads: they are independent.
     let project = move || {
         let mut state = base;
-        // Consumed from the back of a reversed list whose buffer shrinks as it
-        // empties: the records' memory goes back while the state they become grows.
-        let mut records = records;
-        records.reverse();
-        while let Some(r) = records.pop() {
+        // Consumed while their buffer shrinks: the records' memory goes back while
+        // the state they become grows.
+        for r in crate::drain::drain_freeing(records) {
             apply_event_owned(&mut state, r.event);
-            if records.capacity() > 2 * records.len() + 1024 {
-                records.shrink_to_fit();
-            }
         }
         compact_maps(&mut state);
         state
@@ -588,15 +583,12 @@ pub fn finish(
     // size allocated once): the three are not all whole at once.
     let mut fps: Vec<(String, StatFp)> =
         Vec::with_capacity(stats.iter().flatten().filter(|fp| fp.is_some()).count());
-    paths.reverse();
+    let mut paths = crate::drain::drain_freeing(paths);
     for unit in stats {
         for fp in unit {
-            let Some(rel) = paths.pop() else { break };
+            let Some(rel) = paths.next() else { break };
             if let Some(fp) = fp {
                 fps.push((rel, fp));
-            }
-            if paths.capacity() > 2 * paths.len() + 1024 {
-                paths.shrink_to_fit();
             }
         }
     }
