@@ -1158,7 +1158,8 @@ mod faulty {
     /// Faults to inject, switchable while a journal is open.
     #[derive(Default)]
     pub struct Faults {
-        /// Bytes appended files may still write before failing with ENOSPC.
+        /// Bytes appended or created files may still write before failing with
+        /// ENOSPC.
         pub write_budget: AtomicU64,
         pub fail_fsync: AtomicBool,
         pub fail_sync_dir: AtomicBool,
@@ -1229,7 +1230,10 @@ mod faulty {
             RealFs.open_read(path)
         }
         fn create(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
-            RealFs.create(path)
+            Ok(Box::new(FaultyFile {
+                inner: RealFs.create(path)?,
+                faults: self.0.clone(),
+            }))
         }
         fn open_append(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
             Ok(Box::new(FaultyFile {
@@ -1392,6 +1396,31 @@ fn compaction_failing_after_its_rename_appends_nothing_until_reopened() {
         .map(|r| r.event)
         .collect();
     assert_eq!(events, [checkpoint, aborted()]);
+}
+
+/// A compaction whose new file cannot be written whole (a full disk) leaves the
+/// journal as it was, still appendable, and no partial `journal.compact`.
+#[test]
+fn compaction_failing_before_its_rename_leaves_the_journal_and_no_partial_copy() {
+    let (_dir, layout, faults, mut journal) = faulty_journal();
+    let before = std::fs::read(layout.journal()).unwrap();
+    faults.write_budget.store(100, Ordering::SeqCst);
+    let err = journal.compact(&sample_state()).unwrap_err();
+    faults.write_budget.store(u64::MAX, Ordering::SeqCst);
+    assert!(err.to_string().contains("journal.compact"), "{err}");
+    assert!(
+        !layout.journal_compact().exists(),
+        "partial copy left behind"
+    );
+    assert_eq!(std::fs::read(layout.journal()).unwrap(), before);
+    journal.append(3, aborted());
+    journal.sync().expect("the journal is still appendable");
+    drop(journal);
+    let events: Vec<Event> = records_of(&scan_file(&RealFs, &layout).unwrap().unwrap())
+        .into_iter()
+        .map(|r| r.event)
+        .collect();
+    assert_eq!(events.last(), Some(&aborted()));
 }
 
 #[test]

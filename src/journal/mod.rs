@@ -444,17 +444,27 @@ impl Journal {
         let private = self.layout.private();
         let tmp: PathBuf = self.layout.journal_compact();
         let path = self.layout.journal();
-        let f = self.fs.create(&tmp).at("create", &tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
-        w.write_all(&frame::header())
-            .and_then(|()| frame::write_frame(&mut w, &frame_records, measured))
-            .at("write", &tmp)?;
-        let mut f = w
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .at("write", &tmp)?;
-        f.sync().at("fsync", &tmp)?;
-        drop(f);
+        let written_whole = || -> Result<()> {
+            let f = self.fs.create(&tmp).at("create", &tmp)?;
+            let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
+            w.write_all(&frame::header())
+                .and_then(|()| frame::write_frame(&mut w, &frame_records, measured))
+                .at("write", &tmp)?;
+            let mut f = w
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .at("write", &tmp)?;
+            f.sync().at("fsync", &tmp)
+        };
+        if let Err(e) = written_whole() {
+            // The journal is untouched; the partial copy (as large as the journal,
+            // and a leftover that would send the next command down the slow path)
+            // goes. A simulated crash leaves it, as a real one would.
+            if !e.is_crash() {
+                let _ = self.fs.remove_file(&tmp);
+            }
+            return Err(e);
+        }
         self.fs.rename(&tmp, &path).at("rename", &path)?;
         // The journal is now the new file: follow it before anything else can
         // fail, and if something does, append nothing more through this writer
