@@ -179,22 +179,49 @@ fn decide_ref(
     }
 }
 
+/// What planning derives from the state and the desired set before it decides a
+/// single reference, whatever the link strategy: each table id's current md5, and
+/// the ids whose shared file is (re)placed. Made once per pull, for
+/// [`makes_refs`] and then [`plan_from`].
+pub struct Basis<'s, 'm> {
+    current_md5: BTreeMap<&'s str, &'s Md5Sum>,
+    put_shared: BTreeSet<&'m str>,
+}
+
+impl<'s, 'm> Basis<'s, 'm> {
+    pub fn new(state: &'s SyncState, desired: &Desired<'m>, damage: &Damage) -> Basis<'s, 'm> {
+        let current_md5 = current_md5s(state);
+        let put_shared = shared_to_put(&current_md5, &desired.tables, damage);
+        Basis {
+            current_md5,
+            put_shared,
+        }
+    }
+}
+
 /// Would [`plan`] make any reference (so that the link strategy matters)? The same
 /// decisions as `plan`'s, without building its events: a pull asks this with the
 /// optimistic strategy before it probes the filesystem. Pure.
 pub fn makes_refs(
     state: &SyncState,
     desired: &Desired<'_>,
-    mode: LinkMode,
-    strategy: Strategy,
+    basis: &Basis<'_, '_>,
+    (mode, strategy): (LinkMode, Strategy),
     damage: &Damage,
 ) -> bool {
-    let current_md5 = current_md5s(state);
-    let put_shared = shared_to_put(&current_md5, &desired.tables, damage);
     let mut counts = Counts::default();
     desired.refs.iter().any(|(&key, want)| {
         let how = (mode, strategy);
-        decide_ref(state, key, want, how, damage, &put_shared, &mut counts).is_some()
+        decide_ref(
+            state,
+            key,
+            want,
+            how,
+            damage,
+            &basis.put_shared,
+            &mut counts,
+        )
+        .is_some()
     })
 }
 
@@ -209,6 +236,22 @@ pub fn plan(
     strategy: Strategy,
     damage: &Damage,
 ) -> Plan {
+    let basis = Basis::new(state, &desired, damage);
+    plan_from(state, desired, basis, (mode, strategy), damage)
+}
+
+/// [`plan`], from a [`Basis`] already made (and consumed here).
+pub fn plan_from<'s, 'm>(
+    state: &'s SyncState,
+    desired: Desired<'m>,
+    basis: Basis<'s, 'm>,
+    (mode, strategy): (LinkMode, Strategy),
+    damage: &Damage,
+) -> Plan {
+    let Basis {
+        current_md5,
+        put_shared,
+    } = basis;
     let Desired {
         refs,
         tables,
@@ -221,10 +264,6 @@ pub fn plan(
     };
     p.tally.direct_tables.skipped = skipped.direct;
     p.tally.data_packages.skipped = skipped.packages;
-
-    let current_md5 = current_md5s(state);
-    // Which shared files must be (re)placed.
-    let put_shared = shared_to_put(&current_md5, &tables, damage);
 
     // Reference removals (first: a new reference may take the path an old one held).
     let mut removals = Vec::new();

@@ -23,7 +23,9 @@ use crate::reconcile::heal::{find_damage, HashFn};
 use crate::reconcile::manifest::{validate, Desired, Manifest};
 use crate::reconcile::origin::Origin;
 use crate::reconcile::place;
-use crate::reconcile::plan::{makes_refs, plan, resolve_strategy, Caps, Counts, Damage, Plan};
+use crate::reconcile::plan::{
+    makes_refs, plan_from, resolve_strategy, Basis, Caps, Counts, Damage, Plan,
+};
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
 use crate::replay::recover::recover;
@@ -231,8 +233,16 @@ fn make_plan(
             hardlink: true,
         },
     );
-    if !makes_refs(state, &desired, cfg.link, optimistic, &damage) {
-        return Ok(plan(state, desired, cfg.link, optimistic, &damage));
+    // Derived once: both the question and the plan stand on it.
+    let basis = Basis::new(state, &desired, &damage);
+    if !makes_refs(state, &desired, &basis, (cfg.link, optimistic), &damage) {
+        return Ok(plan_from(
+            state,
+            desired,
+            basis,
+            (cfg.link, optimistic),
+            &damage,
+        ));
     }
     let caps = if probe {
         probe_caps(fs, &cfg.layout, cfg.link)?
@@ -244,7 +254,7 @@ fn make_plan(
         }
     };
     let strategy = resolve_strategy(cfg.link, caps);
-    let p = plan(state, desired, cfg.link, strategy, &damage);
+    let p = plan_from(state, desired, basis, (cfg.link, strategy), &damage);
     // Contract §2: an explicit reflink/hardlink the filesystem refuses falls back to
     // copy and says so once on stderr (only when references are actually made).
     let refused = match cfg.link {
