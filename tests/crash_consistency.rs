@@ -228,6 +228,20 @@ fn describe_diff(got: &View, want: &View) -> String {
 }
 
 /// A checked crash state: invariants 1–5 hold and the view is the old or the new one.
+/// Invariants 1–5 of `state` on `fs`, contents re-hashed: `Err` names every
+/// violation, or the audit's own failure.
+fn audit_clean(fs: &SimFs, state: &SyncState) -> Result<(), String> {
+    let hash = |p: &Path| md5_file(fs, p);
+    match audit(fs, &layout(), state, Contents::Rehash(&hash, 1)) {
+        Ok(v) if v.is_empty() => Ok(()),
+        Ok(v) => {
+            let list: Vec<String> = v.iter().map(|v| v.to_string()).collect();
+            Err(format!("invariants violated: {}", list.join("; ")))
+        }
+        Err(e) => Err(format!("audit failed: {e}")),
+    }
+}
+
 fn check(fs: &SimFs, t: &Prepared, what: &dyn Fn() -> String) {
     let fail = |msg: String| -> ! {
         let log = fs.op_log();
@@ -244,15 +258,7 @@ fn check(fs: &SimFs, t: &Prepared, what: &dyn Fn() -> String) {
         Ok(s) => s.unwrap_or_default(),
         Err(e) => fail(format!("state file unreadable after recovery: {e}")),
     };
-    let hash = |p: &Path| md5_file(fs, p);
-    let violations = match audit(fs, &layout(), &state, Contents::Rehash(&hash, 1)) {
-        Ok(v) => v,
-        Err(e) => fail(format!("audit failed: {e}")),
-    };
-    if !violations.is_empty() {
-        let list: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
-        fail(format!("invariants violated: {}", list.join("; ")));
-    }
+    audit_clean(fs, &state).unwrap_or_else(|e| fail(e));
     let got = view(fs).unwrap_or_else(|e| fail(e));
     if got != t.old && got != t.new {
         fail(format!(
@@ -851,18 +857,7 @@ fn check_compacted(fs: &SimFs, p: &CompactPrepared, what: &dyn Fn() -> String) {
             want.key.as_ref()
         )),
     }
-    let hash = |path: &Path| md5_file(fs, path);
-    match audit(fs, &layout(), &state, Contents::Rehash(&hash, 1)) {
-        Ok(v) if v.is_empty() => {}
-        Ok(v) => fail(format!(
-            "invariants violated: {}",
-            v.iter()
-                .map(|v| v.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )),
-        Err(e) => fail(format!("audit failed: {e}")),
-    }
+    audit_clean(fs, &state).unwrap_or_else(|e| fail(e));
 
     // The same manifest again: nothing changes, not even the journal.
     if let Err(e) = pull_on(fs, &want.manifest, p.link) {
@@ -895,17 +890,7 @@ fn check_compacted(fs: &SimFs, p: &CompactPrepared, what: &dyn Fn() -> String) {
             "after a second pull the journal does not replay: {e}"
         )),
     }
-    match audit(fs, &layout(), &state, Contents::Rehash(&hash, 1)) {
-        Ok(v) if v.is_empty() => {}
-        Ok(v) => fail(format!(
-            "second pull: invariants violated: {}",
-            v.iter()
-                .map(|v| v.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )),
-        Err(e) => fail(format!("second pull: audit failed: {e}")),
-    }
+    audit_clean(fs, &state).unwrap_or_else(|e| fail(format!("second pull: {e}")));
 }
 
 /// Every power-loss outcome SimFs offers for the pending operations of `fs`: process
