@@ -1486,6 +1486,18 @@ fn auto_compaction_bound_holds_across_reopens() {
         j.wants_compaction(),
         "a journal past the bound must ask for compaction when reopened"
     );
+    // ... unless the state file is larger than it: a checkpoint (about half the
+    // state file) would not be smaller than the journal.
+    let journal_len = std::fs::metadata(layout.journal()).unwrap().len();
+    let state_file = std::fs::File::create(layout.state_file()).unwrap();
+    state_file.set_len(journal_len + 1).unwrap();
+    assert!(
+        !j.wants_compaction(),
+        "a journal smaller than the state file asked for compaction"
+    );
+    state_file.set_len(journal_len - 1).unwrap();
+    assert!(j.wants_compaction());
+    std::fs::remove_file(layout.state_file()).unwrap();
     j.compact(&sample_state()).unwrap();
     let j = Journal::open(real_fs(), &layout).unwrap().journal;
     assert!(!j.wants_compaction());

@@ -39,8 +39,9 @@
 //! # Compaction
 //!
 //! `stack journal compact` (and a pull, automatically, once the journal is larger than
-//! [`AUTO_COMPACT_BYTES`] and more than twice its size after the last compaction,
-//! which is the size of its leading checkpoint frame, read from the file itself)
+//! [`AUTO_COMPACT_BYTES`], more than twice its size after the last compaction,
+//! which is the size of its leading checkpoint frame, read from the file itself,
+//! and larger than the state file: see [`Journal::wants_compaction`])
 //! writes a new file holding one frame: a `Checkpoint` record carrying the whole
 //! projection and, when the projection knows the request its last pull realised,
 //! that `Request` in the checkpoint's transaction (so the no-op key survives). It
@@ -61,8 +62,8 @@ use crate::layout::Layout;
 pub use event::{Event, LinkMode, Record, Slot};
 pub use frame::{End, Scan, FORMAT_VERSION};
 
-/// A pull compacts the journal once it is larger than this many bytes (and more than
-/// twice as large as right after the last compaction).
+/// A pull compacts the journal once it is larger than this many bytes (and than the
+/// other bounds of [`Journal::wants_compaction`]).
 pub const AUTO_COMPACT_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Read a journal file without changing it. `Ok(None)` if there is no journal.
@@ -404,9 +405,23 @@ impl Journal {
         }
     }
 
-    /// Should a pull compact now? (See [`AUTO_COMPACT_BYTES`].)
+    /// Should a pull compact now? Once the journal is larger than
+    /// [`AUTO_COMPACT_BYTES`], more than twice its size after the last compaction,
+    /// and larger than the state file. A checkpoint is about half the state file's
+    /// size, so the last bound keeps the cost amortized: a compaction (which writes
+    /// a checkpoint and the state file again) happens only after the journal has
+    /// grown by about a checkpoint's size since it was last one, and never right
+    /// after a first pull, whose journal is about a checkpoint's size already and
+    /// would gain nothing. (The state file is stat-ed only past the first two bounds;
+    /// a state file that cannot be stat-ed does not hold compaction back.)
     pub fn wants_compaction(&self) -> bool {
-        self.len > AUTO_COMPACT_BYTES && self.len > 2 * self.len_after_compaction
+        if self.len <= AUTO_COMPACT_BYTES || self.len <= 2 * self.len_after_compaction {
+            return false;
+        }
+        let state_file = self.layout.state_file();
+        self.fs
+            .metadata(&state_file)
+            .map_or(true, |m| self.len > m.len)
     }
 
     /// Replace the journal by one holding a single checkpoint of `state`, under a new
