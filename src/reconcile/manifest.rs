@@ -338,7 +338,7 @@ fn is_local(t: &Table) -> bool {
 /// Check every rule of contract §1 and build the desired stack. Nothing is touched.
 pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desired<'m>> {
     /// Where a table is listed (borrowed: validation allocates only what it keeps).
-    #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+    #[derive(Clone, Copy, PartialEq, Eq)]
     enum Where<'a> {
         Direct,
         Package(&'a str),
@@ -351,42 +351,64 @@ pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desir
             }
         }
     }
-    /// Borrowed bookkeeping of the checks that span tables.
+    /// Borrowed bookkeeping of the checks that span tables, kept small: a large
+    /// manifest's hash maps are out of the caches on every probe (at 100k tables,
+    /// two maps of every listing took a quarter of validation).
     #[derive(Default)]
     struct Seen<'a> {
-        /// id -> (md5 as listed, where first listed)
-        md5_of_id: HashMap<&'a str, (&'a str, Where<'a>)>,
-        /// (folder, file name) of a reference -> table id
-        paths: HashMap<(Where<'a>, &'a str), &'a str>,
+        /// id -> md5 as listed, for ids listed only by tables that are not local
+        /// (a local table's id, and its md5, are in the desired set's `tables`).
+        /// Every listing of an id before the first conflict has the same md5, so
+        /// comparing with any of them is comparing with the first.
+        other_md5: HashMap<&'a str, &'a str>,
+        /// file name -> table id, of the references of the slot being read (two
+        /// slots never share a folder: slugs are unique): emptied at each slot.
+        names: HashMap<&'a str, &'a str>,
+    }
+    /// Where `id` is listed first (for the message of a conflict).
+    fn first_listed<'a>(manifest: &'a Manifest, id: &str) -> Where<'a> {
+        let in_package = |p: &&'a Package| p.tables.iter().any(|t| t.id == id);
+        if manifest.direct_tables.iter().any(|t| t.id == id) {
+            Where::Direct
+        } else {
+            manifest
+                .data_packages
+                .iter()
+                .find(in_package)
+                .map_or(Where::Direct, |p| Where::Package(&p.slug))
+        }
     }
     let mut d = Desired::default();
     let mut seen = Seen::default();
 
     fn add_table<'a>(
+        manifest: &'a Manifest,
         d: &mut Desired<'a>,
         seen: &mut Seen<'a>,
         origin: &dyn Origin,
         at: Where<'a>,
         t: &'a Table,
     ) -> Result<()> {
-        let Seen { md5_of_id, paths } = seen;
+        let Seen { other_md5, names } = seen;
         check_component(|| format!("{at}: table id"), &t.id)?;
         check_component(|| format!("{at}: table {} name", t.id), &t.name)?;
         let md5 = check_md5(|| format!("{at}: table {}", t.id), &t.md5)?;
-        match md5_of_id.get(t.id.as_str()) {
-            Some((prev, prev_at)) if !prev.eq_ignore_ascii_case(&md5) => {
+        let listed_local = d.tables.get(t.id.as_str()).map(|w| &*w.md5);
+        if let Some(prev) = listed_local.or_else(|| other_md5.get(t.id.as_str()).copied()) {
+            if !prev.eq_ignore_ascii_case(&md5) {
                 return Err(Error::BadManifest(format!(
-                    "table {} has md5 {} in {prev_at} but {md5} in {at}",
+                    "table {} has md5 {} in {} but {md5} in {at}",
                     t.id,
-                    prev.to_ascii_lowercase()
+                    prev.to_ascii_lowercase(),
+                    first_listed(manifest, &t.id)
                 )));
             }
-            Some(_) => {}
-            None => {
-                md5_of_id.insert(&t.id, (&t.md5, at));
-            }
         }
+        let listed_local = listed_local.is_some();
         if !is_local(t) {
+            if !listed_local {
+                other_md5.entry(&t.id).or_insert(&t.md5);
+            }
             match at {
                 Where::Direct => d.skipped.direct += 1,
                 Where::Package(_) => d.skipped.packages += 1,
@@ -406,7 +428,7 @@ pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desir
             Where::Direct => SlotRef::Direct,
             Where::Package(slug) => SlotRef::Package(slug),
         };
-        if let Some(prev) = paths.insert((at, &t.name), &t.id) {
+        if let Some(prev) = names.insert(&t.name, &t.id) {
             return Err(Error::BadManifest(format!(
                 "{at}: table {} and {at}: table {prev} would both land on {}",
                 t.id,
@@ -415,7 +437,7 @@ pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desir
         }
         // One id is one content (its md5); two URLs for it are two mirrors of the
         // same bytes, and the first one is used.
-        if !d.tables.contains_key(t.id.as_str()) {
+        if !listed_local {
             d.tables.insert(
                 &t.id,
                 WantTable {
@@ -445,7 +467,7 @@ pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desir
     }
 
     for t in &manifest.direct_tables {
-        add_table(&mut d, &mut seen, origin, Where::Direct, t)?;
+        add_table(manifest, &mut d, &mut seen, origin, Where::Direct, t)?;
     }
     let mut slugs = BTreeSet::new();
     for p in &manifest.data_packages {
@@ -457,8 +479,16 @@ pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desir
                 p.slug
             )));
         }
+        seen.names.clear();
         for t in &p.tables {
-            add_table(&mut d, &mut seen, origin, Where::Package(&p.slug), t)?;
+            add_table(
+                manifest,
+                &mut d,
+                &mut seen,
+                origin,
+                Where::Package(&p.slug),
+                t,
+            )?;
         }
     }
     for dom in &manifest.memory_domains {

@@ -126,6 +126,44 @@ fn conflicting_entries_are_refused() {
     refuse_all(cases);
 }
 
+/// A conflict's message names where the id was listed first, whether that listing
+/// was a local table or one that is not materialized (`query_mode` other than
+/// `local`), and compares md5s whatever their case.
+#[test]
+fn an_md5_conflict_names_the_first_listing() {
+    let other = "0123456789abcdef0123456789abcdef";
+    let mut cases = Vec::new();
+
+    let mut m = base();
+    let md5 = m["direct_tables"][0]["md5"].as_str().unwrap().to_string();
+    m["data_packages"][1]["tables"][0]["md5"] = json!(other);
+    let msg = format!("table tbl_a has md5 {md5} in direct_tables but {other} in data package p2");
+    cases.push(("first listed locally".into(), m, msg));
+
+    let mut m = base();
+    m["direct_tables"] = json!([]);
+    m["data_packages"][0]["tables"][0]["query_mode"] = json!("remote");
+    m["data_packages"][0]["tables"][0]["md5"] = json!(md5.to_ascii_uppercase());
+    m["data_packages"][1]["tables"][0]["md5"] = json!(other);
+    let msg =
+        format!("table tbl_a has md5 {md5} in data package p1 but {other} in data package p2");
+    cases.push(("first listed as not local".into(), m, msg));
+
+    refuse_all(cases);
+
+    // The same md5 in another case is the same md5.
+    let (o, l) = pulled("symlink");
+    let mut m = base();
+    let md5 = m["direct_tables"][0]["md5"]
+        .as_str()
+        .unwrap()
+        .to_ascii_uppercase();
+    m["data_packages"][0]["tables"][0]["md5"] = json!(md5);
+    let path = o.write_manifest(&m, "upper.json");
+    pull(&path, &l.dir(), &["--json"]).ok();
+    assert_verify_clean(&l.dir());
+}
+
 #[test]
 fn bad_md5s_and_urls_are_refused() {
     let mut cases = Vec::new();
