@@ -341,7 +341,13 @@ fn verify_cmd(dir: &Path, contents: bool, json: bool) -> Result<i32> {
         Some(s) => s,
         None => {
             let records = match journal::scan_file(&fs, &layout)? {
-                Some(scan) => scan.records.into_iter().map(|(_, r)| r).collect(),
+                Some(scan) => {
+                    // The valid prefix of a damaged journal is still audited, but
+                    // never a checkpoint of a state stack does not write (its paths
+                    // could send the audit outside `dir`): exit 4.
+                    replay::project::check_records(&layout, &scan)?;
+                    scan.records.into_iter().map(|(_, r)| r).collect()
+                }
                 None => Vec::new(),
             };
             replay::project::project(&records).state
@@ -371,7 +377,7 @@ fn journal_show(dir: &Path, json: bool) -> Result<i32> {
     };
     if json {
         // One JSON object on stdout: a corrupt journal is an error report only.
-        journal::check_end(&layout, &scan)?;
+        replay::project::check_journal(&layout, &scan)?;
         let records: Vec<_> = scan
             .records
             .iter()
@@ -389,7 +395,7 @@ fn journal_show(dir: &Path, json: bool) -> Result<i32> {
             );
         }
     }
-    journal::check_end(&layout, &scan)?;
+    replay::project::check_journal(&layout, &scan)?;
     Ok(0)
 }
 
@@ -398,7 +404,7 @@ fn journal_verify(dir: &Path) -> Result<i32> {
     let Some(scan) = journal::scan_file(&RealFs, &layout)? else {
         return Err(Error::Usage(format!("{} has no journal", dir.display())));
     };
-    journal::check_end(&layout, &scan)?;
+    replay::project::check_journal(&layout, &scan)?;
     match &scan.end {
         End::TornTail { offset, reason } => println!(
             "ok: {} records in {} valid bytes; torn tail at byte offset {offset} ({reason}), cut by the next mutating command",

@@ -1542,3 +1542,214 @@ fn checksummed_undecodable_last_frame_is_corruption_not_a_torn_tail() {
         "a corrupt journal is never rewritten"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Checkpoints holding a state stack never writes.
+// ---------------------------------------------------------------------------
+
+/// A state whose one direct table `tbl_a` is named `name` and names `shared` as
+/// its shared file (its reference path is the layout's for `name`).
+fn state_naming(name: &str, shared: &str) -> SyncState {
+    let mut state = SyncState::default();
+    let entry = stack::replay::state::TableEntry::new(
+        name.to_string(),
+        "0123456789abcdef0123456789abcdef".into(),
+        Some(3),
+        RefStrategy::Copy,
+    )
+    .with_paths(
+        (SlotRef::Direct, "tbl_a"),
+        &format!("data/_direct/{name}.parquet"),
+        shared,
+    );
+    state.direct_tables.insert("tbl_a".into(), entry);
+    state
+}
+
+/// Every file and folder under `root`, `.stack/` included, with file contents.
+fn whole_tree(root: &std::path::Path) -> BTreeMap<std::path::PathBuf, Option<Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            if path.is_dir() {
+                out.insert(rel, None);
+                todo.push(path);
+            } else {
+                out.insert(rel, Some(std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// A directory whose journal holds a committed pull, then a checkpoint of `state`
+/// (seq 4, transaction 2, at the returned byte offset), then a torn tail; with a
+/// state file and a reference on disk. Returns (dir, layout, checkpoint offset).
+fn dir_with_checkpoint(state: &SyncState) -> (tempfile::TempDir, Layout, u64) {
+    let (dir, layout) = temp_layout();
+    let md5 = "0123456789abcdef0123456789abcdef".to_string();
+    let pull = vec![
+        (
+            1,
+            Event::MakeRef {
+                slot: Slot::Direct,
+                table_id: "tbl_a".into(),
+                name: "a".into(),
+                md5,
+                size: Some(3),
+                strategy: RefStrategy::Copy,
+            },
+        ),
+        (1, Event::Prepared),
+        (
+            1,
+            Event::Committed {
+                fingerprints: Vec::new(),
+            },
+        ),
+    ];
+    write_batches(&layout, &[pull]);
+    let at = read_journal(&layout).len() as u64;
+    write_batches(
+        &layout,
+        &[vec![(
+            2,
+            Event::Checkpoint {
+                state: Box::new(state.clone()),
+            },
+        )]],
+    );
+    // The first bytes of one more frame: an append a crash cut short.
+    let mut bytes = read_journal(&layout);
+    let next = frame::encode_frame(&[Record {
+        seq: 5,
+        txn: 3,
+        event: Event::Prepared,
+    }])
+    .unwrap();
+    bytes.extend_from_slice(&next[..next.len() - 1]);
+    write_journal(&layout, &bytes);
+    std::fs::write(layout.state_file(), b"{\"version\":1}\n").unwrap();
+    std::fs::create_dir_all(layout.root.join("data/_direct")).unwrap();
+    std::fs::write(layout.root.join("data/_direct/a.parquet"), b"abc").unwrap();
+    (dir, layout, at)
+}
+
+/// A checkpoint is a whole state, paths included. One that fails the state file's
+/// own rule (`SyncState::check_paths`: absolute or `..` paths, unsafe names, paths
+/// that are not the layout's) was not written by stack: replay, recovery and the
+/// check before an append refuse the journal as corruption (exit 4), naming the
+/// record and what is wrong, and change nothing in the directory (the torn tail
+/// after it is not cut, no `journal.broken`, the state file is not rewritten).
+/// The byte format still reads the record (`journal show` lists it).
+#[test]
+fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
+    use stack::replay::project::check_journal;
+    use stack::replay::recover::{journal_is_clean, recover, replay};
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim.parquet");
+    let victim = victim.to_str().unwrap();
+    let mut slug = SyncState::default();
+    slug.data_packages.insert(
+        "..".into(),
+        state_naming("a", "data/_shared/tbl_a.parquet")
+            .direct_tables
+            .into_iter()
+            .collect(),
+    );
+    let mut domain = SyncState::default();
+    domain.memory_domains.insert(
+        "ops".into(),
+        DomainEntry {
+            md5: "d41d8cd98f00b204e9800998ecf8427e".into(),
+            path: "memory/../../ops.md".into(),
+            fp: None,
+        },
+    );
+    let cases: Vec<(&str, SyncState, String)> = vec![
+        (
+            "absolute shared path",
+            state_naming("a", victim),
+            format!("{victim} are not the engine's"),
+        ),
+        (
+            "../ shared path",
+            state_naming("a", "data/_shared/../../victim.parquet"),
+            "data/_shared/../../victim.parquet are not the engine's".to_string(),
+        ),
+        (
+            "../ name",
+            state_naming("../../victim", "data/_shared/tbl_a.parquet"),
+            r#"named "../../victim" is not a safe path component"#.to_string(),
+        ),
+        (
+            "absolute name",
+            state_naming("/victim", "data/_shared/tbl_a.parquet"),
+            r#"named "/victim" is not a safe path component"#.to_string(),
+        ),
+        (
+            ".. package slug",
+            slug,
+            r#"package slug ".." is not a safe path component"#.to_string(),
+        ),
+        (
+            "memory domain outside memory/",
+            domain,
+            "memory/../../ops.md is not the engine's".to_string(),
+        ),
+        (
+            // Safe but not the layout's (the format tests' sample): no more
+            // acceptable in a checkpoint than in a trusted state file.
+            "paths not the layout's",
+            sample_state(),
+            "data/_shared/tbl_alpha.parquet are not the engine's".to_string(),
+        ),
+    ];
+    for (what, state, why) in cases {
+        let (_dir, layout, at) = dir_with_checkpoint(&state);
+        let before = whole_tree(&layout.root);
+        let refused = |e: Error| {
+            assert_eq!(e.exit_code(), 4, "{what}: {e}");
+            match &e {
+                Error::JournalCorrupt { offset, record, .. } => {
+                    assert_eq!((*offset, *record), (at, 3), "{what}: {e}")
+                }
+                other => panic!("{what}: expected JournalCorrupt, got {other}"),
+            }
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("byte offset {at}")), "{what}: {msg}");
+            assert!(
+                msg.contains("checkpoint seq 4 (transaction 2)"),
+                "{what}: {msg}"
+            );
+            assert!(msg.contains(&why), "{what}: {msg}");
+        };
+        // The byte format keeps the record; what it means is refused.
+        let scan = scan_file(&RealFs, &layout).unwrap().unwrap();
+        assert!(matches!(scan.end, End::TornTail { .. }), "{what}");
+        assert_eq!(scan.records.len(), 4, "{what}");
+        refused(check_journal(&layout, &scan).unwrap_err());
+        refused(replay(real_fs(), &layout).err().expect("replay refuses"));
+        refused(recover(real_fs(), &layout).err().expect("recover refuses"));
+        refused(journal_is_clean(&RealFs, &layout).unwrap_err());
+        assert_eq!(
+            whole_tree(&layout.root),
+            before,
+            "{what}: the directory changed"
+        );
+    }
+
+    // The same journal with a checkpoint of a state stack writes replays, cutting
+    // the torn tail: the refusals above are the checkpoint's.
+    let (_dir, layout, _) = dir_with_checkpoint(&state_naming("a", "data/_shared/tbl_a.parquet"));
+    let rec = replay(real_fs(), &layout).expect("replay");
+    assert!(
+        rec.notes.iter().any(|n| n.contains("torn tail")),
+        "{:?}",
+        rec.notes
+    );
+    assert_eq!(rec.state.direct_tables.len(), 1);
+}

@@ -71,7 +71,9 @@ pub struct Record {
 
 /// Everything the engine can do or declare. Paths are never stored: they are
 /// derived from ids, names and slugs that validation proved to be safe single
-/// path components, so a journal cannot point outside the local directory.
+/// path components, so a journal cannot point outside the local directory. (A
+/// `Checkpoint`'s state names paths, as `sync_state.json` does: see there how a
+/// journal holding one that stack did not write is refused.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// A pull starts. `manifest_md5` identifies the manifest it pulls.
@@ -116,7 +118,10 @@ pub enum Event {
     /// The transaction was rolled back before its commit point; nothing visible changed.
     Aborted { reason: String },
     /// The whole projection at this point; compaction starts a journal with it.
-    /// Encoded in the journal through [`checkpoint_state`] (see there why).
+    /// Encoded in the journal through [`checkpoint_state`] (see there why). Any
+    /// state decodes; one that fails `SyncState::check_paths` (the state file's
+    /// rule) makes the journal corrupt for every reader that acts on it
+    /// (`replay::project::check_records`).
     Checkpoint {
         #[serde(with = "checkpoint_state")]
         state: Box<SyncState>,

@@ -33,8 +33,12 @@
 //! valid frame does follow, the journal is *corrupt*: nothing truncates or rewrites
 //! it; `stack journal verify` exits 4 naming the byte offset and record number. A frame
 //! whose checksum is valid but whose payload does not decode was written whole (by a
-//! newer format, or a bug): it is corruption too, wherever it is, never cut. An I/O
-//! error while reading is reported as an I/O error, never taken for either.
+//! newer format, or a bug): it is corruption too, wherever it is, never cut. So is a
+//! `Checkpoint` whose state stack would never write (one that fails
+//! `SyncState::check_paths`): this module reads it, and the readers that act on the
+//! journal refuse it (`replay::project::check_records`; [`Journal::open_checked`]
+//! asks before it cuts anything). An I/O error while reading is reported as an I/O
+//! error, never taken for either.
 //!
 //! # Compaction
 //!
@@ -163,6 +167,18 @@ impl Journal {
     /// Open (creating if missing) the journal of `layout` for appending. A torn tail
     /// is copied to `journal.broken` and cut; corruption is an error.
     pub fn open(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Opened> {
+        Journal::open_checked(fs, layout, |_| Ok(()))
+    }
+
+    /// [`Journal::open`], refusing the journal if `accept` refuses its records
+    /// (recovery's check of what they mean, `replay::project::check_records`). It is
+    /// asked after the scan and before anything is cut: a refused journal is left
+    /// exactly as it was, torn tail included.
+    pub fn open_checked(
+        fs: Arc<dyn Fs>,
+        layout: &Layout,
+        accept: impl FnOnce(&Scan) -> Result<()>,
+    ) -> Result<Opened> {
         let path = layout.journal();
         let private = layout.private();
         let mut created = false;
@@ -183,6 +199,7 @@ impl Journal {
             }
         };
         check_end(layout, &scan)?;
+        accept(&scan)?;
         let mut torn = None;
         if let End::TornTail { offset, reason } = &scan.end {
             let bytes = fs.read(&path).at("read", &path)?;

@@ -1,17 +1,68 @@
 //! The projection: folding the journal into a [`SyncState`].
 //!
-//! Owns: the meaning of each event for the state file. Architecture invariant: the
-//! state is a function of the journal's records alone; a transaction changes it only
-//! if its `Committed` record is in the journal (recovery appends that record for a
+//! Owns: the meaning of each event for the state file, and which records may be
+//! folded at all ([`check_records`]). Architecture invariant: the state is a
+//! function of the journal's records alone; a transaction changes it only if its
+//! `Committed` record is in the journal (recovery appends that record for a
 //! transaction past its `Prepared` commit point once it has rolled it forward).
+//!
+//! A `Checkpoint` record *is* a state, paths included, so it must pass the rule a
+//! `sync_state.json` must pass before recovery trusts or adopts it
+//! ([`SyncState::check_paths`]: every id, name and slug one safe path component,
+//! every path the layout's for its entry). The engine only checkpoints the
+//! projection of a journal it wrote, or an adopted state file, both of which pass
+//! it; a checkpoint that does not was not written by stack, and folding it would
+//! send heal, verify and recovery to its paths (absolute, `..`, another entry's).
+//! Such a journal is corrupt (exit 4), like a frame whose checksum is valid but
+//! whose payload does not decode, and it is refused before anything is cut,
+//! rewritten or acted on. A path that is only odd (inside the directory, but not
+//! the layout's for its entry) is refused too, as the state file's rule refuses it:
+//! stack never checkpoints one. The journal's byte format (`journal::frame`)
+//! reads any state, so the format round-trips and `journal show` lists the records
+//! before it reports the refusal; every reader that acts on the records or vouches
+//! for them asks [`check_journal`] (recovery, opening the journal for writing, asks
+//! [`check_records`] through `Journal::open_checked`, before a torn tail is cut).
 
 use std::collections::BTreeMap;
 
+use crate::error::{Error, Result};
 use crate::journal::event::{Event, Record, Slot, SlotRef};
-use crate::layout;
+use crate::journal::Scan;
+use crate::layout::{self, Layout};
 use crate::replay::state::{
     DomainEntry, JournalPos, Md5Sum, Pulled, StatFp, SyncState, TableEntry,
 };
+
+/// Refuse a journal holding a record the projection must not fold: a `Checkpoint`
+/// whose state fails [`SyncState::check_paths`] (see the module docs). The error is
+/// [`Error::JournalCorrupt`] naming the record (its frame's byte offset, its number,
+/// its seq and transaction) and what is wrong with it. Reads nothing but `scan`.
+pub fn check_records(layout: &Layout, scan: &Scan) -> Result<()> {
+    for (i, (offset, r)) in scan.records.iter().enumerate() {
+        if let Event::Checkpoint { state } = &r.event {
+            if let Err(why) = state.check_paths() {
+                return Err(Error::JournalCorrupt {
+                    path: layout.journal(),
+                    offset: *offset,
+                    record: i as u64,
+                    reason: format!(
+                        "checkpoint seq {} (transaction {}) has a valid checksum but holds a state stack never writes: {why}",
+                        r.seq, r.txn
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The whole check of a scanned journal before its records are acted on or
+/// vouched for: its end (`journal::check_end`: corruption, unknown version; a torn
+/// tail is fine) and its records ([`check_records`]).
+pub fn check_journal(layout: &Layout, scan: &Scan) -> Result<()> {
+    crate::journal::check_end(layout, scan)?;
+    check_records(layout, scan)
+}
 
 /// The last transaction, if it neither committed nor aborted.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +81,8 @@ pub struct Projection {
     pub pending: Option<Pending>,
 }
 
-/// Fold records into the committed state.
+/// Fold records into the committed state. A checkpoint's state is taken as it is:
+/// callers fold only records that [`check_records`] accepted.
 pub fn project(records: &[Record]) -> Projection {
     let mut state = SyncState::default();
     let mut open: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();

@@ -6,6 +6,12 @@
 //! partial downloads kept for resuming); one past its commit point is rolled forward
 //! from staged content, with no network; then `sync_state.json` is made equal to the
 //! projection of the journal, which is the truth.
+//!
+//! Neither a state file nor a journal steers recovery to paths stack does not
+//! write: the state file is trusted (fast path) or adopted (journal missing) only
+//! if it passes `SyncState::check_paths`; a journal holding a checkpoint that fails
+//! it is refused as corrupt (exit 4, `replay::project::check_records`) before
+//! anything is cut or rewritten, and so is appending to it after the fast path.
 
 use std::sync::Arc;
 
@@ -15,7 +21,7 @@ use crate::journal::event::Event;
 use crate::journal::Journal;
 use crate::layout::Layout;
 use crate::reconcile::apply::{clean_leftovers, finish, has_leftovers, Applier};
-use crate::replay::project::project;
+use crate::replay::project::{check_journal, check_records, project};
 use crate::replay::state::{read_state, write_state, SyncState};
 
 /// A directory after recovery: its journal open for writing and its state.
@@ -36,7 +42,7 @@ pub fn journal_is_clean(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
     let Some(scan) = crate::journal::scan_file(fs, layout)? else {
         return Ok(false);
     };
-    crate::journal::check_end(layout, &scan)?;
+    check_journal(layout, &scan)?;
     Ok(scan.end == crate::journal::End::Clean)
 }
 
@@ -212,9 +218,12 @@ pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
 }
 
 /// Recovery from the journal alone (`stack journal replay`): never trusts the state
-/// file, always folds the journal and rewrites `sync_state.json` if it differs.
+/// file, always folds the journal and rewrites `sync_state.json` if it differs. A
+/// corrupt journal, a checkpoint that holds no state stack writes included, is an
+/// error before anything in the directory changes.
 pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
-    let opened = Journal::open(fs.clone(), layout)?;
+    // A checkpoint of no state stack writes is refused before anything is cut.
+    let opened = Journal::open_checked(fs.clone(), layout, |scan| check_records(layout, scan))?;
     let mut journal = opened.journal;
     let mut notes = Vec::new();
     if let Some((offset, cut, reason)) = &opened.torn {

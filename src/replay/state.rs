@@ -252,7 +252,8 @@ impl<'de> Deserialize<'de> for Md5Sum {
 /// (`data/<slot>/<name>.parquet`, `data/_shared/<id>.parquet`), which the map that
 /// holds the entry knows. In the file they are written out in full (contract §3).
 /// A state file edited by hand may name other paths: those are kept (`verify`
-/// reports them; recovery does not trust such a file).
+/// reports them; recovery does not trust such a file, and refuses a journal whose
+/// checkpoint holds them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableEntry {
     pub name: String,
@@ -604,6 +605,8 @@ impl SyncState {
     /// Check that every id, name and slug is one safe path component and every
     /// path is the one the layout builds from them: a state file edited by hand (or
     /// written by something else) must never point the engine outside the directory.
+    /// Recovery asks it of the state file it trusts or adopts, and of every
+    /// journal checkpoint (`replay::project::check_records`).
     pub fn check_paths(&self) -> std::result::Result<(), String> {
         use crate::reconcile::manifest::is_safe_component;
         // Read by every command: an entry holds its paths only if they are not

@@ -266,3 +266,111 @@ fn journal_commands_on_a_dir_without_a_journal() {
     let r = stack(&["verify", "--json", "--dir", d]);
     r.ok();
 }
+
+/// A journal whose checkpoint holds a state stack never writes (a shared path
+/// outside the directory, a `../` name: hand-made, with valid checksums) is
+/// corruption: every command that would fold it exits 4 naming the record and
+/// what is wrong, and nothing in the directory changes (before this, recovery
+/// folded it and the pull's check stat-ed and hashed the victim).
+#[test]
+fn a_checkpoint_pointing_outside_the_directory_is_corruption_and_nothing_changes() {
+    use stack::fs::RealFs;
+    use stack::journal::event::SlotRef;
+    use stack::journal::Journal;
+    use stack::layout::Layout;
+    use stack::replay::state::read_state;
+    use std::sync::Arc;
+
+    for case in ["absolute shared path", "../ name"] {
+        let (o, l) = pulled("copy");
+        let dir = l.dir();
+        let d = dir.to_str().unwrap();
+        // Outside the directory, with tbl_a's content: a pull that looked would
+        // find it intact.
+        let victim = l.tmp.path().join("victim.parquet");
+        std::fs::write(&victim, b"table a, version 1\n").unwrap();
+        // The pulled state, one entry made to point at it, compacted into the
+        // journal by hand (the library writes whatever state it is given).
+        let layout = Layout::new(&dir);
+        let mut st = read_state(&RealFs, &layout).unwrap().unwrap();
+        let e = st.direct_tables.remove("tbl_a").unwrap();
+        let (e, why) = if case == "absolute shared path" {
+            let e = e.with_paths(
+                (SlotRef::Direct, "tbl_a"),
+                "data/_direct/a.parquet",
+                victim.to_str().unwrap(),
+            );
+            (e, format!("{} are not the engine's", victim.display()))
+        } else {
+            let mut e = e;
+            e.name = "../../../victim".into();
+            let why = r#"named "../../../victim" is not a safe path component"#.to_string();
+            (e, why)
+        };
+        st.direct_tables.insert("tbl_a".into(), e);
+        let mut journal = Journal::open(Arc::new(RealFs), &layout).unwrap().journal;
+        journal.compact(&st).unwrap();
+        let seq = journal.last_seq() - 1; // the checkpoint, then the request
+        drop(journal);
+
+        let jpath = dir.join(".stack/journal");
+        let bytes = std::fs::read(&jpath).unwrap();
+        let no_lock = |s: &Snapshot| -> Snapshot {
+            s.iter()
+                .filter(|(p, _)| p.as_path() != Path::new(".stack/lock"))
+                .map(|(p, n)| (p.clone(), n.clone()))
+                .collect()
+        };
+        let before = snapshot(&dir);
+        let names_it = |msg: &str| {
+            assert!(
+                msg.contains("is corrupt at byte offset 16 (record 0)"),
+                "{case}: {msg}"
+            );
+            assert!(
+                msg.contains(&format!("checkpoint seq {seq}")),
+                "{case}: {msg}"
+            );
+            assert!(msg.contains(&why), "{case}: {msg}");
+        };
+
+        let r = stack(&["journal", "replay", "--dir", d]);
+        assert_eq!(r.code, 4, "{case}: {r:?}");
+        names_it(&r.stderr);
+        let r = pull(&o.manifest(), &dir, &["--json"]);
+        names_it(&r.json_error(4));
+        assert_eq!(
+            r.json()["error"]["kind"],
+            json!("journal_corrupt"),
+            "{case}"
+        );
+        let m2 = o.write(&base_tables()[1..], &base_domains(), "v2.json");
+        names_it(&pull(&m2, &dir, &["--json"]).json_error(4));
+        let m = o.manifest();
+        let m = m.to_str().unwrap();
+        names_it(&stack(&["status", "--manifest", m, "--dir", d, "--json"]).json_error(4));
+        names_it(&stack(&["journal", "show", "--json", "--dir", d]).json_error(4));
+        for args in [
+            vec!["journal", "verify"],
+            vec!["journal", "compact"],
+            vec!["gc"],
+        ] {
+            let mut c = bin();
+            c.args(&args).arg("--dir").arg(&dir);
+            let r = output(c);
+            assert_eq!(r.code, 4, "{case}: {args:?}: {r:?}");
+            names_it(&r.stderr);
+        }
+        assert_eq!(
+            std::fs::read(&jpath).unwrap(),
+            bytes,
+            "{case}: journal rewritten"
+        );
+        assert_same(&no_lock(&before), &no_lock(&snapshot(&dir)), case);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"table a, version 1\n");
+
+        // `verify` without a state file audits the journal's projection: not this one.
+        std::fs::remove_file(dir.join("sync_state.json")).unwrap();
+        names_it(&verify(&dir, true).json_error(4));
+    }
+}
