@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
 use crate::fs::Fs;
-use crate::journal::event::Event;
+use crate::journal::event::{Event, SlotRef};
 use crate::layout::{self, Layout};
 use crate::reconcile::plan::Plan;
 use crate::replay::state::Strategy;
@@ -85,7 +85,10 @@ impl Placement {
 /// file or of a bundle). A staged file with one consumer can be moved instead of
 /// linked or copied.
 pub fn consumers<'e>(events: impl IntoIterator<Item = &'e Event>) -> HashMap<&'e str, u32> {
-    let mut uses: HashMap<&str, u32> = HashMap::new();
+    let events = events.into_iter();
+    // Sized once (a put per step at most): a large plan's map is not rehashed as
+    // it grows.
+    let mut uses: HashMap<&str, u32> = HashMap::with_capacity(events.size_hint().0);
     for e in events {
         if let Event::PutShared { md5, .. } | Event::PutBundle { md5, .. } = e {
             *uses.entry(md5.as_str()).or_default() += 1;
@@ -98,15 +101,23 @@ pub fn consumers<'e>(events: impl IntoIterator<Item = &'e Event>) -> HashMap<&'e
 /// put of a shared file whose staged file it alone consumes (`sole`), or a
 /// symlink reference. `None` for any other step.
 pub fn travels_in(ev: &Event, sole: bool) -> Option<String> {
+    let mut out = String::new();
+    push_travels_in(ev, sole, &mut out).then_some(out)
+}
+
+/// [`travels_in`], appended to `out`: `false` (and `out` unchanged) for a step
+/// whose file travels in no placed folder.
+pub fn push_travels_in(ev: &Event, sole: bool, out: &mut String) -> bool {
     match ev {
-        Event::PutShared { .. } if sole => Some(layout::SHARED_DIR.to_string()),
+        Event::PutShared { .. } if sole => out.push_str(layout::SHARED_DIR),
         Event::MakeRef {
             slot,
             strategy: Strategy::Symlink,
             ..
-        } => Some(layout::slot_dir_rel(slot)),
-        _ => None,
+        } => layout::push_slot_dir_rel(out, SlotRef::of(slot)),
+        _ => return false,
     }
+    true
 }
 
 /// Which of the plan's folders to build out of sight: those in `absent` (folders
@@ -139,22 +150,40 @@ pub fn plan(p: &Plan, absent: &BTreeSet<String>) -> Placement {
         })
         .collect();
     let mut index: HashMap<String, u32> = HashMap::new();
+    // Steps come in runs of one folder (the shared files, then each slot's
+    // references): the folder's decision is looked up once per run, and its name
+    // built in one buffer, not once per step.
+    let mut rel = String::new();
+    let mut last: Option<(String, Option<u32>)> = None;
     for (step, ev) in p.ops.iter().enumerate() {
         let sole = matches!(ev, Event::PutShared { md5, .. } if uses.get(md5.as_str()) == Some(&1));
-        let Some(rel) = travels_in(ev, sole) else {
+        rel.clear();
+        if !push_travels_in(ev, sole, &mut rel) {
+            continue;
+        }
+        let k = match &last {
+            Some((prev, k)) if *prev == rel => *k,
+            _ => {
+                let k = if !absent.contains(rel.as_str()) || removed_in.contains(&rel) {
+                    None
+                } else {
+                    let next = out.folders.len() as u32;
+                    let k = *index.entry(rel.clone()).or_insert(next);
+                    if k == next {
+                        out.folders.push(Folder {
+                            rel: rel.clone(),
+                            staged: format!("{PREFIX}{k}"),
+                        });
+                    }
+                    Some(k)
+                };
+                last = Some((rel.clone(), k));
+                k
+            }
+        };
+        let Some(k) = k else {
             continue;
         };
-        if !absent.contains(rel.as_str()) || removed_in.contains(&rel) {
-            continue;
-        }
-        let next = out.folders.len() as u32;
-        let k = *index.entry(rel.clone()).or_insert(next);
-        if k == next {
-            out.folders.push(Folder {
-                rel,
-                staged: format!("{PREFIX}{k}"),
-            });
-        }
         let at = (k, step as u32);
         match ev {
             Event::PutShared { md5, .. } => match stage_of.get(md5.as_str()) {

@@ -9,7 +9,7 @@
 //! may take a path an old one held; then shared files, then references (which need
 //! their shared file), then shared removals, bundles, and empty package folders last.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::Serialize;
 
@@ -305,11 +305,22 @@ pub fn plan_from<'s, 'm>(
         makes.push(decided);
     }
 
-    // Staging: one download per distinct md5.
-    let mut staged: BTreeSet<&str> = BTreeSet::new();
-    p.stage.reserve_exact(put_shared.len() + domains.len());
-    for &id in &put_shared {
-        let want = &tables[id];
+    // The tables whose shared file is placed, with their content: `put_shared`'s
+    // ids are some of `tables`' keys, both sorted, so one walk pairs them.
+    let put: Vec<(&str, &WantTable<'_>)> = {
+        let mut wanted = tables.iter();
+        put_shared
+            .iter()
+            .filter_map(|&id| wanted.find(|&(&t, _)| t == id).map(|(&t, w)| (t, w)))
+            .collect()
+    };
+    drop(put_shared);
+
+    // Staging: one download per distinct md5 (a set by hash: the md5s come in no
+    // useful order, and a large ordered set of them is a cache miss per level).
+    let mut staged: HashSet<&str> = HashSet::with_capacity(put.len() + domains.len());
+    p.stage.reserve_exact(put.len() + domains.len());
+    for &(id, want) in &put {
         if staged.insert(&want.md5) {
             p.stage.push(StageItem {
                 md5: want.md5.to_string(),
@@ -328,11 +339,16 @@ pub fn plan_from<'s, 'm>(
         .filter(|id| !tables.contains_key(id))
         .collect();
     let mut folders_left: BTreeSet<&str> = BTreeSet::new();
+    // The references are sorted by slot: one insert per run of a slot.
+    let mut last_slot = None;
     for (slot, _) in refs.keys() {
-        folders_left.insert(match slot {
-            SlotRef::Direct => DIRECT_FOLDER,
-            SlotRef::Package(slug) => slug,
-        });
+        if last_slot != Some(slot) {
+            last_slot = Some(slot);
+            folders_left.insert(match slot {
+                SlotRef::Direct => DIRECT_FOLDER,
+                SlotRef::Package(slug) => slug,
+            });
+        }
     }
     let mut folders_before: BTreeSet<&str> = BTreeSet::new();
     if !state.direct_tables.is_empty() {
@@ -348,7 +364,7 @@ pub fn plan_from<'s, 'm>(
 
     p.ops.reserve_exact(
         removals.len()
-            + put_shared.len()
+            + put.len()
             + made
             + removed_shared.len()
             + domains.len()
@@ -356,13 +372,12 @@ pub fn plan_from<'s, 'm>(
             + folders_gone.len(),
     );
     p.ops.extend(removals);
-    for &id in &put_shared {
+    for (id, want) in put {
         p.ops.push(Event::PutShared {
             table_id: id.to_string(),
-            md5: tables[id].md5.to_string(),
+            md5: want.md5.to_string(),
         });
     }
-    drop(put_shared);
     // Consumed: each node of the set is freed once its references are events.
     for (((slot, id), want), decided) in refs.into_iter().zip(makes) {
         if let Some(strategy) = decided {
