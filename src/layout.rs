@@ -89,6 +89,14 @@ pub fn is_shared_rel(path: &str, table_id: &str) -> bool {
     is_joined(path, &[SHARED_DIR, "/", table_id, TABLE_EXT])
 }
 
+/// The `table_id` whose [`shared_rel`] `path` is, if any: the one id for which
+/// [`is_shared_rel`] holds.
+pub fn shared_id_of(path: &str) -> Option<&str> {
+    path.strip_prefix(SHARED_DIR)?
+        .strip_prefix('/')?
+        .strip_suffix(TABLE_EXT)
+}
+
 /// `path` is `parts` joined.
 fn is_joined(path: &str, parts: &[&str]) -> bool {
     let mut rest = path;

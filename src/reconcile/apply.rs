@@ -28,7 +28,7 @@ use crate::journal::event::{Event, Record};
 use crate::journal::Journal;
 use crate::layout::{self, Layout};
 use crate::reconcile::{heal, place};
-use crate::replay::project::{apply_event_owned, apply_fingerprints, compact_maps};
+use crate::replay::project::{apply_fingerprints, compact_maps, TxnFold};
 use crate::replay::state::{write_state, StatFp, Strategy, SyncState};
 
 /// Would a copy succeed where this link or clone failed (contract §2 fallbacks)?
@@ -561,9 +561,11 @@ pub fn finish(
         let mut state = base;
         // Consumed while their buffer shrinks: the records' memory goes back while
         // the state they become grows.
+        let mut fold = TxnFold::default();
         for r in crate::drain::drain_freeing(records) {
-            apply_event_owned(&mut state, r.event);
+            fold.event_owned(&mut state, r.event);
         }
+        fold.finish(&mut state);
         compact_maps(&mut state);
         state
     };

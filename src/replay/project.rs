@@ -23,7 +23,7 @@
 //! for them asks [`check_journal`] (recovery, opening the journal for writing, asks
 //! [`check_records`] through `Journal::open_checked`, before a torn tail is cut).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::journal::event::{Event, Record, Slot, SlotRef};
@@ -113,9 +113,11 @@ pub fn project(records: &[Record]) -> Projection {
             Event::Committed { fingerprints } => {
                 let txn_records = open.remove(&r.txn).unwrap_or_default();
                 let pulled = requested(txn_records.iter().map(|r| &r.event));
+                let mut fold = TxnFold::default();
                 for tr in txn_records {
-                    apply_event(&mut state, &tr.event);
+                    fold.event(&mut state, &tr.event);
                 }
+                fold.finish(&mut state);
                 apply_fingerprints(&mut state, fingerprints);
                 state.journal = JournalPos {
                     txn: r.txn,
@@ -232,13 +234,10 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
         Event::RemoveBundle { slug } => {
             state.memory_domains.remove(slug);
         }
-        Event::PutShared { table_id, .. } => {
-            // The shared file is new: every entry's old fingerprint of it is stale.
-            for_each_entry(state, |_, id, e| {
-                if e.shares(id, table_id) {
-                    e.shared_fp = None;
-                }
-            });
+        Event::PutShared { .. } => {
+            let mut fold = TxnFold::default();
+            fold.event(state, ev);
+            fold.finish(state);
         }
         Event::Begin { .. }
         | Event::Stage { .. }
@@ -251,6 +250,55 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
         | Event::RemoveStray { .. }
         | Event::Request { .. }
         | Event::Place { .. } => {}
+    }
+}
+
+/// One transaction's events folded into a state: [`apply_event`] for each, except
+/// that the shared files' fingerprints its puts make stale (a put's file is new:
+/// every entry's old fingerprint of it is stale) are forgotten in one pass over the
+/// entries at the end ([`TxnFold::finish`]), not in one pass per put (a 1 % update
+/// of 100k tables made 1,000 passes over 150k entries: 5.8 s). The outcome is the
+/// same: between a put and the end of its transaction no event sets a shared
+/// fingerprint (only `Committed`'s fingerprints do, after `finish`), and an entry
+/// made after the put has none.
+#[derive(Default)]
+pub struct TxnFold {
+    /// The ids of the tables whose shared file was put.
+    stale: HashSet<String>,
+}
+
+impl TxnFold {
+    /// Fold `ev`.
+    pub fn event(&mut self, state: &mut SyncState, ev: &Event) {
+        match ev {
+            Event::PutShared { table_id, .. } => {
+                self.stale.insert(table_id.clone());
+            }
+            _ => apply_event(state, ev),
+        }
+    }
+
+    /// [`TxnFold::event`] for an event the caller no longer needs
+    /// ([`apply_event_owned`]).
+    pub fn event_owned(&mut self, state: &mut SyncState, ev: Event) {
+        match ev {
+            Event::PutShared { table_id, .. } => {
+                self.stale.insert(table_id);
+            }
+            other => apply_event_owned(state, other),
+        }
+    }
+
+    /// Forget the stale fingerprints. Call once the transaction's events are folded.
+    pub fn finish(self, state: &mut SyncState) {
+        if self.stale.is_empty() {
+            return;
+        }
+        for_each_entry(state, |_, id, e| {
+            if e.shared_fp.is_some() && e.shared_id(id).is_some_and(|t| self.stale.contains(t)) {
+                e.shared_fp = None;
+            }
+        });
     }
 }
 
@@ -313,5 +361,124 @@ pub fn compact_maps(state: &mut SyncState) {
         .collect();
     for tables in state.data_packages.values_mut() {
         *tables = std::mem::take(tables).into_iter().collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::event::Slot;
+    use crate::replay::state::{Md5Sum, Strategy, TableEntry};
+
+    const FP: StatFp = StatFp {
+        size: 1,
+        mtime_ns: 2,
+        ino: 3,
+    };
+
+    fn entry(slot: SlotRef<'_>, id: &str, shared_path: Option<&str>) -> TableEntry {
+        let e = TableEntry::new(
+            format!("n_{id}"),
+            Md5Sum::new("0123456789abcdef0123456789abcdef"),
+            None,
+            Strategy::Symlink,
+        );
+        let mut e = match shared_path {
+            Some(shared) => {
+                let mut r = String::new();
+                e.push_ref_path(slot, &mut r);
+                e.with_paths((slot, id), &r, shared)
+            }
+            None => e,
+        };
+        e.ref_fp = Some(FP);
+        e.shared_fp = Some(FP);
+        e
+    }
+
+    /// Which entries still hold a shared fingerprint: (slot, id).
+    fn with_shared_fp(state: &SyncState) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (slot, id, e) in state.entries() {
+            if e.shared_fp.is_some() {
+                out.push((format!("{slot:?}"), id.to_string()));
+            }
+        }
+        out
+    }
+
+    /// A transaction's puts forget exactly the shared fingerprints of the entries
+    /// naming the put files (by id, or by an odd path), whatever the order of its
+    /// events, as one pass per put did; references keep theirs.
+    #[test]
+    fn a_transaction_forgets_the_stale_shared_fingerprints_only() {
+        let mut state = SyncState::default();
+        state
+            .direct_tables
+            .insert("t1".into(), entry(SlotRef::Direct, "t1", None));
+        let p1 = state.data_packages.entry("p1".into()).or_default();
+        p1.insert("t1".into(), entry(SlotRef::Package("p1"), "t1", None));
+        p1.insert("t2".into(), entry(SlotRef::Package("p1"), "t2", None));
+        // An odd entry whose shared path names t1's file, and one naming no table's.
+        p1.insert(
+            "t9".into(),
+            entry(
+                SlotRef::Package("p1"),
+                "t9",
+                Some("data/_shared/t1.parquet"),
+            ),
+        );
+        p1.insert(
+            "t8".into(),
+            entry(SlotRef::Package("p1"), "t8", Some("data/_other/t8.parquet")),
+        );
+        assert!(!state.data_packages["p1"]["t9"].has_own_paths());
+
+        let put = |id: &str| Event::PutShared {
+            table_id: id.to_string(),
+            md5: "0123456789abcdef0123456789abcdef".to_string(),
+        };
+        let make = |slot: &str, id: &str| Event::MakeRef {
+            slot: Slot::Package(slot.to_string()),
+            table_id: id.to_string(),
+            name: format!("n_{id}"),
+            md5: "0123456789abcdef0123456789abcdef".to_string(),
+            size: None,
+            strategy: Strategy::Symlink,
+        };
+        let events = [put("t1"), make("p2", "t1"), put("t7"), make("p2", "t3")];
+
+        let mut folded = state.clone();
+        let mut fold = TxnFold::default();
+        for ev in &events {
+            fold.event(&mut folded, ev);
+        }
+        fold.finish(&mut folded);
+        // One event at a time (`apply_event`), owned, and through `project`.
+        let mut one_by_one = state.clone();
+        for ev in &events {
+            apply_event(&mut one_by_one, ev);
+        }
+        let mut owned = state.clone();
+        let mut fold = TxnFold::default();
+        for ev in events.clone() {
+            fold.event_owned(&mut owned, ev);
+        }
+        fold.finish(&mut owned);
+
+        assert_eq!(
+            with_shared_fp(&folded),
+            [
+                ("Package(\"p1\")".to_string(), "t2".to_string()),
+                ("Package(\"p1\")".to_string(), "t8".to_string()),
+            ]
+        );
+        assert_eq!(folded, one_by_one);
+        assert_eq!(folded, owned);
+        // References keep their fingerprints; those made here have none yet.
+        for (slot, id, e) in folded.entries() {
+            let made = slot == SlotRef::Package("p2");
+            assert_eq!(e.ref_fp, (!made).then_some(FP), "{slot:?} {id}");
+        }
     }
 }

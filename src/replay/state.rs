@@ -350,11 +350,12 @@ impl TableEntry {
         }
     }
 
-    /// Whether the entry of `id` names table `table_id`'s shared file.
-    pub fn shares(&self, id: &str, table_id: &str) -> bool {
+    /// The id of the table whose shared file the entry of `id` names (`None`: its
+    /// shared path is no table's).
+    pub fn shared_id<'a>(&'a self, id: &'a str) -> Option<&'a str> {
         match &self.odd {
-            Some(o) => layout::is_shared_rel(&o.shared_path, table_id),
-            None => id == table_id,
+            Some(o) => layout::shared_id_of(&o.shared_path),
+            None => Some(id),
         }
     }
 }
