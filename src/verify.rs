@@ -12,6 +12,14 @@
 //! that one whose reference path is another entry's reference is checked for
 //! content too, probed by itself.
 //!
+//! Nothing outside the directory is read, whatever the state says (a
+//! `sync_state.json` edited by hand reaches the audit unchecked): an entry whose
+//! slot, id or name is not one safe path component, or whose paths (when not the
+//! engine's) are absolute or hold `..`, and a memory domain whose slug is not one
+//! safe component or whose path is absolute or holds `..`, are reported
+//! (`unsafe_path`, naming the entry and what is wrong, where `bad_path` or
+//! `missing_domain` would be) and never probed or hashed.
+//!
 //! Probes: each shared file once, each reference once, a folder at a time
 //! (`Fs::symlink_metadata_in` / `Fs::metadata_in` from one folder descriptor,
 //! batches spread over threads): `lstat` and, for a symlink, `stat` when
@@ -45,7 +53,8 @@ use crate::error::{IoContext, Result};
 use crate::fs::{Fs, Kind, Meta, NameBatch, RealFs};
 use crate::journal::event::SlotRef;
 use crate::layout::{self, Layout};
-use crate::replay::state::{StatFp, SyncState, TableEntry};
+use crate::reconcile::manifest::is_safe_component;
+use crate::replay::state::{DomainEntry, StatFp, SyncState, TableEntry};
 
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -164,8 +173,66 @@ fn walk_to<'s, T>(names: &[T], at: &mut usize, name: &str, stem: impl Fn(&T) -> 
         .is_some_and(|x| cmp_stem(stem(x), name).is_eq())
 }
 
-/// Marks an entry whose paths are not the engine's own (in `Tables::shared_of`).
+/// Marks an entry whose paths are not the engine's own, or not safe to look at
+/// ([`unsafe_entry`]), in `Tables::shared_of`.
 const BAD: u32 = u32::MAX;
+
+/// `slot`'s folder under `data/` is one safe component (`_direct`, or the slug).
+fn safe_slot(slot: SlotRef<'_>) -> bool {
+    match slot {
+        SlotRef::Direct => true,
+        SlotRef::Package(slug) => is_safe_component(slug),
+    }
+}
+
+/// Why the audit must not look at the files of the entry of `id` in `slot`, if it
+/// must not: a slug, id or name that is not one safe path component (the
+/// engine's paths are built from them), or a path of its own (not the engine's)
+/// that is absolute or holds `..` (`layout::is_engine_path`).
+fn unsafe_entry(slot: SlotRef<'_>, id: &str, e: &TableEntry) -> Option<String> {
+    let unsafe_name = |what: &str, v: &str| {
+        (!is_safe_component(v)).then(|| format!("{what} {v:?} is not a safe path component"))
+    };
+    let outside = |what: &str, p: &str| {
+        (!layout::is_engine_path(p))
+            .then(|| format!("{what} {p:?} could lead outside the directory"))
+    };
+    let problem = match slot {
+        SlotRef::Direct => None,
+        SlotRef::Package(slug) => unsafe_name("package slug", slug),
+    }
+    .or_else(|| unsafe_name("table id", id))
+    .or_else(|| unsafe_name("name", &e.name))
+    .or_else(|| {
+        if e.has_own_paths() {
+            return None;
+        }
+        outside("ref_path", &e.ref_path(slot))
+            .or_else(|| outside("shared_path", &e.shared_path(id)))
+    })?;
+    let entry = match slot {
+        SlotRef::Direct => format!("direct table {id:?}"),
+        SlotRef::Package(slug) => format!("table {id:?} of package {slug:?}"),
+    };
+    Some(format!(
+        "state entry of {entry}: {problem}; its files are not checked"
+    ))
+}
+
+/// Why the audit must not look at the bundle of the memory domain `slug`, if it
+/// must not (see [`unsafe_entry`]).
+fn unsafe_domain(slug: &str, d: &DomainEntry) -> Option<String> {
+    let problem = if !is_safe_component(slug) {
+        format!("slug {slug:?} is not a safe path component")
+    } else if !layout::is_engine_path(&d.path) {
+        format!("path {:?} could lead outside the directory", d.path)
+    } else {
+        return None;
+    };
+    Some(format!(
+        "state entry of memory domain {slug:?}: {problem}; its bundle is not checked"
+    ))
+}
 
 /// One slot (the direct tables, or a package): its entries are numbered
 /// `start..start + tables.len()`.
@@ -184,6 +251,9 @@ struct SlotView<'a> {
 }
 
 /// The state's table entries as the audit indexes them: by number, not by path.
+/// "The engine's own paths" below: `data/_shared/<id>.parquet` and
+/// `data/<slot>/<name>.parquet` with a safe slot, id and name; every other entry
+/// is [`BAD`].
 struct Tables<'a> {
     /// The direct tables, then the packages by slug.
     slots: Vec<SlotView<'a>>,
@@ -219,10 +289,15 @@ impl<'a> Tables<'a> {
         for (slot, sub, tables) in direct.chain(packages) {
             let start = ents.len() as u32;
             let mut by_name = Vec::new();
+            let slot_ok = safe_slot(slot);
             for (id, e) in tables {
                 let o = ents.len() as u32;
                 ents.push(e);
-                if e.has_own_paths() {
+                if slot_ok
+                    && e.has_own_paths()
+                    && is_safe_component(id)
+                    && is_safe_component(&e.name)
+                {
                     by_id.push((id, o));
                     by_name.push(o);
                     shared_of.push(0);
@@ -762,6 +837,10 @@ fn audit_listings(
         }
     }
     for (slug, d) in &state.memory_domains {
+        if let Some(why) = unsafe_domain(slug, d) {
+            out.push(v(4, "unsafe_path", &d.path, why));
+            continue;
+        }
         if !fs
             .exists(&layout.join(&d.path))
             .at("stat", &layout.join(&d.path))?
@@ -862,6 +941,10 @@ pub fn audit(
         for (o, (id, e)) in (s.start..).zip(s.tables) {
             let sh = t.shared_of[o as usize];
             if sh == BAD {
+                if let Some(why) = unsafe_entry(s.slot, id, e) {
+                    out.push(v(2, "unsafe_path", &e.ref_path(s.slot), why));
+                    continue;
+                }
                 let mut want_ref = String::new();
                 layout::push_ref_rel(&mut want_ref, s.slot, &e.name);
                 let want_shared = layout::shared_rel(id);
@@ -923,7 +1006,7 @@ pub fn audit(
     // path is another entry's (probed by itself: rare).
     for s in &t.slots {
         for (o, (id, e)) in (s.start..).zip(s.tables) {
-            if t.shared_of[o as usize] != BAD {
+            if t.shared_of[o as usize] != BAD || unsafe_entry(s.slot, id, e).is_some() {
                 continue;
             }
             let rel = e.ref_path(s.slot);

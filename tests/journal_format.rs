@@ -1585,11 +1585,15 @@ fn whole_tree(root: &std::path::Path) -> BTreeMap<std::path::PathBuf, Option<Vec
     out
 }
 
-/// A directory whose journal holds a committed pull, then a checkpoint of `state`
-/// (seq 4, transaction 2, at the returned byte offset), then a torn tail; with a
-/// state file and a reference on disk. Returns (dir, layout, checkpoint offset).
-fn dir_with_checkpoint(state: &SyncState) -> (tempfile::TempDir, Layout, u64) {
-    let (dir, layout) = temp_layout();
+/// A directory whose journal holds a committed pull, then `events` as one batch in
+/// transaction 2 (seq 4 onwards, its frame at the returned byte offset), then a
+/// torn tail; with a state file and a reference on disk. The directory is the
+/// folder `stack` of the returned temporary folder, so that `../../../victim`
+/// from `data/_direct/` is `victim` beside it. Returns (temporary folder, layout,
+/// offset of the batch).
+fn dir_with_batch(events: Vec<Event>) -> (tempfile::TempDir, Layout, u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = Layout::new(dir.path().join("stack"));
     let md5 = "0123456789abcdef0123456789abcdef".to_string();
     let pull = vec![
         (
@@ -1613,19 +1617,12 @@ fn dir_with_checkpoint(state: &SyncState) -> (tempfile::TempDir, Layout, u64) {
     ];
     write_batches(&layout, &[pull]);
     let at = read_journal(&layout).len() as u64;
-    write_batches(
-        &layout,
-        &[vec![(
-            2,
-            Event::Checkpoint {
-                state: Box::new(state.clone()),
-            },
-        )]],
-    );
+    write_batches(&layout, &[events.into_iter().map(|e| (2, e)).collect()]);
     // The first bytes of one more frame: an append a crash cut short.
     let mut bytes = read_journal(&layout);
+    let last = frame::scan(&bytes).records.last().expect("records").1.seq;
     let next = frame::encode_frame(&[Record {
-        seq: 5,
+        seq: last + 1,
         txn: 3,
         event: Event::Prepared,
     }])
@@ -1636,6 +1633,13 @@ fn dir_with_checkpoint(state: &SyncState) -> (tempfile::TempDir, Layout, u64) {
     std::fs::create_dir_all(layout.root.join("data/_direct")).unwrap();
     std::fs::write(layout.root.join("data/_direct/a.parquet"), b"abc").unwrap();
     (dir, layout, at)
+}
+
+/// [`dir_with_batch`] of one checkpoint of `state` (seq 4, transaction 2).
+fn dir_with_checkpoint(state: &SyncState) -> (tempfile::TempDir, Layout, u64) {
+    dir_with_batch(vec![Event::Checkpoint {
+        state: Box::new(state.clone()),
+    }])
 }
 
 /// A checkpoint is a whole state, paths included. One that fails the state file's
@@ -1752,4 +1756,195 @@ fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
         rec.notes
     );
     assert_eq!(rec.state.direct_tables.len(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Events naming what stack never writes.
+// ---------------------------------------------------------------------------
+
+/// Events name their files by ids, names and slugs (never paths) that validation
+/// proved safe. A checksum-valid record holding one that is not (hand-made: a
+/// `MakeRef` named `../../../victim`, a `..` slug, an md5 that is a path, a placed
+/// folder or a stray outside `data/`) was not written by stack: replay, recovery
+/// and the check before an append refuse the journal as corruption (exit 4),
+/// naming the record, its seq and transaction and the value, whether its
+/// transaction committed, reached its commit point or neither, and change nothing
+/// (the torn tail after it is not cut, the state file not rewritten). Before, a
+/// committed one was folded (heal then stat-ed and hashed the victim, and the next
+/// pull planned a removal apply refused, after its commit point: every later
+/// command failed), and a prepared one failed apply's check (exit 1) after the torn
+/// tail was cut.
+#[test]
+fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
+    use stack::replay::project::check_journal;
+    use stack::replay::recover::{journal_is_clean, recover, replay};
+    let md5 = || "0123456789abcdef0123456789abcdef".to_string();
+    let make_ref = |slot: Slot, table_id: &str, name: &str| Event::MakeRef {
+        slot,
+        table_id: table_id.into(),
+        name: name.into(),
+        md5: md5(),
+        size: Some(3),
+        strategy: RefStrategy::Copy,
+    };
+    let unsafe_component =
+        |what: &str, v: &str| format!("{what} {v:?} is not a safe path component");
+    let cases: Vec<(Event, String)> = vec![
+        (
+            make_ref(Slot::Direct, "tbl_a", "../../../victim"),
+            unsafe_component("name", "../../../victim"),
+        ),
+        (
+            make_ref(Slot::Direct, "tbl_a", "/victim"),
+            unsafe_component("name", "/victim"),
+        ),
+        (
+            make_ref(Slot::Package("..".into()), "tbl_a", "a"),
+            unsafe_component("slug", ".."),
+        ),
+        (
+            make_ref(Slot::Direct, "../../victim", "a"),
+            unsafe_component("table id", "../../victim"),
+        ),
+        (
+            Event::RemoveRef {
+                slot: Slot::Package("../..".into()),
+                table_id: "tbl_a".into(),
+                name: "a".into(),
+            },
+            unsafe_component("slug", "../.."),
+        ),
+        (
+            Event::PutShared {
+                table_id: "../victim".into(),
+                md5: md5(),
+            },
+            unsafe_component("table id", "../victim"),
+        ),
+        (
+            Event::PutShared {
+                table_id: "tbl_a".into(),
+                md5: "../../../../victim".into(),
+            },
+            r#"md5 "../../../../victim" is not 32 hex digits"#.to_string(),
+        ),
+        (
+            Event::RemoveShared {
+                table_id: "..".into(),
+            },
+            unsafe_component("table id", ".."),
+        ),
+        (
+            Event::PutBundle {
+                slug: "../..".into(),
+                md5: md5(),
+            },
+            unsafe_component("slug", "../.."),
+        ),
+        (
+            Event::RemoveBundle { slug: "/".into() },
+            unsafe_component("slug", "/"),
+        ),
+        (
+            Event::RemoveDir {
+                slug: "../..".into(),
+            },
+            unsafe_component("slug", "../.."),
+        ),
+        (
+            Event::Place {
+                staged: "place-0".into(),
+                rel: "data/../..".into(),
+            },
+            r#"folder "data/../.." is not one stack places"#.to_string(),
+        ),
+        (
+            Event::Place {
+                staged: "../../x".into(),
+                rel: "data/_shared".into(),
+            },
+            r#"staged folder "../../x" is not one stack makes"#.to_string(),
+        ),
+        (
+            Event::RemoveStray {
+                rel: "data/../../victim.parquet".into(),
+            },
+            r#"stray "data/../../victim.parquet" is not a path under data/ or memory/"#.to_string(),
+        ),
+    ];
+    // Committed, past its commit point only, or neither.
+    let tails: [&[Event]; 3] = [
+        &[
+            Event::Prepared,
+            Event::Committed {
+                fingerprints: Vec::new(),
+            },
+        ],
+        &[Event::Prepared],
+        &[],
+    ];
+    for (event, why) in cases {
+        for tail in tails {
+            let what = format!("{} then {} more", event.kind(), tail.len());
+            let mut events = vec![event.clone()];
+            events.extend(tail.iter().cloned());
+            let (tmp, layout, at) = dir_with_batch(events);
+            let victim = tmp.path().join("victim.parquet");
+            std::fs::write(&victim, b"abc").unwrap();
+            let before = whole_tree(&layout.root);
+            let refused = |e: Error| {
+                assert_eq!(e.exit_code(), 4, "{what}: {e}");
+                match &e {
+                    Error::JournalCorrupt { offset, record, .. } => {
+                        assert_eq!((*offset, *record), (at, 3), "{what}: {e}")
+                    }
+                    other => panic!("{what}: expected JournalCorrupt, got {other}"),
+                }
+                let msg = e.to_string();
+                assert!(msg.contains(&format!("byte offset {at}")), "{what}: {msg}");
+                assert!(
+                    msg.contains(&format!(
+                        "{} seq 4 (transaction 2) has a valid checksum",
+                        event.kind()
+                    )),
+                    "{what}: {msg}"
+                );
+                assert!(msg.contains(&why), "{what}: {msg}");
+            };
+            // The byte format keeps the records; what they mean is refused.
+            let scan = scan_file(&RealFs, &layout).unwrap().unwrap();
+            assert!(matches!(scan.end, End::TornTail { .. }), "{what}");
+            assert_eq!(scan.records.len(), 4 + tail.len(), "{what}");
+            refused(check_journal(&layout, &scan).unwrap_err());
+            refused(replay(real_fs(), &layout).err().expect("replay refuses"));
+            refused(recover(real_fs(), &layout).err().expect("recover refuses"));
+            refused(journal_is_clean(&RealFs, &layout).unwrap_err());
+            assert_eq!(
+                whole_tree(&layout.root),
+                before,
+                "{what}: the directory changed"
+            );
+            assert_eq!(std::fs::read(&victim).unwrap(), b"abc", "{what}");
+        }
+    }
+
+    // The same journal with events stack writes replays, cutting the torn tail:
+    // the refusals above are the events'.
+    let (_tmp, layout, _) = dir_with_batch(vec![
+        make_ref(Slot::Package("p1".into()), "tbl_b", "b"),
+        Event::RemoveStray {
+            rel: "data/p9/x.parquet".into(),
+        },
+        Event::Prepared,
+        Event::Committed {
+            fingerprints: Vec::new(),
+        },
+    ]);
+    let rec = replay(real_fs(), &layout).expect("replay");
+    assert!(
+        rec.notes.iter().any(|n| n.contains("torn tail")),
+        "{:?}",
+        rec.notes
+    );
+    assert_eq!(rec.state.data_packages["p1"].len(), 1);
 }

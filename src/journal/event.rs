@@ -1,9 +1,17 @@
 //! The events of the journal: the single list of everything the engine can do.
 //!
-//! Owns: [`Event`], [`Record`] and [`Slot`]. A new kind of mutation is a new variant
-//! here first; the applier (`reconcile::apply`), the projection (`replay::project`) and
-//! `journal show` all match on this enum exhaustively, so nothing can be done that
-//! the journal cannot say.
+//! Owns: [`Event`], [`Record`] and [`Slot`], and the rule of what an event may name
+//! ([`Event::check_paths`]). A new kind of mutation is a new variant here first; the
+//! applier (`reconcile::apply`), the projection (`replay::project`) and `journal show`
+//! all match on this enum exhaustively, so nothing can be done that the journal
+//! cannot say.
+//!
+//! Invariant kept: no event stack acts on names a path outside the local directory.
+//! Events hold ids, names, slugs and md5s, never paths (`layout` builds those), and
+//! [`Event::check_paths`] says whether each is one that validation could have let
+//! through; a checksum-valid record that fails it was not written by stack. The
+//! journal's readers refuse such a journal as corrupt before folding anything
+//! (`replay::project::check_records`), and the applier re-checks each event it runs.
 //!
 //! Compatibility: variants are encoded by index (bincode). Adding a variant, or
 //! changing an existing variant's fields, needs a new journal format version (see
@@ -71,9 +79,11 @@ pub struct Record {
 
 /// Everything the engine can do or declare. Paths are never stored: they are
 /// derived from ids, names and slugs that validation proved to be safe single
-/// path components, so a journal cannot point outside the local directory. (A
-/// `Checkpoint`'s state names paths, as `sync_state.json` does: see there how a
-/// journal holding one that stack did not write is refused.)
+/// path components, so a journal cannot point outside the local directory; a
+/// record holding one that is not (hand-made, with a valid checksum) fails
+/// [`Event::check_paths`] and is refused. (A `Checkpoint`'s state names paths, as
+/// `sync_state.json` does, and `gc`'s `RemoveStray` a path under `data/` or
+/// `memory/`: the same check holds them to the rules those must pass.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// A pull starts. `manifest_md5` identifies the manifest it pulls.
@@ -120,8 +130,8 @@ pub enum Event {
     /// The whole projection at this point; compaction starts a journal with it.
     /// Encoded in the journal through [`checkpoint_state`] (see there why). Any
     /// state decodes; one that fails `SyncState::check_paths` (the state file's
-    /// rule) makes the journal corrupt for every reader that acts on it
-    /// (`replay::project::check_records`).
+    /// rule, asked by [`Event::check_paths`]) makes the journal corrupt for every
+    /// reader that acts on it (`replay::project::check_records`).
     Checkpoint {
         #[serde(with = "checkpoint_state")]
         state: Box<SyncState>,
@@ -216,6 +226,103 @@ impl Event {
                 "key {key}, skipped {skipped_direct} direct / {skipped_packages} package tables"
             ),
             Event::Place { staged, rel } => format!("{rel}/ <- .stack/staging/{staged}/"),
+        }
+    }
+}
+
+impl Event {
+    /// Is every id, name, slug, md5 and path this event holds one stack could have
+    /// written? Ids, names and slugs must each be one safe path component (manifest
+    /// validation's rule); an md5 that names a staged file 32 hex digits; a placed
+    /// folder `data/_shared`, `data/_direct` or `data/<slug>` and its staged folder
+    /// one `reconcile::place` makes; a stray of `gc` a relative path under `data/`
+    /// or `memory/` without `.` or `..`; a checkpoint's state must pass
+    /// `SyncState::check_paths`. Everything else (a `Stage` URL, an abort reason,
+    /// the paths of `Committed` fingerprints, which only match entries) names no
+    /// path. `Err` says which value is wrong and why.
+    ///
+    /// Asked of every record a reader acts on (`replay::project::check_records`, a
+    /// whole journal on every pull that changes something): it allocates nothing
+    /// unless it refuses.
+    pub fn check_paths(&self) -> Result<(), String> {
+        use crate::reconcile::manifest::is_safe_component;
+        let safe = |what: &str, v: &str| {
+            if is_safe_component(v) {
+                Ok(())
+            } else {
+                Err(format!("{what} {v:?} is not a safe path component"))
+            }
+        };
+        let md5 = |v: &str| {
+            // Every byte looked at, none branched on: four times faster than
+            // `all(is_ascii_hexdigit)` over a journal's 100k md5s (`|0x20` makes
+            // only `A`-`F` into `a`-`f`).
+            let mut hex = v.len() == 32;
+            for c in v.bytes() {
+                hex &= c.is_ascii_digit() | matches!(c | 0x20, b'a'..=b'f');
+            }
+            if hex {
+                Ok(())
+            } else {
+                Err(format!("md5 {v:?} is not 32 hex digits"))
+            }
+        };
+        let slot = |s: &Slot| match s {
+            Slot::Direct => Ok(()),
+            Slot::Package(slug) => safe("slug", slug),
+        };
+        match self {
+            Event::PutShared { table_id, md5: m } => safe("table id", table_id).and(md5(m)),
+            Event::MakeRef {
+                slot: s,
+                table_id,
+                name,
+                ..
+            }
+            | Event::RemoveRef {
+                slot: s,
+                table_id,
+                name,
+            } => slot(s)
+                .and(safe("table id", table_id))
+                .and(safe("name", name)),
+            Event::RemoveShared { table_id } => safe("table id", table_id),
+            Event::PutBundle { slug, md5: m } => safe("slug", slug).and(md5(m)),
+            Event::RemoveBundle { slug } => safe("slug", slug),
+            Event::RemoveDir { slug } if slug == crate::layout::DIRECT_DIR => Ok(()),
+            Event::RemoveDir { slug } => safe("slug", slug),
+            Event::Place { staged, rel } => {
+                let folder = rel.strip_prefix("data/").is_some_and(|f| {
+                    f == "_shared" || f == crate::layout::DIRECT_DIR || is_safe_component(f)
+                });
+                if !folder {
+                    Err(format!("folder {rel:?} is not one stack places"))
+                } else if !(staged.starts_with(crate::reconcile::place::PREFIX)
+                    && is_safe_component(staged))
+                {
+                    Err(format!("staged folder {staged:?} is not one stack makes"))
+                } else {
+                    Ok(())
+                }
+            }
+            Event::RemoveStray { rel } => {
+                if (rel.starts_with("data/") || rel.starts_with("memory/"))
+                    && crate::layout::is_engine_path(rel)
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "stray {rel:?} is not a path under data/ or memory/"
+                    ))
+                }
+            }
+            Event::Checkpoint { state } => state.check_paths(),
+            Event::Begin { .. }
+            | Event::Stage { .. }
+            | Event::Prepared
+            | Event::Committed { .. }
+            | Event::Aborted { .. }
+            | Event::Request { .. } => Ok(()),
         }
     }
 }
@@ -506,6 +613,154 @@ mod tests {
                 state: Box::new(state),
             },
         }
+    }
+
+    /// What the engine writes passes; a name, slug, md5, folder or stray that could
+    /// lead anywhere else is refused, naming the value.
+    #[test]
+    fn check_paths_accepts_what_stack_writes_only() {
+        let md5 = "0123456789ABCDEF0123456789abcdef";
+        let make_ref = |slot: Slot, id: &str, name: &str| Event::MakeRef {
+            slot,
+            table_id: id.into(),
+            name: name.into(),
+            md5: "not an md5: never a path".into(),
+            size: None,
+            strategy: Strategy::Symlink,
+        };
+        let good = [
+            make_ref(Slot::Direct, "tbl_a", "a.b-c_d"),
+            make_ref(Slot::Package("p1".into()), "tbl_a", "a"),
+            Event::PutShared {
+                table_id: "tbl_a".into(),
+                md5: md5.into(),
+            },
+            Event::PutBundle {
+                slug: "ops".into(),
+                md5: md5.into(),
+            },
+            Event::RemoveDir {
+                slug: "_direct".into(),
+            },
+            Event::RemoveDir { slug: "p1".into() },
+            Event::Place {
+                staged: "place-0".into(),
+                rel: "data/_shared".into(),
+            },
+            Event::Place {
+                staged: "place-12".into(),
+                rel: "data/p1".into(),
+            },
+            Event::RemoveStray {
+                rel: "data/p1/x y.txt".into(),
+            },
+            Event::RemoveStray {
+                rel: "memory/old".into(),
+            },
+            Event::Stage {
+                md5: "any".into(),
+                url: "../../x".into(),
+            },
+            Event::Committed {
+                fingerprints: vec![("/etc/passwd".into(), FP)],
+            },
+            checkpoint(SyncState {
+                data_packages: Default::default(),
+                ..state(true)
+            })
+            .event,
+        ];
+        for ev in good {
+            assert_eq!(ev.check_paths(), Ok(()), "{ev:?}");
+        }
+        let bad = [
+            (
+                make_ref(Slot::Direct, "tbl_a", "../x"),
+                r#"name "../x" is not a safe path component"#,
+            ),
+            (
+                make_ref(Slot::Package("a/b".into()), "tbl_a", "a"),
+                r#"slug "a/b" is not a safe path component"#,
+            ),
+            (
+                Event::RemoveRef {
+                    slot: Slot::Direct,
+                    table_id: "".into(),
+                    name: "a".into(),
+                },
+                r#"table id "" is not a safe path component"#,
+            ),
+            (
+                Event::PutShared {
+                    table_id: "tbl_a".into(),
+                    md5: "0123456789abcdef0123456789abcde/".into(),
+                },
+                r#"md5 "0123456789abcdef0123456789abcde/" is not 32 hex digits"#,
+            ),
+            (
+                Event::PutBundle {
+                    slug: "ops".into(),
+                    md5: "0123456789abcdef0123456789abcdefg".into(),
+                },
+                r#"md5 "0123456789abcdef0123456789abcdefg" is not 32 hex digits"#,
+            ),
+            (
+                Event::RemoveShared {
+                    table_id: ".".into(),
+                },
+                r#"table id "." is not a safe path component"#,
+            ),
+            (
+                Event::RemoveBundle { slug: "..".into() },
+                r#"slug ".." is not a safe path component"#,
+            ),
+            (
+                Event::RemoveDir {
+                    slug: "_shared/..".into(),
+                },
+                r#"slug "_shared/.." is not a safe path component"#,
+            ),
+            (
+                Event::RemoveStray {
+                    rel: "/etc/passwd".into(),
+                },
+                r#"stray "/etc/passwd" is not a path under data/ or memory/"#,
+            ),
+            (
+                Event::RemoveStray {
+                    rel: "memory/../../x".into(),
+                },
+                r#"stray "memory/../../x" is not a path under data/ or memory/"#,
+            ),
+            (
+                Event::RemoveStray {
+                    rel: ".stack/journal".into(),
+                },
+                r#"stray ".stack/journal" is not a path under data/ or memory/"#,
+            ),
+        ];
+        for (ev, why) in bad {
+            assert_eq!(ev.check_paths(), Err(why.to_string()), "{ev:?}");
+        }
+        // A placed folder and its staged folder are ones `reconcile::place` makes.
+        for (staged, rel) in [
+            ("place-0", "memory/x"),
+            ("place-0", "data/../x"),
+            ("place-0", "data"),
+            ("../x", "data/_shared"),
+            ("other", "data/_shared"),
+        ] {
+            let ev = Event::Place {
+                staged: staged.into(),
+                rel: rel.into(),
+            };
+            assert!(ev.check_paths().is_err(), "{staged} {rel}");
+        }
+        // A checkpoint: the state file's rule (the sample's package entry has the
+        // direct table's paths).
+        let s = state(true);
+        assert!(s.check_paths().is_err());
+        assert_eq!(checkpoint(s.clone()).event.check_paths(), s.check_paths());
     }
 
     /// Regression: a checkpoint whose state has absent optional fields did not

@@ -15,6 +15,9 @@
 //!   was taken meanwhile; a redo finds it gone and the steps that travelled in it
 //!   then run as any other.
 //! - Nothing temporary is ever created inside `data/` or `memory/`.
+//! - No step runs on a name or path that could leave the directory: each event is
+//!   checked (`Event::check_paths`, the rule the journal's readers refuse a journal
+//!   by) before it is applied, whatever wrote the journal.
 //! - `Committed` is appended only after `sync_fs` made every applied step durable, so a
 //!   durable `Committed` implies a durable applied tree.
 
@@ -231,7 +234,10 @@ impl<'a> Applier<'a> {
 
     /// Apply one event (no-op for events that are not apply steps).
     pub fn apply(&self, seq: u64, ev: &Event) -> Result<()> {
-        check_event_paths(ev).map_err(|message| crate::Error::State {
+        // The backstop under validation and the journal's readers
+        // (`replay::project::check_records`): whatever wrote the journal, no step
+        // runs on a name or path that could leave the directory.
+        ev.check_paths().map_err(|message| crate::Error::State {
             path: self.layout.journal(),
             message: format!("refusing journal event {}: {message}", ev.kind()),
         })?;
@@ -356,16 +362,7 @@ impl<'a> Applier<'a> {
                 }
             }
             Event::RemoveStray { rel } => {
-                // Validated when planned; checked again so a hand-made journal can
-                // never point outside the directory.
-                let inside = (rel.starts_with("data/") || rel.starts_with("memory/"))
-                    && layout::is_engine_path(rel);
-                if !inside {
-                    return Err(crate::Error::State {
-                        path: l.journal(),
-                        message: format!("refusing to remove {rel:?}: not under data/ or memory/"),
-                    });
-                }
+                // (Under data/ or memory/: checked above, as every event's names.)
                 // gc is best effort: a stray the user's permissions keep in place
                 // is reported and skipped, never a step recovery must repeat.
                 match self.to_trash(seq, &l.join(rel)) {
@@ -432,65 +429,6 @@ fn parallel_kind(ev: &Event) -> Option<&'static str> {
     match ev {
         Event::PutShared { .. } | Event::MakeRef { .. } => Some(ev.kind()),
         _ => None,
-    }
-}
-
-/// The backstop under validation: every id, name, slug and md5 an apply event turns
-/// into a path must be one safe component, whatever wrote the journal.
-fn check_event_paths(ev: &Event) -> std::result::Result<(), String> {
-    use crate::journal::event::Slot;
-    use crate::reconcile::manifest::is_safe_component;
-    let safe = |what: &str, v: &str| {
-        if is_safe_component(v) {
-            Ok(())
-        } else {
-            Err(format!("{what} {v:?} is not a safe path component"))
-        }
-    };
-    let md5 = |v: &str| {
-        if v.len() == 32 && v.bytes().all(|c| c.is_ascii_hexdigit()) {
-            Ok(())
-        } else {
-            Err(format!("md5 {v:?} is not 32 hex digits"))
-        }
-    };
-    let slot = |s: &Slot| match s {
-        Slot::Direct => Ok(()),
-        Slot::Package(slug) => safe("slug", slug),
-    };
-    match ev {
-        Event::PutShared { table_id, md5: m } => safe("table id", table_id).and(md5(m)),
-        Event::MakeRef {
-            slot: s,
-            table_id,
-            name,
-            ..
-        }
-        | Event::RemoveRef {
-            slot: s,
-            table_id,
-            name,
-        } => slot(s)
-            .and(safe("table id", table_id))
-            .and(safe("name", name)),
-        Event::RemoveShared { table_id } => safe("table id", table_id),
-        Event::PutBundle { slug, md5: m } => safe("slug", slug).and(md5(m)),
-        Event::RemoveBundle { slug } => safe("slug", slug),
-        Event::RemoveDir { slug } if slug == "_direct" => Ok(()),
-        Event::RemoveDir { slug } => safe("slug", slug),
-        Event::Place { staged, rel } => {
-            let folder = rel
-                .strip_prefix("data/")
-                .is_some_and(|f| f == "_shared" || f == "_direct" || is_safe_component(f));
-            if !folder {
-                Err(format!("folder {rel:?} is not one stack places"))
-            } else if !(staged.starts_with(place::PREFIX) && is_safe_component(staged)) {
-                Err(format!("staged folder {staged:?} is not one stack makes"))
-            } else {
-                Ok(())
-            }
-        }
-        _ => Ok(()),
     }
 }
 
@@ -755,22 +693,5 @@ mod tests {
         assert_eq!(fs.read(&l.join("data/pkg/n.parquet")).unwrap(), b"x");
         // `data/` made, then one rename.
         assert_eq!(fs.ops() - before, 2, "{:?}", fs.op_log());
-    }
-
-    #[test]
-    fn place_refuses_folders_it_does_not_make() {
-        for (staged, rel) in [
-            ("place-0", "memory/x"),
-            ("place-0", "data/../x"),
-            ("place-0", "data"),
-            ("../x", "data/_shared"),
-            ("other", "data/_shared"),
-        ] {
-            let ev = Event::Place {
-                staged: staged.into(),
-                rel: rel.into(),
-            };
-            assert!(check_event_paths(&ev).is_err(), "{staged} {rel}");
-        }
     }
 }

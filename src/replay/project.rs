@@ -6,21 +6,24 @@
 //! `Committed` record is in the journal (recovery appends that record for a
 //! transaction past its `Prepared` commit point once it has rolled it forward).
 //!
-//! A `Checkpoint` record *is* a state, paths included, so it must pass the rule a
-//! `sync_state.json` must pass before recovery trusts or adopts it
+//! Every record must pass [`Event::check_paths`]: an event names its files by ids,
+//! names and slugs that validation proved to be single safe path components (never
+//! paths), and a `Checkpoint` record *is* a state, paths included, so it must pass
+//! the rule a `sync_state.json` must pass before recovery trusts or adopts it
 //! ([`SyncState::check_paths`]: every id, name and slug one safe path component,
-//! every path the layout's for its entry). The engine only checkpoints the
-//! projection of a journal it wrote, or an adopted state file, both of which pass
-//! it; a checkpoint that does not was not written by stack, and folding it would
-//! send heal, verify and recovery to its paths (absolute, `..`, another entry's).
-//! Such a journal is corrupt (exit 4), like a frame whose checksum is valid but
-//! whose payload does not decode, and it is refused before anything is cut,
-//! rewritten or acted on. A path that is only odd (inside the directory, but not
-//! the layout's for its entry) is refused too, as the state file's rule refuses it:
-//! stack never checkpoints one. The journal's byte format (`journal::frame`)
-//! reads any state, so the format round-trips and `journal show` lists the records
-//! before it reports the refusal; every reader that acts on the records or vouches
-//! for them asks [`check_journal`] (recovery, opening the journal for writing, asks
+//! every path the layout's for its entry). The engine writes no other records; one
+//! that fails the check (a `MakeRef` named `../../x`, a checkpoint naming an
+//! absolute path) was not written by stack, and folding it would send heal, verify,
+//! recovery and the next pull's plan to paths outside the directory (or to a step
+//! apply refuses, after its commit point). Such a journal is corrupt (exit 4), like
+//! a frame whose checksum is valid but whose payload does not decode, and it is
+//! refused before anything is folded, cut, rewritten or acted on. A checkpoint path
+//! that is only odd (inside the directory, but not the layout's for its entry) is
+//! refused too, as the state file's rule refuses it: stack never checkpoints one.
+//! The journal's byte format (`journal::frame`) reads any record, so the format
+//! round-trips and `journal show` lists the records before it reports the refusal;
+//! every reader that acts on the records or vouches for them asks
+//! [`check_journal`] (recovery, opening the journal for writing, asks
 //! [`check_records`] through `Journal::open_checked`, before a torn tail is cut).
 
 use std::collections::{BTreeMap, HashSet};
@@ -33,24 +36,30 @@ use crate::replay::state::{
     DomainEntry, JournalPos, Md5Sum, Pulled, StatFp, SyncState, TableEntry,
 };
 
-/// Refuse a journal holding a record the projection must not fold: a `Checkpoint`
-/// whose state fails [`SyncState::check_paths`] (see the module docs). The error is
-/// [`Error::JournalCorrupt`] naming the record (its frame's byte offset, its number,
-/// its seq and transaction) and what is wrong with it. Reads nothing but `scan`.
+/// Refuse a journal holding a record the projection must not fold: one that fails
+/// [`Event::check_paths`] (see the module docs), a `Checkpoint` whose state fails
+/// [`SyncState::check_paths`] included. The error is [`Error::JournalCorrupt`]
+/// naming the first such record (its frame's byte offset, its number, its seq and
+/// transaction) and the value that is wrong. Reads nothing but `scan`, and
+/// allocates only the error: it runs over the whole journal before every fold.
 pub fn check_records(layout: &Layout, scan: &Scan) -> Result<()> {
     for (i, (offset, r)) in scan.records.iter().enumerate() {
-        if let Event::Checkpoint { state } = &r.event {
-            if let Err(why) = state.check_paths() {
-                return Err(Error::JournalCorrupt {
-                    path: layout.journal(),
-                    offset: *offset,
-                    record: i as u64,
-                    reason: format!(
-                        "checkpoint seq {} (transaction {}) has a valid checksum but holds a state stack never writes: {why}",
-                        r.seq, r.txn
-                    ),
-                });
-            }
+        if let Err(why) = r.event.check_paths() {
+            let what = match r.event {
+                Event::Checkpoint { .. } => "holds a state stack never writes",
+                _ => "is not one stack writes",
+            };
+            return Err(Error::JournalCorrupt {
+                path: layout.journal(),
+                offset: *offset,
+                record: i as u64,
+                reason: format!(
+                    "{} seq {} (transaction {}) has a valid checksum but {what}: {why}",
+                    r.event.kind(),
+                    r.seq,
+                    r.txn
+                ),
+            });
         }
     }
     Ok(())

@@ -9,9 +9,11 @@
 //!
 //! Neither a state file nor a journal steers recovery to paths stack does not
 //! write: the state file is trusted (fast path) or adopted (journal missing) only
-//! if it passes `SyncState::check_paths`; a journal holding a checkpoint that fails
-//! it is refused as corrupt (exit 4, `replay::project::check_records`) before
-//! anything is cut or rewritten, and so is appending to it after the fast path.
+//! if it passes `SyncState::check_paths`; a journal holding an event that fails
+//! `Event::check_paths` (a name, slug or path that could leave the directory, a
+//! checkpoint that fails `SyncState::check_paths`) is refused as corrupt (exit 4,
+//! `replay::project::check_records`) before anything is folded, cut or
+//! rewritten, and so is appending to it after the fast path.
 
 use std::sync::Arc;
 
@@ -219,10 +221,10 @@ pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
 
 /// Recovery from the journal alone (`stack journal replay`): never trusts the state
 /// file, always folds the journal and rewrites `sync_state.json` if it differs. A
-/// corrupt journal, a checkpoint that holds no state stack writes included, is an
-/// error before anything in the directory changes.
+/// corrupt journal, one holding a record stack never writes included, is an error
+/// before anything in the directory changes.
 pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
-    // A checkpoint of no state stack writes is refused before anything is cut.
+    // A record stack never writes is refused before anything is cut.
     let opened = Journal::open_checked(fs.clone(), layout, |scan| check_records(layout, scan))?;
     let mut journal = opened.journal;
     let mut notes = Vec::new();

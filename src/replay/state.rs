@@ -607,7 +607,10 @@ impl SyncState {
     /// path is the one the layout builds from them: a state file edited by hand (or
     /// written by something else) must never point the engine outside the directory.
     /// Recovery asks it of the state file it trusts or adopts, and of every
-    /// journal checkpoint (`replay::project::check_records`).
+    /// journal checkpoint (`Event::check_paths`, asked by
+    /// `replay::project::check_records`). (`verify` audits a state file as it
+    /// finds it, without this check: it reports an entry that could lead outside
+    /// the directory and keeps away from its files on its own.)
     pub fn check_paths(&self) -> std::result::Result<(), String> {
         use crate::reconcile::manifest::is_safe_component;
         // Read by every command: an entry holds its paths only if they are not

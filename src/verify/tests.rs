@@ -749,3 +749,232 @@ fn a_short_batch_is_an_error() {
         "{err}"
     );
 }
+
+/// An [`Fs`] that reads through [`RealFs`] and notes every path the audit reaches
+/// that is not inside `root` (lexically: `..` taken back).
+struct Watching {
+    root: PathBuf,
+    outside: std::sync::Mutex<Vec<PathBuf>>,
+}
+
+impl Watching {
+    fn new(root: &Path) -> Watching {
+        Watching {
+            root: root.to_path_buf(),
+            outside: Default::default(),
+        }
+    }
+
+    fn note(&self, path: &Path) {
+        use std::path::Component;
+        let mut p = PathBuf::new();
+        for c in path.components() {
+            match c {
+                Component::ParentDir => {
+                    p.pop();
+                }
+                Component::CurDir => {}
+                c => p.push(c),
+            }
+        }
+        if !p.starts_with(&self.root) {
+            self.outside.lock().unwrap().push(path.to_path_buf());
+        }
+    }
+
+    fn take(&self) -> Vec<PathBuf> {
+        std::mem::take(&mut *self.outside.lock().unwrap())
+    }
+}
+
+impl Fs for Watching {
+    fn symlink_metadata(&self, path: &Path) -> io::Result<Meta> {
+        self.note(path);
+        RealFs.symlink_metadata(path)
+    }
+    fn metadata(&self, path: &Path) -> io::Result<Meta> {
+        self.note(path);
+        RealFs.metadata(path)
+    }
+    fn metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
+        names.iter().map(|n| self.metadata(&dir.join(n))).collect()
+    }
+    fn symlink_metadata_in(&self, dir: &Path, names: &[&str]) -> Vec<io::Result<Meta>> {
+        names
+            .iter()
+            .map(|n| self.symlink_metadata(&dir.join(n)))
+            .collect()
+    }
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>> {
+        self.note(path);
+        RealFs.read_dir(path)
+    }
+    fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
+        self.note(path);
+        RealFs.read_link(path)
+    }
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn io::Read + Send>> {
+        self.note(path);
+        RealFs.open_read(path)
+    }
+    fn create(&self, _: &Path) -> io::Result<Box<dyn crate::fs::FileWrite>> {
+        unreachable!("the audit only reads")
+    }
+    fn open_append(&self, _: &Path) -> io::Result<Box<dyn crate::fs::FileWrite>> {
+        unreachable!("the audit only reads")
+    }
+    fn truncate(&self, _: &Path, _: u64) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn sync_dir(&self, _: &Path) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn sync_fs(&self, _: &Path) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn rename(&self, _: &Path, _: &Path) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn hard_link(&self, _: &Path, _: &Path) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn symlink(&self, _: &Path, _: &Path) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn reflink(&self, _: &Path, _: &Path) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn remove_file(&self, _: &Path) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn create_dir(&self, _: &Path) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn remove_dir(&self, _: &Path) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn set_readonly(&self, _: &Path, _: bool) -> io::Result<()> {
+        unreachable!("the audit only reads")
+    }
+    fn lock(&self, _: &Path, _: bool) -> io::Result<Option<Box<dyn crate::fs::LockGuard>>> {
+        unreachable!("the audit only reads")
+    }
+}
+
+/// A state file edited by hand reaches the audit unchecked: entries whose slug, id
+/// or name is not one safe path component (their paths built from them leave the
+/// directory), one whose own shared path is absolute (with a reference that is
+/// another entry's, which the content check would otherwise probe with it), and
+/// memory domains with an unsafe slug or a path outside are each reported as
+/// `unsafe_path` where `bad_path` / `missing_domain` would be, in every mode, and
+/// nothing outside the directory is stat-ed, listed, read or hashed (before, the
+/// audit stat-ed and hashed the victim through all of them).
+#[test]
+fn unsafe_entries_are_reported_and_nothing_outside_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("d");
+    let root = root.as_path();
+    let victim = tmp.path().join("victim.parquet");
+    std::fs::write(&victim, "V").unwrap();
+    let victim = victim.to_str().unwrap();
+    write(root, "data/_shared/ok.parquet", "OK");
+    write(root, "data/_direct/ok.parquet", "OK");
+    let st = state(
+        json!({
+            "../../../victim": entry(root, "v", &h("V"), "data/_direct/v.parquet",
+                                     "data/_shared/../../../victim.parquet", "copy", false),
+            "ok": entry(root, "ok", &h("OK"), "data/_direct/ok.parquet",
+                        "data/_shared/ok.parquet", "copy", true),
+            "t1": entry(root, "../../../victim", &h("V"), "data/_direct/../../../victim.parquet",
+                        "data/_shared/t1.parquet", "copy", false),
+            // Not the engine's paths; its reference is ok's, its shared file the
+            // victim (with fingerprints, which the content check compares).
+            "t2": {"name": "t2", "md5": h("V"), "ref_path": "data/_direct/ok.parquet",
+                   "shared_path": victim, "strategy": "copy",
+                   "ref_fp": fp(root, "data/_direct/ok.parquet"),
+                   "shared_fp": fp(tmp.path(), "victim.parquet")},
+        }),
+        json!({
+            "../..": {
+                "t4": {"name": "victim", "md5": h("V"), "ref_path": "data/../../victim.parquet",
+                       "shared_path": "data/_shared/t4.parquet", "strategy": "copy"},
+            },
+        }),
+        json!({
+            "../x": {"md5": h("# x"), "path": "memory/../x/bundle.md"},
+            "m": {"md5": h("V"), "path": "../victim.parquet"},
+        }),
+    );
+    let fs = Watching::new(root);
+    let hash = |p: &Path| {
+        fs.note(p);
+        hash_file(p)
+    };
+    let layout = Layout::new(root);
+    let entry_row = |path: &str, entry: &str, problem: &str| {
+        row(
+            2,
+            "unsafe_path",
+            path,
+            format!("state entry of {entry}: {problem}; its files are not checked"),
+        )
+    };
+    let domain_row = |path: &str, slug: &str, problem: &str| {
+        row(
+            4,
+            "unsafe_path",
+            path,
+            format!("state entry of memory domain {slug:?}: {problem}; its bundle is not checked"),
+        )
+    };
+    let want = vec![
+        entry_row(
+            "data/_direct/v.parquet",
+            r#"direct table "../../../victim""#,
+            r#"table id "../../../victim" is not a safe path component"#,
+        ),
+        entry_row(
+            "data/_direct/../../../victim.parquet",
+            r#"direct table "t1""#,
+            r#"name "../../../victim" is not a safe path component"#,
+        ),
+        entry_row(
+            "data/_direct/ok.parquet",
+            r#"direct table "t2""#,
+            &format!("shared_path {victim:?} could lead outside the directory"),
+        ),
+        entry_row(
+            "data/../../victim.parquet",
+            r#"table "t4" of package "../..""#,
+            r#"package slug "../.." is not a safe path component"#,
+        ),
+        domain_row(
+            "memory/../x/bundle.md",
+            "../x",
+            r#"slug "../x" is not a safe path component"#,
+        ),
+        domain_row(
+            "../victim.parquet",
+            "m",
+            r#"path "../victim.parquet" could lead outside the directory"#,
+        ),
+    ];
+    for (i, c) in [
+        Contents::Skip,
+        Contents::FingerprintMd5,
+        Contents::Fingerprint(&hash),
+        Contents::RehashMd5(1),
+        Contents::RehashMd5(3),
+        Contents::Rehash(&hash, 2),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let got = rows(audit(&fs, &layout, &st, c).unwrap());
+        assert_eq!(fs.take(), Vec::<PathBuf>::new(), "mode {i}: read outside");
+        assert_eq!(got, want, "mode {i}");
+    }
+    // `audit_invariants` (the library API) is the same audit.
+    let got = rows(audit_invariants(&root.join("data"), &st));
+    assert_eq!(got, want);
+}

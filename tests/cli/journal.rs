@@ -374,3 +374,108 @@ fn a_checkpoint_pointing_outside_the_directory_is_corruption_and_nothing_changes
         names_it(&verify(&dir, true).json_error(4));
     }
 }
+
+/// A hand-made, checksum-valid, committed `MakeRef` naming `../../../victim` (an
+/// event holds names, never paths; this one is no name validation lets through) is
+/// corruption: every command that would fold the journal exits 4 naming the record,
+/// its seq and transaction and the name, and nothing in the directory changes.
+/// Before, recovery folded it: heal stat-ed and hashed the victim, and the next
+/// pull planned its removal after its commit point, which apply refused (exit 1),
+/// and so did every later command.
+#[test]
+fn an_event_naming_a_path_outside_the_directory_is_corruption_and_nothing_changes() {
+    use stack::fs::RealFs;
+    use stack::journal::{scan_file, Event, Journal, Slot};
+    use stack::layout::Layout;
+    use stack::replay::state::Strategy;
+    use std::sync::Arc;
+
+    let (o, l) = pulled("copy");
+    let dir = l.dir();
+    let d = dir.to_str().unwrap();
+    // Outside the directory, with tbl_a's content.
+    let content = b"table a, version 1\n";
+    let victim = l.tmp.path().join("victim.parquet");
+    std::fs::write(&victim, content).unwrap();
+    let layout = Layout::new(&dir);
+    let mut journal = Journal::open(Arc::new(RealFs), &layout).unwrap().journal;
+    let txn = journal.new_txn();
+    let seq = journal.append(
+        txn,
+        Event::MakeRef {
+            slot: Slot::Direct,
+            table_id: "tbl_a".into(),
+            name: "../../../victim".into(),
+            md5: md5_hex(content),
+            size: Some(content.len() as u64),
+            strategy: Strategy::Copy,
+        },
+    );
+    journal.append(txn, Event::Prepared);
+    journal.append(
+        txn,
+        Event::Committed {
+            fingerprints: Vec::new(),
+        },
+    );
+    journal.sync().unwrap();
+    drop(journal);
+    let scan = scan_file(&RealFs, &layout).unwrap().unwrap();
+    let (record, offset) = scan
+        .records
+        .iter()
+        .enumerate()
+        .find(|(_, (_, r))| r.seq == seq)
+        .map(|(i, (offset, _))| (i, *offset))
+        .unwrap();
+
+    let jpath = dir.join(".stack/journal");
+    let bytes = std::fs::read(&jpath).unwrap();
+    let no_lock = |s: &Snapshot| -> Snapshot {
+        s.iter()
+            .filter(|(p, _)| p.as_path() != Path::new(".stack/lock"))
+            .map(|(p, n)| (p.clone(), n.clone()))
+            .collect()
+    };
+    let before = snapshot(&dir);
+    let names_it = |msg: &str| {
+        for part in [
+            format!("is corrupt at byte offset {offset} (record {record})"),
+            format!("make_ref seq {seq} (transaction {txn}) has a valid checksum"),
+            r#"name "../../../victim" is not a safe path component"#.to_string(),
+        ] {
+            assert!(msg.contains(&part), "{part:?} not in {msg}");
+        }
+    };
+
+    let r = stack(&["journal", "replay", "--dir", d]);
+    assert_eq!(r.code, 4, "{r:?}");
+    names_it(&r.stderr);
+    let r = pull(&o.manifest(), &dir, &["--json"]);
+    names_it(&r.json_error(4));
+    assert_eq!(r.json()["error"]["kind"], json!("journal_corrupt"));
+    let m2 = o.write(&base_tables()[1..], &base_domains(), "v2.json");
+    names_it(&pull(&m2, &dir, &["--json"]).json_error(4));
+    let m = o.manifest();
+    let m = m.to_str().unwrap();
+    names_it(&stack(&["status", "--manifest", m, "--dir", d, "--json"]).json_error(4));
+    names_it(&stack(&["journal", "show", "--json", "--dir", d]).json_error(4));
+    for args in [
+        vec!["journal", "verify"],
+        vec!["journal", "compact"],
+        vec!["gc"],
+    ] {
+        let mut c = bin();
+        c.args(&args).arg("--dir").arg(&dir);
+        let r = output(c);
+        assert_eq!(r.code, 4, "{args:?}: {r:?}");
+        names_it(&r.stderr);
+    }
+    assert_eq!(std::fs::read(&jpath).unwrap(), bytes, "journal rewritten");
+    assert_same(&no_lock(&before), &no_lock(&snapshot(&dir)), "refused");
+    assert_eq!(std::fs::read(&victim).unwrap(), content);
+
+    // `verify` without a state file audits the journal's projection: not this one.
+    std::fs::remove_file(dir.join("sync_state.json")).unwrap();
+    names_it(&verify(&dir, true).json_error(4));
+}

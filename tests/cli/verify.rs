@@ -315,3 +315,81 @@ fn a_pull_that_adds_a_reference_to_a_known_table_is_followed_by_a_noop() {
         );
     }
 }
+
+/// `verify` audits `sync_state.json` as it finds it, hand edits included. An entry
+/// whose name is not one safe path component (its reference path, built from it,
+/// leaves the directory) and a memory domain whose path leaves it are reported as
+/// `unsafe_path` (exit 4), naming the entry and what is wrong, and their files are
+/// never looked at (before, the audit stat-ed and hashed the victim, found it
+/// intact and said nothing of the entry).
+#[test]
+fn verify_reports_an_entry_pointing_outside_the_directory_and_never_reads_there() {
+    let (_o, l) = pulled("copy");
+    let dir = l.dir();
+    let content = b"table a, version 1\n";
+    let victim = l.tmp.path().join("victim.parquet");
+    std::fs::write(&victim, content).unwrap();
+    let mut st = state(&dir);
+    let e = &mut st["direct_tables"]["tbl_a"];
+    e["name"] = json!("../../../victim");
+    e["ref_path"] = json!("data/_direct/../../../victim.parquet");
+    st["memory_domains"]["finance"]["path"] = json!("../victim.parquet");
+    std::fs::write(
+        dir.join("sync_state.json"),
+        serde_json::to_vec_pretty(&st).unwrap(),
+    )
+    .unwrap();
+    let before = snapshot(&dir);
+    let entry_why = r#"state entry of direct table "tbl_a": name "../../../victim" is not a safe path component; its files are not checked"#;
+    let domain_why = r#"state entry of memory domain "finance": path "../victim.parquet" could lead outside the directory; its bundle is not checked"#;
+    for contents in [false, true] {
+        let r = verify(&dir, contents);
+        assert_eq!(r.code, 4, "{r:?}");
+        let got: Vec<(u64, String, String, String)> = r.json()["violations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["invariant"].as_u64().unwrap(),
+                    v["kind"].as_str().unwrap().to_string(),
+                    v["path"].as_str().unwrap().to_string(),
+                    v["message"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let want = |inv: u64, kind: &str, path: &str, msg: &str| {
+            (inv, kind.to_string(), path.to_string(), msg.to_string())
+        };
+        assert_eq!(
+            got,
+            vec![
+                want(
+                    2,
+                    "unsafe_path",
+                    "data/_direct/../../../victim.parquet",
+                    entry_why
+                ),
+                want(
+                    3,
+                    "untracked",
+                    "data/_direct/a.parquet",
+                    "no state entry holds this file"
+                ),
+                want(4, "unsafe_path", "../victim.parquet", domain_why),
+            ],
+            "contents {contents}"
+        );
+    }
+    // Without --json: the same, one line each on stderr.
+    let r = stack(&["verify", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "stack: invariant 2 (unsafe_path): data/_direct/../../../victim.parquet: {entry_why}"
+        )),
+        "{r:?}"
+    );
+    assert_same(&before, &snapshot(&dir), "verify");
+    assert_eq!(std::fs::read(&victim).unwrap(), content);
+}

@@ -22,7 +22,7 @@ use stack::reconcile::manifest::{is_safe_component, validate, Desired, Manifest,
 use stack::reconcile::origin::{self, Fetched, LocalOrigin, Origin, Request};
 use stack::reconcile::pull::{default_hash, pull, PullConfig, Wanted};
 use stack::reconcile::stage::BundleCheck;
-use stack::replay::project::project;
+use stack::replay::project::{check_records, project};
 use stack::replay::recover::recover;
 use stack::replay::state::{read_state, SyncState};
 use stack::verify::{audit, Contents};
@@ -185,14 +185,36 @@ pub fn check_journal_bytes(bytes: &[u8]) {
 
 /// The writer path (`Journal::open`) agrees with the reader: it refuses exactly the
 /// ends a writer may not fix, and otherwise returns the same records and leaves a
-/// file that is the valid prefix and that appends cleanly.
+/// file that is the valid prefix and that appends cleanly. Recovery's open
+/// (`Journal::open_checked` asking `check_records`) also refuses a journal whose
+/// records name what stack never writes (most decoded events here), as corrupt,
+/// with nothing cut.
 fn check_writer_agrees(bytes: &[u8], scan: &frame::Scan) {
-    let sim = SimFs::new();
     let layout = Layout::new(ROOT);
+    let refuse = matches!(scan.end, End::Corrupt { .. } | End::UnknownVersion { .. });
+    if let (false, Err(why)) = (refuse, check_records(&layout, scan)) {
+        let sim = SimFs::new();
+        sim.write_file(layout.journal(), bytes).expect("setup");
+        let opened = Journal::open_checked(Arc::new(sim.clone()), &layout, |s| {
+            check_records(&layout, s)
+        });
+        match opened {
+            Err(e) => {
+                assert_eq!(e.exit_code(), 4, "{e}");
+                assert_eq!(e.to_string(), why.to_string());
+            }
+            Ok(_) => panic!("open_checked accepted records check_records refuses: {why}"),
+        }
+        assert_eq!(
+            sim.read(&layout.journal()).unwrap(),
+            bytes,
+            "refused but changed"
+        );
+    }
+    let sim = SimFs::new();
     sim.write_file(layout.journal(), bytes).expect("setup");
     let fs: Arc<dyn Fs> = Arc::new(sim.clone());
     let opened = Journal::open(fs.clone(), &layout);
-    let refuse = matches!(scan.end, End::Corrupt { .. } | End::UnknownVersion { .. });
     let mut opened = match (opened, refuse) {
         (Err(_), true) => {
             // Nothing may be rewritten or cut.
