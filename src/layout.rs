@@ -89,6 +89,16 @@ pub fn is_shared_rel(path: &str, table_id: &str) -> bool {
     is_joined(path, &[SHARED_DIR, "/", table_id, TABLE_EXT])
 }
 
+/// Is `s` one safe path component (a table id or name, a slug): `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`, not `.`/`..`?
+pub fn is_safe_component(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
 /// The `table_id` whose [`shared_rel`] `path` is, if any: the one id for which
 /// [`is_shared_rel`] holds.
 pub fn shared_id_of(path: &str) -> Option<&str> {

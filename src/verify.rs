@@ -52,8 +52,8 @@ use serde::Serialize;
 use crate::error::{IoContext, Result};
 use crate::fs::{Fs, Kind, Meta, NameBatch, RealFs};
 use crate::journal::event::SlotRef;
+use crate::layout::is_safe_component;
 use crate::layout::{self, Layout};
-use crate::reconcile::manifest::is_safe_component;
 use crate::replay::state::{DomainEntry, StatFp, SyncState, TableEntry};
 
 /// One broken invariant.

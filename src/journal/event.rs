@@ -245,7 +245,7 @@ impl Event {
     /// whole journal on every pull that changes something): it allocates nothing
     /// unless it refuses.
     pub fn check_paths(&self) -> Result<(), String> {
-        use crate::reconcile::manifest::is_safe_component;
+        use crate::layout::is_safe_component;
         let safe = |what: &str, v: &str| {
             if is_safe_component(v) {
                 Ok(())

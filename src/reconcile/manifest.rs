@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::layout::is_safe_component;
 use crate::reconcile::origin::Origin;
 
 /// A streaming check, without building a JSON tree, that the manifest and every
@@ -293,16 +294,6 @@ pub fn digest(manifest: &Manifest) -> String {
     crate::reconcile::origin::hex(&md5::Md5::digest(
         serde_json::to_vec(manifest).unwrap_or_default(),
     ))
-}
-
-/// Is `s` one safe path component: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`, not `.`/`..`?
-pub fn is_safe_component(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 fn check_component(what: impl FnOnce() -> String, value: &str) -> Result<()> {

@@ -612,7 +612,7 @@ impl SyncState {
     /// finds it, without this check: it reports an entry that could lead outside
     /// the directory and keeps away from its files on its own.)
     pub fn check_paths(&self) -> std::result::Result<(), String> {
-        use crate::reconcile::manifest::is_safe_component;
+        use crate::layout::is_safe_component;
         // Read by every command: an entry holds its paths only if they are not
         // the layout's, so no path is built or compared here.
         let check = |slot: SlotRef<'_>, id: &str, e: &TableEntry| {
