@@ -53,7 +53,12 @@ fn decode_limit(len: usize) -> usize {
         .unwrap_or(DECODE_LIMITS[DECODE_LIMITS.len() - 1])
 }
 
-/// Decode a frame's payload (a `Vec<Record>`) under [`decode_limit`].
+/// Decode a frame's payload (a `Vec<Record>`) under [`decode_limit`], handing each
+/// record to `each` as it is decoded instead of collecting them (the same decoder
+/// and the same limit as decoding the whole list: bincode counts its claims over
+/// the whole payload, and a list claims nothing of its own). Returns the number of
+/// records and the bytes used. A payload that fails part way has already handed
+/// its first records to `each`.
 ///
 /// bincode allocates a string's buffer from its *declared* length as soon as that
 /// length passes the limit, before reading the bytes. The fixed limit of
@@ -61,20 +66,50 @@ fn decode_limit(len: usize) -> usize {
 /// the reader allocate up to 256 MiB; it also rejected a valid frame larger than
 /// `MAX_PAYLOAD / 8` bytes made of small integers (its claims exceed 256 MiB), which
 /// recovery would then have cut as a torn tail.
-fn decode_payload(payload: &[u8]) -> Result<(Vec<Record>, usize), String> {
-    fn with_limit<const LIMIT: usize>(payload: &[u8]) -> Result<(Vec<Record>, usize), String> {
+fn decode_payload(payload: &[u8], each: &mut dyn FnMut(Record)) -> Result<(usize, usize), String> {
+    fn with_limit<const LIMIT: usize>(
+        payload: &[u8],
+        each: &mut dyn FnMut(Record),
+    ) -> Result<(usize, usize), String> {
         let config = bincode::config::standard().with_limit::<LIMIT>();
-        bincode::serde::decode_from_slice(payload, config).map_err(|e| e.to_string())
+        bincode::serde::seed_decode_from_slice(EachRecord(each), payload, config)
+            .map_err(|e| e.to_string())
     }
     macro_rules! dispatch {
         ($($i:literal)*) => {
             match decode_limit(payload.len()) {
-                $(l if l == DECODE_LIMITS[$i] => with_limit::<{ DECODE_LIMITS[$i] }>(payload),)*
-                _ => with_limit::<{ MAX_PAYLOAD * CLAIM_PER_BYTE }>(payload),
+                $(l if l == DECODE_LIMITS[$i] => with_limit::<{ DECODE_LIMITS[$i] }>(payload, each),)*
+                _ => with_limit::<{ MAX_PAYLOAD * CLAIM_PER_BYTE }>(payload, each),
             }
         };
     }
     dispatch!(0 1 2 3 4 5 6 7 8 9)
+}
+
+/// Deserializes a `Vec<Record>`'s encoding, handing each record on as it comes.
+struct EachRecord<'f>(&'f mut dyn FnMut(Record));
+
+impl<'de> serde::de::DeserializeSeed<'de> for EachRecord<'_> {
+    type Value = usize;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EachRecord<'_> {
+    type Value = usize;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let each = self.0;
+        let mut n = 0;
+        while let Some(r) = seq.next_element::<Record>()? {
+            each(r);
+            n += 1;
+        }
+        Ok(n)
+    }
 }
 
 /// The 16-byte header of a new journal.
@@ -246,8 +281,6 @@ pub struct Scan {
     pub end: End,
 }
 
-/// Try to read one valid frame at `at`. `Ok((records, next_offset))` or the reason
-/// it is not a valid frame.
 /// Why the bytes at an offset are not a valid frame.
 struct BadFrame {
     reason: String,
@@ -265,7 +298,14 @@ impl From<String> for BadFrame {
     }
 }
 
-fn frame_at(bytes: &[u8], at: usize) -> Result<(Vec<Record>, usize), BadFrame> {
+/// Try to read one valid frame at `at`, handing its records to `each` as they are
+/// decoded (a frame that then fails has handed some). `Ok((records, next_offset))`
+/// or why it is not a valid frame.
+fn frame_at(
+    bytes: &[u8],
+    at: usize,
+    each: &mut dyn FnMut(Record),
+) -> Result<(usize, usize), BadFrame> {
     let rest = &bytes[at..];
     if rest.len() < FRAME_HEADER_LEN {
         return Err(format!("incomplete frame header ({} bytes)", rest.len()).into());
@@ -296,12 +336,12 @@ fn frame_at(bytes: &[u8], at: usize) -> Result<(Vec<Record>, usize), BadFrame> {
         reason: format!("checksum valid but {reason} (written by a newer stack?)"),
         checksummed: true,
     };
-    let (records, used) =
-        decode_payload(payload).map_err(|e| written_whole(format!("payload undecodable: {e}")))?;
+    let (records, used) = decode_payload(payload, each)
+        .map_err(|e| written_whole(format!("payload undecodable: {e}")))?;
     if used != len {
         return Err(written_whole("payload has trailing bytes".to_string()));
     }
-    if records.is_empty() {
+    if records == 0 {
         return Err(written_whole("frame holds no record".to_string()));
     }
     Ok((records, at + FRAME_HEADER_LEN + len))
@@ -313,8 +353,38 @@ fn valid_frame_after(bytes: &[u8], from: usize) -> bool {
         let rest = &bytes[at..];
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         // Cheap filter before the checksum: the claimed length must fit.
-        len != 0 && len <= rest.len() - FRAME_HEADER_LEN && frame_at(bytes, at).is_ok()
+        len != 0 && len <= rest.len() - FRAME_HEADER_LEN && frame_at(bytes, at, &mut |_| {}).is_ok()
     })
+}
+
+/// Where [`scan_with`] hands the records it reads.
+pub trait Sink {
+    /// The next record of the frame at `offset`, as it is decoded: the frame is not
+    /// yet known to be valid, and its records are the journal's only once
+    /// [`Sink::frame`] says so.
+    fn record(&mut self, offset: u64, record: Record);
+    /// The records handed since the last call make a valid frame (`true`: they are
+    /// the journal's, in order) or they do not (`false`: forget them; the scan ends).
+    fn frame(&mut self, valid: bool);
+}
+
+/// Collects the valid records, for [`scan`].
+struct Collect {
+    records: Vec<(u64, Record)>,
+    kept: usize,
+}
+
+impl Sink for Collect {
+    fn record(&mut self, offset: u64, record: Record) {
+        self.records.push((offset, record));
+    }
+    fn frame(&mut self, valid: bool) {
+        if valid {
+            self.kept = self.records.len();
+        } else {
+            self.records.truncate(self.kept);
+        }
+    }
 }
 
 /// Read a journal's bytes: the valid records, and how the valid prefix ends.
@@ -324,7 +394,23 @@ fn valid_frame_after(bytes: &[u8], from: usize) -> bool {
 /// short); otherwise it is corruption. Records must continue the sequence
 /// (`seq` strictly +1); a valid frame that breaks it is corruption too.
 pub fn scan(bytes: &[u8]) -> Scan {
-    let mut records = Vec::new();
+    let mut sink = Collect {
+        records: Vec::new(),
+        kept: 0,
+    };
+    let (valid_len, end) = scan_with(bytes, &mut sink);
+    Scan {
+        records: sink.records,
+        valid_len,
+        end,
+    }
+}
+
+/// [`scan`], handing the records to `sink` as they are decoded instead of holding
+/// them all: the same reader (the same verdict, the same `End`), for a caller that
+/// needs to look at each record once (the check before an append). Returns the
+/// length of the valid prefix and how it ends.
+pub fn scan_with(bytes: &[u8], sink: &mut dyn Sink) -> (u64, End) {
     // The header.
     if bytes.len() < HEADER_LEN {
         let expected = header();
@@ -342,92 +428,86 @@ pub fn scan(bytes: &[u8]) -> Scan {
                 reason: "not a stack journal (bad magic)".to_string(),
             }
         };
-        return Scan {
-            records,
-            valid_len: 0,
-            end,
-        };
+        return (0, end);
     }
     if &bytes[..8] != MAGIC {
-        return Scan {
-            records,
-            valid_len: 0,
-            end: End::Corrupt {
+        return (
+            0,
+            End::Corrupt {
                 offset: 0,
                 record: 0,
                 reason: "not a stack journal (bad magic)".to_string(),
             },
-        };
+        );
     }
     let crc = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
     if crc32fast::hash(&bytes[..12]) != crc {
-        return Scan {
-            records,
-            valid_len: 0,
-            end: End::Corrupt {
+        return (
+            0,
+            End::Corrupt {
                 offset: 0,
                 record: 0,
                 reason: "header checksum mismatch".to_string(),
             },
-        };
+        );
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
     if version != FORMAT_VERSION {
-        return Scan {
-            records,
-            valid_len: 0,
-            end: End::UnknownVersion { found: version },
-        };
+        return (0, End::UnknownVersion { found: version });
     }
     let mut at = HEADER_LEN;
     let mut next_seq: Option<u64> = None;
+    // How many records the valid frames so far hold.
+    let mut kept: u64 = 0;
     loop {
         if at == bytes.len() {
-            return Scan {
-                records,
-                valid_len: at as u64,
-                end: End::Clean,
-            };
+            return (at as u64, End::Clean);
         }
-        match frame_at(bytes, at) {
-            Ok((batch, next)) => {
-                for r in &batch {
-                    if let Some(want) = next_seq {
-                        if r.seq != want {
-                            return Scan {
-                                valid_len: at as u64,
-                                end: End::Corrupt {
-                                    offset: at as u64,
-                                    record: records.len() as u64,
-                                    reason: format!(
-                                        "sequence jumps from {} to {}",
-                                        want - 1,
-                                        r.seq
-                                    ),
-                                },
-                                records,
-                            };
-                        }
+        // The first break of the sequence in this frame: (expected, found).
+        let mut jump = None;
+        let read = frame_at(bytes, at, &mut |r: Record| {
+            if jump.is_none() {
+                if let Some(want) = next_seq {
+                    if r.seq != want {
+                        jump = Some((want, r.seq));
                     }
-                    next_seq = Some(r.seq + 1);
                 }
-                records.extend(batch.into_iter().map(|r| (at as u64, r)));
+                next_seq = Some(r.seq + 1);
+            }
+            sink.record(at as u64, r);
+        });
+        match read {
+            Ok((count, next)) => {
+                if let Some((want, found)) = jump {
+                    sink.frame(false);
+                    return (
+                        at as u64,
+                        End::Corrupt {
+                            offset: at as u64,
+                            record: kept,
+                            reason: format!("sequence jumps from {} to {found}", want - 1),
+                        },
+                    );
+                }
+                sink.frame(true);
+                kept += count as u64;
                 at = next;
             }
             Err(BadFrame {
                 reason,
                 checksummed,
             }) => {
+                sink.frame(false);
                 let end = if checksummed {
                     End::Corrupt {
                         offset: at as u64,
-                        record: records.len() as u64,
+                        record: kept,
                         reason,
                     }
                 } else if valid_frame_after(bytes, at + 1) {
                     End::Corrupt {
                         offset: at as u64,
-                        record: records.len() as u64,
+                        record: kept,
                         reason: format!("{reason}, followed by valid records"),
                     }
                 } else {
@@ -436,11 +516,7 @@ pub fn scan(bytes: &[u8]) -> Scan {
                         reason,
                     }
                 };
-                return Scan {
-                    records,
-                    valid_len: at as u64,
-                    end,
-                };
+                return (at as u64, end);
             }
         }
     }
