@@ -1,8 +1,11 @@
-//! Byte format of the journal: header and frames. Pure functions over byte slices.
+//! Byte format of the journal: header and frames. Pure functions over byte slices
+//! (and over a file read front to back, [`scan_read`]).
 //!
 //! Owns: encoding a batch of records into one frame, and [`scan`], the single
 //! reader every caller (recovery, `journal verify`, `journal show`, the fuzzer)
-//! uses, so they can never disagree about where the valid prefix ends.
+//! uses, so they can never disagree about where the valid prefix ends. Its two
+//! other faces are the same reader: [`scan_with`] hands each record to a sink as
+//! it is decoded, and [`scan_read`] does so reading a file one frame at a time.
 
 use crate::journal::event::Record;
 
@@ -408,10 +411,114 @@ pub fn scan(bytes: &[u8]) -> Scan {
 
 /// [`scan`], handing the records to `sink` as they are decoded instead of holding
 /// them all: the same reader (the same verdict, the same `End`), for a caller that
-/// needs to look at each record once (the check before an append). Returns the
-/// length of the valid prefix and how it ends.
-pub fn scan_with(bytes: &[u8], sink: &mut dyn Sink) -> (u64, End) {
+/// needs to look at each record once. Returns the length of the valid prefix and
+/// how it ends.
+pub fn scan_with(mut bytes: &[u8], sink: &mut dyn Sink) -> (u64, End) {
+    match scan_input(&mut bytes, sink) {
+        Ok(scanned) => scanned,
+        Err(never) => match never {},
+    }
+}
+
+/// [`scan_with`] of a journal file read front to back through `file`, holding one
+/// frame at a time instead of the whole file (the check before an append, whose
+/// caller holds a large state and plan meanwhile). `size` is the file's length if
+/// known (0 if not), used only to size the buffer of a frame. An error reading is
+/// an error, never taken for a torn or corrupt journal.
+pub fn scan_read(
+    file: impl std::io::Read,
+    size: u64,
+    sink: &mut dyn Sink,
+) -> std::io::Result<(u64, End)> {
+    scan_input(
+        &mut ReadInput {
+            file,
+            buf: Vec::new(),
+            size,
+        },
+        sink,
+    )
+}
+
+/// Where the scan reads a journal's bytes: a slice, or a file read front to back.
+trait Input {
+    type Error;
+    /// The first [`HEADER_LEN`] bytes, or all of them if there are fewer.
+    fn head(&mut self) -> Result<&[u8], Self::Error>;
+    /// The bytes from `at`, which is where the header or the last valid frame
+    /// ended: at least the frame there (its header, and the payload it claims if
+    /// its length is not refused before reading it) or everything left; empty at
+    /// the end.
+    fn frame(&mut self, at: usize) -> Result<&[u8], Self::Error>;
+    /// Every byte from `at`, where [`Input::frame`] was last asked, to the end.
+    fn rest(&mut self, at: usize) -> Result<&[u8], Self::Error>;
+}
+
+impl Input for &[u8] {
+    type Error = std::convert::Infallible;
+    fn head(&mut self) -> Result<&[u8], Self::Error> {
+        Ok(&self[..self.len().min(HEADER_LEN)])
+    }
+    fn frame(&mut self, at: usize) -> Result<&[u8], Self::Error> {
+        Ok(&self[at..])
+    }
+    fn rest(&mut self, at: usize) -> Result<&[u8], Self::Error> {
+        Ok(&self[at..])
+    }
+}
+
+/// A file read front to back: `buf` holds the header, then one frame at a time.
+struct ReadInput<R> {
+    file: R,
+    buf: Vec<u8>,
+    size: u64,
+}
+
+impl<R: std::io::Read> Input for ReadInput<R> {
+    type Error = std::io::Error;
+    fn head(&mut self) -> std::io::Result<&[u8]> {
+        use std::io::Read;
+        self.buf.clear();
+        (&mut self.file)
+            .take(HEADER_LEN as u64)
+            .read_to_end(&mut self.buf)?;
+        Ok(&self.buf)
+    }
+    fn frame(&mut self, at: usize) -> std::io::Result<&[u8]> {
+        use std::io::Read;
+        // A buffer of each frame's size, not of the largest so far: the last
+        // frame of a large pull (its `Committed` fingerprints) decodes into about
+        // as much again as its bytes.
+        self.buf = Vec::with_capacity(FRAME_HEADER_LEN);
+        (&mut self.file)
+            .take(FRAME_HEADER_LEN as u64)
+            .read_to_end(&mut self.buf)?;
+        if self.buf.len() == FRAME_HEADER_LEN {
+            let b = &self.buf;
+            let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            // A length the frame check refuses is not read (nor allocated); the
+            // buffer is sized by what the file can hold, never by the claim alone.
+            if len != 0 && len <= MAX_PAYLOAD {
+                let left = self.size.saturating_sub((at + FRAME_HEADER_LEN) as u64);
+                self.buf
+                    .reserve_exact(len.min(usize::try_from(left).unwrap_or(len)));
+                (&mut self.file)
+                    .take(len as u64)
+                    .read_to_end(&mut self.buf)?;
+            }
+        }
+        Ok(&self.buf)
+    }
+    fn rest(&mut self, _at: usize) -> std::io::Result<&[u8]> {
+        self.file.read_to_end(&mut self.buf)?;
+        Ok(&self.buf)
+    }
+}
+
+/// The reader: [`scan_with`] over any [`Input`].
+fn scan_input<I: Input>(input: &mut I, sink: &mut dyn Sink) -> Result<(u64, End), I::Error> {
     // The header.
+    let bytes = input.head()?;
     if bytes.len() < HEADER_LEN {
         let expected = header();
         let end = if bytes[..] == expected[..bytes.len()]
@@ -428,44 +535,45 @@ pub fn scan_with(bytes: &[u8], sink: &mut dyn Sink) -> (u64, End) {
                 reason: "not a stack journal (bad magic)".to_string(),
             }
         };
-        return (0, end);
+        return Ok((0, end));
     }
     if &bytes[..8] != MAGIC {
-        return (
+        return Ok((
             0,
             End::Corrupt {
                 offset: 0,
                 record: 0,
                 reason: "not a stack journal (bad magic)".to_string(),
             },
-        );
+        ));
     }
     let crc = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
     if crc32fast::hash(&bytes[..12]) != crc {
-        return (
+        return Ok((
             0,
             End::Corrupt {
                 offset: 0,
                 record: 0,
                 reason: "header checksum mismatch".to_string(),
             },
-        );
+        ));
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
     if version != FORMAT_VERSION {
-        return (0, End::UnknownVersion { found: version });
+        return Ok((0, End::UnknownVersion { found: version }));
     }
     let mut at = HEADER_LEN;
     let mut next_seq: Option<u64> = None;
     // How many records the valid frames so far hold.
     let mut kept: u64 = 0;
     loop {
-        if at == bytes.len() {
-            return (at as u64, End::Clean);
+        let rest = input.frame(at)?;
+        if rest.is_empty() {
+            return Ok((at as u64, End::Clean));
         }
         // The first break of the sequence in this frame: (expected, found).
         let mut jump = None;
-        let read = frame_at(bytes, at, &mut |r: Record| {
+        let read = frame_at(rest, 0, &mut |r: Record| {
             if jump.is_none() {
                 if let Some(want) = next_seq {
                     if r.seq != want {
@@ -480,18 +588,18 @@ pub fn scan_with(bytes: &[u8], sink: &mut dyn Sink) -> (u64, End) {
             Ok((count, next)) => {
                 if let Some((want, found)) = jump {
                     sink.frame(false);
-                    return (
+                    return Ok((
                         at as u64,
                         End::Corrupt {
                             offset: at as u64,
                             record: kept,
                             reason: format!("sequence jumps from {} to {found}", want - 1),
                         },
-                    );
+                    ));
                 }
                 sink.frame(true);
                 kept += count as u64;
-                at = next;
+                at += next;
             }
             Err(BadFrame {
                 reason,
@@ -504,7 +612,7 @@ pub fn scan_with(bytes: &[u8], sink: &mut dyn Sink) -> (u64, End) {
                         record: kept,
                         reason,
                     }
-                } else if valid_frame_after(bytes, at + 1) {
+                } else if valid_frame_after(input.rest(at)?, 1) {
                     End::Corrupt {
                         offset: at as u64,
                         record: kept,
@@ -516,7 +624,7 @@ pub fn scan_with(bytes: &[u8], sink: &mut dyn Sink) -> (u64, End) {
                         reason,
                     }
                 };
-                return (at as u64, end);
+                return Ok((at as u64, end));
             }
         }
     }
@@ -627,5 +735,68 @@ mod tests {
         let scan = scan(&bytes);
         assert_eq!(scan.end, End::Clean);
         assert_eq!(scan.records, vec![(HEADER_LEN as u64, record)]);
+    }
+
+    /// A reader that hands out at most 3 bytes per call.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(3).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// The file read front to back (`scan_read`, whatever size it is told) scans
+    /// as the slice does: the same records, valid length and end for every prefix
+    /// of a journal, every byte of it damaged, a break in the sequence, and frames
+    /// claiming no payload or too large a one followed by valid frames.
+    #[test]
+    fn a_file_read_front_to_back_scans_as_its_bytes_do() {
+        let stage = |seq: u64| Record {
+            seq,
+            txn: 1,
+            event: Event::Stage {
+                md5: format!("{seq:032x}"),
+                url: format!("tables/{seq}"),
+            },
+        };
+        let mut bytes = header().to_vec();
+        let mut seq = 0;
+        for n in [1u64, 3, 2] {
+            let batch: Vec<Record> = (seq + 1..=seq + n).map(stage).collect();
+            seq += n;
+            bytes.extend(encode_frame(&batch).expect("encode"));
+        }
+        let mut inputs: Vec<Vec<u8>> = (0..=bytes.len()).map(|cut| bytes[..cut].to_vec()).collect();
+        for at in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x41;
+            inputs.push(damaged);
+        }
+        let mut jump = bytes.clone();
+        jump.extend(encode_frame(&[stage(seq + 2)]).expect("encode"));
+        inputs.push(jump);
+        for claim in [0u32, u32::MAX] {
+            let mut odd = bytes[..HEADER_LEN].to_vec();
+            odd.extend_from_slice(&claim.to_le_bytes());
+            odd.extend_from_slice(&[7; 4]);
+            odd.extend_from_slice(&bytes[HEADER_LEN..]);
+            inputs.push(odd);
+        }
+        for input in &inputs {
+            let want = scan(input);
+            for size in [0, input.len() as u64, u64::MAX] {
+                let mut got = Collect {
+                    records: Vec::new(),
+                    kept: 0,
+                };
+                let (valid_len, end) = scan_read(Trickle(input), size, &mut got).expect("read");
+                assert_eq!(got.records, want.records);
+                assert_eq!((valid_len, &end), (want.valid_len, &want.end));
+            }
+        }
     }
 }
