@@ -96,6 +96,11 @@ impl<'a> RecordCheck<'a> {
         }
     }
 
+    /// How many records the valid frames hold.
+    pub fn records(&self) -> u64 {
+        self.kept
+    }
+
     /// What [`check_records`] says of the records of the valid frames.
     pub fn result(self) -> Result<()> {
         match self.refused {
