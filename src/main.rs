@@ -401,17 +401,16 @@ fn journal_show(dir: &Path, json: bool) -> Result<i32> {
 
 fn journal_verify(dir: &Path) -> Result<i32> {
     let layout = Layout::new(dir);
-    let Some(scan) = journal::scan_file(&RealFs, &layout)? else {
+    // Checked as read, a frame at a time: a large journal is never held whole.
+    let Some(checked) = replay::recover::check_journal_file(&RealFs, &layout)? else {
         return Err(Error::Usage(format!("{} has no journal", dir.display())));
     };
-    replay::project::check_journal(&layout, &scan)?;
-    match &scan.end {
+    match &checked.end {
         End::TornTail { offset, reason } => println!(
             "ok: {} records in {} valid bytes; torn tail at byte offset {offset} ({reason}), cut by the next mutating command",
-            scan.records.len(),
-            scan.valid_len
+            checked.records, checked.valid_len
         ),
-        _ => println!("ok: {} records in {} bytes", scan.records.len(), scan.valid_len),
+        _ => println!("ok: {} records in {} bytes", checked.records, checked.valid_len),
     }
     Ok(0)
 }

@@ -1,8 +1,11 @@
-//! Byte format of the journal: header and frames. Pure functions over byte slices.
+//! Byte format of the journal: header and frames. Pure functions over byte slices
+//! (and over a file read front to back, [`scan_read`]).
 //!
 //! Owns: encoding a batch of records into one frame, and [`scan`], the single
 //! reader every caller (recovery, `journal verify`, `journal show`, the fuzzer)
-//! uses, so they can never disagree about where the valid prefix ends.
+//! uses, so they can never disagree about where the valid prefix ends. Its two
+//! other faces are the same reader: [`scan_with`] hands each record to a sink as
+//! it is decoded, and [`scan_read`] does so reading a file one frame at a time.
 
 use crate::journal::event::Record;
 
@@ -53,7 +56,12 @@ fn decode_limit(len: usize) -> usize {
         .unwrap_or(DECODE_LIMITS[DECODE_LIMITS.len() - 1])
 }
 
-/// Decode a frame's payload (a `Vec<Record>`) under [`decode_limit`].
+/// Decode a frame's payload (a `Vec<Record>`) under [`decode_limit`], handing each
+/// record to `each` as it is decoded instead of collecting them (the same decoder
+/// and the same limit as decoding the whole list: bincode counts its claims over
+/// the whole payload, and a list claims nothing of its own). Returns the number of
+/// records and the bytes used. A payload that fails part way has already handed
+/// its first records to `each`.
 ///
 /// bincode allocates a string's buffer from its *declared* length as soon as that
 /// length passes the limit, before reading the bytes. The fixed limit of
@@ -61,20 +69,50 @@ fn decode_limit(len: usize) -> usize {
 /// the reader allocate up to 256 MiB; it also rejected a valid frame larger than
 /// `MAX_PAYLOAD / 8` bytes made of small integers (its claims exceed 256 MiB), which
 /// recovery would then have cut as a torn tail.
-fn decode_payload(payload: &[u8]) -> Result<(Vec<Record>, usize), String> {
-    fn with_limit<const LIMIT: usize>(payload: &[u8]) -> Result<(Vec<Record>, usize), String> {
+fn decode_payload(payload: &[u8], each: &mut dyn FnMut(Record)) -> Result<(usize, usize), String> {
+    fn with_limit<const LIMIT: usize>(
+        payload: &[u8],
+        each: &mut dyn FnMut(Record),
+    ) -> Result<(usize, usize), String> {
         let config = bincode::config::standard().with_limit::<LIMIT>();
-        bincode::serde::decode_from_slice(payload, config).map_err(|e| e.to_string())
+        bincode::serde::seed_decode_from_slice(EachRecord(each), payload, config)
+            .map_err(|e| e.to_string())
     }
     macro_rules! dispatch {
         ($($i:literal)*) => {
             match decode_limit(payload.len()) {
-                $(l if l == DECODE_LIMITS[$i] => with_limit::<{ DECODE_LIMITS[$i] }>(payload),)*
-                _ => with_limit::<{ MAX_PAYLOAD * CLAIM_PER_BYTE }>(payload),
+                $(l if l == DECODE_LIMITS[$i] => with_limit::<{ DECODE_LIMITS[$i] }>(payload, each),)*
+                _ => with_limit::<{ MAX_PAYLOAD * CLAIM_PER_BYTE }>(payload, each),
             }
         };
     }
     dispatch!(0 1 2 3 4 5 6 7 8 9)
+}
+
+/// Deserializes a `Vec<Record>`'s encoding, handing each record on as it comes.
+struct EachRecord<'f>(&'f mut dyn FnMut(Record));
+
+impl<'de> serde::de::DeserializeSeed<'de> for EachRecord<'_> {
+    type Value = usize;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EachRecord<'_> {
+    type Value = usize;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let each = self.0;
+        let mut n = 0;
+        while let Some(r) = seq.next_element::<Record>()? {
+            each(r);
+            n += 1;
+        }
+        Ok(n)
+    }
 }
 
 /// The 16-byte header of a new journal.
@@ -246,8 +284,6 @@ pub struct Scan {
     pub end: End,
 }
 
-/// Try to read one valid frame at `at`. `Ok((records, next_offset))` or the reason
-/// it is not a valid frame.
 /// Why the bytes at an offset are not a valid frame.
 struct BadFrame {
     reason: String,
@@ -265,7 +301,14 @@ impl From<String> for BadFrame {
     }
 }
 
-fn frame_at(bytes: &[u8], at: usize) -> Result<(Vec<Record>, usize), BadFrame> {
+/// Try to read one valid frame at `at`, handing its records to `each` as they are
+/// decoded (a frame that then fails has handed some). `Ok((records, next_offset))`
+/// or why it is not a valid frame.
+fn frame_at(
+    bytes: &[u8],
+    at: usize,
+    each: &mut dyn FnMut(Record),
+) -> Result<(usize, usize), BadFrame> {
     let rest = &bytes[at..];
     if rest.len() < FRAME_HEADER_LEN {
         return Err(format!("incomplete frame header ({} bytes)", rest.len()).into());
@@ -296,12 +339,12 @@ fn frame_at(bytes: &[u8], at: usize) -> Result<(Vec<Record>, usize), BadFrame> {
         reason: format!("checksum valid but {reason} (written by a newer stack?)"),
         checksummed: true,
     };
-    let (records, used) =
-        decode_payload(payload).map_err(|e| written_whole(format!("payload undecodable: {e}")))?;
+    let (records, used) = decode_payload(payload, each)
+        .map_err(|e| written_whole(format!("payload undecodable: {e}")))?;
     if used != len {
         return Err(written_whole("payload has trailing bytes".to_string()));
     }
-    if records.is_empty() {
+    if records == 0 {
         return Err(written_whole("frame holds no record".to_string()));
     }
     Ok((records, at + FRAME_HEADER_LEN + len))
@@ -313,8 +356,38 @@ fn valid_frame_after(bytes: &[u8], from: usize) -> bool {
         let rest = &bytes[at..];
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         // Cheap filter before the checksum: the claimed length must fit.
-        len != 0 && len <= rest.len() - FRAME_HEADER_LEN && frame_at(bytes, at).is_ok()
+        len != 0 && len <= rest.len() - FRAME_HEADER_LEN && frame_at(bytes, at, &mut |_| {}).is_ok()
     })
+}
+
+/// Where [`scan_with`] hands the records it reads.
+pub trait Sink {
+    /// The next record of the frame at `offset`, as it is decoded: the frame is not
+    /// yet known to be valid, and its records are the journal's only once
+    /// [`Sink::frame`] says so.
+    fn record(&mut self, offset: u64, record: Record);
+    /// The records handed since the last call make a valid frame (`true`: they are
+    /// the journal's, in order) or they do not (`false`: forget them; the scan ends).
+    fn frame(&mut self, valid: bool);
+}
+
+/// Collects the valid records, for [`scan`].
+struct Collect {
+    records: Vec<(u64, Record)>,
+    kept: usize,
+}
+
+impl Sink for Collect {
+    fn record(&mut self, offset: u64, record: Record) {
+        self.records.push((offset, record));
+    }
+    fn frame(&mut self, valid: bool) {
+        if valid {
+            self.kept = self.records.len();
+        } else {
+            self.records.truncate(self.kept);
+        }
+    }
 }
 
 /// Read a journal's bytes: the valid records, and how the valid prefix ends.
@@ -324,8 +397,128 @@ fn valid_frame_after(bytes: &[u8], from: usize) -> bool {
 /// short); otherwise it is corruption. Records must continue the sequence
 /// (`seq` strictly +1); a valid frame that breaks it is corruption too.
 pub fn scan(bytes: &[u8]) -> Scan {
-    let mut records = Vec::new();
+    let mut sink = Collect {
+        records: Vec::new(),
+        kept: 0,
+    };
+    let (valid_len, end) = scan_with(bytes, &mut sink);
+    Scan {
+        records: sink.records,
+        valid_len,
+        end,
+    }
+}
+
+/// [`scan`], handing the records to `sink` as they are decoded instead of holding
+/// them all: the same reader (the same verdict, the same `End`), for a caller that
+/// needs to look at each record once. Returns the length of the valid prefix and
+/// how it ends.
+pub fn scan_with(mut bytes: &[u8], sink: &mut dyn Sink) -> (u64, End) {
+    match scan_input(&mut bytes, sink) {
+        Ok(scanned) => scanned,
+        Err(never) => match never {},
+    }
+}
+
+/// [`scan_with`] of a journal file read front to back through `file`, holding one
+/// frame at a time instead of the whole file (the check before an append, whose
+/// caller holds a large state and plan meanwhile). `size` is the file's length if
+/// known (0 if not), used only to size the buffer of a frame. An error reading is
+/// an error, never taken for a torn or corrupt journal.
+pub fn scan_read(
+    file: impl std::io::Read,
+    size: u64,
+    sink: &mut dyn Sink,
+) -> std::io::Result<(u64, End)> {
+    scan_input(
+        &mut ReadInput {
+            file,
+            buf: Vec::new(),
+            size,
+        },
+        sink,
+    )
+}
+
+/// Where the scan reads a journal's bytes: a slice, or a file read front to back.
+trait Input {
+    type Error;
+    /// The first [`HEADER_LEN`] bytes, or all of them if there are fewer.
+    fn head(&mut self) -> Result<&[u8], Self::Error>;
+    /// The bytes from `at`, which is where the header or the last valid frame
+    /// ended: at least the frame there (its header, and the payload it claims if
+    /// its length is not refused before reading it) or everything left; empty at
+    /// the end.
+    fn frame(&mut self, at: usize) -> Result<&[u8], Self::Error>;
+    /// Every byte from `at`, where [`Input::frame`] was last asked, to the end.
+    fn rest(&mut self, at: usize) -> Result<&[u8], Self::Error>;
+}
+
+impl Input for &[u8] {
+    type Error = std::convert::Infallible;
+    fn head(&mut self) -> Result<&[u8], Self::Error> {
+        Ok(&self[..self.len().min(HEADER_LEN)])
+    }
+    fn frame(&mut self, at: usize) -> Result<&[u8], Self::Error> {
+        Ok(&self[at..])
+    }
+    fn rest(&mut self, at: usize) -> Result<&[u8], Self::Error> {
+        Ok(&self[at..])
+    }
+}
+
+/// A file read front to back: `buf` holds the header, then one frame at a time.
+struct ReadInput<R> {
+    file: R,
+    buf: Vec<u8>,
+    size: u64,
+}
+
+impl<R: std::io::Read> Input for ReadInput<R> {
+    type Error = std::io::Error;
+    fn head(&mut self) -> std::io::Result<&[u8]> {
+        use std::io::Read;
+        self.buf.clear();
+        (&mut self.file)
+            .take(HEADER_LEN as u64)
+            .read_to_end(&mut self.buf)?;
+        Ok(&self.buf)
+    }
+    fn frame(&mut self, at: usize) -> std::io::Result<&[u8]> {
+        use std::io::Read;
+        // A buffer of each frame's size, not of the largest so far: the last
+        // frame of a large pull (its `Committed` fingerprints) decodes into about
+        // as much again as its bytes.
+        self.buf = Vec::with_capacity(FRAME_HEADER_LEN);
+        (&mut self.file)
+            .take(FRAME_HEADER_LEN as u64)
+            .read_to_end(&mut self.buf)?;
+        if self.buf.len() == FRAME_HEADER_LEN {
+            let b = &self.buf;
+            let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            // A length the frame check refuses is not read (nor allocated); the
+            // buffer is sized by what the file can hold, never by the claim alone.
+            if len != 0 && len <= MAX_PAYLOAD {
+                let left = self.size.saturating_sub((at + FRAME_HEADER_LEN) as u64);
+                self.buf
+                    .reserve_exact(len.min(usize::try_from(left).unwrap_or(len)));
+                (&mut self.file)
+                    .take(len as u64)
+                    .read_to_end(&mut self.buf)?;
+            }
+        }
+        Ok(&self.buf)
+    }
+    fn rest(&mut self, _at: usize) -> std::io::Result<&[u8]> {
+        self.file.read_to_end(&mut self.buf)?;
+        Ok(&self.buf)
+    }
+}
+
+/// The reader: [`scan_with`] over any [`Input`].
+fn scan_input<I: Input>(input: &mut I, sink: &mut dyn Sink) -> Result<(u64, End), I::Error> {
     // The header.
+    let bytes = input.head()?;
     if bytes.len() < HEADER_LEN {
         let expected = header();
         let end = if bytes[..] == expected[..bytes.len()]
@@ -342,92 +535,87 @@ pub fn scan(bytes: &[u8]) -> Scan {
                 reason: "not a stack journal (bad magic)".to_string(),
             }
         };
-        return Scan {
-            records,
-            valid_len: 0,
-            end,
-        };
+        return Ok((0, end));
     }
     if &bytes[..8] != MAGIC {
-        return Scan {
-            records,
-            valid_len: 0,
-            end: End::Corrupt {
+        return Ok((
+            0,
+            End::Corrupt {
                 offset: 0,
                 record: 0,
                 reason: "not a stack journal (bad magic)".to_string(),
             },
-        };
+        ));
     }
     let crc = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
     if crc32fast::hash(&bytes[..12]) != crc {
-        return Scan {
-            records,
-            valid_len: 0,
-            end: End::Corrupt {
+        return Ok((
+            0,
+            End::Corrupt {
                 offset: 0,
                 record: 0,
                 reason: "header checksum mismatch".to_string(),
             },
-        };
+        ));
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
     if version != FORMAT_VERSION {
-        return Scan {
-            records,
-            valid_len: 0,
-            end: End::UnknownVersion { found: version },
-        };
+        return Ok((0, End::UnknownVersion { found: version }));
     }
     let mut at = HEADER_LEN;
     let mut next_seq: Option<u64> = None;
+    // How many records the valid frames so far hold.
+    let mut kept: u64 = 0;
     loop {
-        if at == bytes.len() {
-            return Scan {
-                records,
-                valid_len: at as u64,
-                end: End::Clean,
-            };
+        let rest = input.frame(at)?;
+        if rest.is_empty() {
+            return Ok((at as u64, End::Clean));
         }
-        match frame_at(bytes, at) {
-            Ok((batch, next)) => {
-                for r in &batch {
-                    if let Some(want) = next_seq {
-                        if r.seq != want {
-                            return Scan {
-                                valid_len: at as u64,
-                                end: End::Corrupt {
-                                    offset: at as u64,
-                                    record: records.len() as u64,
-                                    reason: format!(
-                                        "sequence jumps from {} to {}",
-                                        want - 1,
-                                        r.seq
-                                    ),
-                                },
-                                records,
-                            };
-                        }
+        // The first break of the sequence in this frame: (expected, found).
+        let mut jump = None;
+        let read = frame_at(rest, 0, &mut |r: Record| {
+            if jump.is_none() {
+                if let Some(want) = next_seq {
+                    if r.seq != want {
+                        jump = Some((want, r.seq));
                     }
-                    next_seq = Some(r.seq + 1);
                 }
-                records.extend(batch.into_iter().map(|r| (at as u64, r)));
-                at = next;
+                next_seq = Some(r.seq + 1);
+            }
+            sink.record(at as u64, r);
+        });
+        match read {
+            Ok((count, next)) => {
+                if let Some((want, found)) = jump {
+                    sink.frame(false);
+                    return Ok((
+                        at as u64,
+                        End::Corrupt {
+                            offset: at as u64,
+                            record: kept,
+                            reason: format!("sequence jumps from {} to {found}", want - 1),
+                        },
+                    ));
+                }
+                sink.frame(true);
+                kept += count as u64;
+                at += next;
             }
             Err(BadFrame {
                 reason,
                 checksummed,
             }) => {
+                sink.frame(false);
                 let end = if checksummed {
                     End::Corrupt {
                         offset: at as u64,
-                        record: records.len() as u64,
+                        record: kept,
                         reason,
                     }
-                } else if valid_frame_after(bytes, at + 1) {
+                } else if valid_frame_after(input.rest(at)?, 1) {
                     End::Corrupt {
                         offset: at as u64,
-                        record: records.len() as u64,
+                        record: kept,
                         reason: format!("{reason}, followed by valid records"),
                     }
                 } else {
@@ -436,11 +624,7 @@ pub fn scan(bytes: &[u8]) -> Scan {
                         reason,
                     }
                 };
-                return Scan {
-                    records,
-                    valid_len: at as u64,
-                    end,
-                };
+                return Ok((at as u64, end));
             }
         }
     }
@@ -551,5 +735,68 @@ mod tests {
         let scan = scan(&bytes);
         assert_eq!(scan.end, End::Clean);
         assert_eq!(scan.records, vec![(HEADER_LEN as u64, record)]);
+    }
+
+    /// A reader that hands out at most 3 bytes per call.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(3).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// The file read front to back (`scan_read`, whatever size it is told) scans
+    /// as the slice does: the same records, valid length and end for every prefix
+    /// of a journal, every byte of it damaged, a break in the sequence, and frames
+    /// claiming no payload or too large a one followed by valid frames.
+    #[test]
+    fn a_file_read_front_to_back_scans_as_its_bytes_do() {
+        let stage = |seq: u64| Record {
+            seq,
+            txn: 1,
+            event: Event::Stage {
+                md5: format!("{seq:032x}"),
+                url: format!("tables/{seq}"),
+            },
+        };
+        let mut bytes = header().to_vec();
+        let mut seq = 0;
+        for n in [1u64, 3, 2] {
+            let batch: Vec<Record> = (seq + 1..=seq + n).map(stage).collect();
+            seq += n;
+            bytes.extend(encode_frame(&batch).expect("encode"));
+        }
+        let mut inputs: Vec<Vec<u8>> = (0..=bytes.len()).map(|cut| bytes[..cut].to_vec()).collect();
+        for at in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x41;
+            inputs.push(damaged);
+        }
+        let mut jump = bytes.clone();
+        jump.extend(encode_frame(&[stage(seq + 2)]).expect("encode"));
+        inputs.push(jump);
+        for claim in [0u32, u32::MAX] {
+            let mut odd = bytes[..HEADER_LEN].to_vec();
+            odd.extend_from_slice(&claim.to_le_bytes());
+            odd.extend_from_slice(&[7; 4]);
+            odd.extend_from_slice(&bytes[HEADER_LEN..]);
+            inputs.push(odd);
+        }
+        for input in &inputs {
+            let want = scan(input);
+            for size in [0, input.len() as u64, u64::MAX] {
+                let mut got = Collect {
+                    records: Vec::new(),
+                    kept: 0,
+                };
+                let (valid_len, end) = scan_read(Trickle(input), size, &mut got).expect("read");
+                assert_eq!(got.records, want.records);
+                assert_eq!((valid_len, &end), (want.valid_len, &want.end));
+            }
+        }
     }
 }

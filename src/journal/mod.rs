@@ -83,7 +83,12 @@ pub fn scan_file(fs: &dyn Fs, layout: &Layout) -> Result<Option<Scan>> {
 
 /// Turn the end of a scan into an error if it is not something a writer may fix.
 pub fn check_end(layout: &Layout, scan: &Scan) -> Result<()> {
-    match &scan.end {
+    check_end_of(layout, &scan.end)
+}
+
+/// [`check_end`] of a scan's end alone (`frame::scan_with`).
+pub fn check_end_of(layout: &Layout, end: &End) -> Result<()> {
+    match end {
         End::Clean | End::TornTail { .. } => Ok(()),
         End::Corrupt {
             offset,

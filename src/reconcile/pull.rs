@@ -358,7 +358,7 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
 }
 
 /// What a pull would do, changing nothing (no lock, no recovery, no probe).
-pub fn status(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
+pub fn status(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
     let started = Instant::now();
     let fs = cfg.fs.as_ref();
     // The state file when it names the journal's length, else the journal itself.
@@ -378,6 +378,9 @@ pub fn status(wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> {
         }
     }
     let manifest = wanted.parse()?;
+    // Parsed: a large manifest's text is not held while it is validated and
+    // planned (as in a pull).
+    wanted.drop_bytes();
     let desired = validate(&manifest, cfg.origin)?;
     let projection = match trusted {
         Some(state) => crate::replay::project::Projection {

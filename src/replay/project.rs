@@ -44,25 +44,91 @@ use crate::replay::state::{
 /// allocates only the error: it runs over the whole journal before every fold.
 pub fn check_records(layout: &Layout, scan: &Scan) -> Result<()> {
     for (i, (offset, r)) in scan.records.iter().enumerate() {
-        if let Err(why) = r.event.check_paths() {
-            let what = match r.event {
-                Event::Checkpoint { .. } => "holds a state stack never writes",
-                _ => "is not one stack writes",
-            };
-            return Err(Error::JournalCorrupt {
-                path: layout.journal(),
-                offset: *offset,
-                record: i as u64,
-                reason: format!(
-                    "{} seq {} (transaction {}) has a valid checksum but {what}: {why}",
-                    r.event.kind(),
-                    r.seq,
-                    r.txn
-                ),
-            });
-        }
+        check_record(layout, *offset, i as u64, r)?;
     }
     Ok(())
+}
+
+/// [`check_records`] for one record: the `index`-th of the journal, in the frame at
+/// byte `offset`.
+fn check_record(layout: &Layout, offset: u64, index: u64, r: &Record) -> Result<()> {
+    if let Err(why) = r.event.check_paths() {
+        let what = match r.event {
+            Event::Checkpoint { .. } => "holds a state stack never writes",
+            _ => "is not one stack writes",
+        };
+        return Err(Error::JournalCorrupt {
+            path: layout.journal(),
+            offset,
+            record: index,
+            reason: format!(
+                "{} seq {} (transaction {}) has a valid checksum but {what}: {why}",
+                r.event.kind(),
+                r.seq,
+                r.txn
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// [`check_records`] as the records are read (`journal::frame::scan_with`), for a
+/// reader that only checks them and need not hold them all: each record is checked
+/// and dropped, and the first refusal kept, counted once its frame proves valid.
+pub struct RecordCheck<'a> {
+    layout: &'a Layout,
+    /// Records of the valid frames so far, and of the frame being read.
+    kept: u64,
+    reading: u64,
+    /// The first refusal among the valid frames' records, and in the frame being read.
+    refused: Option<Error>,
+    pending: Option<Error>,
+}
+
+impl<'a> RecordCheck<'a> {
+    pub fn new(layout: &'a Layout) -> Self {
+        RecordCheck {
+            layout,
+            kept: 0,
+            reading: 0,
+            refused: None,
+            pending: None,
+        }
+    }
+
+    /// How many records the valid frames hold.
+    pub fn records(&self) -> u64 {
+        self.kept
+    }
+
+    /// What [`check_records`] says of the records of the valid frames.
+    pub fn result(self) -> Result<()> {
+        match self.refused {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl crate::journal::frame::Sink for RecordCheck<'_> {
+    fn record(&mut self, offset: u64, record: Record) {
+        if self.refused.is_none() && self.pending.is_none() {
+            let index = self.kept + self.reading;
+            self.pending = check_record(self.layout, offset, index, &record).err();
+        }
+        self.reading += 1;
+    }
+
+    fn frame(&mut self, valid: bool) {
+        if valid {
+            self.kept += self.reading;
+            if self.refused.is_none() {
+                self.refused = self.pending.take();
+            }
+        }
+        self.reading = 0;
+        self.pending = None;
+    }
 }
 
 /// The whole check of a scanned journal before its records are acted on or

@@ -23,7 +23,7 @@ use crate::journal::event::Event;
 use crate::journal::Journal;
 use crate::layout::Layout;
 use crate::reconcile::apply::{clean_leftovers, finish, has_leftovers, Applier};
-use crate::replay::project::{check_journal, check_records, project};
+use crate::replay::project::{check_records, project, RecordCheck};
 use crate::replay::state::{read_state, write_state, SyncState};
 
 /// A directory after recovery: its journal open for writing and its state.
@@ -41,11 +41,47 @@ pub struct Recovered {
 /// so that nothing is ever appended to a corrupt one (exit 4, file untouched).
 /// `Ok(false)`: its end is torn, and a full [`replay`] must run first.
 pub fn journal_is_clean(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
-    let Some(scan) = crate::journal::scan_file(fs, layout)? else {
-        return Ok(false);
+    Ok(check_journal_file(fs, layout)?.is_some_and(|c| c.end == crate::journal::End::Clean))
+}
+
+/// What [`check_journal_file`] found in a journal that passed.
+pub struct Checked {
+    /// How many valid records it holds, and the length of its valid prefix.
+    pub records: u64,
+    pub valid_len: u64,
+    /// How the valid prefix ends (`Clean`, or a torn tail a writer may cut).
+    pub end: crate::journal::End,
+}
+
+/// Read the journal file and check it: `Ok(None)` if there is none, an error if
+/// [`check_journal`](crate::replay::project::check_journal) of its whole scan would
+/// refuse it (the same checks, in the same order, with the same errors).
+///
+/// Each record is checked as it is decoded and dropped ([`RecordCheck`]), and the
+/// file is read a frame at a time (`journal::frame::scan_read`): neither a large
+/// journal's records nor its bytes are ever all held (at 100k tables, 350,000
+/// records in 34 MB; the check before an append runs while the state, the
+/// manifest and the plan are alive).
+pub fn check_journal_file(fs: &dyn Fs, layout: &Layout) -> Result<Option<Checked>> {
+    let path = layout.journal();
+    let file = match fs.open_read(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).at("read", &path),
     };
-    check_journal(layout, &scan)?;
-    Ok(scan.end == crate::journal::End::Clean)
+    // Only sizes the frames' buffers: 0 (unknown) costs a few reallocations.
+    let size = fs.metadata(&path).map_or(0, |m| m.len);
+    let mut check = RecordCheck::new(layout);
+    let (valid_len, end) =
+        crate::journal::frame::scan_read(file, size, &mut check).at("read", &path)?;
+    crate::journal::check_end_of(layout, &end)?;
+    let records = check.records();
+    check.result()?;
+    Ok(Some(Checked {
+        records,
+        valid_len,
+        end,
+    }))
 }
 
 /// The fast path: a state file naming the journal's file and its exact current
