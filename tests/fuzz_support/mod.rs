@@ -94,9 +94,49 @@ pub fn check_journal_input(data: &[u8]) {
     }
 }
 
+/// The streaming reader (`frame::scan_read`, which the check before an append and
+/// `journal verify` use) reads a file a few bytes at a time: it must find what the
+/// slice reader finds, record for record, and end where it ends.
+fn check_streaming_agrees(bytes: &[u8], scan: &frame::Scan) {
+    /// Hands out at most 7 bytes per read.
+    struct Dribble<'a>(&'a [u8]);
+    impl std::io::Read for Dribble<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(7).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+    #[derive(Default)]
+    struct Kept {
+        pending: Vec<(u64, stack::journal::Record)>,
+        records: Vec<(u64, stack::journal::Record)>,
+    }
+    impl frame::Sink for Kept {
+        fn record(&mut self, offset: u64, record: stack::journal::Record) {
+            self.pending.push((offset, record));
+        }
+        fn frame(&mut self, valid: bool) {
+            if valid {
+                self.records.append(&mut self.pending);
+            } else {
+                self.pending.clear();
+            }
+        }
+    }
+    let mut kept = Kept::default();
+    let (valid_len, end) = frame::scan_read(Dribble(bytes), bytes.len() as u64, &mut kept)
+        .expect("reading from memory cannot fail");
+    assert_eq!(valid_len, scan.valid_len, "streaming reader: valid_len");
+    assert_eq!(end, scan.end, "streaming reader: end");
+    assert_eq!(kept.records, scan.records, "streaming reader: records");
+}
+
 /// The reader's properties on one journal file's bytes.
 pub fn check_journal_bytes(bytes: &[u8]) {
     let scan = frame::scan(bytes);
+    check_streaming_agrees(bytes, &scan);
     let valid_len = scan.valid_len as usize;
     assert!(valid_len <= bytes.len(), "valid_len past the end");
     // Where the scan stopped is where the valid prefix ends.
