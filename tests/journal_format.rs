@@ -1651,8 +1651,7 @@ fn dir_with_checkpoint(state: &SyncState) -> (tempfile::TempDir, Layout, u64) {
 /// The byte format still reads the record (`journal show` lists it).
 #[test]
 fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
-    use stack::replay::project::check_journal;
-    use stack::replay::recover::{journal_is_clean, recover, replay};
+    use stack::replay::recover::replay;
     let outside = tempfile::tempdir().unwrap();
     let victim = outside.path().join("victim.parquet");
     let victim = victim.to_str().unwrap();
@@ -1714,35 +1713,11 @@ fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
     ];
     for (what, state, why) in cases {
         let (_dir, layout, at) = dir_with_checkpoint(&state);
-        let before = whole_tree(&layout.root);
-        let refused = |e: Error| {
-            assert_eq!(e.exit_code(), 4, "{what}: {e}");
-            match &e {
-                Error::JournalCorrupt { offset, record, .. } => {
-                    assert_eq!((*offset, *record), (at, 3), "{what}: {e}")
-                }
-                other => panic!("{what}: expected JournalCorrupt, got {other}"),
-            }
-            let msg = e.to_string();
-            assert!(msg.contains(&format!("byte offset {at}")), "{what}: {msg}");
-            assert!(
-                msg.contains("checkpoint seq 4 (transaction 2)"),
-                "{what}: {msg}"
-            );
-            assert!(msg.contains(&why), "{what}: {msg}");
-        };
-        // The byte format keeps the record; what it means is refused.
-        let scan = scan_file(&RealFs, &layout).unwrap().unwrap();
-        assert!(matches!(scan.end, End::TornTail { .. }), "{what}");
-        assert_eq!(scan.records.len(), 4, "{what}");
-        refused(check_journal(&layout, &scan).unwrap_err());
-        refused(replay(real_fs(), &layout).err().expect("replay refuses"));
-        refused(recover(real_fs(), &layout).err().expect("recover refuses"));
-        refused(journal_is_clean(&RealFs, &layout).unwrap_err());
-        assert_eq!(
-            whole_tree(&layout.root),
-            before,
-            "{what}: the directory changed"
+        refused_everywhere(
+            &layout,
+            what,
+            (at, 4),
+            &["checkpoint seq 4 (transaction 2)".to_string(), why],
         );
     }
 
@@ -1776,8 +1751,7 @@ fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
 /// tail was cut.
 #[test]
 fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
-    use stack::replay::project::check_journal;
-    use stack::replay::recover::{journal_is_clean, recover, replay};
+    use stack::replay::recover::replay;
     let md5 = || "0123456789abcdef0123456789abcdef".to_string();
     let make_ref = |slot: Slot, table_id: &str, name: &str| Event::MakeRef {
         slot,
@@ -1891,38 +1865,17 @@ fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
             let (tmp, layout, at) = dir_with_batch(events);
             let victim = tmp.path().join("victim.parquet");
             std::fs::write(&victim, b"abc").unwrap();
-            let before = whole_tree(&layout.root);
-            let refused = |e: Error| {
-                assert_eq!(e.exit_code(), 4, "{what}: {e}");
-                match &e {
-                    Error::JournalCorrupt { offset, record, .. } => {
-                        assert_eq!((*offset, *record), (at, 3), "{what}: {e}")
-                    }
-                    other => panic!("{what}: expected JournalCorrupt, got {other}"),
-                }
-                let msg = e.to_string();
-                assert!(msg.contains(&format!("byte offset {at}")), "{what}: {msg}");
-                assert!(
-                    msg.contains(&format!(
+            refused_everywhere(
+                &layout,
+                &what,
+                (at, 4 + tail.len()),
+                &[
+                    format!(
                         "{} seq 4 (transaction 2) has a valid checksum",
                         event.kind()
-                    )),
-                    "{what}: {msg}"
-                );
-                assert!(msg.contains(&why), "{what}: {msg}");
-            };
-            // The byte format keeps the records; what they mean is refused.
-            let scan = scan_file(&RealFs, &layout).unwrap().unwrap();
-            assert!(matches!(scan.end, End::TornTail { .. }), "{what}");
-            assert_eq!(scan.records.len(), 4 + tail.len(), "{what}");
-            refused(check_journal(&layout, &scan).unwrap_err());
-            refused(replay(real_fs(), &layout).err().expect("replay refuses"));
-            refused(recover(real_fs(), &layout).err().expect("recover refuses"));
-            refused(journal_is_clean(&RealFs, &layout).unwrap_err());
-            assert_eq!(
-                whole_tree(&layout.root),
-                before,
-                "{what}: the directory changed"
+                    ),
+                    why.clone(),
+                ],
             );
             assert_eq!(std::fs::read(&victim).unwrap(), b"abc", "{what}");
         }
@@ -1947,4 +1900,50 @@ fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
         rec.notes
     );
     assert_eq!(rec.state.data_packages["p1"].len(), 1);
+}
+
+/// `layout`'s journal, whose record 3 at byte `at` is refused: its bytes still scan
+/// (`records` records, a torn tail after them), and `check_journal`, `replay`,
+/// `recover` and `journal_is_clean` each refuse it as `JournalCorrupt` at that
+/// record, with a message holding every one of `needles`; the directory is left
+/// byte for byte as it was.
+fn refused_everywhere(
+    layout: &Layout,
+    what: &str,
+    (at, records): (u64, usize),
+    needles: &[String],
+) {
+    use stack::replay::project::check_journal;
+    use stack::replay::recover::{journal_is_clean, recover, replay};
+    let before = whole_tree(&layout.root);
+    let refused = |e: Error| {
+        assert_eq!(e.exit_code(), 4, "{what}: {e}");
+        match &e {
+            Error::JournalCorrupt { offset, record, .. } => {
+                assert_eq!((*offset, *record), (at, 3), "{what}: {e}")
+            }
+            other => panic!("{what}: expected JournalCorrupt, got {other}"),
+        }
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("byte offset {at}")), "{what}: {msg}");
+        for needle in needles {
+            assert!(
+                msg.contains(needle.as_str()),
+                "{what}: {needle:?} not in {msg}"
+            );
+        }
+    };
+    // The byte format keeps the records; what they mean is refused.
+    let scan = scan_file(&RealFs, layout).unwrap().unwrap();
+    assert!(matches!(scan.end, End::TornTail { .. }), "{what}");
+    assert_eq!(scan.records.len(), records, "{what}");
+    refused(check_journal(layout, &scan).unwrap_err());
+    refused(replay(real_fs(), layout).err().expect("replay refuses"));
+    refused(recover(real_fs(), layout).err().expect("recover refuses"));
+    refused(journal_is_clean(&RealFs, layout).unwrap_err());
+    assert_eq!(
+        whole_tree(&layout.root),
+        before,
+        "{what}: the directory changed"
+    );
 }

@@ -554,6 +554,54 @@ impl Failing {
     }
 }
 
+/// The mutators of a test `Fs` given to the audit, which only reads.
+macro_rules! audit_only_reads {
+    () => {
+        fn create(&self, _: &Path) -> io::Result<Box<dyn crate::fs::FileWrite>> {
+            unreachable!("the audit only reads")
+        }
+        fn open_append(&self, _: &Path) -> io::Result<Box<dyn crate::fs::FileWrite>> {
+            unreachable!("the audit only reads")
+        }
+        fn truncate(&self, _: &Path, _: u64) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn sync_dir(&self, _: &Path) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn sync_fs(&self, _: &Path) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn rename(&self, _: &Path, _: &Path) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn hard_link(&self, _: &Path, _: &Path) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn symlink(&self, _: &Path, _: &Path) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn reflink(&self, _: &Path, _: &Path) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn remove_file(&self, _: &Path) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn create_dir(&self, _: &Path) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn remove_dir(&self, _: &Path) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn set_readonly(&self, _: &Path, _: bool) -> io::Result<()> {
+            unreachable!("the audit only reads")
+        }
+        fn lock(&self, _: &Path, _: bool) -> io::Result<Option<Box<dyn crate::fs::LockGuard>>> {
+            unreachable!("the audit only reads")
+        }
+    };
+}
+
 impl Fs for Failing {
     fn symlink_metadata(&self, path: &Path) -> io::Result<Meta> {
         self.check(path, "lstat")?;
@@ -590,48 +638,7 @@ impl Fs for Failing {
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn io::Read + Send>> {
         RealFs.open_read(path)
     }
-    fn create(&self, _: &Path) -> io::Result<Box<dyn crate::fs::FileWrite>> {
-        unreachable!("the audit only reads")
-    }
-    fn open_append(&self, _: &Path) -> io::Result<Box<dyn crate::fs::FileWrite>> {
-        unreachable!("the audit only reads")
-    }
-    fn truncate(&self, _: &Path, _: u64) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn sync_dir(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn sync_fs(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn rename(&self, _: &Path, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn hard_link(&self, _: &Path, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn symlink(&self, _: &Path, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn reflink(&self, _: &Path, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn remove_file(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn create_dir(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn remove_dir(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn set_readonly(&self, _: &Path, _: bool) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn lock(&self, _: &Path, _: bool) -> io::Result<Option<Box<dyn crate::fs::LockGuard>>> {
-        unreachable!("the audit only reads")
-    }
+    audit_only_reads!();
 }
 
 /// A simulated crash reaches the caller whatever failed before it (in entry
@@ -817,48 +824,7 @@ impl Fs for Watching {
         self.note(path);
         RealFs.open_read(path)
     }
-    fn create(&self, _: &Path) -> io::Result<Box<dyn crate::fs::FileWrite>> {
-        unreachable!("the audit only reads")
-    }
-    fn open_append(&self, _: &Path) -> io::Result<Box<dyn crate::fs::FileWrite>> {
-        unreachable!("the audit only reads")
-    }
-    fn truncate(&self, _: &Path, _: u64) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn sync_dir(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn sync_fs(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn rename(&self, _: &Path, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn hard_link(&self, _: &Path, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn symlink(&self, _: &Path, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn reflink(&self, _: &Path, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn remove_file(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn create_dir(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn remove_dir(&self, _: &Path) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn set_readonly(&self, _: &Path, _: bool) -> io::Result<()> {
-        unreachable!("the audit only reads")
-    }
-    fn lock(&self, _: &Path, _: bool) -> io::Result<Option<Box<dyn crate::fs::LockGuard>>> {
-        unreachable!("the audit only reads")
-    }
+    audit_only_reads!();
 }
 
 /// A state file edited by hand reaches the audit unchecked: entries whose slug, id

@@ -284,7 +284,6 @@ fn a_checkpoint_pointing_outside_the_directory_is_corruption_and_nothing_changes
     for case in ["absolute shared path", "../ name"] {
         let (o, l) = pulled("copy");
         let dir = l.dir();
-        let d = dir.to_str().unwrap();
         // Outside the directory, with tbl_a's content: a pull that looked would
         // find it intact.
         let victim = l.tmp.path().join("victim.parquet");
@@ -313,15 +312,6 @@ fn a_checkpoint_pointing_outside_the_directory_is_corruption_and_nothing_changes
         let seq = journal.last_seq() - 1; // the checkpoint, then the request
         drop(journal);
 
-        let jpath = dir.join(".stack/journal");
-        let bytes = std::fs::read(&jpath).unwrap();
-        let no_lock = |s: &Snapshot| -> Snapshot {
-            s.iter()
-                .filter(|(p, _)| p.as_path() != Path::new(".stack/lock"))
-                .map(|(p, n)| (p.clone(), n.clone()))
-                .collect()
-        };
-        let before = snapshot(&dir);
         let names_it = |msg: &str| {
             assert!(
                 msg.contains("is corrupt at byte offset 16 (record 0)"),
@@ -334,39 +324,7 @@ fn a_checkpoint_pointing_outside_the_directory_is_corruption_and_nothing_changes
             assert!(msg.contains(&why), "{case}: {msg}");
         };
 
-        let r = stack(&["journal", "replay", "--dir", d]);
-        assert_eq!(r.code, 4, "{case}: {r:?}");
-        names_it(&r.stderr);
-        let r = pull(&o.manifest(), &dir, &["--json"]);
-        names_it(&r.json_error(4));
-        assert_eq!(
-            r.json()["error"]["kind"],
-            json!("journal_corrupt"),
-            "{case}"
-        );
-        let m2 = o.write(&base_tables()[1..], &base_domains(), "v2.json");
-        names_it(&pull(&m2, &dir, &["--json"]).json_error(4));
-        let m = o.manifest();
-        let m = m.to_str().unwrap();
-        names_it(&stack(&["status", "--manifest", m, "--dir", d, "--json"]).json_error(4));
-        names_it(&stack(&["journal", "show", "--json", "--dir", d]).json_error(4));
-        for args in [
-            vec!["journal", "verify"],
-            vec!["journal", "compact"],
-            vec!["gc"],
-        ] {
-            let mut c = bin();
-            c.args(&args).arg("--dir").arg(&dir);
-            let r = output(c);
-            assert_eq!(r.code, 4, "{case}: {args:?}: {r:?}");
-            names_it(&r.stderr);
-        }
-        assert_eq!(
-            std::fs::read(&jpath).unwrap(),
-            bytes,
-            "{case}: journal rewritten"
-        );
-        assert_same(&no_lock(&before), &no_lock(&snapshot(&dir)), case);
+        every_command_refuses_the_journal(&o, &dir, case, &names_it);
         assert_eq!(std::fs::read(&victim).unwrap(), b"table a, version 1\n");
 
         // `verify` without a state file audits the journal's projection: not this one.
@@ -392,7 +350,6 @@ fn an_event_naming_a_path_outside_the_directory_is_corruption_and_nothing_change
 
     let (o, l) = pulled("copy");
     let dir = l.dir();
-    let d = dir.to_str().unwrap();
     // Outside the directory, with tbl_a's content.
     let content = b"table a, version 1\n";
     let victim = l.tmp.path().join("victim.parquet");
@@ -429,15 +386,6 @@ fn an_event_naming_a_path_outside_the_directory_is_corruption_and_nothing_change
         .map(|(i, (offset, _))| (i, *offset))
         .unwrap();
 
-    let jpath = dir.join(".stack/journal");
-    let bytes = std::fs::read(&jpath).unwrap();
-    let no_lock = |s: &Snapshot| -> Snapshot {
-        s.iter()
-            .filter(|(p, _)| p.as_path() != Path::new(".stack/lock"))
-            .map(|(p, n)| (p.clone(), n.clone()))
-            .collect()
-    };
-    let before = snapshot(&dir);
     let names_it = |msg: &str| {
         for part in [
             format!("is corrupt at byte offset {offset} (record {record})"),
@@ -448,14 +396,42 @@ fn an_event_naming_a_path_outside_the_directory_is_corruption_and_nothing_change
         }
     };
 
+    every_command_refuses_the_journal(&o, &dir, "make_ref", &names_it);
+    assert_eq!(std::fs::read(&victim).unwrap(), content);
+
+    // `verify` without a state file audits the journal's projection: not this one.
+    std::fs::remove_file(dir.join("sync_state.json")).unwrap();
+    names_it(&verify(&dir, true).json_error(4));
+}
+
+/// Every command that would fold or append to `dir`'s journal exits 4 with a
+/// message `names_it` accepts (the JSON error kind `journal_corrupt`): `journal
+/// replay`, `pull` of the same and of another manifest, `status`, `journal show`,
+/// `journal verify`, `journal compact` and `gc`; and nothing in the directory
+/// changes (the journal byte for byte; the lock file's holder line aside).
+fn every_command_refuses_the_journal(o: &Origin, dir: &Path, case: &str, names_it: &dyn Fn(&str)) {
+    let d = dir.to_str().unwrap();
+    let jpath = dir.join(".stack/journal");
+    let bytes = std::fs::read(&jpath).unwrap();
+    let no_lock = |s: &Snapshot| -> Snapshot {
+        s.iter()
+            .filter(|(p, _)| p.as_path() != Path::new(".stack/lock"))
+            .map(|(p, n)| (p.clone(), n.clone()))
+            .collect()
+    };
+    let before = snapshot(dir);
     let r = stack(&["journal", "replay", "--dir", d]);
-    assert_eq!(r.code, 4, "{r:?}");
+    assert_eq!(r.code, 4, "{case}: {r:?}");
     names_it(&r.stderr);
-    let r = pull(&o.manifest(), &dir, &["--json"]);
+    let r = pull(&o.manifest(), dir, &["--json"]);
     names_it(&r.json_error(4));
-    assert_eq!(r.json()["error"]["kind"], json!("journal_corrupt"));
+    assert_eq!(
+        r.json()["error"]["kind"],
+        json!("journal_corrupt"),
+        "{case}"
+    );
     let m2 = o.write(&base_tables()[1..], &base_domains(), "v2.json");
-    names_it(&pull(&m2, &dir, &["--json"]).json_error(4));
+    names_it(&pull(&m2, dir, &["--json"]).json_error(4));
     let m = o.manifest();
     let m = m.to_str().unwrap();
     names_it(&stack(&["status", "--manifest", m, "--dir", d, "--json"]).json_error(4));
@@ -466,16 +442,15 @@ fn an_event_naming_a_path_outside_the_directory_is_corruption_and_nothing_change
         vec!["gc"],
     ] {
         let mut c = bin();
-        c.args(&args).arg("--dir").arg(&dir);
+        c.args(&args).arg("--dir").arg(dir);
         let r = output(c);
-        assert_eq!(r.code, 4, "{args:?}: {r:?}");
+        assert_eq!(r.code, 4, "{case}: {args:?}: {r:?}");
         names_it(&r.stderr);
     }
-    assert_eq!(std::fs::read(&jpath).unwrap(), bytes, "journal rewritten");
-    assert_same(&no_lock(&before), &no_lock(&snapshot(&dir)), "refused");
-    assert_eq!(std::fs::read(&victim).unwrap(), content);
-
-    // `verify` without a state file audits the journal's projection: not this one.
-    std::fs::remove_file(dir.join("sync_state.json")).unwrap();
-    names_it(&verify(&dir, true).json_error(4));
+    assert_eq!(
+        std::fs::read(&jpath).unwrap(),
+        bytes,
+        "{case}: journal rewritten"
+    );
+    assert_same(&no_lock(&before), &no_lock(&snapshot(dir)), case);
 }
