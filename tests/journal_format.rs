@@ -1543,6 +1543,48 @@ fn checksummed_undecodable_last_frame_is_corruption_not_a_torn_tail() {
     );
 }
 
+/// Damage followed by a frame whose checksum is valid but whose payload this build
+/// cannot decode is corruption too, never a torn tail to cut: that frame was
+/// written whole, after the damaged one.
+#[test]
+fn damage_before_a_checksummed_undecodable_frame_is_corruption() {
+    let (_tmp, layout) = temp_layout();
+    let records = write_batches(&layout, &sample_batches());
+    let mut bytes = read_journal(&layout);
+    let at = bytes.len() as u64;
+    // A frame that fails its checksum (a flipped payload byte)...
+    let mut damaged = raw_frame(&[1u8, records.len() as u8 + 1, 99, 0]);
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0xff;
+    bytes.extend(damaged);
+    // ... then a whole frame of one record with an unknown event variant.
+    bytes.extend(raw_frame(&[1u8, records.len() as u8 + 2, 99, 200]));
+    write_journal(&layout, &bytes);
+    let scan = frame::scan(&bytes);
+    assert!(
+        same_end(
+            &scan.end,
+            &End::Corrupt {
+                offset: at,
+                record: records.len() as u64,
+                reason: String::new()
+            }
+        ),
+        "{:?}",
+        scan.end
+    );
+    assert!(matches!(
+        Journal::open(real_fs(), &layout),
+        Err(Error::JournalCorrupt { .. })
+    ));
+    assert_eq!(
+        read_journal(&layout),
+        bytes,
+        "a corrupt journal is never cut"
+    );
+    assert!(!layout.journal().with_file_name("journal.broken").exists());
+}
+
 // ---------------------------------------------------------------------------
 // Checkpoints holding a state stack never writes.
 // ---------------------------------------------------------------------------

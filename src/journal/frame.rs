@@ -355,8 +355,15 @@ fn valid_frame_after(bytes: &[u8], from: usize) -> bool {
     (from..bytes.len().saturating_sub(FRAME_HEADER_LEN - 1)).any(|at| {
         let rest = &bytes[at..];
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        // Cheap filter before the checksum: the claimed length must fit.
-        len != 0 && len <= rest.len() - FRAME_HEADER_LEN && frame_at(bytes, at, &mut |_| {}).is_ok()
+        // Cheap filter before the checksum: the claimed length must fit. A frame
+        // whose checksum holds was written whole, whether or not this build can
+        // decode its payload: damage before it is corruption, never a torn tail.
+        len != 0
+            && len <= rest.len() - FRAME_HEADER_LEN
+            && match frame_at(bytes, at, &mut |_| {}) {
+                Ok(_) => true,
+                Err(BadFrame { checksummed, .. }) => checksummed,
+            }
     })
 }
 
