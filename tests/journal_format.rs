@@ -1518,14 +1518,20 @@ fn checksummed_undecodable_last_frame_is_corruption_not_a_torn_tail() {
     payload.push(99); // txn
     payload.push(200); // event variant 200: unknown
     bytes.extend(raw_frame(&payload));
-    write_journal(&layout, &bytes);
-    let scan = frame::scan(&bytes);
+    corrupt_at_and_never_cut(&layout, &bytes, at, records.len());
+}
+
+/// `bytes`, written as `layout`'s journal, scan as corrupt at byte `at`, record
+/// `record`; opening it for writing refuses, and nothing cuts or rewrites it.
+fn corrupt_at_and_never_cut(layout: &Layout, bytes: &[u8], at: u64, record: usize) {
+    write_journal(layout, bytes);
+    let scan = frame::scan(bytes);
     assert!(
         same_end(
             &scan.end,
             &End::Corrupt {
                 offset: at,
-                record: records.len() as u64,
+                record: record as u64,
                 reason: String::new()
             }
         ),
@@ -1533,14 +1539,15 @@ fn checksummed_undecodable_last_frame_is_corruption_not_a_torn_tail() {
         scan.end
     );
     assert!(matches!(
-        Journal::open(real_fs(), &layout),
+        Journal::open(real_fs(), layout),
         Err(Error::JournalCorrupt { .. })
     ));
     assert_eq!(
-        read_journal(&layout),
+        read_journal(layout),
         bytes,
-        "a corrupt journal is never rewritten"
+        "a corrupt journal is never cut or rewritten"
     );
+    assert!(!layout.journal().with_file_name("journal.broken").exists());
 }
 
 /// Damage followed by a frame whose checksum is valid but whose payload this build
@@ -1559,30 +1566,7 @@ fn damage_before_a_checksummed_undecodable_frame_is_corruption() {
     bytes.extend(damaged);
     // ... then a whole frame of one record with an unknown event variant.
     bytes.extend(raw_frame(&[1u8, records.len() as u8 + 2, 99, 200]));
-    write_journal(&layout, &bytes);
-    let scan = frame::scan(&bytes);
-    assert!(
-        same_end(
-            &scan.end,
-            &End::Corrupt {
-                offset: at,
-                record: records.len() as u64,
-                reason: String::new()
-            }
-        ),
-        "{:?}",
-        scan.end
-    );
-    assert!(matches!(
-        Journal::open(real_fs(), &layout),
-        Err(Error::JournalCorrupt { .. })
-    ));
-    assert_eq!(
-        read_journal(&layout),
-        bytes,
-        "a corrupt journal is never cut"
-    );
-    assert!(!layout.journal().with_file_name("journal.broken").exists());
+    corrupt_at_and_never_cut(&layout, &bytes, at, records.len());
 }
 
 // ---------------------------------------------------------------------------
