@@ -1123,6 +1123,15 @@ fn read_error_is_an_io_error_not_corruption() {
         scan_file(&RealFs, &layout),
         Err(Error::Io { op: "read", .. })
     ));
+    // The streaming check (before an append, and `journal verify`) too.
+    assert!(matches!(
+        stack::replay::recover::journal_is_clean(&RealFs, &layout),
+        Err(Error::Io { op: "read", .. })
+    ));
+    assert!(matches!(
+        stack::replay::recover::check_journal_file(&RealFs, &layout),
+        Err(Error::Io { op: "read", .. })
+    ));
     match Journal::open(real_fs(), &layout) {
         Err(e @ Error::Io { .. }) => assert_eq!(e.exit_code(), 1),
         Err(e) => panic!("expected an I/O error, got {e}"),

@@ -756,6 +756,50 @@ mod tests {
         }
     }
 
+    /// A read that fails partway is an I/O error wherever it falls (in a frame, or
+    /// in the look past a damaged frame that decides torn tail or corruption),
+    /// never a torn tail or corruption.
+    #[test]
+    fn a_read_error_anywhere_is_an_io_error() {
+        struct FailsAfter<'a>(&'a [u8]);
+        impl std::io::Read for FailsAfter<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0.is_empty() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EIO));
+                }
+                let n = buf.len().min(5).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let stage = |seq: u64| Record {
+            seq,
+            txn: 1,
+            event: Event::Stage {
+                md5: format!("{seq:032x}"),
+                url: format!("tables/{seq}"),
+            },
+        };
+        let mut bytes = header().to_vec();
+        bytes.extend(encode_frame(&[stage(1), stage(2)]).expect("encode"));
+        let damaged_at = bytes.len() + 6;
+        bytes.extend(encode_frame(&[stage(3)]).expect("encode"));
+        bytes.extend(encode_frame(&[stage(4)]).expect("encode"));
+        let mut damaged = bytes.clone();
+        damaged[damaged_at] ^= 0x41;
+        for input in [&bytes, &damaged] {
+            for served in 0..input.len() {
+                let mut sink = Collect {
+                    records: Vec::new(),
+                    kept: 0,
+                };
+                let got = scan_read(FailsAfter(&input[..served]), input.len() as u64, &mut sink);
+                assert!(got.is_err(), "{served} bytes served: {got:?}");
+            }
+        }
+    }
+
     /// The file read front to back (`scan_read`, whatever size it is told) scans
     /// as the slice does: the same records, valid length and end for every prefix
     /// of a journal, every byte of it damaged, a break in the sequence, and frames
