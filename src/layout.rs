@@ -99,6 +99,15 @@ pub fn is_safe_component(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
+/// Whether `rel` is a folder a pull may build out of sight and place whole: the
+/// shared files' folder, or a slot's folder ([`slot_dir_rel`] of a safe slug).
+pub fn is_placeable_dir_rel(rel: &str) -> bool {
+    rel == SHARED_DIR
+        || rel
+            .strip_prefix("data/")
+            .is_some_and(|f| f == DIRECT_DIR || is_safe_component(f))
+}
+
 /// The `table_id` whose [`shared_rel`] `path` is, if any: the one id for which
 /// [`is_shared_rel`] holds.
 pub fn shared_id_of(path: &str) -> Option<&str> {

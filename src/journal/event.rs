@@ -190,7 +190,7 @@ impl Event {
             }
             Event::Stage { md5, url } => format!("{md5} <- {url}"),
             Event::PutShared { table_id, md5 } => {
-                format!("data/_shared/{table_id}.parquet = {md5}")
+                format!("{} = {md5}", crate::layout::shared_rel(table_id))
             }
             Event::MakeRef {
                 slot,
@@ -205,7 +205,9 @@ impl Event {
             ),
             Event::RemoveRef { slot, name, .. } => crate::layout::ref_rel(slot, name),
             Event::RemoveShared { table_id } => crate::layout::shared_rel(table_id),
-            Event::PutBundle { slug, md5 } => format!("memory/{slug}/bundle.md = {md5}"),
+            Event::PutBundle { slug, md5 } => {
+                format!("{} = {md5}", crate::layout::bundle_rel(slug))
+            }
             Event::RemoveBundle { slug } => format!("memory/{slug}/"),
             Event::RemoveDir { slug } => format!("data/{slug}/"),
             Event::Prepared => "commit point".to_string(),
@@ -292,10 +294,7 @@ impl Event {
             Event::RemoveDir { slug } if slug == crate::layout::DIRECT_DIR => Ok(()),
             Event::RemoveDir { slug } => safe("slug", slug),
             Event::Place { staged, rel } => {
-                let folder = rel.strip_prefix("data/").is_some_and(|f| {
-                    f == "_shared" || f == crate::layout::DIRECT_DIR || is_safe_component(f)
-                });
-                if !folder {
+                if !crate::layout::is_placeable_dir_rel(rel) {
                     Err(format!("folder {rel:?} is not one stack places"))
                 } else if !(staged.starts_with(crate::reconcile::place::PREFIX)
                     && is_safe_component(staged))
