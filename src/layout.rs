@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::journal::event::{Slot, SlotRef};
+use crate::model::slot::{Slot, SlotRef};
 
 /// The state file, relative to the local directory.
 pub const STATE_FILE: &str = "sync_state.json";
@@ -15,6 +15,9 @@ pub const STATE_FILE: &str = "sync_state.json";
 pub const PRIVATE_DIR: &str = ".stack";
 /// The shared-table folder, relative.
 pub const SHARED_DIR: &str = "data/_shared";
+
+/// The prefix of a placed folder's name in `.stack/staging/` (`reconcile::place`).
+pub const PLACE_PREFIX: &str = "place-";
 
 /// The folder under `data/` of the direct tables' references.
 pub const DIRECT_DIR: &str = "_direct";

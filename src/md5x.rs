@@ -305,8 +305,14 @@ pub fn digest_slices(data: &[&[u8]]) -> Vec<[u8; 16]> {
 }
 
 /// Lowercase hex of a digest.
-fn hex(d: &[u8; 16]) -> String {
-    crate::reconcile::origin::hex(d)
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
 }
 
 /// MD5 (lowercase hex) of each file of `paths`, in order, on up to `threads`
@@ -420,7 +426,7 @@ mod tests {
     use std::path::Path;
 
     fn reference(data: &[u8]) -> String {
-        crate::reconcile::origin::hex(&Md5::digest(data))
+        hex(&Md5::digest(data))
     }
 
     #[test]

@@ -39,7 +39,7 @@ use stack::journal::{check_end, scan_file, End};
 use stack::layout::Layout;
 use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
 use stack::reconcile::pull::{pull, PullConfig, Wanted};
-use stack::replay::recover::{compact_dir, recover, replay};
+use stack::reconcile::recover::{compact_dir, recover, replay};
 use stack::replay::state::{read_state, JournalPos, Pulled};
 use stack::verify::{audit, Contents};
 use stack::{BundleCheck, LinkMode, Manifest, SyncState};

@@ -17,7 +17,7 @@ use stack::fs::Fs;
 use stack::layout::Layout;
 use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
 use stack::reconcile::pull::{pull, PullConfig, Wanted};
-use stack::replay::recover::recover;
+use stack::reconcile::recover::recover;
 use stack::{BundleCheck, LinkMode};
 
 const ROOT: &str = "/stack";

@@ -727,7 +727,7 @@ fn compaction_leaves_no_scratch_folder_and_the_next_command_takes_the_fast_path(
     let (_dir, layout) = temp_layout();
     let fs = real_fs();
     let mut journal = Journal::open(fs.clone(), &layout).expect("open").journal;
-    let state = stack::replay::recover::compact_state(
+    let state = stack::reconcile::recover::compact_state(
         fs.as_ref(),
         &layout,
         &mut journal,
@@ -736,7 +736,7 @@ fn compaction_leaves_no_scratch_folder_and_the_next_command_takes_the_fast_path(
     .expect("compact");
     drop(journal);
     assert!(!layout.tmp().exists(), ".stack/tmp left behind");
-    let rec = stack::replay::recover::recover(fs, &layout).expect("recover");
+    let rec = stack::reconcile::recover::recover(fs, &layout).expect("recover");
     assert!(rec.trusted, "the next command did not take the fast path");
     assert_eq!(rec.state, state);
 }
@@ -1125,11 +1125,11 @@ fn read_error_is_an_io_error_not_corruption() {
     ));
     // The streaming check (before an append, and `journal verify`) too.
     assert!(matches!(
-        stack::replay::recover::journal_is_clean(&RealFs, &layout),
+        stack::reconcile::recover::journal_is_clean(&RealFs, &layout),
         Err(Error::Io { op: "read", .. })
     ));
     assert!(matches!(
-        stack::replay::recover::check_journal_file(&RealFs, &layout),
+        stack::reconcile::recover::check_journal_file(&RealFs, &layout),
         Err(Error::Io { op: "read", .. })
     ));
     match Journal::open(real_fs(), &layout) {
@@ -1686,7 +1686,7 @@ fn dir_with_checkpoint(state: &SyncState) -> (tempfile::TempDir, Layout, u64) {
 /// The byte format still reads the record (`journal show` lists it).
 #[test]
 fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
-    use stack::replay::recover::replay;
+    use stack::reconcile::recover::replay;
     let outside = tempfile::tempdir().unwrap();
     let victim = outside.path().join("victim.parquet");
     let victim = victim.to_str().unwrap();
@@ -1786,7 +1786,7 @@ fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
 /// tail was cut.
 #[test]
 fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
-    use stack::replay::recover::replay;
+    use stack::reconcile::recover::replay;
     let md5 = || "0123456789abcdef0123456789abcdef".to_string();
     let make_ref = |slot: Slot, table_id: &str, name: &str| Event::MakeRef {
         slot,
@@ -1948,8 +1948,8 @@ fn refused_everywhere(
     (at, records): (u64, usize),
     needles: &[String],
 ) {
+    use stack::reconcile::recover::{journal_is_clean, recover, replay};
     use stack::replay::project::check_journal;
-    use stack::replay::recover::{journal_is_clean, recover, replay};
     let before = whole_tree(&layout.root);
     let refused = |e: Error| {
         assert_eq!(e.exit_code(), 4, "{what}: {e}");

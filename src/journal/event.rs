@@ -1,10 +1,10 @@
 //! The events of the journal: the single list of everything the engine can do.
 //!
-//! Owns: [`Event`], [`Record`] and [`Slot`], and the rule of what an event may name
-//! ([`Event::check_paths`]). A new kind of mutation is a new variant here first; the
-//! applier (`reconcile::apply`), the projection (`replay::project`) and `journal show`
-//! all match on this enum exhaustively, so nothing can be done that the journal
-//! cannot say.
+//! Owns: [`Event`] and [`Record`] (their slots and link modes are the model's), and
+//! the rule of what an event may name ([`Event::check_paths`]). A new kind of
+//! mutation is a new variant here first; the applier (`reconcile::apply`), the
+//! projection (`replay::project`) and `journal show` all match on this enum
+//! exhaustively, so nothing can be done that the journal cannot say.
 //!
 //! Invariant kept: no event stack acts on names a path outside the local directory.
 //! Events hold ids, names, slugs and md5s, never paths (`layout` builds those), and
@@ -20,52 +20,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::replay::state::{StatFp, Strategy, SyncState};
-
-/// Where a table reference lives: a direct table or a package's table.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Slot {
-    /// `data/_direct/<name>.parquet`.
-    Direct,
-    /// `data/<slug>/<name>.parquet`.
-    Package(String),
-}
-
-/// Where a reference lives: [`Slot`], borrowing the package's slug (from a
-/// manifest or a state). Ordered as `Slot` is (direct first, then packages by slug).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum SlotRef<'m> {
-    Direct,
-    Package(&'m str),
-}
-
-impl<'m> SlotRef<'m> {
-    /// The journal's (owned) slot.
-    pub fn to_slot(self) -> Slot {
-        match self {
-            SlotRef::Direct => Slot::Direct,
-            SlotRef::Package(slug) => Slot::Package(slug.to_string()),
-        }
-    }
-
-    /// `slot`, borrowed.
-    pub fn of(slot: &'m Slot) -> SlotRef<'m> {
-        match slot {
-            Slot::Direct => SlotRef::Direct,
-            Slot::Package(slug) => SlotRef::Package(slug),
-        }
-    }
-}
-
-/// The link strategy a pull was asked for (`--link`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum LinkMode {
-    Auto,
-    Symlink,
-    Hardlink,
-    Copy,
-    Reflink,
-}
+pub use crate::model::slot::{LinkMode, Slot, SlotRef};
+use crate::model::state::{StatFp, Strategy, SyncState};
 
 /// One journal record: an event stamped with its sequence number and transaction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,7 +252,7 @@ impl Event {
             Event::Place { staged, rel } => {
                 if !crate::layout::is_placeable_dir_rel(rel) {
                     Err(format!("folder {rel:?} is not one stack places"))
-                } else if !(staged.starts_with(crate::reconcile::place::PREFIX)
+                } else if !(staged.starts_with(crate::layout::PLACE_PREFIX)
                     && is_safe_component(staged))
                 {
                     Err(format!("staged folder {staged:?} is not one stack makes"))
@@ -406,8 +362,8 @@ pub mod checkpoint_state {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::SlotRef;
-    use crate::replay::state::{
+    use crate::model::slot::SlotRef;
+    use crate::model::state::{
         DomainEntry, JournalPos, Md5Sum, PackagesOut, StatFp, Strategy, SyncState, TableEntry,
         TablesOut,
     };
@@ -560,7 +516,7 @@ pub mod checkpoint_state {
 mod tests {
     use super::*;
     use crate::journal::frame;
-    use crate::replay::state::{DomainEntry, TableEntry};
+    use crate::model::state::{DomainEntry, TableEntry};
 
     const FP: StatFp = StatFp {
         size: 3,
@@ -828,7 +784,7 @@ mod tests {
     /// whose "old" side had become today's serializer, new code against new code.)
     #[test]
     fn checkpoint_and_state_text_match_the_frozen_old_model() {
-        use crate::replay::state::{JournalEnd, JournalPos, Pulled};
+        use crate::model::state::{JournalEnd, JournalPos, Pulled};
         use std::collections::BTreeMap;
         #[derive(Serialize)]
         struct OldEntry {
@@ -984,7 +940,7 @@ mod tests {
                 serde_json::to_string(&old).unwrap()
             );
             let back =
-                crate::replay::state::parse_state(serde_json::to_string(&old).unwrap().as_bytes())
+                crate::model::state::parse_state(serde_json::to_string(&old).unwrap().as_bytes())
                     .unwrap();
             assert_eq!(back, new);
             if with_optionals {

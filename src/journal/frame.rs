@@ -641,7 +641,7 @@ fn scan_input<I: Input>(input: &mut I, sink: &mut dyn Sink) -> Result<(u64, End)
 mod tests {
     use super::*;
     use crate::journal::event::Event;
-    use crate::replay::state::StatFp;
+    use crate::model::state::StatFp;
 
     /// A frame with a correct length and checksum around `payload`.
     fn raw_frame(payload: &[u8]) -> Vec<u8> {
@@ -668,7 +668,7 @@ mod tests {
                     name: "x".repeat(seq as usize % 40 + 1),
                     md5: format!("{seq:032x}"),
                     size: Some(seq * 1000),
-                    strategy: crate::replay::state::Strategy::Copy,
+                    strategy: crate::model::state::Strategy::Copy,
                 },
             })
             .collect();

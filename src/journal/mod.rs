@@ -380,8 +380,8 @@ impl Journal {
     }
 
     /// Where this journal ends now, for a state file to record.
-    pub fn end(&self) -> crate::replay::state::JournalEnd {
-        crate::replay::state::JournalEnd {
+    pub fn end(&self) -> crate::model::state::JournalEnd {
+        crate::model::state::JournalEnd {
             len: self.len,
             base: self.len_after_compaction,
             seq: self.last_seq(),
@@ -395,7 +395,7 @@ impl Journal {
     pub fn open_trusted(
         fs: Arc<dyn Fs>,
         layout: &Layout,
-        end: crate::replay::state::JournalEnd,
+        end: crate::model::state::JournalEnd,
     ) -> Result<Journal> {
         let path = layout.journal();
         let file = fs.open_append(&path).at("open", &path)?;
@@ -450,7 +450,7 @@ impl Journal {
     /// Replace the journal by one holding a single checkpoint of `state`, under a new
     /// transaction, followed in the same frame by the request that state realised
     /// (`state.journal.pulled`), if known. Temp file, fsync, rename, fsync folder.
-    pub fn compact(&mut self, state: &crate::replay::state::SyncState) -> Result<()> {
+    pub fn compact(&mut self, state: &crate::model::state::SyncState) -> Result<()> {
         self.check_usable()?;
         self.sync()?;
         let txn = self.new_txn();

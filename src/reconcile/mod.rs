@@ -2,7 +2,8 @@
 //!
 //! Owns: the manifest model and its validation (`manifest`), origins (`origin`, `http`), the
 //! pure planner (`plan`), staging downloads (`stage`), folders built out of sight
-//! (`place`) and applying a plan (`apply`).
+//! (`place`), applying a plan (`apply`), pulling (`pull`) and recovery, which rolls an
+//! interrupted pull back or forward with the applier (`recover`).
 //!
 //! Architecture invariant: `plan` does no I/O; every mutation in `stage` and `apply`
 //! goes through `crate::fs::Fs` and, for `apply`, is in the journal first.
@@ -16,5 +17,6 @@ pub mod origin;
 pub mod place;
 pub mod plan;
 pub mod pull;
+pub mod recover;
 pub mod source;
 pub mod stage;

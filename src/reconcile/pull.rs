@@ -26,9 +26,9 @@ use crate::reconcile::place;
 use crate::reconcile::plan::{
     makes_refs, plan_from, resolve_strategy, Basis, Caps, Counts, Damage, Plan,
 };
+use crate::reconcile::recover::recover;
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
-use crate::replay::recover::recover;
 use crate::replay::state::SyncState;
 
 /// The report of `pull` and `status` (contract §5).
@@ -362,7 +362,7 @@ pub fn status(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport
     let started = Instant::now();
     let fs = cfg.fs.as_ref();
     // The state file when it names the journal's length, else the journal itself.
-    let trusted = crate::replay::recover::trusted_state(fs, &cfg.layout)?;
+    let trusted = crate::reconcile::recover::trusted_state(fs, &cfg.layout)?;
     let mut damage = None;
     if let Some(state) = &trusted {
         match unchanged(
@@ -427,7 +427,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     let (keyed, peeked) = std::thread::scope(|s| {
         let key = s.spawn(|| wanted.key(cfg.link));
         let peeked = match &wanted {
-            Wanted::Raw { .. } => crate::replay::recover::peek(fs, layout),
+            Wanted::Raw { .. } => crate::reconcile::recover::peek(fs, layout),
             Wanted::Parsed(_) => Ok(None),
         };
         let key = key
@@ -465,7 +465,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     let _lock = lock::acquire(fs, layout, &cfg.command, cfg.wait)?;
     // The fast path of recovery reads only; the slow one may roll a transaction
     // back or forward, so it waits until the manifest is known to be valid.
-    let fast = crate::replay::recover::recover_trusted(&cfg.fs, layout, peeked)?;
+    let fast = crate::reconcile::recover::recover_trusted(&cfg.fs, layout, peeked)?;
     let mut damage = None;
     if let Some(rec) = &fast {
         match unchanged(fs, cfg, &rec.state, key.as_deref(), false, started)? {
@@ -490,11 +490,11 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         None => recover(cfg.fs.clone(), layout)?,
     };
     let mut p = make_plan(fs, cfg, &rec.state, desired, true, damage)?;
-    if !p.is_noop() && rec.trusted && !crate::replay::recover::journal_is_clean(fs, layout)? {
+    if !p.is_noop() && rec.trusted && !crate::reconcile::recover::journal_is_clean(fs, layout)? {
         // About to append, but the journal's end is not whole although the state
         // file named it: recover from the journal itself (cuts a torn tail, rolls
         // its transaction forward) and plan again (from the manifest, still held).
-        rec = crate::replay::recover::replay(cfg.fs.clone(), layout)?;
+        rec = crate::reconcile::recover::replay(cfg.fs.clone(), layout)?;
         let desired = validate(manifest, cfg.origin)?;
         p = make_plan(fs, cfg, &rec.state, desired, true, None)?;
     }
@@ -611,7 +611,9 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     };
     if journal.wants_compaction() {
         // The pull has committed: a failed compaction costs only space.
-        if let Err(e) = crate::replay::recover::compact_state(fs, layout, &mut journal, new_state) {
+        if let Err(e) =
+            crate::reconcile::recover::compact_state(fs, layout, &mut journal, new_state)
+        {
             if e.is_crash() {
                 return Err(e);
             }

@@ -22,9 +22,9 @@ use stack::layout::{self, Layout};
 use stack::reconcile::manifest::{validate, Desired, Manifest, SlotRef};
 use stack::reconcile::origin::{self, Fetched, LocalOrigin, Origin, Request};
 use stack::reconcile::pull::{default_hash, pull, PullConfig, Wanted};
+use stack::reconcile::recover::recover;
 use stack::reconcile::stage::BundleCheck;
 use stack::replay::project::{check_records, project};
-use stack::replay::recover::recover;
 use stack::replay::state::{read_state, SyncState};
 use stack::verify::{audit, Contents};
 
