@@ -17,16 +17,19 @@ use crate::error::{Error, IoContext, Result};
 use crate::fs::{not_found_ok, Fs};
 use crate::journal::event::{Event, LinkMode, Record};
 use crate::journal::lock;
+use crate::journal::Journal;
 use crate::layout::Layout;
 use crate::reconcile::apply::{finish, Applier};
 use crate::reconcile::heal::{find_damage, HashFn};
 use crate::reconcile::manifest::{validate, Desired, Manifest};
 use crate::reconcile::origin::Origin;
-use crate::reconcile::place;
+use crate::reconcile::place::{self, Placement};
 use crate::reconcile::plan::{
     makes_refs, plan_from, resolve_strategy, Basis, Caps, Counts, Damage, Plan,
 };
-use crate::reconcile::recover::recover;
+use crate::reconcile::recover::{
+    compact_state, journal_is_clean, peek, recover, recover_trusted, replay, Peeked, Recovered,
+};
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
 use crate::replay::state::SyncState;
@@ -409,7 +412,8 @@ pub fn status(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport
     Ok(rep)
 }
 
-/// Pull `manifest` into the directory.
+/// Pull `manifest` into the directory: validate → lock → recover → check → plan →
+/// stage → commit → apply → finish (ARCHITECTURE.md, "The flow of a pull").
 ///
 /// A manifest given as bytes is parsed and validated before anything but the lock
 /// file is touched, unless it is the very manifest the state file realised and the
@@ -419,15 +423,76 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         return status(wanted, cfg);
     }
     let started = Instant::now();
-    let fs = cfg.fs.as_ref();
-    let layout = &cfg.layout;
-    // Read before the lock, only to decide whether the manifest must be parsed: an
-    // unchanged one need not be; any other is validated before anything (even the
-    // lock file) is touched. The key's md5 runs meanwhile.
+    let (key, raw_md5, peeked) = key_and_peek(&wanted, cfg)?;
+    // The parsed manifest outlives the desired set, which borrows from it; both
+    // are dropped once the plan is made.
+    let mut early = None;
+    if !peeked
+        .as_ref()
+        .is_some_and(|p| is_same(&p.state, key.as_deref()))
+    {
+        early = Some(wanted.parse()?);
+        // Parsed: a large manifest's text is not held while it is validated.
+        wanted.drop_bytes();
+    }
+    let mut checked = match &early {
+        Some(m) => Some(validated(m, cfg, raw_md5.as_deref())?),
+        None => None,
+    };
+    let _lock = lock::acquire(cfg.fs.as_ref(), &cfg.layout, &cfg.command, cfg.wait)?;
+    let (fast, damage) = match recover_fast_and_check(cfg, peeked, key.as_deref(), started)? {
+        Checked::Unchanged(rep) => return Ok(rep),
+        Checked::ToPlan { fast, damage } => (fast, damage),
+    };
+    let mut late = None;
+    let Validated {
+        desired,
+        md5,
+        manifest,
+    } = match checked.take() {
+        Some(v) => v,
+        // The state file changed between the peek and the lock (rare): validate now.
+        None => validated(late.insert(wanted.parse()?), cfg, raw_md5.as_deref())?,
+    };
+    let mut rec = match fast {
+        Some(rec) => rec,
+        None => recover(cfg.fs.clone(), &cfg.layout)?,
+    };
+    let mut p = plan_pull(cfg, &mut rec, desired, manifest, damage)?;
+    // Planned: the plan holds what it needs.
+    drop((early, late));
+    let Recovered {
+        mut journal,
+        state,
+        notes,
+        ..
+    } = rec;
+    if p.is_noop() {
+        let mut rep = report(&p, state.journal.txn, false, 0, started);
+        rep.recovered = notes;
+        return Ok(rep);
+    }
+    let (txn, bytes, placement) = stage(cfg, &mut journal, &mut p, md5)?;
+    let records = commit(&mut journal, txn, placement, &mut p, key)?;
+    let new_state = apply_and_finish(cfg, &mut journal, state, txn, records, &p.refresh)?;
+    compact_if_due(cfg, &mut journal, new_state)?;
+    let mut rep = report(&p, txn, false, bytes, started);
+    rep.recovered = notes;
+    Ok(rep)
+}
+
+/// The no-op key and the md5 of the manifest's bytes ([`Wanted::key`]), and the
+/// state file read before the lock ([`peek`]), only to decide whether the manifest
+/// must be parsed: an unchanged one need not be; any other is validated before
+/// anything (even the lock file) is touched. The key's md5 runs meanwhile.
+fn key_and_peek(
+    wanted: &Wanted<'_>,
+    cfg: &PullConfig<'_>,
+) -> Result<(Option<String>, Option<String>, Option<Peeked>)> {
     let (keyed, peeked) = std::thread::scope(|s| {
         let key = s.spawn(|| wanted.key(cfg.link));
-        let peeked = match &wanted {
-            Wanted::Raw { .. } => crate::reconcile::recover::peek(fs, layout),
+        let peeked = match wanted {
+            Wanted::Raw { .. } => peek(cfg.fs.as_ref(), &cfg.layout),
             Wanted::Parsed(_) => Ok(None),
         };
         let key = key
@@ -437,98 +502,114 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     });
     let peeked = peeked?;
     let (key, raw_md5) = keyed.unzip();
-    // The md5 the `Begin` record keeps: of the bytes when known, else of the
-    // parsed manifest.
-    let manifest_md5 = |m: &Manifest| {
-        raw_md5
-            .clone()
-            .unwrap_or_else(|| crate::reconcile::manifest::digest(m))
-    };
-    let same = |s: &SyncState| {
-        s.journal
-            .pulled
-            .as_ref()
-            .is_some_and(|p| Some(&p.key) == key.as_ref())
-    };
-    // The parsed manifest outlives the desired set, which borrows from it; both
-    // are dropped once the plan is made.
-    let mut early = None;
-    if !peeked.as_ref().is_some_and(|p| same(&p.state)) {
-        early = Some(wanted.parse()?);
-        // Parsed: a large manifest's text is not held while it is validated.
-        wanted.drop_bytes();
-    }
-    let mut checked = match &early {
-        Some(m) => Some((validate(m, cfg.origin)?, manifest_md5(m), &**m)),
-        None => None,
-    };
-    let _lock = lock::acquire(fs, layout, &cfg.command, cfg.wait)?;
-    // The fast path of recovery reads only; the slow one may roll a transaction
-    // back or forward, so it waits until the manifest is known to be valid.
-    let fast = crate::reconcile::recover::recover_trusted(&cfg.fs, layout, peeked)?;
+    Ok((key, raw_md5, peeked))
+}
+
+/// Does `state` record the pull of this no-op key?
+fn is_same(state: &SyncState, key: Option<&str>) -> bool {
+    state
+        .journal
+        .pulled
+        .as_ref()
+        .is_some_and(|p| Some(p.key.as_str()) == key)
+}
+
+/// A validated manifest: the desired set, the md5 the `Begin` record keeps, and
+/// the manifest (kept to plan again after a full recovery).
+struct Validated<'m> {
+    desired: Desired<'m>,
+    md5: String,
+    manifest: &'m Manifest,
+}
+
+/// Validate `manifest` (contract §1). The md5 is the bytes' when known, else the
+/// parsed manifest's.
+fn validated<'m>(
+    manifest: &'m Manifest,
+    cfg: &PullConfig<'_>,
+    raw_md5: Option<&str>,
+) -> Result<Validated<'m>> {
+    let desired = validate(manifest, cfg.origin)?;
+    let md5 = raw_md5.map_or_else(
+        || crate::reconcile::manifest::digest(manifest),
+        str::to_string,
+    );
+    Ok(Validated {
+        desired,
+        md5,
+        manifest,
+    })
+}
+
+/// After the lock and recovery's fast path: a pull with nothing to do, or one to
+/// plan, with what recovery and the check found.
+enum Checked {
+    Unchanged(SyncReport),
+    ToPlan {
+        /// Recovery's fast path, if the state file was trusted.
+        fast: Option<Recovered>,
+        /// The damage the check found, if it looked.
+        damage: Option<Damage>,
+    },
+}
+
+/// Recover's fast path, then check the disk when the manifest is the one the state
+/// file realised. The fast path reads only; the slow one may roll a transaction
+/// back or forward, so it waits until the manifest is known to be valid.
+fn recover_fast_and_check(
+    cfg: &PullConfig<'_>,
+    peeked: Option<Peeked>,
+    key: Option<&str>,
+    started: Instant,
+) -> Result<Checked> {
+    let fast = recover_trusted(&cfg.fs, &cfg.layout, peeked)?;
     let mut damage = None;
     if let Some(rec) = &fast {
-        match unchanged(fs, cfg, &rec.state, key.as_deref(), false, started)? {
+        match unchanged(cfg.fs.as_ref(), cfg, &rec.state, key, false, started)? {
             // Nothing to do. (The state is freed here, not on a detached thread:
-            // a library call leaves no thread behind; the fuzzer's leak check
-            // caught one that outlived its call.)
-            Ok(rep) => return Ok(rep),
+            // a library call leaves no thread behind.)
+            Ok(rep) => return Ok(Checked::Unchanged(rep)),
             Err(d) => damage = d,
         }
     }
-    let mut late = None;
-    let (desired, manifest_md5, manifest) = match checked.take() {
-        Some(v) => v,
-        // The state file changed between the peek and the lock (rare): validate now.
-        None => {
-            let m = &**late.insert(wanted.parse()?);
-            (validate(m, cfg.origin)?, manifest_md5(m), m)
-        }
-    };
-    let mut rec = match fast {
-        Some(rec) => rec,
-        None => recover(cfg.fs.clone(), layout)?,
-    };
-    let mut p = make_plan(fs, cfg, &rec.state, desired, true, damage)?;
-    if !p.is_noop() && rec.trusted && !crate::reconcile::recover::journal_is_clean(fs, layout)? {
-        // About to append, but the journal's end is not whole although the state
-        // file named it: recover from the journal itself (cuts a torn tail, rolls
-        // its transaction forward) and plan again (from the manifest, still held).
-        rec = crate::reconcile::recover::replay(cfg.fs.clone(), layout)?;
-        let desired = validate(manifest, cfg.origin)?;
-        p = make_plan(fs, cfg, &rec.state, desired, true, None)?;
-    }
-    // Planned: the plan holds what it needs.
-    drop((early, late));
-    let mut journal = rec.journal;
-    let state = rec.state;
-    if p.is_noop() {
-        let mut rep = report(&p, state.journal.txn, false, 0, started);
-        rep.recovered = rec.notes;
-        return Ok(rep);
-    }
-    // Folders the stack gains whole are built out of sight and placed whole.
-    let placement = place::plan(&p, &preflight(fs, layout, &p)?);
+    Ok(Checked::ToPlan { fast, damage })
+}
 
-    // Phase 1: stage, invisibly.
-    let txn = journal.new_txn();
-    journal.append(
-        txn,
-        Event::Begin {
-            manifest_md5,
-            link: cfg.link,
-        },
-    );
-    for item in &p.stage {
-        journal.append(
-            txn,
-            Event::Stage {
-                md5: item.md5.clone(),
-                url: item.url.clone(),
-            },
-        );
+/// Plan against the recovered state. Before a plan that appends is made after the
+/// fast path, the journal's end must be whole although the state file named it;
+/// if it is not, recover from the journal itself (cuts a torn tail, rolls its
+/// transaction forward) and plan again (from the manifest, still held).
+fn plan_pull(
+    cfg: &PullConfig<'_>,
+    rec: &mut Recovered,
+    desired: Desired<'_>,
+    manifest: &Manifest,
+    damage: Option<Damage>,
+) -> Result<Plan> {
+    let fs = cfg.fs.as_ref();
+    let p = make_plan(fs, cfg, &rec.state, desired, true, damage)?;
+    if p.is_noop() || !rec.trusted || journal_is_clean(fs, &cfg.layout)? {
+        return Ok(p);
     }
-    journal.sync()?;
+    *rec = replay(cfg.fs.clone(), &cfg.layout)?;
+    let desired = validate(manifest, cfg.origin)?;
+    make_plan(fs, cfg, &rec.state, desired, true, None)
+}
+
+/// Begin and stage, out of sight: the `Begin` and `Stage` records, then every
+/// download and every folder the stack gains whole, built in `.stack/staging/`
+/// and made durable by one `syncfs`. Any failure aborts the transaction, nothing
+/// visible changed. Returns the transaction, the bytes fetched and the placement.
+fn stage(
+    cfg: &PullConfig<'_>,
+    journal: &mut Journal,
+    p: &mut Plan,
+    manifest_md5: String,
+) -> Result<(u64, u64, Placement)> {
+    let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
+    // Folders the stack gains whole are built out of sight and placed whole.
+    let placement = place::plan(p, &preflight(fs, layout, p)?);
+    let txn = begin(journal, p, manifest_md5, cfg.link)?;
     (cfg.progress)(Progress::Staging {
         files: p.stage.len() as u64,
         bytes: p.stage.iter().map(|s| s.size).sum(),
@@ -551,32 +632,70 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     let bytes = match staged {
         Ok(b) => b,
         Err(e) if e.is_crash() => return Err(e),
-        Err(e) => {
-            // Before the commit point: the folders are staging, and the next
-            // command's recovery removes whatever this cannot.
-            if let Err(d) = place::discard(fs, layout, &placement) {
-                if d.is_crash() {
-                    return Err(d);
-                }
-            }
-            journal.append(
-                txn,
-                Event::Aborted {
-                    reason: e.to_string(),
-                },
-            );
-            journal.sync()?;
-            return Err(e);
-        }
+        Err(e) => return Err(abort(cfg, journal, txn, &placement, e)),
     };
     if !p.stage.is_empty() || !placement.folders.is_empty() {
         let staging = layout.staging();
         fs.sync_fs(&staging).at("syncfs", &staging)?;
     }
     drop(std::mem::take(&mut p.stage)); // staged: not held through apply
+    Ok((txn, bytes, placement))
+}
 
-    // Phase 2: the commit point — the whole plan, durable, in one batch. The
-    // placed folders come first: every other step may need them in place.
+/// A new transaction: its `Begin` and one `Stage` per download, one journal batch.
+fn begin(journal: &mut Journal, p: &Plan, manifest_md5: String, link: LinkMode) -> Result<u64> {
+    let txn = journal.new_txn();
+    journal.append(txn, Event::Begin { manifest_md5, link });
+    for item in &p.stage {
+        journal.append(
+            txn,
+            Event::Stage {
+                md5: item.md5.clone(),
+                url: item.url.clone(),
+            },
+        );
+    }
+    journal.sync()?;
+    Ok(txn)
+}
+
+/// Staging failed with `e`, before the commit point: the folders are staging, and
+/// the next command's recovery removes whatever this cannot; the transaction is
+/// `Aborted`. Returns the error the pull fails with.
+fn abort(
+    cfg: &PullConfig<'_>,
+    journal: &mut Journal,
+    txn: u64,
+    placement: &Placement,
+    e: Error,
+) -> Error {
+    if let Err(d) = place::discard(cfg.fs.as_ref(), &cfg.layout, placement) {
+        if d.is_crash() {
+            return d;
+        }
+    }
+    journal.append(
+        txn,
+        Event::Aborted {
+            reason: e.to_string(),
+        },
+    );
+    match journal.sync() {
+        Ok(()) => e,
+        Err(sync) => sync,
+    }
+}
+
+/// The commit point: the whole plan, durable, in one batch. The placed folders
+/// come first: every other step may need them in place; then the other steps, the
+/// `Request` (the no-op key) and `Prepared`.
+fn commit(
+    journal: &mut Journal,
+    txn: u64,
+    placement: Placement,
+    p: &mut Plan,
+    key: Option<String>,
+) -> Result<Vec<Record>> {
     let places = placement.events();
     drop(placement);
     let mut last = Vec::with_capacity(2);
@@ -589,40 +708,51 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     }
     last.push(Event::Prepared);
     let parts = vec![places, std::mem::take(&mut p.ops), last];
-    let records: Vec<Record> = journal.append_batch(txn, parts)?;
+    journal.append_batch(txn, parts)
+}
 
-    // Phase 3: apply, then finish (state file, Committed, cleanup).
+/// Apply every committed step, then finish (state file, `Committed`, cleanup).
+/// Returns the new state. A failure here is past the commit point: recovery
+/// finishes the transaction.
+fn apply_and_finish(
+    cfg: &PullConfig<'_>,
+    journal: &mut Journal,
+    state: SyncState,
+    txn: u64,
+    records: Vec<Record>,
+    refresh: &[String],
+) -> Result<SyncState> {
+    let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
     let applied = Applier::new(fs, layout, txn)
         .threads(cfg.jobs)
         .staged_read_only()
         .apply_all(&records)
-        .and_then(|()| finish(fs, layout, &mut journal, state, txn, records, &p.refresh));
-    let new_state = match applied {
-        Ok(s) => s,
-        Err(e) if e.is_crash() => return Err(e),
-        Err(e) => {
-            return Err(Error::State {
-                path: layout.root.clone(),
-                message: format!(
-                    "pull {txn} failed after its commit point ({e}); `stack journal replay` finishes it"
-                ),
-            })
-        }
-    };
-    if journal.wants_compaction() {
-        // The pull has committed: a failed compaction costs only space.
-        if let Err(e) =
-            crate::reconcile::recover::compact_state(fs, layout, &mut journal, new_state)
-        {
-            if e.is_crash() {
-                return Err(e);
-            }
-            eprintln!("stack: warning: automatic journal compaction failed: {e}");
-        }
+        .and_then(|()| finish(fs, layout, journal, state, txn, records, refresh));
+    match applied {
+        Ok(s) => Ok(s),
+        Err(e) if e.is_crash() => Err(e),
+        Err(e) => Err(Error::State {
+            path: layout.root.clone(),
+            message: format!(
+                "pull {txn} failed after its commit point ({e}); `stack journal replay` finishes it"
+            ),
+        }),
     }
-    let mut rep = report(&p, txn, false, bytes, started);
-    rep.recovered = rec.notes;
-    Ok(rep)
+}
+
+/// Compact the journal if it has grown enough. The pull has committed: a failed
+/// compaction costs only space.
+fn compact_if_due(cfg: &PullConfig<'_>, journal: &mut Journal, state: SyncState) -> Result<()> {
+    if !journal.wants_compaction() {
+        return Ok(());
+    }
+    if let Err(e) = compact_state(cfg.fs.as_ref(), &cfg.layout, journal, state) {
+        if e.is_crash() {
+            return Err(e);
+        }
+        eprintln!("stack: warning: automatic journal compaction failed: {e}");
+    }
+    Ok(())
 }
 
 /// Hash a file through the seam (the default [`HashFn`]).
