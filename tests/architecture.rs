@@ -309,94 +309,130 @@ fn module_of(rel: &str) -> Vec<String> {
 }
 
 /// Where a parse is: the inline modules open around it.
+#[derive(Default)]
 struct Scope {
-    /// Inline module names, with the brace depth each was opened at.
+    /// Inline module names, with the brace depth each was opened at and whether it
+    /// is test code.
     inline: Vec<(String, usize, bool)>,
     depth: usize,
+}
+
+impl Scope {
+    /// `mod name {`: a module opens.
+    fn enter(&mut self, name: String, test: bool) {
+        self.inline.push((name, self.depth, test));
+        self.depth += 1;
+    }
+
+    /// `{`.
+    fn open(&mut self) {
+        self.depth += 1;
+    }
+
+    /// `}`: closes the inline module opened at this depth, if one was.
+    fn close(&mut self) {
+        self.depth = self.depth.saturating_sub(1);
+        if self.inline.last().is_some_and(|(_, d, _)| *d == self.depth) {
+            self.inline.pop();
+        }
+    }
+
+    fn in_test(&self) -> bool {
+        self.inline.iter().any(|(_, _, t)| *t)
+    }
+
+    /// The module path here, in the file of module `file`.
+    fn module(&self, file: &[String]) -> Vec<String> {
+        let mut m = file.to_vec();
+        m.extend(self.inline.iter().map(|(n, _, _)| n.clone()));
+        m
+    }
+}
+
+/// Is `toks[i..]` `#[cfg(test)]`?
+fn is_cfg_test(toks: &[String], i: usize) -> bool {
+    ["#", "[", "cfg", "(", "test", ")", "]"]
+        .iter()
+        .enumerate()
+        .all(|(k, want)| toks.get(i + k).is_some_and(|t| t == want))
+}
+
+/// The modules each scope of the file declares (`mod x;` or `mod x { … }`), so that
+/// a child's name resolves wherever it is used in the file.
+fn declared_modules(module: &[String], toks: &[String]) -> BTreeMap<Vec<String>, BTreeSet<String>> {
+    let mut children: BTreeMap<Vec<String>, BTreeSet<String>> = BTreeMap::new();
+    let mut scope = Scope::default();
+    let mut i = 0;
+    while i < toks.len() {
+        match toks[i].as_str() {
+            "{" => scope.open(),
+            "}" => scope.close(),
+            "mod" if is_ident(toks.get(i + 1)) => {
+                let name = toks[i + 1].clone();
+                children
+                    .entry(scope.module(module))
+                    .or_default()
+                    .insert(name.clone());
+                if toks.get(i + 2).is_some_and(|t| t == "{") {
+                    scope.enter(name, false);
+                    i += 3;
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    children
+}
+
+/// The path starting at `toks[i]` (`a::b::c`), and the index after it.
+fn path_at(toks: &[String], i: usize) -> (Vec<String>, usize) {
+    let mut p = vec![toks[i].clone()];
+    let mut j = i + 1;
+    while toks.get(j).is_some_and(|t| t == "::") && is_ident(toks.get(j + 1)) {
+        p.push(toks[j + 1].clone());
+        j += 2;
+    }
+    (p, j)
 }
 
 fn parse_file(rel: &str, text: &str) -> File {
     let module = module_of(rel);
     let is_main = rel == "src/main.rs";
     let toks = tokens(text);
-    // Child modules declared anywhere in the file, by the module they are declared in.
-    let mut children: BTreeMap<Vec<String>, BTreeSet<String>> = BTreeMap::new();
+    let children = declared_modules(&module, &toks);
     let mut test_children = Vec::new();
-    let mut scope = Scope {
-        inline: Vec::new(),
-        depth: 0,
-    };
+    let mut scope = Scope::default();
     let mut cfg_test = false;
     let mut taken = Vec::new();
-    let here = |scope: &Scope| {
-        let mut m = module.clone();
-        m.extend(scope.inline.iter().map(|(n, _, _)| n.clone()));
-        m
-    };
-    // First pass: module declarations, so that a child's name resolves wherever it is
-    // used in the file.
-    {
-        let mut s = Scope {
-            inline: Vec::new(),
-            depth: 0,
-        };
-        let mut i = 0;
-        while i < toks.len() {
-            match toks[i].as_str() {
-                "{" => s.depth += 1,
-                "}" => {
-                    s.depth = s.depth.saturating_sub(1);
-                    if s.inline.last().is_some_and(|(_, d, _)| *d == s.depth) {
-                        s.inline.pop();
-                    }
-                }
-                "mod" if is_ident(toks.get(i + 1)) => {
-                    let name = toks[i + 1].clone();
-                    children.entry(here(&s)).or_default().insert(name.clone());
-                    if toks.get(i + 2).is_some_and(|t| t == "{") {
-                        s.inline.push((name, s.depth, false));
-                        s.depth += 1;
-                        i += 3;
-                        continue;
-                    }
-                }
-                _ => {}
-            }
-            i += 1;
+    let mut take = |scope: &Scope, p: Vec<String>| {
+        if let Some(target) = resolve(&scope.module(&module), &p, is_main, &children) {
+            let written = p.join("::");
+            let in_test = scope.in_test();
+            taken.push(Taken {
+                written,
+                target,
+                in_test,
+            });
         }
-    }
+    };
     let mut i = 0;
     while i < toks.len() {
-        let t = toks[i].as_str();
-        match t {
-            "#" if toks.get(i + 1).is_some_and(|t| t == "[")
-                && toks.get(i + 2).is_some_and(|t| t == "cfg")
-                && toks.get(i + 3).is_some_and(|t| t == "(")
-                && toks.get(i + 4).is_some_and(|t| t == "test")
-                && toks.get(i + 5).is_some_and(|t| t == ")") =>
-            {
+        match toks[i].as_str() {
+            "#" if is_cfg_test(&toks, i) => {
                 cfg_test = true;
                 i += 7;
                 continue;
             }
-            "{" => scope.depth += 1,
-            "}" => {
-                scope.depth = scope.depth.saturating_sub(1);
-                if scope
-                    .inline
-                    .last()
-                    .is_some_and(|(_, d, _)| *d == scope.depth)
-                {
-                    scope.inline.pop();
-                }
-            }
+            "{" => scope.open(),
+            "}" => scope.close(),
             "mod" if is_ident(toks.get(i + 1)) => {
                 let name = toks[i + 1].clone();
-                let in_test = cfg_test || scope.inline.iter().any(|(_, _, t)| *t);
+                let in_test = cfg_test || scope.in_test();
                 cfg_test = false;
                 if toks.get(i + 2).is_some_and(|t| t == "{") {
-                    scope.inline.push((name, scope.depth, in_test));
-                    scope.depth += 1;
+                    scope.enter(name, in_test);
                     i += 3;
                     continue;
                 }
@@ -411,42 +447,20 @@ fn parse_file(rel: &str, text: &str) -> File {
             }
             "use" => {
                 cfg_test = false;
-                let in_test = scope.inline.iter().any(|(_, _, t)| *t);
                 let mut paths = Vec::new();
-                let end = use_tree(&toks, i + 1, Vec::new(), &mut paths);
+                i = use_tree(&toks, i + 1, Vec::new(), &mut paths);
                 for p in paths {
-                    let cur = here(&scope);
-                    if let Some(target) = resolve(&cur, &p, is_main, &children) {
-                        taken.push(Taken {
-                            written: p.join("::"),
-                            target,
-                            in_test,
-                        });
-                    }
+                    take(&scope, p);
                 }
-                i = end;
                 continue;
             }
             _ if is_ident(Some(&toks[i]))
                 && toks.get(i + 1).is_some_and(|t| t == "::")
                 && (i == 0 || toks[i - 1] != "::") =>
             {
-                let mut p = vec![toks[i].clone()];
-                let mut j = i + 1;
-                while toks.get(j).is_some_and(|t| t == "::") && is_ident(toks.get(j + 1)) {
-                    p.push(toks[j + 1].clone());
-                    j += 2;
-                }
-                let cur = here(&scope);
-                if let Some(target) = resolve(&cur, &p, is_main, &children) {
-                    let in_test = scope.inline.iter().any(|(_, _, t)| *t);
-                    taken.push(Taken {
-                        written: p.join("::"),
-                        target,
-                        in_test,
-                    });
-                }
-                i = j;
+                let (p, next) = path_at(&toks, i);
+                take(&scope, p);
+                i = next;
                 continue;
             }
             _ => {}

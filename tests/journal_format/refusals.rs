@@ -120,7 +120,6 @@ fn missing_journal_scans_as_none_and_open_creates_an_empty_one() {
     assert_eq!(read_journal(&layout), frame::header().to_vec());
 }
 
-
 /// A last frame whose checksum is valid but whose payload this build cannot decode
 /// (a newer format's event, say) is refused as corruption, never cut as a torn
 /// tail: cutting it would silently drop a committed transaction.

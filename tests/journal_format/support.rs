@@ -2,10 +2,6 @@
 //! temporary directories, sample histories and states, and the proptest strategies
 //! that generate any record.
 
-pub use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
-pub use std::cell::Cell;
-pub use std::collections::BTreeMap;
-pub use std::sync::Arc;
 pub use proptest::collection::{btree_map, vec};
 pub use proptest::option;
 pub use proptest::prelude::*;
@@ -15,8 +11,14 @@ pub use stack::journal::event::SlotRef;
 pub use stack::journal::frame::{self, HEADER_LEN, MAGIC};
 pub use stack::journal::{check_end, scan_file, End, Event, Journal, LinkMode, Record, Slot};
 pub use stack::layout::Layout;
-pub use stack::replay::state::{DomainEntry, JournalPos, StatFp, Strategy as RefStrategy, SyncState};
+pub use stack::replay::state::{
+    DomainEntry, JournalPos, StatFp, Strategy as RefStrategy, SyncState,
+};
 pub use stack::Error;
+pub use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+pub use std::cell::Cell;
+pub use std::collections::BTreeMap;
+pub use std::sync::Arc;
 // ---------------------------------------------------------------------------
 // Allocation probe: the largest single allocation made on the current thread.
 // ---------------------------------------------------------------------------
