@@ -455,7 +455,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         None => validated(late.insert(wanted.parse()?), cfg, raw_md5.as_deref())?,
     };
     let mut rec = match fast {
-        Some(rec) => rec,
+        Some(rec) => *rec,
         None => recover(cfg.fs.clone(), &cfg.layout)?,
     };
     let mut p = plan_pull(cfg, &mut rec, desired, manifest, damage)?;
@@ -546,8 +546,9 @@ fn validated<'m>(
 enum Checked {
     Unchanged(SyncReport),
     ToPlan {
-        /// Recovery's fast path, if the state file was trusted.
-        fast: Option<Recovered>,
+        /// Recovery's fast path, if the state file was trusted (boxed: it holds
+        /// the state and the journal, the report is small).
+        fast: Option<Box<Recovered>>,
         /// The damage the check found, if it looked.
         damage: Option<Damage>,
     },
@@ -572,7 +573,10 @@ fn recover_fast_and_check(
             Err(d) => damage = d,
         }
     }
-    Ok(Checked::ToPlan { fast, damage })
+    Ok(Checked::ToPlan {
+        fast: fast.map(Box::new),
+        damage,
+    })
 }
 
 /// Plan against the recovered state. Before a plan that appends is made after the
