@@ -49,7 +49,8 @@
 //! themselves do not count (the helpers count the calls they make). The setup helpers
 //! of [`SimFs`] (`write_file`, `create_dirs`, `make_durable`) never count.
 //! [`SimFs::crash_after`]`(n)` lets `n` more mutating operations run; the next one
-//! fails with `io::Error::other(CRASH_MARKER)` without taking effect, and from then
+//! fails with an `io::Error` whose payload is
+//! [`SimulatedCrash`](crate::error::SimulatedCrash), without taking effect, and from then
 //! on every call — reads, writes through open handles, reads of open readers —
 //! fails the same way, so the engine cannot clean up after its crash.
 //!
@@ -93,7 +94,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{DirEntry, FileWrite, Fs, Kind, LockGuard, Meta};
-use crate::error::CRASH_MARKER;
+use crate::error::SimulatedCrash;
 
 type Ino = u64;
 const ROOT: Ino = 1;
@@ -170,7 +171,7 @@ fn err(kind: io::ErrorKind, what: &str, path: &Path) -> io::Error {
 }
 
 fn crash_error() -> io::Error {
-    io::Error::other(CRASH_MARKER)
+    SimulatedCrash::io_error()
 }
 
 /// Split a path into components; `absolute` is required for the engine's paths.

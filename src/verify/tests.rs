@@ -544,7 +544,7 @@ impl Failing {
         for (p, c, crash) in &self.fail {
             if p == path && *c == call {
                 return Err(if *crash {
-                    io::Error::other(crate::error::CRASH_MARKER)
+                    crate::error::SimulatedCrash::io_error()
                 } else {
                     io::Error::from_raw_os_error(libc::EIO)
                 });
