@@ -41,8 +41,11 @@ pub enum Error {
         record: u64,
         reason: String,
     },
-    /// The journal was written by a format this build does not know.
-    #[error("journal {path} has format version {found}, this build reads version {supported}")]
+    /// The journal was written by a newer format than this build reads.
+    #[error(
+        "journal {path} has format version {found}, newer than this build reads (up to \
+         {supported}): it was written by a newer stack; use that version of stack or a later one"
+    )]
     JournalVersion {
         path: PathBuf,
         found: u32,

@@ -13,10 +13,12 @@
 //! journal's readers refuse such a journal as corrupt before folding anything
 //! (`replay::project::check_records`), and the applier re-checks each event it runs.
 //!
-//! Compatibility: variants are encoded by index (bincode). Adding a variant, or
-//! changing an existing variant's fields, needs a new journal format version (see
-//! `journal::FORMAT_VERSION`), so an older build refuses the journal with a clear
-//! error instead of misreading it; new variants go at the end.
+//! Compatibility: records are encoded with bincode, variants by their position.
+//! Any change to that encoding (a new variant, a changed field) is a new journal
+//! format version (`journal::frame::FORMAT_VERSION`, whose doc states the rule;
+//! `tests/journal_golden.rs` pins every variant's bytes), so that an older build
+//! refuses the journal as written by a newer stack instead of misreading it; new
+//! variants go at the end, so that older journals still decode.
 
 use serde::{Deserialize, Serialize};
 
@@ -143,8 +145,8 @@ pub enum Event {
     /// `replay::state::Pulled`): md5 of its manifest's bytes, origin and link mode,
     /// and how many direct and package tables it skipped. In the commit batch of a
     /// pull whose manifest bytes were known; the projection of its `Committed`
-    /// carries it into the state. Added after format v1's first release: the last
-    /// variant, so that older journals decode unchanged.
+    /// carries it into the state. New in format version 2 (builds before it wrote it
+    /// under version 1, see `frame::FORMAT_VERSION`).
     Request {
         key: String,
         skipped_direct: u64,
@@ -154,8 +156,7 @@ pub enum Event {
     /// the commit point, to `rel` (`data/_shared` or a slot's folder), which did not
     /// exist when the pull was planned; if `rel` exists by now, move its entries in
     /// one by one. The steps whose files travelled inside it (see
-    /// `reconcile::place`) follow as usual. Added after `Request`, last, for the
-    /// same reason.
+    /// `reconcile::place`) follow as usual. New in format version 2, as `Request`.
     Place { staged: String, rel: String },
 }
 
