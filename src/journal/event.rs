@@ -393,10 +393,10 @@ const CHECKPOINT_INDEX: u32 = 12;
 /// `SyncState` is shaped for `sync_state.json`: its optional fields (`size`,
 /// `ref_fp`, `shared_fp`, a domain's `fp`) are left out when absent
 /// (`skip_serializing_if`). bincode is not self-describing: it decodes a struct as
-/// every one of its fields in order, so a state with any absent optional field was
-/// written without that field and then could not be read back; the checkpoint frame
-/// failed to decode and, being the last frame after a compaction, was cut as a torn
-/// tail, losing the whole state. In the journal (a non-human-readable format) a
+/// every one of its fields in order, so a state with any absent optional field
+/// would be written without that field and could not be read back; the checkpoint
+/// frame would fail to decode and, being the last frame after a compaction, be cut
+/// as a torn tail, losing the whole state. In the journal (a non-human-readable format) a
 /// checkpoint is therefore written with every field always present, in the same
 /// order (table entries by the state file's own writer, which does so in a binary
 /// format; the rest through mirrors), so a state whose optional fields are all
@@ -763,9 +763,9 @@ mod tests {
         assert_eq!(checkpoint(s.clone()).event.check_paths(), s.check_paths());
     }
 
-    /// Regression: a checkpoint whose state has absent optional fields did not
-    /// decode (`skip_serializing_if` under bincode), so its frame scanned as a
-    /// torn tail.
+    /// A checkpoint whose state has absent optional fields decodes (under bincode,
+    /// `skip_serializing_if` would drop them from the bytes, and the frame would
+    /// scan as a torn tail).
     #[test]
     fn checkpoint_with_absent_optional_fields_round_trips() {
         let record = checkpoint(state(false));
@@ -822,11 +822,13 @@ mod tests {
         assert_eq!(back, checkpoint(s).event);
     }
 
-    /// The model as it was before the lean entry (fc7c1ad), frozen: a checkpoint
-    /// written by the previous build (all optional fields present) must keep its
-    /// bytes, and decode to the same state; and `sync_state.json`'s text must be
-    /// the derived model's, optional fields absent or not. (It replaces a test
-    /// whose "old" side had become today's serializer, new code against new code.)
+    /// A frozen, independent model of a state (each entry spelling out its
+    /// `ref_path` and `shared_path`, every field a plain serde field): a checkpoint
+    /// it writes (all optional fields present) must keep
+    /// its bytes under today's encoder and decode to the same state, and
+    /// `sync_state.json`'s text must be the derived model's, optional fields absent
+    /// or not. The model is a copy, not today's serializer, so the test compares two
+    /// independent writers.
     #[test]
     fn checkpoint_and_state_text_match_the_frozen_old_model() {
         use crate::replay::state::{JournalEnd, JournalPos, Pulled};

@@ -75,12 +75,13 @@ fn decode_limit(len: usize) -> usize {
 /// records and the bytes used. A payload that fails part way has already handed
 /// its first records to `each`.
 ///
-/// bincode allocates a string's buffer from its *declared* length as soon as that
-/// length passes the limit, before reading the bytes. The fixed limit of
-/// [`MAX_PAYLOAD`] used before let a frame of a few bytes with a valid checksum make
-/// the reader allocate up to 256 MiB; it also rejected a valid frame larger than
-/// `MAX_PAYLOAD / 8` bytes made of small integers (its claims exceed 256 MiB), which
-/// recovery would then have cut as a torn tail.
+/// Why a limit proportional to the payload rather than one fixed limit: bincode
+/// allocates a string's buffer from its *declared* length as soon as that length
+/// passes the limit, before reading the bytes. A fixed limit of [`MAX_PAYLOAD`]
+/// would let a frame of a few bytes with a valid checksum make the reader allocate
+/// up to 256 MiB, and would reject a valid frame larger than `MAX_PAYLOAD / 8`
+/// bytes made of small integers (its claims exceed 256 MiB), which recovery would
+/// then cut as a torn tail.
 fn decode_payload(payload: &[u8], each: &mut dyn FnMut(Record)) -> Result<(usize, usize), String> {
     fn with_limit<const LIMIT: usize>(
         payload: &[u8],
@@ -730,8 +731,8 @@ mod tests {
         }
     }
 
-    /// Regression: 27 bytes of payload declaring a 128 MiB string made the reader
-    /// allocate 128 MiB before failing; now the declared length fails the limit.
+    /// 27 bytes of payload declaring a 128 MiB string fail the decode limit before
+    /// the reader allocates the string's buffer.
     #[test]
     fn tiny_frame_declaring_a_huge_string_fails_the_limit_before_allocating() {
         // One record: seq 1, txn 1, variant 1 (Stage), md5 of 2^27 bytes (u64 varint).

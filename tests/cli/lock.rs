@@ -1,4 +1,4 @@
-//! The directory lock (issue 2): a second mutating command exits 3 at once naming
+//! The directory lock: a second mutating command exits 3 at once naming
 //! the holder, or waits with `--wait`; read-only commands never block.
 
 use std::fs::File;
