@@ -1,6 +1,6 @@
 //! The engine's error type and its mapping onto the contract's exit codes.
 //!
-//! Owns: [`Error`], [`ErrorKind`]'s stable names for JSON reports, and the rule that
+//! Owns: [`Error`], [`Error::kind`]'s stable names for JSON reports, and the rule that
 //! every I/O error carries the path it happened on.
 //!
 //! Exit codes (contract §5): 0 done; 1 the operation failed and the previous stack is

@@ -49,9 +49,8 @@
 //! themselves do not count (the helpers count the calls they make). The setup helpers
 //! of [`SimFs`] (`write_file`, `create_dirs`, `make_durable`) never count.
 //! [`SimFs::crash_after`]`(n)` lets `n` more mutating operations run; the next one
-//! fails with an `io::Error` whose payload is
-//! [`SimulatedCrash`](crate::error::SimulatedCrash), without taking effect, and from then
-//! on every call — reads, writes through open handles, reads of open readers —
+//! fails, without taking effect, with an `io::Error` whose payload is a
+//! [`SimulatedCrash`], and from then on every call — reads, writes through open handles, reads of open readers —
 //! fails the same way, so the engine cannot clean up after its crash.
 //!
 //! # Power loss
