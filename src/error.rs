@@ -127,7 +127,8 @@ impl std::error::Error for SimulatedCrash {}
 
 /// Is this io::Error a simulated crash (its payload a [`SimulatedCrash`])?
 pub fn is_crash_io(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<SimulatedCrash>())
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<SimulatedCrash>())
 }
 
 /// Attach the operation and path to an io::Error.

@@ -421,7 +421,7 @@ fn explore(t: &Transition, b: Budget) -> u64 {
         for mode in modes(fs.pending_count(), i, b) {
             states += recover_and_check(&fs, mode, &p, &|| format!("pull crashed at op {i}/{n}"));
         }
-        if (i as usize) % b.recovery_stride != 0 {
+        if !(i as usize).is_multiple_of(b.recovery_stride) {
             continue;
         }
         // Crash recovery itself, at every one of its operations.
@@ -1013,7 +1013,7 @@ fn explore_compaction(
         for mode in every_mode(&fs, i, all_up_to, random) {
             states += recover_and_check_compacted(&fs, mode, p, &what);
         }
-        if (i - from) % stride != 0 {
+        if !(i - from).is_multiple_of(stride) {
             continue;
         }
         states += crash_recovery(&fs, &p.name, &|rec, mode, what| {

@@ -217,7 +217,10 @@ const GOLDEN: &[(&str, &str)] = &[
             "3738396162636465660102",
         ),
     ),
-    ("place", "01fbf703fb2c010f07706c6163652d310a646174612f73616c6573"),
+    (
+        "place",
+        "01fbf703fb2c010f07706c6163652d310a646174612f73616c6573",
+    ),
 ];
 
 fn hex(bytes: &[u8]) -> String {
@@ -339,7 +342,11 @@ fn a_version_1_journal_is_read_and_upgraded_before_the_first_append() {
     let opened = Journal::open(fs, &layout).expect("a version 1 journal opens");
     assert_eq!(opened.records, records);
     assert!(opened.torn.is_none());
-    assert_eq!(std::fs::read(layout.journal()).unwrap(), v1, "opening wrote");
+    assert_eq!(
+        std::fs::read(layout.journal()).unwrap(),
+        v1,
+        "opening wrote"
+    );
 
     let mut journal = opened.journal;
     let txn = journal.new_txn();
@@ -353,7 +360,10 @@ fn a_version_1_journal_is_read_and_upgraded_before_the_first_append() {
     let scan = frame::scan(&after);
     assert_eq!(scan.end, End::Clean);
     assert_eq!(scan.records.len(), records.len() + 1);
-    assert!(!layout.journal_compact().exists(), "the upgrade left its copy");
+    assert!(
+        !layout.journal_compact().exists(),
+        "the upgrade left its copy"
+    );
 
     // Later appends go to the upgraded file, without copying it again.
     journal.append(txn, Event::Prepared);

@@ -3,8 +3,6 @@
 //! before the commit point, named, with nothing changed; a pull succeeds once the
 //! obstacle is moved away.
 
-use std::path::Path;
-
 use serde_json::json;
 
 use crate::support::*;
