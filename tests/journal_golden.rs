@@ -11,6 +11,7 @@
 
 #![allow(clippy::disallowed_methods)] // fixtures write journal files directly
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use stack::fs::{Fs, RealFs};
 use stack::journal::frame::{self, FORMAT_VERSION, HEADER_LEN};
 use stack::journal::{scan_file, End, Event, Journal, LinkMode, Record, Slot};
 use stack::layout::Layout;
-use stack::replay::state::{StatFp, Strategy};
+use stack::replay::state::{JournalEnd, StatFp, Strategy};
 use stack::SyncState;
 
 /// The version whose encoding the goldens below are.
@@ -371,6 +372,47 @@ fn a_version_1_journal_is_read_and_upgraded_before_the_first_append() {
     let scan = frame::scan(&std::fs::read(layout.journal()).unwrap());
     assert_eq!(scan.end, End::Clean);
     assert_eq!(scan.records.len(), records.len() + 2);
+}
+
+/// The same through the writer a trusted state file opens without reading the
+/// journal (`Journal::open_trusted`): the header is read at the first append, and
+/// the file upgraded then.
+#[test]
+fn a_version_1_journal_opened_trusted_is_upgraded_before_the_first_append() {
+    let (_dir, layout) = temp_layout();
+    let records = records();
+    let v1 = journal_bytes(1, &records);
+    write_journal(&layout, &v1);
+    let last = records.last().unwrap();
+    let end = JournalEnd {
+        len: v1.len() as u64,
+        base: HEADER_LEN as u64,
+        seq: last.seq,
+        txn: last.txn,
+        ino: std::fs::metadata(layout.journal()).unwrap().ino(),
+    };
+    let fs: Arc<dyn Fs> = Arc::new(RealFs);
+    let mut journal = Journal::open_trusted(fs, &layout, end).expect("open trusted");
+    assert_eq!(
+        std::fs::read(layout.journal()).unwrap(),
+        v1,
+        "opening wrote"
+    );
+    let txn = journal.new_txn();
+    journal.append(txn, Event::Prepared);
+    journal.sync().expect("append");
+    let after = std::fs::read(layout.journal()).unwrap();
+    assert_eq!(frame::header_version(&after), Some(FORMAT_VERSION));
+    assert_eq!(&after[HEADER_LEN..v1.len()], &v1[HEADER_LEN..]);
+    let scan = frame::scan(&after);
+    assert_eq!(scan.end, End::Clean);
+    assert_eq!(scan.records.len(), records.len() + 1);
+    assert_eq!(journal.end().len, after.len() as u64);
+    assert_eq!(
+        journal.end().ino,
+        std::fs::metadata(layout.journal()).unwrap().ino(),
+        "the writer follows the upgraded file"
+    );
 }
 
 /// A version this build does not know yet is refused as newer, untouched.

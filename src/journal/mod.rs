@@ -163,9 +163,10 @@ pub struct Journal {
     /// Why this writer may append nothing more (the file's end is no longer known
     /// to be `len`, or the file is no longer the journal); `None` while usable.
     broken: Option<String>,
-    /// The format version the file's header names; an older one is upgraded
-    /// before the first append.
-    version: u32,
+    /// The format version the file's header names (`None`: not read yet, for a
+    /// writer opened without reading the journal); an older one is upgraded before
+    /// the first append.
+    version: Option<u32>,
 }
 
 /// What opening a journal for writing found.
@@ -262,7 +263,7 @@ impl Journal {
                 pending: Vec::new(),
                 sealed: None,
                 broken: None,
-                version,
+                version: Some(version),
             },
             records,
             torn,
@@ -412,7 +413,6 @@ impl Journal {
     ) -> Result<Journal> {
         let path = layout.journal();
         let file = fs.open_append(&path).at("open", &path)?;
-        let version = file_version(fs.as_ref(), &path)?;
         Ok(Journal {
             fs,
             layout: layout.clone(),
@@ -425,7 +425,9 @@ impl Journal {
             pending: Vec::new(),
             sealed: None,
             broken: None,
-            version,
+            // Read at the first append, if there is one: a command that appends
+            // nothing reads no more than it did.
+            version: None,
         })
     }
 
@@ -533,7 +535,7 @@ impl Journal {
     fn follow_replaced_file(&mut self, why: &str) -> Result<()> {
         let path = self.layout.journal();
         let private = self.layout.private();
-        self.version = FORMAT_VERSION;
+        self.version = Some(FORMAT_VERSION);
         self.broken = Some(why.to_string());
         self.file = self.fs.open_append(&path).at("open", &path)?;
         self.ino = self.fs.metadata(&path).at("stat", &path)?.ino;
@@ -551,7 +553,12 @@ impl Journal {
     /// the old file or the new one. Once per journal; nothing is done when the
     /// header is current.
     fn upgrade_format(&mut self) -> Result<()> {
-        if self.version == FORMAT_VERSION {
+        let version = match self.version {
+            Some(v) => v,
+            None => file_version(self.fs.as_ref(), &self.layout.journal())?,
+        };
+        self.version = Some(version);
+        if version == FORMAT_VERSION {
             return Ok(());
         }
         let tmp = self.layout.journal_compact();
