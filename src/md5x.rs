@@ -266,7 +266,7 @@ impl Stream {
     }
 }
 
-/// MD5 of each of up to [`LANES`] byte slices, in lock step (staging hashes a
+/// MD5 of each of up to `LANES` byte slices, in lock step (staging hashes a
 /// batch of small downloads at once). Slices of unequal length cost the longest
 /// one's blocks in every lane; staging batches files of similar size.
 pub fn digest_slices(data: &[&[u8]]) -> Vec<[u8; 16]> {
@@ -316,7 +316,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// MD5 (lowercase hex) of each file of `paths`, in order, on up to `threads`
-/// threads; each thread keeps [`LANES`] files in flight, taking the next file from
+/// threads; each thread keeps `LANES` files in flight, taking the next file from
 /// a shared counter whenever one finishes.
 pub fn md5_files(fs: &dyn Fs, paths: &[PathBuf], threads: usize) -> Vec<io::Result<String>> {
     let next = AtomicUsize::new(0);

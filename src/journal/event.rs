@@ -13,10 +13,12 @@
 //! journal's readers refuse such a journal as corrupt before folding anything
 //! (`replay::project::check_records`), and the applier re-checks each event it runs.
 //!
-//! Compatibility: variants are encoded by index (bincode). Adding a variant, or
-//! changing an existing variant's fields, needs a new journal format version (see
-//! `journal::FORMAT_VERSION`), so an older build refuses the journal with a clear
-//! error instead of misreading it; new variants go at the end.
+//! Compatibility: records are encoded with bincode, variants by their position.
+//! Any change to that encoding (a new variant, a changed field) is a new journal
+//! format version (`journal::frame::FORMAT_VERSION`, whose doc states the rule;
+//! `tests/journal_golden.rs` pins every variant's bytes), so that an older build
+//! refuses the journal as written by a newer stack instead of misreading it; new
+//! variants go at the end, so that older journals still decode.
 
 use serde::{Deserialize, Serialize};
 
@@ -99,8 +101,8 @@ pub enum Event {
     /// `replay::state::Pulled`): md5 of its manifest's bytes, origin and link mode,
     /// and how many direct and package tables it skipped. In the commit batch of a
     /// pull whose manifest bytes were known; the projection of its `Committed`
-    /// carries it into the state. Added after format v1's first release: the last
-    /// variant, so that older journals decode unchanged.
+    /// carries it into the state. New in format version 2 (builds before it wrote it
+    /// under version 1, see `frame::FORMAT_VERSION`).
     Request {
         key: String,
         skipped_direct: u64,
@@ -110,8 +112,7 @@ pub enum Event {
     /// the commit point, to `rel` (`data/_shared` or a slot's folder), which did not
     /// exist when the pull was planned; if `rel` exists by now, move its entries in
     /// one by one. The steps whose files travelled inside it (see
-    /// `reconcile::place`) follow as usual. Added after `Request`, last, for the
-    /// same reason.
+    /// `reconcile::place`) follow as usual. New in format version 2, as `Request`.
     Place { staged: String, rel: String },
 }
 
@@ -348,10 +349,10 @@ const CHECKPOINT_INDEX: u32 = 12;
 /// `SyncState` is shaped for `sync_state.json`: its optional fields (`size`,
 /// `ref_fp`, `shared_fp`, a domain's `fp`) are left out when absent
 /// (`skip_serializing_if`). bincode is not self-describing: it decodes a struct as
-/// every one of its fields in order, so a state with any absent optional field was
-/// written without that field and then could not be read back; the checkpoint frame
-/// failed to decode and, being the last frame after a compaction, was cut as a torn
-/// tail, losing the whole state. In the journal (a non-human-readable format) a
+/// every one of its fields in order, so a state with any absent optional field
+/// would be written without that field and could not be read back; the checkpoint
+/// frame would fail to decode and, being the last frame after a compaction, be cut
+/// as a torn tail, losing the whole state. In the journal (a non-human-readable format) a
 /// checkpoint is therefore written with every field always present, in the same
 /// order (table entries by the state file's own writer, which does so in a binary
 /// format; the rest through mirrors), so a state whose optional fields are all
@@ -718,9 +719,9 @@ mod tests {
         assert_eq!(checkpoint(s.clone()).event.check_paths(), s.check_paths());
     }
 
-    /// Regression: a checkpoint whose state has absent optional fields did not
-    /// decode (`skip_serializing_if` under bincode), so its frame scanned as a
-    /// torn tail.
+    /// A checkpoint whose state has absent optional fields decodes (under bincode,
+    /// `skip_serializing_if` would drop them from the bytes, and the frame would
+    /// scan as a torn tail).
     #[test]
     fn checkpoint_with_absent_optional_fields_round_trips() {
         let record = checkpoint(state(false));
@@ -777,11 +778,13 @@ mod tests {
         assert_eq!(back, checkpoint(s).event);
     }
 
-    /// The model as it was before the lean entry (fc7c1ad), frozen: a checkpoint
-    /// written by the previous build (all optional fields present) must keep its
-    /// bytes, and decode to the same state; and `sync_state.json`'s text must be
-    /// the derived model's, optional fields absent or not. (It replaces a test
-    /// whose "old" side had become today's serializer, new code against new code.)
+    /// A frozen, independent model of a state (each entry spelling out its
+    /// `ref_path` and `shared_path`, every field a plain serde field): a checkpoint
+    /// it writes (all optional fields present) must keep
+    /// its bytes under today's encoder and decode to the same state, and
+    /// `sync_state.json`'s text must be the derived model's, optional fields absent
+    /// or not. The model is a copy, not today's serializer, so the test compares two
+    /// independent writers.
     #[test]
     fn checkpoint_and_state_text_match_the_frozen_old_model() {
         use crate::model::state::{JournalEnd, JournalPos, Pulled};

@@ -898,8 +898,8 @@ mod tests {
         }
     }
 
-    /// An unreadable entry's message names the type the file's entries always had
-    /// (review finding: it named the internal reader).
+    /// An unreadable entry's message names the type the file's entries have, not
+    /// the internal reader's (which a user never sees).
     #[test]
     fn unreadable_entry_message_names_the_entry_type() {
         let text = r#"{"version":1,"direct_tables":{"tbl_a":5}}"#;

@@ -98,7 +98,7 @@ pub enum Wanted<'a> {
 impl<'a> Wanted<'a> {
     /// `(key, md5)` in one pass over the bytes: `md5` is the bytes' (what `md5sum`
     /// says of the manifest file; the `Begin` record keeps it), and `key`, the
-    /// no-op key ([`Pulled::key`]), is the md5 of that md5, the origin and the link
+    /// no-op key (`Pulled::key`), is the md5 of that md5, the origin and the link
     /// mode. `None` for a parsed manifest, whose bytes are unknown.
     pub fn key(&self, link: LinkMode) -> Option<(String, String)> {
         use md5::Digest;

@@ -1,4 +1,4 @@
-//! The properties of the fuzz campaigns (issue 6), shared by the cargo-fuzz targets
+//! The properties of the fuzz campaigns, shared by the cargo-fuzz targets
 //! (`fuzz/fuzz_targets/*.rs`, which include this file by path) and by the proptest
 //! tests in `tests/fuzz_props.rs`, so both check exactly the same things.
 //!
