@@ -3,7 +3,29 @@
 //! logged operation onto it ([`Image::apply`]), which rebuilds the tree a reboot
 //! sees.
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use super::op::*;
+use crate::error::SimulatedCrash;
+use crate::fs::{Kind, Meta};
+
+pub(super) const ROOT: Ino = 1;
+pub(super) const MAX_SYMLINK_HOPS: usize = 40;
+/// `truncate` may not grow a file past this (contents are held in memory).
+pub(super) const MAX_FILE_LEN: u64 = 1 << 30;
+
+/// One path of a [`SimFs::snapshot`](super::SimFs::snapshot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapEntry {
+    Dir,
+    File { bytes: Vec<u8>, readonly: bool },
+    Symlink { target: PathBuf },
+}
+
+/// The whole tree: absolute path → what is there (the root itself is left out).
+pub type Snapshot = BTreeMap<PathBuf, SnapEntry>;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct FileNode {

@@ -3,77 +3,26 @@
 //! and a reboot replays the durable (or surviving) ones onto the durable image.
 //! Also the operation counter behind crash injection.
 
-use super::*;
+use std::io;
+use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone)]
-pub(super) enum Fresh {
-    File(Vec<u8>),
-    Dir,
-    Symlink(PathBuf),
-}
+use super::image::*;
+use super::op::*;
+use crate::fs::Kind;
 
-#[derive(Debug, Clone)]
-pub(super) enum Op {
-    Create {
-        dir: Ino,
-        name: String,
-        ino: Ino,
-        fresh: Fresh,
-        mtime: u64,
-    },
-    Link {
-        dir: Ino,
-        name: String,
-        ino: Ino,
-    },
-    Unlink {
-        dir: Ino,
-        name: String,
-        ino: Ino,
-    },
-    Rename {
-        from_dir: Ino,
-        from_name: String,
-        to_dir: Ino,
-        to_name: String,
-        ino: Ino,
-        kind: Kind,
-    },
-    Write {
-        ino: Ino,
-        offset: u64,
-        bytes: Vec<u8>,
-        mtime: u64,
-    },
-    SetLen {
-        ino: Ino,
-        len: u64,
-        mtime: u64,
-    },
-    Chmod {
-        ino: Ino,
-        readonly: bool,
-    },
-}
-
-impl Op {
-    pub(super) fn touches_dir(&self, d: Ino) -> bool {
-        match self {
-            Op::Create { dir, .. } | Op::Link { dir, .. } | Op::Unlink { dir, .. } => *dir == d,
-            Op::Rename {
-                from_dir, to_dir, ..
-            } => *from_dir == d || *to_dir == d,
-            _ => false,
-        }
-    }
-
-    pub(super) fn is_content_of(&self, i: Ino) -> bool {
-        matches!(self, Op::Write { ino, .. } | Op::SetLen { ino, .. } if *ino == i)
-    }
-
-    pub(super) fn is_chmod_of(&self, i: Ino) -> bool {
-        matches!(self, Op::Chmod { ino, .. } if *ino == i)
-    }
+/// What survives a crash; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// SIGKILL: the live image survives, pending operations stay pending.
+    Process,
+    /// Power loss after the disk wrote everything: the live image, now durable.
+    PowerLossOptimistic,
+    /// Power loss losing every pending operation: the durable image.
+    PowerLossPessimistic,
+    /// Power loss keeping pending operation `i` iff bit `i` is set.
+    PowerLossSubset(u64),
+    /// Power loss keeping each pending operation with probability 1/2 (seeded).
+    PowerLossRandom(u64),
 }
 
 #[derive(Debug, Clone)]

@@ -55,7 +55,7 @@
 //! of [`SimFs`] (`write_file`, `create_dirs`, `make_durable`) never count.
 //! [`SimFs::crash_after`]`(n)` lets `n` more mutating operations run; the next one
 //! fails, without taking effect, with an `io::Error` whose payload is a
-//! [`SimulatedCrash`], and from then on every call — reads, writes through open handles, reads of open readers —
+//! [`SimulatedCrash`](crate::error::SimulatedCrash), and from then on every call — reads, writes through open handles, reads of open readers —
 //! fails the same way, so the engine cannot clean up after its crash.
 //!
 //! # Power loss
@@ -92,53 +92,25 @@
 //! [`SimFs::set_enforce_readonly`] turned that off. Paths must be absolute;
 //! `..` is resolved physically (after symlinks), as the kernel does.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{DirEntry, FileWrite, Fs, Kind, LockGuard, Meta};
-use crate::error::SimulatedCrash;
 
 mod image;
 mod log;
+mod op;
 #[cfg(test)]
 mod tests;
 
 use image::*;
 use log::*;
+use op::*;
 
-type Ino = u64;
-const ROOT: Ino = 1;
-const MAX_SYMLINK_HOPS: usize = 40;
-/// `truncate` may not grow a file past this (contents are held in memory).
-const MAX_FILE_LEN: u64 = 1 << 30;
-
-/// What survives a crash; see the module documentation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Crash {
-    /// SIGKILL: the live image survives, pending operations stay pending.
-    Process,
-    /// Power loss after the disk wrote everything: the live image, now durable.
-    PowerLossOptimistic,
-    /// Power loss losing every pending operation: the durable image.
-    PowerLossPessimistic,
-    /// Power loss keeping pending operation `i` iff bit `i` is set.
-    PowerLossSubset(u64),
-    /// Power loss keeping each pending operation with probability 1/2 (seeded).
-    PowerLossRandom(u64),
-}
-
-/// One path of a [`SimFs::snapshot`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SnapEntry {
-    Dir,
-    File { bytes: Vec<u8>, readonly: bool },
-    Symlink { target: PathBuf },
-}
-
-/// The whole tree: absolute path → what is there (the root itself is left out).
-pub type Snapshot = BTreeMap<PathBuf, SnapEntry>;
+pub use image::{SnapEntry, Snapshot};
+pub use log::Crash;
 
 // ---------------------------------------------------------------------------
 // The public face.
