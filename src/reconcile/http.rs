@@ -510,10 +510,7 @@ impl HttpOrigin {
                 }
                 return Ok(resp);
             }
-            let Some(location) = resp
-                .headers()
-                .get("location")
-                .and_then(|v| v.to_str().ok())
+            let Some(location) = resp.headers().get("location").and_then(|v| v.to_str().ok())
             else {
                 return Ok(resp);
             };

@@ -108,9 +108,7 @@ fn no_proxy_entries(v: &str) -> Vec<String> {
             let e = match e.strip_prefix('[') {
                 Some(rest) => rest.split(']').next().unwrap_or(rest).to_string(),
                 // host:port, but not a bare IPv6 address
-                None if e.matches(':').count() == 1 => {
-                    e.split(':').next().unwrap_or(e).to_string()
-                }
+                None if e.matches(':').count() == 1 => e.split(':').next().unwrap_or(e).to_string(),
                 None => e.to_string(),
             };
             e

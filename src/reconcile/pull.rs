@@ -53,7 +53,11 @@ pub struct SyncReport {
 pub enum Progress {
     /// Staging starts: this many files; `bytes` is the total of the sizes the
     /// manifest gave, `without_size` how many files it gave none for (bundles).
-    Staging { files: u64, bytes: u64, without_size: u64 },
+    Staging {
+        files: u64,
+        bytes: u64,
+        without_size: u64,
+    },
     /// One download finished, with the bytes it transferred.
     Fetched { bytes: u64 },
 }
