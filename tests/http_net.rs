@@ -135,11 +135,17 @@ fn default_pull_keeps_many_requests_in_flight_on_reused_connections() {
 
 fn overloaded_pull(limits: Limits, extra: &[&str]) -> (Origin, Output, tempfile::TempDir) {
     let o = Origin::http(limits);
-    serve_stack(&o, 40, 2048);
+    serve_stack(&o, 80, 2048);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("d");
     let out = pull(&o.url("/manifest.json"), &dir, extra, &[]);
     assert_pulled(&out, &dir);
+    eprintln!(
+        "{} turned away, peak {} in flight, {} connections",
+        o.turned_away(),
+        o.peak_in_flight(),
+        o.connections()
+    );
     (o, out, tmp)
 }
 
@@ -153,10 +159,11 @@ fn server_answering_503_past_two_requests_slows_the_pull_and_it_completes() {
         },
         &["--jobs", "16"],
     );
-    // It lowered its concurrency rather than hammer: fewer refusals than files.
+    // It lowered its concurrency rather than hammer: a refusal per four files at
+    // most (the first burst, the halvings, then a rare probe of the limit).
     assert!(
-        o.turned_away() < 41,
-        "{} requests refused for 41 files",
+        o.turned_away() <= 20,
+        "{} requests refused for 81 files",
         o.turned_away()
     );
 }
@@ -172,25 +179,25 @@ fn server_answering_429_past_two_requests_with_default_settings() {
         &[],
     );
     assert!(
-        o.turned_away() < 41,
-        "{} requests refused for 41 files",
+        o.turned_away() <= 20,
+        "{} requests refused for 81 files",
         o.turned_away()
     );
 }
 
 #[test]
-fn server_refusing_connections_past_three_with_default_settings() {
+fn server_refusing_connections_past_three_slows_the_pull_and_it_completes() {
     let (o, _, _t) = overloaded_pull(
         Limits {
             max_connections: Some(3),
             delay: Duration::from_millis(30),
             ..Limits::default()
         },
-        &[],
+        &["--jobs", "16"],
     );
     assert!(
-        o.turned_away() < 41,
-        "{} connections refused for 41 files",
+        o.turned_away() <= 20,
+        "{} connections refused for 81 files",
         o.turned_away()
     );
 }

@@ -5,7 +5,9 @@
 //! grows by one per success while nothing has gone wrong ("slow start": it doubles
 //! every round trip, so a high-latency link fills quickly), and is halved when the
 //! server signals overload (429, 503, a refused or reset connection, a timeout);
-//! after that it grows by one per window's worth of successes.
+//! after that it grows by one per window's worth of successes, and eight times
+//! slower within one request of the window the last overload happened at (the
+//! server's limit is probably there: probing it costs a refusal each time).
 //!
 //! Invariants kept: never more than `cap` requests in flight (the `--jobs` hard
 //! cap), never fewer than one allowed; one burst of failures halves the window once,
@@ -35,6 +37,8 @@ struct State {
     epoch: u64,
     /// Still growing by one per success (no overload seen yet).
     slow_start: bool,
+    /// The window when the last overload was signalled.
+    ceiling: f64,
 }
 
 /// A permit for one request; returned to the window when dropped.
@@ -57,6 +61,7 @@ impl Window {
                 in_flight: 0,
                 epoch: 0,
                 slow_start: true,
+                ceiling: f64::INFINITY,
             }),
             freed: Condvar::new(),
             cap,
@@ -91,7 +96,13 @@ impl Permit<'_> {
     /// The request succeeded: grow the window.
     pub fn succeeded(&self) {
         let mut st = self.window.lock();
-        let grow = if st.slow_start { 1.0 } else { 1.0 / st.window };
+        let grow = if st.slow_start {
+            1.0
+        } else if st.window + 1.0 < st.ceiling {
+            1.0 / st.window
+        } else {
+            1.0 / (8.0 * st.window)
+        };
         st.window = (st.window + grow).min(self.window.cap as f64);
         drop(st);
         self.window.freed.notify_all();
@@ -101,6 +112,7 @@ impl Permit<'_> {
     pub fn overloaded(&self) {
         let mut st = self.window.lock();
         if self.epoch == st.epoch {
+            st.ceiling = st.window;
             st.window = (st.window / 2.0).max(1.0);
             st.slow_start = false;
             st.epoch += 1;
@@ -138,12 +150,29 @@ mod tests {
         drop(permits);
         assert_eq!(w.current(), (INITIAL_WINDOW + 4) / 2);
         // After the decrease growth is additive: about a window's worth of
-        // successes adds one.
+        // successes adds one, far below the window of the last overload.
         let before = w.current();
         for _ in 0..before + 1 {
             w.acquire().succeeded();
         }
         assert_eq!(w.current(), before + 1);
+        // Within one of it, eight times slower.
+        let w = Window::new(100);
+        w.acquire().overloaded(); // 8 -> 4, ceiling 8
+        for _ in 0..5 + 6 {
+            w.acquire().succeeded();
+        }
+        assert_eq!(w.current(), 6);
+        w.acquire().overloaded(); // 6 -> 3, ceiling 6
+        for _ in 0..4 {
+            w.acquire().succeeded();
+        }
+        assert_eq!(w.current(), 4); // 3 + 4 * 1/3
+        for _ in 0..24 {
+            w.acquire().succeeded();
+        }
+        // Normal growth up to 5 (one below the ceiling), then 1/40 per success.
+        assert_eq!(w.current(), 5, "probing near the ceiling is slow");
     }
 
     #[test]
