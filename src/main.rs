@@ -69,7 +69,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         link: Link,
         /// Most downloads in flight at once (a hard cap; the pull adapts below it).
-        /// Default: 64 from a server, 4 from a local folder.
+        /// Default: 128 from a server, 4 from a local folder.
         #[arg(long)]
         jobs: Option<usize>,
         /// Say what would change; change nothing.

@@ -39,7 +39,12 @@ fn md5_hex(b: &[u8]) -> String {
 }
 
 fn body(i: usize, len: usize) -> Vec<u8> {
-    (0..len).map(|j| ((i * 31 + j * 7) % 251) as u8).collect()
+    // The pattern repeats every 251 files: the first bytes make each unique.
+    let mut b: Vec<u8> = (0..len).map(|j| ((i * 31 + j * 7) % 251) as u8).collect();
+    let id = (i as u64).to_le_bytes();
+    let n = id.len().min(len);
+    b[..n].copy_from_slice(&id[..n]);
+    b
 }
 
 /// Serve `n` tables of `len` bytes and a bundle (no size) from `o`; the manifest
@@ -112,7 +117,7 @@ fn default_pull_keeps_many_requests_in_flight_on_reused_connections() {
         delay: Duration::from_millis(20),
         ..Limits::default()
     });
-    serve_stack(&o, 240, 1024);
+    serve_stack(&o, 600, 1024);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("d");
     let out = pull(&o.url("/manifest.json"), &dir, &[], &[]);
@@ -125,7 +130,7 @@ fn default_pull_keeps_many_requests_in_flight_on_reused_connections() {
     // Every connection carried several requests (one per worker at most).
     let requests = o.requests().len();
     assert!(
-        o.connections() <= 64 && requests >= 3 * o.connections(),
+        o.connections() <= 128 && requests >= 3 * o.connections(),
         "{} connections for {requests} requests: connections are not reused",
         o.connections(),
     );

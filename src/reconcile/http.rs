@@ -63,10 +63,12 @@ pub const MAX_MANIFEST_BYTES: u64 = 256 * 1024 * 1024;
 /// Size of the one buffer a download streams through.
 const BUF_SIZE: usize = 64 * 1024;
 
-/// Requests in flight at most when the user does not say (`--jobs`): the window
-/// grows to it on a link whose round trip makes many small files latency-bound
-/// (5,000 files at 100 ms need that many in flight to take seconds, not minutes).
-pub const DEFAULT_JOBS: usize = 64;
+/// Requests in flight at most when the user does not say (`--jobs`). HTTP/1.1
+/// has one request per connection at a time, so on a link with a round trip each
+/// small file costs one: 5,000 files at 100 ms take 5,000 x 0.1 s / N. The window
+/// only grows this far while the server keeps up (measured in BENCHMARKS.md: 64
+/// took 9.1 s there, 128 5.6 s, `curl --parallel-max 50` 11.6 s).
+pub const DEFAULT_JOBS: usize = 128;
 
 /// Redirects followed for one request.
 const MAX_REDIRECTS: usize = 10;
