@@ -202,6 +202,7 @@ struct Progress {
 
 #[derive(Default)]
 struct Counted {
+    staging: bool,
     files: u64,
     files_total: u64,
     bytes: u64,
@@ -246,6 +247,7 @@ impl Progress {
     /// without one, a bundle, adds its bytes as they come), else on files.
     fn staging(&self, files: u64, bytes: u64) {
         let mut st = self.lock();
+        st.staging = true;
         st.files_total = files;
         st.bytes_total = bytes;
         if let Some(bar) = &self.bar {
@@ -268,9 +270,13 @@ impl Progress {
         }
     }
 
-    /// Bytes arrived (the HTTP origin calls this per chunk).
+    /// Bytes arrived (the HTTP origin calls this per chunk; the manifest's own
+    /// bytes, before staging starts, are not the downloads').
     fn bytes(&self, n: u64) {
         let mut st = self.lock();
+        if !st.staging {
+            return;
+        }
         st.bytes += n;
         if let Some(bar) = &self.bar {
             if st.bytes_total > 0 {
