@@ -398,7 +398,9 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
     }
     if json {
         print_json(&serde_json::to_value(&rep).unwrap_or_default());
-    } else if level >= Level::Normal {
+    } else if level >= Level::Normal || dry_run {
+        // A pull's summary is news, and -q drops it; what a dry run would change is
+        // the answer asked for.
         let verb = if dry_run { "would change" } else { "pulled" };
         println!("{verb} {} (transaction {})", dir.display(), rep.txn);
         human_counts("direct tables", &rep.direct_tables);
