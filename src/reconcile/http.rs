@@ -977,6 +977,17 @@ mod tests {
     }
 
     #[test]
+    fn redirect_locations_are_made_absolute() {
+        let url = "https://h:8443/api/data/t/download?x=1";
+        let hop = Base::parse(url).unwrap();
+        let join = |loc| join_location(url, &hop, loc);
+        assert_eq!(join("http://other/b"), "http://other/b");
+        assert_eq!(join("//cdn.example/b"), "https://cdn.example/b");
+        assert_eq!(join("/blob/t"), "https://h:8443/blob/t");
+        assert_eq!(join("v2"), "https://h:8443/api/data/t/v2");
+    }
+
+    #[test]
     fn backoff_grows_and_is_capped() {
         let o = HttpOrigin::new(
             "http://h/m.json",
