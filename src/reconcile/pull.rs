@@ -54,9 +54,13 @@ pub struct SyncReport {
 /// What a pull tells its progress display.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
-    /// Staging starts: this many files, and their total size if the manifest gave
-    /// every size.
-    Staging { files: u64, bytes: Option<u64> },
+    /// Staging starts: this many files; `bytes` is the total of the sizes the
+    /// manifest gave, `without_size` how many files it gave none for (bundles).
+    Staging {
+        files: u64,
+        bytes: u64,
+        without_size: u64,
+    },
     /// One download finished, with the bytes it transferred.
     Fetched { bytes: u64 },
 }
@@ -616,7 +620,8 @@ fn stage(
     let txn = begin(journal, p, manifest_md5, cfg.link)?;
     (cfg.progress)(Progress::Staging {
         files: p.stage.len() as u64,
-        bytes: p.stage.iter().map(|s| s.size).sum(),
+        bytes: p.stage.iter().filter_map(|s| s.size).sum(),
+        without_size: p.stage.iter().filter(|s| s.size.is_none()).count() as u64,
     });
     let fetched = |bytes: u64| (cfg.progress)(Progress::Fetched { bytes });
     let staged = place::prepare(fs, layout, &placement).and_then(|()| {

@@ -31,8 +31,26 @@ impl ManifestBytes {
 /// Read the manifest named on the command line and the origin its URLs resolve
 /// against. Parsing is the pull's (it is skipped for an unchanged manifest).
 pub fn open_manifest(arg: &str) -> Result<(ManifestBytes, Box<dyn Origin>)> {
-    if arg.starts_with("http://") || arg.starts_with("https://") {
-        let origin = HttpOrigin::new(arg, HttpOptions::from_env())?;
+    let http = if is_url(arg) {
+        HttpOptions::from_env()?
+    } else {
+        HttpOptions::default()
+    };
+    open_manifest_with(arg, http)
+}
+
+/// Is the `--manifest` argument a URL (fetched over HTTP) rather than a path?
+pub fn is_url(arg: &str) -> bool {
+    arg.starts_with("http://") || arg.starts_with("https://")
+}
+
+/// [`open_manifest`], with the HTTP options given (used when `arg` is a URL).
+pub fn open_manifest_with(
+    arg: &str,
+    http: HttpOptions,
+) -> Result<(ManifestBytes, Box<dyn Origin>)> {
+    if is_url(arg) {
+        let origin = HttpOrigin::new(arg, http)?;
         let bytes = origin.fetch_manifest()?;
         let m = ManifestBytes {
             bytes,
