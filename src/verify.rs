@@ -271,10 +271,9 @@ impl<'a> Tables<'a> {
         let n = state.direct_tables.len()
             + state.data_packages.values().map(|p| p.len()).sum::<usize>();
         if u32::try_from(n).map_or(true, |n| n == BAD) {
-            return Err(crate::error::Error::State {
-                path: PathBuf::new(),
-                message: format!("{n} table entries are more than the audit counts"),
-            });
+            return Err(crate::error::Error::Internal(format!(
+                "{n} table entries are more than the audit counts"
+            )));
         }
         let mut ents: Vec<&TableEntry> = Vec::with_capacity(n);
         let mut shared_of: Vec<u32> = Vec::with_capacity(n);

@@ -368,9 +368,8 @@ impl Journal {
     }
 
     fn encode_pending(&self) -> Result<Vec<u8>> {
-        frame::encode_frame(&self.pending).map_err(|message| Error::State {
-            path: self.layout.journal(),
-            message,
+        frame::encode_frame(&self.pending).map_err(|message| {
+            Error::Internal(format!("{}: {message}", self.layout.journal().display()))
         })
     }
 
@@ -492,9 +491,8 @@ impl Journal {
         let written = 1 + u64::from(frame_records.request.is_some());
         // Measured first, then streamed into the file: a large state's encoding
         // is never held in memory.
-        let measured = frame::measure_frame(&frame_records).map_err(|message| Error::State {
-            path: self.layout.journal(),
-            message,
+        let measured = frame::measure_frame(&frame_records).map_err(|message| {
+            Error::Internal(format!("{}: {message}", self.layout.journal().display()))
         })?;
         let tmp: PathBuf = self.layout.journal_compact();
         let path = self.layout.journal();

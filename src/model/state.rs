@@ -145,8 +145,7 @@ impl Md5Sum {
                     buf[2 * i] = HEX[usize::from(byte >> 4)];
                     buf[2 * i + 1] = HEX[usize::from(byte & 15)];
                 }
-                // Only ASCII hex digits were written.
-                f(std::str::from_utf8(&buf).unwrap_or_default())
+                f(std::str::from_utf8(&buf).expect("only ASCII hex digits were written"))
             }
             Md5Sum::Text(t) => f(t),
         }
@@ -704,7 +703,9 @@ pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
     };
     let mut parsed = parsed.into_iter();
     let direct_tables = match outline.direct_tables {
-        Some(_) => parsed.next().unwrap_or_default(),
+        Some(_) => parsed
+            .next()
+            .expect("the direct tables were the first of the maps parsed"),
         None => BTreeMap::new(),
     };
     let data_packages = maps

@@ -389,6 +389,7 @@ impl HttpOrigin {
                 Error::Fetch {
                     what: "manifest".to_string(),
                     message: self.redact(format!("GET {}: {message}", self.manifest_url)),
+                    source: None,
                 }
             }
         })
@@ -577,6 +578,7 @@ impl HttpOrigin {
                 Error::Fetch {
                     what: req.item.describe(),
                     message: self.redact(format!("GET {url}: {message}")),
+                    source: None,
                 }
             }
         }

@@ -291,9 +291,9 @@ pub struct Desired<'m> {
 /// Computed only when a pull has something to do.
 pub fn digest(manifest: &Manifest) -> String {
     use md5::Digest;
-    crate::reconcile::origin::hex(&md5::Md5::digest(
-        serde_json::to_vec(manifest).unwrap_or_default(),
-    ))
+    crate::reconcile::origin::hex(&md5::Md5::digest(serde_json::to_vec(manifest).expect(
+        "a parsed manifest serializes: its maps have string keys, its numbers are finite",
+    )))
 }
 
 fn check_component(what: impl FnOnce() -> String, value: &str) -> Result<()> {
