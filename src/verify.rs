@@ -190,9 +190,7 @@ fn safe_slot(slot: SlotRef<'_>) -> bool {
 /// engine's paths are built from them), or a path of its own (not the engine's)
 /// that is absolute or holds `..` (`layout::is_engine_path`).
 fn unsafe_entry(slot: SlotRef<'_>, id: &str, e: &TableEntry) -> Option<String> {
-    let unsafe_name = |what: &str, v: &str| {
-        (!is_safe_component(v)).then(|| format!("{what} {v:?} is not a safe path component"))
-    };
+    let unsafe_name = |what: &str, v: &str| layout::check_component(what, v).err();
     let outside = |what: &str, p: &str| {
         (!layout::is_engine_path(p))
             .then(|| format!("{what} {p:?} could lead outside the directory"))
@@ -792,7 +790,7 @@ fn audit_listings(
     // Invariant 3: every file in data/<sub>/ has an entry (the reverse is 2).
     let name_of = |o: &u32| t.ents[*o as usize].name.as_str();
     for sub in list(fs, &layout.data())? {
-        if sub.name == "_shared" {
+        if sub.name == layout::SHARED_FOLDER {
             continue;
         }
         if sub.kind != Kind::Dir {
