@@ -36,7 +36,7 @@
 //! Reading stops at the first frame that is incomplete, fails its checksum or does not
 //! decode. If no valid frame begins anywhere after that point, the rest is a *torn
 //! tail* (an append a crash cut short): a writer opening the journal copies the cut
-//! bytes to `journal.broken` (as etcd does), truncates, and says so on stderr. If a
+//! bytes to `journal.broken` (as etcd does), truncates, and says so in its notes (which the command line prints). If a
 //! valid frame does follow, the journal is *corrupt*: nothing truncates or rewrites
 //! it; `stack journal verify` exits 4 naming the byte offset and record number. A frame
 //! whose checksum is valid but whose payload does not decode was written whole (by a

@@ -269,7 +269,8 @@ fn make_plan(
     let strategy = resolve_strategy(cfg.link, caps);
     let p = plan_from(state, desired, basis, (cfg.link, strategy), &damage);
     // Contract §2: an explicit reflink/hardlink the filesystem refuses falls back to
-    // copy and says so once on stderr (only when references are actually made).
+    // copy and says so once, in the report's warnings, which the command line prints
+    // on stderr (only when references are actually made).
     let refused = match cfg.link {
         LinkMode::Reflink => !caps.reflink,
         LinkMode::Hardlink => !caps.hardlink,
