@@ -37,7 +37,10 @@ pub enum Error {
     /// Fetching a table or bundle failed; the previous stack is intact. `source` is
     /// the transport's error when there is one (an `io::Error` of a local origin,
     /// an HTTP client's error).
-    #[error("fetching {what}: {message}")]
+    #[error(
+        "fetching {what}: {message}; nothing was changed: pull again (a partial download \
+         resumes) once the origin serves it"
+    )]
     Fetch {
         what: String,
         message: String,
@@ -45,7 +48,10 @@ pub enum Error {
         source: Option<FetchSource>,
     },
     /// Downloaded bytes do not have the md5 the manifest promised.
-    #[error("{what}: expected md5 {expected}, got {actual}")]
+    #[error(
+        "{what}: expected md5 {expected}, got {actual}; nothing was changed: the origin \
+         serves other bytes than the manifest lists, pull again once they agree"
+    )]
     Checksum {
         what: String,
         expected: String,

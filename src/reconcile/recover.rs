@@ -276,7 +276,18 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
         // No journal but a readable state file (a journal deleted by hand, or a
         // directory from an older engine): adopt the state file as a checkpoint, so
         // the history starts from what the directory holds instead of from nothing.
-        let candidate = read_state(fs.as_ref(), layout).ok().flatten();
+        // An unusable state file is not adopted; a disk that fails to read it
+        // fails the command (exit 1), rather than starting the history empty.
+        let candidate = match read_state(fs.as_ref(), layout) {
+            Ok(s) => s,
+            Err(crate::Error::State { message, .. }) => {
+                notes.push(format!(
+                    "journal was missing and sync_state.json is not usable ({message}); starting empty"
+                ));
+                None
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(Err(why)) = candidate.as_ref().map(SyncState::check_paths) {
             notes.push(format!(
                 "journal was missing and sync_state.json is not usable ({why}); starting empty"
