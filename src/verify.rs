@@ -904,7 +904,12 @@ pub fn audit(
     let shared_path = |s: u32| layout.join(&layout::shared_rel(t.shared[s as usize]));
     // A simulated crash must reach the caller whatever failed before it: the first
     // in entry order (an entry's shared file before its reference).
-    let first_entry_of = |s: u32| t.shared_of.iter().position(|&x| x == s).unwrap_or(0);
+    let first_entry_of = |s: u32| {
+        t.shared_of
+            .iter()
+            .position(|&x| x == s)
+            .expect("a shared file is probed because an entry names it")
+    };
     fn crashes(errors: &[(u32, io::Error)]) -> impl Iterator<Item = (u32, &io::Error)> {
         errors
             .iter()
@@ -925,12 +930,10 @@ pub fn audit(
     }
     // The error a failed probe kept.
     let error = |errors: &[(u32, io::Error)], i: u32, path: PathBuf| {
-        let e = errors.binary_search_by_key(&i, |(x, _)| *x).ok();
-        match e {
-            Some(k) => stat_error(&errors[k].1, &path),
-            // (Not reached: a failed probe keeps its error.)
-            None => stat_error(&io::Error::other("the probe failed"), &path),
-        }
+        let k = errors
+            .binary_search_by_key(&i, |(x, _)| *x)
+            .expect("a failed probe keeps its error");
+        stat_error(&errors[k].1, &path)
     };
 
     let mut out = Vec::new();
