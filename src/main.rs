@@ -164,8 +164,27 @@ fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
+/// Say on stderr that a command waits for the directory's lock, and for whom.
+fn say_waiting(fs: &dyn Fs, layout: &Layout) {
+    eprintln!(
+        "stack: waiting for the lock on {} held by {}",
+        layout.root.display(),
+        journal::lock::holder(fs, layout)
+    );
+}
+
+/// The warnings of a report, on stderr: the library prints none itself.
+fn print_warnings(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("stack: warning: {w}");
+    }
+}
+
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string(v).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string(v).expect("a JSON value serializes: its keys are strings")
+    );
 }
 
 fn human_counts(name: &str, c: &stack::Counts) {
@@ -240,6 +259,7 @@ impl Progress {
                 without_size: _,
             } => self.staging(files, bytes),
             reconcile::pull::Progress::Fetched { bytes } => self.file_done(bytes),
+            reconcile::pull::Progress::WaitingForLock => {}
         }
     }
 
@@ -374,7 +394,13 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
     };
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
     let hash = reconcile::pull::default_hash(fs.as_ref());
-    let progress = |e: reconcile::pull::Progress| bar.event(e);
+    let waiting_on = Layout::new(dir);
+    let progress = |e: reconcile::pull::Progress| {
+        if e == reconcile::pull::Progress::WaitingForLock {
+            say_waiting(fs.as_ref(), &waiting_on);
+        }
+        bar.event(e)
+    };
     let cfg = PullConfig {
         fs: fs.clone(),
         layout: Layout::new(dir),
@@ -391,13 +417,17 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
     let rep = reconcile::pull::pull(manifest.into_wanted(), &cfg);
     bar.finish();
     let rep = rep?;
+    print_warnings(&rep.warnings);
     if level >= Level::Normal {
         for note in &rep.recovered {
             eprintln!("stack: {note}");
         }
     }
     if json {
-        print_json(&serde_json::to_value(&rep).unwrap_or_default());
+        print_json(
+            &serde_json::to_value(&rep)
+                .expect("a report serializes: its maps have string keys, its numbers are integers"),
+        );
     } else if level >= Level::Normal || dry_run {
         // A pull's summary is news, and -q drops it; what a dry run would change is
         // the answer asked for.
@@ -573,8 +603,15 @@ fn run(cli: Cli) -> Result<i32> {
             JournalCommand::Replay { dir, wait } => {
                 let layout = Layout::new(&dir.dir);
                 let fs: Arc<dyn Fs> = Arc::new(RealFs);
-                let _lock = journal::lock::acquire(fs.as_ref(), &layout, &command_line(), wait)?;
+                let _lock = journal::lock::acquire_with(
+                    fs.as_ref(),
+                    &layout,
+                    &command_line(),
+                    wait,
+                    &|| say_waiting(fs.as_ref(), &layout),
+                )?;
                 let rec = reconcile::recover::replay(fs, &layout)?;
+                print_warnings(&rec.warnings);
                 for note in &rec.notes {
                     println!("{note}");
                 }
@@ -602,12 +639,14 @@ fn run(cli: Cli) -> Result<i32> {
             }
         },
         Command::Gc { dir, wait } => {
-            let removed = reconcile::gc::gc(
+            let report = reconcile::gc::gc(
                 Arc::new(RealFs),
                 &Layout::new(&dir.dir),
                 &command_line(),
                 wait,
             )?;
+            print_warnings(&report.warnings);
+            let removed = report.removed;
             for r in &removed {
                 println!("removed {r}");
             }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{IoContext, Result};
+use crate::error::{IoContext, Result, Warnings};
 use crate::fs::Fs;
 use crate::journal::event::{Event, Record};
 use crate::journal::lock;
@@ -15,11 +15,26 @@ use crate::reconcile::apply::{finish, Applier};
 use crate::reconcile::recover::replay;
 use crate::verify::{audit, Contents};
 
-/// Run gc; returns the relative paths removed.
-pub fn gc(fs: Arc<dyn Fs>, layout: &Layout, command: &str, wait: bool) -> Result<Vec<String>> {
+/// What a gc did.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    /// The relative paths removed: the partial downloads, or, when there were
+    /// strays, the strays.
+    pub removed: Vec<String>,
+    /// What it could not do but survived (a stray it could not remove, leftovers
+    /// not cleaned), and recovery's warnings.
+    pub warnings: Vec<String>,
+}
+
+/// Run gc.
+pub fn gc(fs: Arc<dyn Fs>, layout: &Layout, command: &str, wait: bool) -> Result<GcReport> {
     let _lock = lock::acquire(fs.as_ref(), layout, command, wait)?;
     // Maintenance: recover from the journal itself, never the fast path.
     let rec = replay(fs.clone(), layout)?;
+    let warnings = Warnings::default();
+    for w in rec.warnings {
+        warnings.push(w);
+    }
     let mut journal = rec.journal;
     let state = rec.state;
     let strays: Vec<String> = audit(fs.as_ref(), layout, &state, Contents::Skip)?
@@ -43,7 +58,10 @@ pub fn gc(fs: Arc<dyn Fs>, layout: &Layout, command: &str, wait: bool) -> Result
         Err(e) => return Err(e).at("list", &staging),
     }
     if strays.is_empty() {
-        return Ok(removed);
+        return Ok(GcReport {
+            removed,
+            warnings: warnings.take(),
+        });
     }
     let txn = journal.new_txn();
     let mut records = Vec::new();
@@ -54,7 +72,23 @@ pub fn gc(fs: Arc<dyn Fs>, layout: &Layout, command: &str, wait: bool) -> Result
     }
     journal.append(txn, Event::Prepared);
     journal.sync()?;
-    Applier::new(fs.as_ref(), layout, txn).apply_all(&records)?;
-    finish(fs.as_ref(), layout, &mut journal, state, txn, records, &[])?;
-    Ok(strays)
+    let mut applier = Applier::new(fs.as_ref(), layout, txn);
+    applier.apply_all(&records)?;
+    for w in applier.take_warnings() {
+        warnings.push(w);
+    }
+    finish(
+        fs.as_ref(),
+        layout,
+        &mut journal,
+        state,
+        txn,
+        records,
+        &[],
+        &warnings,
+    )?;
+    Ok(GcReport {
+        removed: strays,
+        warnings: warnings.take(),
+    })
 }

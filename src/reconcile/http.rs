@@ -458,6 +458,7 @@ impl HttpOrigin {
                 Error::Fetch {
                     what: "manifest".to_string(),
                     message: self.redact(format!("GET {}: {message}", self.manifest_url)),
+                    source: None,
                 }
             }
         })
@@ -708,6 +709,7 @@ impl HttpOrigin {
                 Error::Fetch {
                     what: req.item.describe(),
                     message: self.redact(format!("GET {url}: {message}")),
+                    source: None,
                 }
             }
         }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result, Warnings};
 use crate::fs::{not_found_ok, Fs};
 use crate::journal::event::{Event, LinkMode, Record};
 use crate::journal::lock;
@@ -49,6 +49,11 @@ pub struct SyncReport {
     /// What recovery did before the pull (not part of the contract's shape).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recovered: Vec<String>,
+    /// What the pull (or the recovery before it) could not do but survived: a link
+    /// mode the filesystem refused, leftovers not cleaned, a compaction that
+    /// failed. The library prints nothing; the command line prints these.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What a pull tells its progress display.
@@ -63,6 +68,9 @@ pub enum Progress {
     },
     /// One download finished, with the bytes it transferred.
     Fetched { bytes: u64 },
+    /// The directory's lock is held by another process and the pull waits for it
+    /// (`wait`); `journal::lock::holder` names the holder.
+    WaitingForLock,
 }
 
 /// Everything a pull needs besides the manifest.
@@ -216,6 +224,7 @@ fn report(plan: &Plan, txn: u64, dry_run: bool, bytes: u64, started: Instant) ->
         bytes_fetched: bytes,
         elapsed_ms: started.elapsed().as_millis() as u64,
         recovered: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 
@@ -228,6 +237,7 @@ fn make_plan(
     desired: Desired,
     probe: bool,
     damage: Option<Damage>,
+    warnings: &Warnings,
 ) -> Result<Plan> {
     let damage = match damage {
         Some(d) => d,
@@ -263,22 +273,23 @@ fn make_plan(
     let strategy = resolve_strategy(cfg.link, caps);
     let p = plan_from(state, desired, basis, (cfg.link, strategy), &damage);
     // Contract §2: an explicit reflink/hardlink the filesystem refuses falls back to
-    // copy and says so once on stderr (only when references are actually made).
+    // copy and says so once, in the report's warnings, which the command line prints
+    // on stderr (only when references are actually made).
     let refused = match cfg.link {
         LinkMode::Reflink => !caps.reflink,
         LinkMode::Hardlink => !caps.hardlink,
         _ => false,
     };
     if probe && refused && p.makes_refs() {
-        eprintln!(
-            "stack: {} refused by the filesystem of {}; copying instead",
+        warnings.push(format!(
+            "{} refused by the filesystem of {}; copying instead",
             if cfg.link == LinkMode::Reflink {
                 "reflink"
             } else {
                 "hardlink"
             },
             cfg.layout.root.display()
-        );
+        ));
     }
     Ok(p)
 }
@@ -299,9 +310,9 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
             Err(e) => Err(e).at("stat", &path),
         }
     };
-    let refuse = |rel: &str, what: &str| Error::State {
+    let refuse = |rel: &str, what: &str| Error::InTheWay {
         path: layout.join(rel),
-        message: format!("{what}; move it away and pull again (nothing was changed)"),
+        what: what.to_string(),
     };
     // The folder each file step writes into, and the file: built into `buf`,
     // without allocating per step (a 100k-table pull has 250k steps).
@@ -405,8 +416,18 @@ pub fn status(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport
             project(&records)
         }
     };
-    let p = make_plan(fs, cfg, &projection.state, desired, false, damage)?;
+    let warnings = Warnings::default();
+    let p = make_plan(
+        fs,
+        cfg,
+        &projection.state,
+        desired,
+        false,
+        damage,
+        &warnings,
+    )?;
     let mut rep = report(&p, projection.state.journal.txn, true, 0, started);
+    rep.warnings = warnings.take();
     if let Some(pending) = projection.pending {
         rep.recovered.push(format!(
             "transaction {} was interrupted; the next mutating command recovers it",
@@ -443,7 +464,13 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         Some(m) => Some(validated(m, cfg, raw_md5.as_deref())?),
         None => None,
     };
-    let _lock = lock::acquire(cfg.fs.as_ref(), &cfg.layout, &cfg.command, cfg.wait)?;
+    let _lock = lock::acquire_with(
+        cfg.fs.as_ref(),
+        &cfg.layout,
+        &cfg.command,
+        cfg.wait,
+        &|| (cfg.progress)(Progress::WaitingForLock),
+    )?;
     let (fast, damage) = match recover_fast_and_check(cfg, peeked, key.as_deref(), started)? {
         Checked::Unchanged(rep) => return Ok(rep),
         Checked::ToPlan { fast, damage } => (fast, damage),
@@ -462,7 +489,11 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         Some(rec) => *rec,
         None => recover(cfg.fs.clone(), &cfg.layout)?,
     };
-    let mut p = plan_pull(cfg, &mut rec, desired, manifest, damage)?;
+    let warnings = Warnings::default();
+    for w in std::mem::take(&mut rec.warnings) {
+        warnings.push(w);
+    }
+    let mut p = plan_pull(cfg, &mut rec, desired, manifest, damage, &warnings)?;
     // Planned: the plan holds what it needs.
     drop((early, late));
     let Recovered {
@@ -474,14 +505,23 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     if p.is_noop() {
         let mut rep = report(&p, state.journal.txn, false, 0, started);
         rep.recovered = notes;
+        rep.warnings = warnings.take();
         return Ok(rep);
     }
     let (txn, bytes, placement) = stage(cfg, &mut journal, &mut p, md5)?;
     let records = commit(&mut journal, txn, placement, &mut p, key)?;
-    let new_state = apply_and_finish(cfg, &mut journal, state, txn, records, &p.refresh)?;
-    compact_if_due(cfg, &mut journal, new_state)?;
+    let new_state = apply_and_finish(
+        cfg,
+        &mut journal,
+        state,
+        (txn, records),
+        &p.refresh,
+        &warnings,
+    )?;
+    compact_if_due(cfg, &mut journal, new_state, &warnings)?;
     let mut rep = report(&p, txn, false, bytes, started);
     rep.recovered = notes;
+    rep.warnings = warnings.take();
     Ok(rep)
 }
 
@@ -593,15 +633,21 @@ fn plan_pull(
     desired: Desired<'_>,
     manifest: &Manifest,
     damage: Option<Damage>,
+    warnings: &Warnings,
 ) -> Result<Plan> {
     let fs = cfg.fs.as_ref();
-    let p = make_plan(fs, cfg, &rec.state, desired, true, damage)?;
+    let p = make_plan(fs, cfg, &rec.state, desired, true, damage, warnings)?;
     if p.is_noop() || !rec.trusted || journal_is_clean(fs, &cfg.layout)? {
         return Ok(p);
     }
     *rec = replay(cfg.fs.clone(), &cfg.layout)?;
+    // Planned again: the first plan's warnings go with it, recovery's stay.
+    warnings.take();
+    for w in std::mem::take(&mut rec.warnings) {
+        warnings.push(w);
+    }
     let desired = validate(manifest, cfg.origin)?;
-    make_plan(fs, cfg, &rec.state, desired, true, None)
+    make_plan(fs, cfg, &rec.state, desired, true, None, warnings)
 }
 
 /// Begin and stage, out of sight: the `Begin` and `Stage` records, then every
@@ -727,31 +773,38 @@ fn apply_and_finish(
     cfg: &PullConfig<'_>,
     journal: &mut Journal,
     state: SyncState,
-    txn: u64,
-    records: Vec<Record>,
+    (txn, records): (u64, Vec<Record>),
     refresh: &[String],
+    warnings: &Warnings,
 ) -> Result<SyncState> {
     let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
-    let applied = Applier::new(fs, layout, txn)
+    let mut applier = Applier::new(fs, layout, txn)
         .threads(cfg.jobs)
-        .staged_read_only()
-        .apply_all(&records)
-        .and_then(|()| finish(fs, layout, journal, state, txn, records, refresh));
+        .staged_read_only();
+    let applied = applier.apply_all(&records);
+    for w in applier.take_warnings() {
+        warnings.push(w);
+    }
+    let applied =
+        applied.and_then(|()| finish(fs, layout, journal, state, txn, records, refresh, warnings));
     match applied {
         Ok(s) => Ok(s),
         Err(e) if e.is_crash() => Err(e),
-        Err(e) => Err(Error::State {
-            path: layout.root.clone(),
-            message: format!(
-                "pull {txn} failed after its commit point ({e}); `stack journal replay` finishes it"
-            ),
+        Err(e) => Err(Error::Unfinished {
+            txn,
+            source: Box::new(e),
         }),
     }
 }
 
 /// Compact the journal if it has grown enough. The pull has committed: a failed
 /// compaction costs only space.
-fn compact_if_due(cfg: &PullConfig<'_>, journal: &mut Journal, state: SyncState) -> Result<()> {
+fn compact_if_due(
+    cfg: &PullConfig<'_>,
+    journal: &mut Journal,
+    state: SyncState,
+    warnings: &Warnings,
+) -> Result<()> {
     if !journal.wants_compaction() {
         return Ok(());
     }
@@ -759,7 +812,7 @@ fn compact_if_due(cfg: &PullConfig<'_>, journal: &mut Journal, state: SyncState)
         if e.is_crash() {
             return Err(e);
         }
-        eprintln!("stack: warning: automatic journal compaction failed: {e}");
+        warnings.push(format!("automatic journal compaction failed: {e}"));
     }
     Ok(())
 }

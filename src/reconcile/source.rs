@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{IoContext, Result};
 use crate::reconcile::http::{HttpOptions, HttpOrigin};
 use crate::reconcile::origin::{LocalOrigin, Origin};
 
@@ -59,8 +59,9 @@ pub fn open_manifest_with(
         return Ok((m, Box::new(origin)));
     }
     let path = Path::new(arg.strip_prefix("file://").unwrap_or(arg));
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Usage(format!("cannot read manifest {}: {e}", path.display())))?;
+    // A manifest file that cannot be read is an I/O failure (exit 1), not bad usage:
+    // the path may be right and the disk or its permissions wrong.
+    let bytes = std::fs::read(path).at("read manifest", path)?;
     let folder = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
