@@ -24,7 +24,7 @@ use crate::journal::Journal;
 use crate::layout::Layout;
 use crate::reconcile::apply::{clean_leftovers, finish, has_leftovers, Applier};
 use crate::replay::project::{check_records, project, RecordCheck};
-use crate::replay::state::{read_state, write_state, SyncState};
+use crate::replay::state::{read_state, read_state_file, write_state, SyncState};
 
 /// A directory after recovery: its journal open for writing and its state.
 pub struct Recovered {
@@ -273,7 +273,11 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
         // No journal but a readable state file (a journal deleted by hand, or a
         // directory from an older engine): adopt the state file as a checkpoint, so
         // the history starts from what the directory holds instead of from nothing.
-        let candidate = read_state(fs.as_ref(), layout).ok().flatten();
+        // Wherever it was projected: a moved directory's state still holds.
+        let candidate = read_state_file(fs.as_ref(), layout)
+            .ok()
+            .flatten()
+            .map(|f| f.state);
         if let Some(Err(why)) = candidate.as_ref().map(SyncState::check_paths) {
             notes.push(format!(
                 "journal was missing and sync_state.json is not usable ({why}); starting empty"

@@ -4,6 +4,13 @@
 //! back. Invariant kept: the file is only ever replaced whole (temp file, fsync,
 //! rename, fsync folder), and it is never the source of truth: `replay::project`
 //! can always rebuild it from the journal.
+//!
+//! In memory a state names no directory (its paths are the layout's, relative).
+//! The file (format 2) names every path absolutely, under the `root` it was
+//! projected for: the directory's canonical path when it was written. A file
+//! projected for another place (the directory moved) is not this directory's
+//! projection: [`read_state`] refuses it as unreadable, so recovery rewrites it. A
+//! format-1 file, whose paths are relative, is still read.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -16,8 +23,12 @@ use crate::fs::Fs;
 use crate::journal::event::SlotRef;
 use crate::layout::{self, Layout};
 
-/// The state-file format version.
+/// The version of the in-memory model, which journal checkpoints carry.
 pub const STATE_VERSION: u32 = 1;
+
+/// The state file's format: 2 names its paths absolutely, under `root`; 1 (still
+/// read) named them relative to the directory.
+pub const STATE_FILE_VERSION: u32 = 2;
 
 /// How a reference was actually made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -360,11 +371,24 @@ impl TableEntry {
     }
 }
 
-/// An entry as the state file writes it: with its paths, which its place gives.
+/// An entry as the state file writes it: with its paths, which its place gives,
+/// under `root` (`""`: relative; a hand-edited entry's own paths are written as
+/// they were read).
 struct EntryOut<'a> {
+    root: &'a str,
     slot: SlotRef<'a>,
     id: &'a str,
     e: &'a TableEntry,
+}
+
+impl EntryOut<'_> {
+    /// `rel` under the root, if the entry's paths are the layout's.
+    fn rooted<'p>(&self, rel: Cow<'p, str>) -> Cow<'p, str> {
+        if self.root.is_empty() || !self.e.has_own_paths() {
+            return rel;
+        }
+        Cow::Owned([self.root, &rel].concat())
+    }
 }
 
 impl Serialize for EntryOut<'_> {
@@ -383,8 +407,8 @@ impl Serialize for EntryOut<'_> {
         if all || e.size.is_some() {
             st.serialize_field("size", &e.size)?;
         }
-        st.serialize_field("ref_path", &e.ref_path(self.slot))?;
-        st.serialize_field("shared_path", &e.shared_path(self.id))?;
+        st.serialize_field("ref_path", &self.rooted(e.ref_path(self.slot)))?;
+        st.serialize_field("shared_path", &self.rooted(e.shared_path(self.id)))?;
         st.serialize_field("strategy", &e.strategy)?;
         if all || e.ref_fp.is_some() {
             st.serialize_field("ref_fp", &e.ref_fp)?;
@@ -417,11 +441,20 @@ struct EntryIn<'a> {
 }
 
 impl EntryIn<'_> {
-    fn at(self, slot: SlotRef<'_>, id: &str) -> TableEntry {
+    /// The entry at `id` in `slot` of a file whose paths are under `root` (`""`:
+    /// relative): paths outside it are kept as they are (not the layout's).
+    fn at(self, slot: SlotRef<'_>, id: &str, root: &str) -> TableEntry {
+        let (ref_path, shared_path) = match (
+            self.ref_path.strip_prefix(root),
+            self.shared_path.strip_prefix(root),
+        ) {
+            (Some(r), Some(s)) => (r, s),
+            _ => (&*self.ref_path, &*self.shared_path),
+        };
         let mut e = TableEntry::new(self.name, self.md5, self.size, self.strategy).with_paths(
             (slot, id),
-            &self.ref_path,
-            &self.shared_path,
+            ref_path,
+            shared_path,
         );
         e.ref_fp = self.ref_fp;
         e.shared_fp = self.shared_fp;
@@ -429,19 +462,32 @@ impl EntryIn<'_> {
     }
 }
 
-/// One slot's table map, written with its entries' paths.
+/// One slot's table map, written with its entries' paths (relative).
 pub(crate) struct TablesOut<'a>(pub SlotRef<'a>, pub &'a BTreeMap<String, TableEntry>);
 
 impl Serialize for TablesOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let slot = self.0;
-        s.collect_map(self.1.iter().map(|(id, e)| (id, EntryOut { slot, id, e })))
+        TablesAt("", self.0, self.1).serialize(s)
     }
 }
 
-/// Reads one slot's table map, each entry told its place; the map is built
-/// whole from its sorted entries (no half-empty tree nodes).
-pub(crate) struct TablesSeed<'s>(pub SlotRef<'s>);
+/// One slot's table map, written with its entries' paths under a root.
+struct TablesAt<'a>(&'a str, SlotRef<'a>, &'a BTreeMap<String, TableEntry>);
+
+impl Serialize for TablesAt<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let TablesAt(root, slot, map) = *self;
+        s.collect_map(map.iter().map(|(id, e)| {
+            let out = EntryOut { root, slot, id, e };
+            (id, out)
+        }))
+    }
+}
+
+/// Reads one slot's table map, each entry told its place and the root its file's
+/// paths are under (`""`: relative); the map is built whole from its sorted
+/// entries (no half-empty tree nodes).
+pub(crate) struct TablesSeed<'s>(pub SlotRef<'s>, pub &'s str);
 
 impl<'de> serde::de::DeserializeSeed<'de> for TablesSeed<'_> {
     type Value = BTreeMap<String, TableEntry>;
@@ -465,7 +511,7 @@ impl<'de> serde::de::Visitor<'de> for TablesSeed<'_> {
         let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
         while let Some(id) = map.next_key::<String>()? {
             let e: EntryIn<'de> = map.next_value()?;
-            let e = e.at(self.0, &id);
+            let e = e.at(self.0, &id, self.1);
             out.push((id, e));
         }
         // Sorted and built whole; a repeated id keeps its last entry, as inserting did.
@@ -480,21 +526,25 @@ fn ser_direct<S: serde::Serializer>(
     TablesOut(SlotRef::Direct, m).serialize(s)
 }
 
-fn de_direct<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<BTreeMap<String, TableEntry>, D::Error> {
-    serde::de::DeserializeSeed::deserialize(TablesSeed(SlotRef::Direct), d)
-}
-
-/// The packages' table maps, each written with its entries' paths.
+/// The packages' table maps, each written with its entries' paths (relative).
 pub(crate) struct PackagesOut<'a>(pub &'a Packages);
 
 impl Serialize for PackagesOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        PackagesAt("", self.0).serialize(s)
+    }
+}
+
+/// The packages' table maps, written with their paths under a root.
+struct PackagesAt<'a>(&'a str, &'a Packages);
+
+impl Serialize for PackagesAt<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let root = self.0;
         s.collect_map(
-            self.0
+            self.1
                 .iter()
-                .map(|(slug, t)| (slug, TablesOut(SlotRef::Package(slug), t))),
+                .map(|(slug, t)| (slug, TablesAt(root, SlotRef::Package(slug), t))),
         )
     }
 }
@@ -505,26 +555,35 @@ fn ser_packages<S: serde::Serializer>(m: &Packages, s: S) -> std::result::Result
 
 type Packages = BTreeMap<String, BTreeMap<String, TableEntry>>;
 
-fn de_packages<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Packages, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Packages;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a map of package slugs to table maps")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> std::result::Result<Packages, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some(slug) = map.next_key::<String>()? {
-                let tables = map.next_value_seed(TablesSeed(SlotRef::Package(&slug)))?;
-                out.insert(slug, tables);
-            }
-            Ok(out)
-        }
+/// Reads the packages' table maps of a file whose paths are under a root.
+struct PackagesSeed<'s>(&'s str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for PackagesSeed<'_> {
+    type Value = Packages;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Packages, D::Error> {
+        d.deserialize_map(self)
     }
-    d.deserialize_map(V)
+}
+
+impl<'de> serde::de::Visitor<'de> for PackagesSeed<'_> {
+    type Value = Packages;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a map of package slugs to table maps")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Packages, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some(slug) = map.next_key::<String>()? {
+            let tables = map.next_value_seed(TablesSeed(SlotRef::Package(&slug), self.0))?;
+            out.insert(slug, tables);
+        }
+        Ok(out)
+    }
 }
 
 /// One memory domain in the stack.
@@ -536,22 +595,26 @@ pub struct DomainEntry {
     pub fp: Option<StatFp>,
 }
 
-/// The whole state file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The whole state. Serialized as a version-1 file (relative paths; the file
+/// itself is written by [`write_state`], format 2); deserialized from a file of
+/// either format, its paths made relative ([`parse_state_file`] also gives the
+/// root and version the file named).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SyncState {
+    /// The model's version ([`STATE_VERSION`]), whatever the file's format.
     pub version: u32,
-    #[serde(default)]
     pub journal: JournalPos,
-    #[serde(default, serialize_with = "ser_direct", deserialize_with = "de_direct")]
+    #[serde(serialize_with = "ser_direct")]
     pub direct_tables: BTreeMap<String, TableEntry>,
-    #[serde(
-        default,
-        serialize_with = "ser_packages",
-        deserialize_with = "de_packages"
-    )]
+    #[serde(serialize_with = "ser_packages")]
     pub data_packages: BTreeMap<String, BTreeMap<String, TableEntry>>,
-    #[serde(default)]
     pub memory_domains: BTreeMap<String, DomainEntry>,
+}
+
+impl<'de> Deserialize<'de> for SyncState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_map(FileVisitor).map(|f| f.state)
+    }
 }
 
 impl Default for SyncState {
@@ -656,9 +719,39 @@ impl SyncState {
     }
 }
 
-/// Read `sync_state.json`. `Ok(None)` if it does not exist; `Err(State)` if it
-/// exists but is not a state this build understands (the caller rebuilds it).
+/// Read `sync_state.json`, projected for this directory where it is now.
+/// `Ok(None)` if it does not exist; `Err(State)` if it exists but is not a state
+/// this build understands, or was projected for another place (the directory was
+/// moved since): the caller rebuilds it.
 pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
+    let Some(file) = read_state_file(fs, layout)? else {
+        return Ok(None);
+    };
+    if let Some(written) = &file.root {
+        let here = projected_root(fs, layout);
+        if *written != here {
+            return Err(Error::State {
+                path: layout.state_file(),
+                message: format!(
+                    "it was projected for {written}, and the directory is now {here}"
+                ),
+            });
+        }
+    }
+    Ok(Some(file.state))
+}
+
+/// A state file as read: the state (its paths relative), the format version and
+/// the root it was projected for (format 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateFile {
+    pub state: SyncState,
+    pub version: u32,
+    pub root: Option<String>,
+}
+
+/// Read `sync_state.json` wherever it was projected (see [`read_state`]).
+pub fn read_state_file(fs: &dyn Fs, layout: &Layout) -> Result<Option<StateFile>> {
     let path = layout.state_file();
     let unreadable = |e: serde_json::Error| Error::State {
         path: path.clone(),
@@ -670,7 +763,7 @@ pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
         Err(e) => return Err(e).at("read", &path),
     };
     let len = fs.metadata(&path).map(|m| m.len).unwrap_or(u64::MAX);
-    let state = if len <= WHOLE_STATE_MAX {
+    let read = if len <= WHOLE_STATE_MAX {
         // Read whole, then parsed from the slice, its maps on several threads
         // (`parse_state`): a no-op pull of a usual stack is mostly this and stats.
         let mut bytes = Vec::with_capacity(len as usize + 1);
@@ -687,12 +780,15 @@ pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
                 message: "unreadable state file: it is larger than its size".to_string(),
             });
         }
-        parse_state(&bytes).map_err(unreadable)?
+        parse_state_file(&bytes).map_err(unreadable)?
     } else {
         // A very large stack: streamed, so that its text and its structs are not
         // held at once (each table map is built whole, `TablesSeed`).
         let reader = std::io::BufReader::with_capacity(256 * 1024, file);
-        let state: SyncState = serde_json::from_reader(reader).map_err(|e| {
+        let mut de = serde_json::Deserializer::from_reader(reader);
+        let streamed = serde::de::Deserializer::deserialize_map(&mut de, FileVisitor)
+            .and_then(|f| de.end().map(|()| f));
+        streamed.map_err(|e| {
             if e.is_io() {
                 // A disk that fails a read is an I/O error, never an unreadable state.
                 Error::Io {
@@ -703,26 +799,54 @@ pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
             } else {
                 unreadable(e)
             }
-        })?;
-        state
+        })?
     };
-    if state.version != STATE_VERSION {
+    let known = match read.version {
+        1 => true,
+        STATE_FILE_VERSION => read.root.is_some(),
+        _ => false,
+    };
+    if !known {
         return Err(Error::State {
             path,
-            message: format!("state version {} is not {}", state.version, STATE_VERSION),
+            message: format!(
+                "state version {} is not one this build reads (1, or {STATE_FILE_VERSION} with a root)",
+                read.version
+            ),
         });
     }
-    Ok(Some(state))
+    Ok(Some(read))
 }
 
 /// State files up to this size are read whole and parsed in parallel; larger ones
 /// are streamed (memory before speed: about 25,000 references).
 const WHOLE_STATE_MAX: u64 = 8 << 20;
 
+/// The root this directory's state file is projected for, as the file names it:
+/// the directory's canonical path (its absolute path if it cannot be resolved).
+pub fn projected_root(fs: &dyn Fs, layout: &Layout) -> String {
+    let root = fs
+        .canonicalize(&layout.root)
+        .or_else(|_| std::path::absolute(&layout.root))
+        .unwrap_or_else(|_| layout.root.clone());
+    root.to_string_lossy().into_owned()
+}
+
+/// What a file's paths under `root` start with (`""`: relative, no root).
+fn root_prefix(root: Option<&str>) -> Cow<'_, str> {
+    match root {
+        None => Cow::Borrowed(""),
+        Some(r) if r.ends_with('/') => Cow::Borrowed(r),
+        Some(r) => Cow::Owned(format!("{r}/")),
+    }
+}
+
 /// The state file's text, split at its table maps (each kept as raw JSON text).
 #[derive(Deserialize)]
 struct Sections<'a> {
     version: u32,
+    #[serde(default, borrow)]
+    root: Option<Cow<'a, str>>,
     #[serde(default)]
     journal: JournalPos,
     #[serde(default, borrow)]
@@ -733,12 +857,20 @@ struct Sections<'a> {
     memory_domains: BTreeMap<String, DomainEntry>,
 }
 
+/// Parse a state file (either format), its paths made relative; the root and
+/// version it names are dropped (see [`parse_state_file`]).
+pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
+    parse_state_file(bytes).map(|f| f.state)
+}
+
 /// Parse a state file: the outline first, then its table maps (the direct tables
 /// and each package: nearly all of the bytes) on several threads, each map built
 /// whole from its sorted entries (no half-empty tree nodes). Every command that
 /// trusts the state file pays this parse, a no-op pull included.
-pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
+pub fn parse_state_file(bytes: &[u8]) -> serde_json::Result<StateFile> {
     let outline: Sections<'_> = serde_json::from_slice(bytes)?;
+    let root = outline.root.as_deref();
+    let prefix = root_prefix(root);
     let mut maps: Vec<(SlotRef<'_>, &serde_json::value::RawValue)> = Vec::new();
     maps.extend(outline.direct_tables.map(|raw| (SlotRef::Direct, raw)));
     maps.extend(
@@ -749,7 +881,7 @@ pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
     );
     let parse = |(slot, raw): &(SlotRef<'_>, &serde_json::value::RawValue)| {
         let mut de = serde_json::Deserializer::from_str(raw.get());
-        serde::de::DeserializeSeed::deserialize(TablesSeed(*slot), &mut de)
+        serde::de::DeserializeSeed::deserialize(TablesSeed(*slot, &prefix), &mut de)
             .and_then(|m| de.end().map(|()| m))
             .map_err(|e| crate::Error::State {
                 path: std::path::PathBuf::new(),
@@ -764,7 +896,9 @@ pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
     let Ok(parsed) = crate::par::map_balanced(&maps, threads, parse) else {
         // A bad map: parse the whole text again for an error that names the
         // line and column in the file, not in the map.
-        return serde_json::from_slice(bytes);
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        return serde::de::Deserializer::deserialize_map(&mut de, FileVisitor)
+            .and_then(|f| de.end().map(|()| f));
     };
     let mut parsed = parsed.into_iter();
     let direct_tables = match outline.direct_tables {
@@ -779,26 +913,154 @@ pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
         })
         .zip(parsed)
         .collect::<BTreeMap<_, _>>();
-    Ok(SyncState {
+    let mut memory_domains = outline.memory_domains;
+    relative_domains(&mut memory_domains, &prefix);
+    Ok(StateFile {
+        state: SyncState {
+            version: STATE_VERSION,
+            journal: outline.journal,
+            direct_tables,
+            data_packages,
+            memory_domains,
+        },
         version: outline.version,
-        journal: outline.journal,
-        direct_tables,
-        data_packages,
-        memory_domains: outline.memory_domains,
+        root: root.map(str::to_string),
     })
+}
+
+/// The domains' paths under `prefix`, made relative (others kept as they are).
+fn relative_domains(domains: &mut BTreeMap<String, DomainEntry>, prefix: &str) {
+    if prefix.is_empty() {
+        return;
+    }
+    for d in domains.values_mut() {
+        if let Some(rel) = d.path.strip_prefix(prefix) {
+            d.path = rel.to_string();
+        }
+    }
+}
+
+/// The entries read before the file named its root (a file whose keys were
+/// reordered by hand), their paths under `prefix` made relative.
+fn relative_entries(map: &mut BTreeMap<String, TableEntry>, slot: SlotRef<'_>, prefix: &str) {
+    for (id, e) in map.iter_mut() {
+        let Some(o) = &e.odd else { continue };
+        if let (Some(r), Some(s)) = (
+            o.ref_path.strip_prefix(prefix),
+            o.shared_path.strip_prefix(prefix),
+        ) {
+            let (r, s) = (r.to_string(), s.to_string());
+            *e = e.clone().with_paths((slot, id), &r, &s);
+        }
+    }
+}
+
+/// Reads a whole state file, either format, one key at a time (the streamed
+/// read of a large file): the table maps are read with the root the file named
+/// before them.
+struct FileVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FileVisitor {
+    type Value = StateFile;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("struct SyncState")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<StateFile, A::Error> {
+        let mut version = None;
+        let mut root: Option<String> = None;
+        let mut state = SyncState::default();
+        // Read under this prefix (the root named so far).
+        let mut read_under = String::new();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "version" => version = Some(map.next_value::<u32>()?),
+                "root" => root = Some(map.next_value()?),
+                "journal" => state.journal = map.next_value()?,
+                "direct_tables" => {
+                    read_under = root_prefix(root.as_deref()).into_owned();
+                    state.direct_tables =
+                        map.next_value_seed(TablesSeed(SlotRef::Direct, &read_under))?;
+                }
+                "data_packages" => {
+                    read_under = root_prefix(root.as_deref()).into_owned();
+                    state.data_packages = map.next_value_seed(PackagesSeed(&read_under))?;
+                }
+                "memory_domains" => state.memory_domains = map.next_value()?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let version = version.ok_or_else(|| serde::de::Error::missing_field("version"))?;
+        let prefix = root_prefix(root.as_deref());
+        if *prefix != read_under {
+            relative_entries(&mut state.direct_tables, SlotRef::Direct, &prefix);
+            for (slug, tables) in state.data_packages.iter_mut() {
+                relative_entries(tables, SlotRef::Package(slug), &prefix);
+            }
+        }
+        relative_domains(&mut state.memory_domains, &prefix);
+        Ok(StateFile {
+            state,
+            version,
+            root,
+        })
+    }
+}
+
+/// The state file as written: format 2, every path under the root it is
+/// projected for.
+struct FileOut<'a> {
+    root: &'a str,
+    state: &'a SyncState,
+}
+
+impl Serialize for FileOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let prefix = root_prefix(Some(self.root));
+        let domains = self.state.memory_domains.iter().map(|(slug, d)| {
+            let mut d = d.clone();
+            if d.path == layout::bundle_rel(slug) {
+                d.path = [&*prefix, &d.path].concat();
+            }
+            (slug, d)
+        });
+        let mut st = s.serialize_struct("SyncState", 6)?;
+        st.serialize_field("version", &STATE_FILE_VERSION)?;
+        st.serialize_field("root", self.root)?;
+        st.serialize_field("journal", &self.state.journal)?;
+        let direct = TablesAt(&prefix, SlotRef::Direct, &self.state.direct_tables);
+        st.serialize_field("direct_tables", &direct)?;
+        st.serialize_field(
+            "data_packages",
+            &PackagesAt(&prefix, &self.state.data_packages),
+        )?;
+        st.serialize_field(
+            "memory_domains",
+            &domains.collect::<BTreeMap<_, _>>(),
+        )?;
+        st.end()
+    }
 }
 
 /// Replace `sync_state.json` atomically: temp file in `.stack/tmp`, fsync, rename,
 /// fsync the local directory. Compact JSON with a final newline (it is read by
-/// every command; `jq .` shows it pretty).
+/// every command; `jq .` shows it pretty). Its paths are absolute, projected for
+/// where the directory is now ([`projected_root`]).
 pub fn write_state(fs: &dyn Fs, layout: &Layout, state: &SyncState) -> Result<()> {
+    let root = projected_root(fs, layout);
     let tmp_dir = layout.tmp();
     fs.create_dir_all(&tmp_dir).at("mkdir", &tmp_dir)?;
     let tmp = tmp_dir.join("sync_state.json.tmp");
     let f = fs.create(&tmp).at("create", &tmp)?;
     // Streamed: a large stack's state is not held twice (structs and bytes).
     let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
-    serde_json::to_writer(&mut w, state)
+    let file = FileOut { root: &root, state };
+    serde_json::to_writer(&mut w, &file)
         .map_err(std::io::Error::from)
         .and_then(|()| w.write_all(b"\n"))
         .at("write", &tmp)?;
@@ -985,6 +1247,124 @@ mod tests {
         ];
         for (i, s) in bad.iter().enumerate() {
             assert!(s.check_paths().is_err(), "case {i} accepted: {s:?}");
+        }
+    }
+
+    /// A state with one direct table, one package table and one domain.
+    fn sample() -> SyncState {
+        let mut s = with(
+            Some(("a", "data/_direct/a.parquet", "data/_shared/tbl_a.parquet")),
+            Some((
+                "p1",
+                ("a", "data/p1/a.parquet", "data/_shared/tbl_a.parquet"),
+            )),
+        );
+        s.journal.txn = 3;
+        s.journal.seq = 9;
+        s.memory_domains.insert(
+            "m".to_string(),
+            DomainEntry {
+                md5: "0123456789abcdef0123456789abcdef".to_string(),
+                path: "memory/m/bundle.md".to_string(),
+                fp: None,
+            },
+        );
+        s
+    }
+
+    /// Read as a large file is (streamed, one key at a time).
+    fn streamed(bytes: &[u8]) -> StateFile {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        serde::de::Deserializer::deserialize_map(&mut de, FileVisitor).unwrap()
+    }
+
+    /// Contract §3: the file names absolute paths under the directory's canonical
+    /// path (reached here through a symlink), and reads back to the same state,
+    /// whole or streamed.
+    #[test]
+    fn the_file_names_absolute_paths_under_its_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, tmp.path().join("link")).unwrap();
+        let layout = Layout::new(tmp.path().join("link"));
+        let fs = crate::fs::RealFs;
+        write_state(&fs, &layout, &sample()).unwrap();
+        let text = std::fs::read(layout.state_file()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let root = std::fs::canonicalize(&real).unwrap();
+        let root = root.to_str().unwrap();
+        assert_eq!(v["version"], 2);
+        assert_eq!(v["root"], root);
+        let at = |rel: &str| format!("{root}/{rel}");
+        let direct = &v["direct_tables"]["tbl_a"];
+        assert_eq!(direct["ref_path"], at("data/_direct/a.parquet"));
+        assert_eq!(direct["shared_path"], at("data/_shared/tbl_a.parquet"));
+        let pkg = &v["data_packages"]["p1"]["tbl_a"];
+        assert_eq!(pkg["ref_path"], at("data/p1/a.parquet"));
+        assert_eq!(v["memory_domains"]["m"]["path"], at("memory/m/bundle.md"));
+        assert_eq!(read_state(&fs, &layout).unwrap(), Some(sample()));
+        let whole = parse_state_file(&text).unwrap();
+        assert_eq!(whole.state, sample());
+        assert_eq!(whole.root.as_deref(), Some(root));
+        assert_eq!(streamed(&text), whole);
+        // Keys in another order (the root last): the same state.
+        let mut reordered = serde_json::Map::new();
+        for k in ["memory_domains", "data_packages", "direct_tables", "journal"] {
+            reordered.insert(k.to_string(), v[k].clone());
+        }
+        reordered.insert("root".to_string(), v["root"].clone());
+        reordered.insert("version".to_string(), v["version"].clone());
+        let reordered = serde_json::to_vec(&reordered).unwrap();
+        assert_eq!(streamed(&reordered), whole);
+        assert_eq!(parse_state_file(&reordered).unwrap(), whole);
+    }
+
+    /// A file projected for another place (the directory was moved) is not this
+    /// directory's projection: unreadable for `read_state`, which recovery then
+    /// rewrites; `read_state_file` still reads it. A path outside the root is
+    /// kept as it is (not the engine's: `check_paths` refuses it).
+    #[test]
+    fn a_moved_directory_is_not_its_old_projection() {
+        let tmp = tempfile::tempdir().unwrap();
+        let old = tmp.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        let fs = crate::fs::RealFs;
+        write_state(&fs, &Layout::new(&old), &sample()).unwrap();
+        let new = tmp.path().join("new");
+        std::fs::rename(&old, &new).unwrap();
+        let layout = Layout::new(&new);
+        let err = read_state(&fs, &layout).unwrap_err();
+        assert!(matches!(err, Error::State { .. }), "{err}");
+        assert!(err.to_string().contains(old.to_str().unwrap()), "{err}");
+        let file = read_state_file(&fs, &layout).unwrap().unwrap();
+        assert_eq!(file.state, sample());
+        let text = std::fs::read_to_string(layout.state_file()).unwrap();
+        let elsewhere = text.replacen(
+            &format!("{}/data/p1/a.parquet", old.display()),
+            "/elsewhere/data/p1/a.parquet",
+            1,
+        );
+        let s = parse_state(elsewhere.as_bytes()).unwrap();
+        assert!(!s.data_packages["p1"]["tbl_a"].has_own_paths());
+        assert!(s.check_paths().is_err());
+    }
+
+    /// A version-1 file (relative paths, no root) is still read, wherever the
+    /// directory is; an unknown version, or a version 2 without a root, is not.
+    #[test]
+    fn version_one_files_are_still_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        let fs = crate::fs::RealFs;
+        let v1 = serde_json::to_vec(&sample()).unwrap();
+        assert!(String::from_utf8_lossy(&v1).contains(r#""version":1,"#));
+        std::fs::write(layout.state_file(), &v1).unwrap();
+        assert_eq!(read_state(&fs, &layout).unwrap(), Some(sample()));
+        for bad in [r#"{"version":2}"#, r#"{"version":3,"root":"/x"}"#] {
+            std::fs::write(layout.state_file(), bad).unwrap();
+            let err = read_state(&fs, &layout).unwrap_err();
+            assert!(err.to_string().contains("state version"), "{err}");
         }
     }
 
