@@ -5,12 +5,14 @@
 //! `_assert_invariants` checks plus invariant 5 (content) — each run under every
 //! link strategy.
 //!
-//! Two deliberate differences, both forced by the contract rather than chosen:
-//! - State paths are relative to the local directory (contract §3), so the port
-//!   resolves them against it where the Python resolved them against the cwd.
-//! - The reference engine treated a memory domain's md5 as a version tag (its
-//!   fixtures' bundle bytes never hash to it), so these tests pull with
-//!   `BundleCheck::TrustServer`; the CLI verifies bundle md5s.
+//! State paths are absolute (contract §3): the port opens them as the state names
+//! them, from its own working directory, as the Python did.
+//!
+//! One deliberate difference, forced by the contract rather than chosen: the
+//! reference engine treated a memory domain's md5 as a version tag (its fixtures'
+//! bundle bytes never hash to it), so these tests pull with
+//! `BundleCheck::TrustServer` (the Python package's default for a dict manifest);
+//! the CLI verifies bundle md5s.
 
 // Test fixtures write the real disk directly; the seam rule is for the engine.
 #![allow(clippy::disallowed_methods)]
