@@ -153,7 +153,10 @@ pub fn pull_from(p: &PullFrom<'_>) -> Result<SyncReport> {
 
 /// Run `f` until the directory is not locked, polling, so that an interrupt is
 /// seen while waiting for the lock (a blocking wait would not see it).
-pub(crate) fn polling_lock<T>(interrupt: &Interrupt, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+pub(crate) fn polling_lock<T>(
+    interrupt: &Interrupt,
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<T> {
     loop {
         match f() {
             Err(Error::Locked { .. }) => {

@@ -15,9 +15,7 @@ pub mod par;
 pub mod reconcile;
 pub mod replay;
 
-pub use api::{
-    journal_replay, pull_from, verify_dir, Interrupt, PullFrom, Replayed, Verified,
-};
+pub use api::{journal_replay, pull_from, verify_dir, Interrupt, PullFrom, Replayed, Verified};
 pub use error::{Error, Result};
 pub mod verify;
 

@@ -438,11 +438,7 @@ fn run(cli: Cli) -> Result<i32> {
                 if rec.notes.is_empty() && level >= Level::Verbose {
                     println!("nothing to recover");
                 }
-                println!(
-                    "ok: {} is at transaction {}",
-                    dir.dir.display(),
-                    rec.txn
-                );
+                println!("ok: {} is at transaction {}", dir.dir.display(), rec.txn);
                 Ok(0)
             }
             JournalCommand::Show { dir, json } => journal_show(&dir.dir, json),

@@ -495,7 +495,12 @@ impl Stop {
     /// Keep the first exception a callable raised and stop the pull; the engine
     /// is told an I/O error naming it.
     fn raised(&self, py: Python<'_>, what: &str, e: PyErr) -> std::io::Error {
-        let text = format!("{what} raised {}", e.value(py).repr().map_or_else(|_| "an exception".to_string(), |r| r.to_string()));
+        let text = format!(
+            "{what} raised {}",
+            e.value(py)
+                .repr()
+                .map_or_else(|_| "an exception".to_string(), |r| r.to_string())
+        );
         let mut slot = self.raised.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(e);
@@ -843,7 +848,11 @@ fn verify(py: Python<'_>, local_dir: &Bound<'_, PyAny>, contents: bool) -> PyRes
 /// (`stack journal replay`).
 #[pyfunction]
 #[pyo3(signature = (local_dir, wait=false))]
-fn journal_replay(py: Python<'_>, local_dir: &Bound<'_, PyAny>, wait: bool) -> PyResult<ReplayReport> {
+fn journal_replay(
+    py: Python<'_>,
+    local_dir: &Bound<'_, PyAny>,
+    wait: bool,
+) -> PyResult<ReplayReport> {
     let dir = path_of(local_dir, "local_dir")?;
     let done = py
         .detach(|| stack::journal_replay(&dir, wait, "stack_sync.journal_replay"))
@@ -871,10 +880,22 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(journal_replay, m)?)?;
     for (name, class, code) in [
         ("StackError", py.get_type::<StackError>(), None),
-        ("StackFailedError", py.get_type::<StackFailedError>(), Some(1)),
-        ("BadManifestError", py.get_type::<BadManifestError>(), Some(2)),
+        (
+            "StackFailedError",
+            py.get_type::<StackFailedError>(),
+            Some(1),
+        ),
+        (
+            "BadManifestError",
+            py.get_type::<BadManifestError>(),
+            Some(2),
+        ),
         ("LockedError", py.get_type::<LockedError>(), Some(3)),
-        ("CorruptJournalError", py.get_type::<CorruptJournalError>(), Some(4)),
+        (
+            "CorruptJournalError",
+            py.get_type::<CorruptJournalError>(),
+            Some(4),
+        ),
     ] {
         if let Some(code) = code {
             class.setattr("exit_code", code)?;

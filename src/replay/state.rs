@@ -732,9 +732,7 @@ pub fn read_state(fs: &dyn Fs, layout: &Layout) -> Result<Option<SyncState>> {
         if *written != here {
             return Err(Error::State {
                 path: layout.state_file(),
-                message: format!(
-                    "it was projected for {written}, and the directory is now {here}"
-                ),
+                message: format!("it was projected for {written}, and the directory is now {here}"),
             });
         }
     }
@@ -1039,10 +1037,7 @@ impl Serialize for FileOut<'_> {
             "data_packages",
             &PackagesAt(&prefix, &self.state.data_packages),
         )?;
-        st.serialize_field(
-            "memory_domains",
-            &domains.collect::<BTreeMap<_, _>>(),
-        )?;
+        st.serialize_field("memory_domains", &domains.collect::<BTreeMap<_, _>>())?;
         st.end()
     }
 }
@@ -1282,6 +1277,7 @@ mod tests {
     /// path (reached here through a symlink), and reads back to the same state,
     /// whole or streamed.
     #[test]
+    #[allow(clippy::disallowed_methods)] // the fixture makes, moves and writes files directly
     fn the_file_names_absolute_paths_under_its_root() {
         let tmp = tempfile::tempdir().unwrap();
         let real = tmp.path().join("real");
@@ -1310,7 +1306,12 @@ mod tests {
         assert_eq!(streamed(&text), whole);
         // Keys in another order (the root last): the same state.
         let mut reordered = serde_json::Map::new();
-        for k in ["memory_domains", "data_packages", "direct_tables", "journal"] {
+        for k in [
+            "memory_domains",
+            "data_packages",
+            "direct_tables",
+            "journal",
+        ] {
             reordered.insert(k.to_string(), v[k].clone());
         }
         reordered.insert("root".to_string(), v["root"].clone());
@@ -1325,6 +1326,7 @@ mod tests {
     /// rewrites; `read_state_file` still reads it. A path outside the root is
     /// kept as it is (not the engine's: `check_paths` refuses it).
     #[test]
+    #[allow(clippy::disallowed_methods)] // the fixture makes, moves and writes files directly
     fn a_moved_directory_is_not_its_old_projection() {
         let tmp = tempfile::tempdir().unwrap();
         let old = tmp.path().join("old");
@@ -1353,6 +1355,7 @@ mod tests {
     /// A version-1 file (relative paths, no root) is still read, wherever the
     /// directory is; an unknown version, or a version 2 without a root, is not.
     #[test]
+    #[allow(clippy::disallowed_methods)] // the fixture makes, moves and writes files directly
     fn version_one_files_are_still_read() {
         let tmp = tempfile::tempdir().unwrap();
         let layout = Layout::new(tmp.path());

@@ -187,7 +187,10 @@ fn state_paths_are_absolute_and_follow_a_moved_directory() {
     assert_verify_clean(&moved);
     let stamp = |p: &std::path::Path| {
         let m = std::fs::metadata(p.join("sync_state.json")).unwrap();
-        (std::os::unix::fs::MetadataExt::ino(&m), m.modified().unwrap())
+        (
+            std::os::unix::fs::MetadataExt::ino(&m),
+            m.modified().unwrap(),
+        )
     };
     let before = stamp(&moved);
     pull(&o.manifest(), &moved, &["--json"]).ok();
