@@ -20,7 +20,7 @@ use std::time::Duration;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMapping, PyString};
 
 use stack::{Interrupt, LinkMode};
 
@@ -760,11 +760,15 @@ fn pull(py: Python<'_>, opts: &PullStackOptions, dry_run: bool) -> PyResult<Sync
 /// Pull `opts.manifest` into `opts.local_dir` (contract §5 `stack pull`, §7).
 ///
 /// The engine runs with the GIL released, so other Python threads run meanwhile.
-/// The callables are called from the engine's staging workers (up to
-/// `opts.jobs` threads), each call holding the GIL. The first exception a
-/// callable raises stops the pull before its commit point (nothing visible
-/// changes) and is the `__cause__` of the `StackError` raised. Ctrl-C stops the
-/// pull crash-safely and raises `KeyboardInterrupt`.
+/// The callables are called from the engine's staging workers, not one at a
+/// time: up to `opts.jobs` threads call `fetcher`, `md5_of` and `bundle_fetcher`
+/// (and `md5_of` also from the threads that re-check files whose stat changed),
+/// each call holding the GIL, so calls interleave wherever a callable releases
+/// it (I/O, `time.sleep`). The first exception a callable raises stops the pull
+/// before its commit point (nothing visible changes) and is the `__cause__` of
+/// the `StackError` raised. Ctrl-C stops the pull crash-safely (before its commit
+/// point, at the next file; past it, the pull finishes) and raises
+/// `KeyboardInterrupt`.
 #[pyfunction]
 fn run_stack_sync(py: Python<'_>, opts: PyRef<'_, PullStackOptions>) -> PyResult<SyncReport> {
     pull(py, &opts, false)
@@ -782,20 +786,22 @@ fn status(py: Python<'_>, opts: PyRef<'_, PullStackOptions>) -> PyResult<SyncRep
 fn audit_invariants(
     py: Python<'_>,
     local_data: &Bound<'_, PyAny>,
-    state: &Bound<'_, PyDict>,
+    state: &Bound<'_, PyAny>,
 ) -> PyResult<Vec<String>> {
     let local_data = path_of(local_data, "local_data")?;
-    let state = if state.contains("version")? {
-        state.clone()
-    } else {
-        // `{}`, as a caller reads a missing state file: an empty stack.
-        let with_version = state.copy()?;
-        with_version.set_item("version", 1)?;
-        with_version
-    };
+    let as_dict = PyDict::new(py);
+    as_dict.set_item("version", 1)?;
+    // Any mapping; without a version (`{}`, as a caller reads a missing state
+    // file), a version-1 state: an empty stack.
+    as_dict.update(state.cast::<PyMapping>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "state must be a mapping (a parsed sync_state.json), not {}",
+            type_name(state)
+        ))
+    })?)?;
     let text: String = py
         .import("json")?
-        .call_method1("dumps", (&state,))?
+        .call_method1("dumps", (&as_dict,))?
         .extract()?;
     let file = stack::replay::state::parse_state_file(text.as_bytes())
         .map_err(|e| PyValueError::new_err(format!("state is not a sync_state.json: {e}")))?;

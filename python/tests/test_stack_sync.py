@@ -223,6 +223,12 @@ def test_dict_manifest_report_state_and_audit(tmp_path):
     found = audit_invariants(local / "data", state)
     assert len(found) == 1 and "stray.parquet" in found[0]
     (local / "data" / "p1" / "stray.parquet").unlink()
+    # An empty state ({}: no state file) against the pulled files: every one is
+    # untracked or an orphan; against an empty directory, nothing is wrong.
+    assert len(audit_invariants(local / "data", {})) > 0
+    assert audit_invariants(tmp_path / "nothing" / "data", {}) == []
+    with pytest.raises(TypeError, match="mapping"):
+        audit_invariants(local / "data", [state])
     # Status changes nothing; an update, then a removal, are counted.
     before = visible(local)
     opts.manifest = o.manifest(direct=["tbl_a", "tbl_d"], packages={"p1": ["tbl_b"]})
@@ -458,6 +464,22 @@ def test_ctrl_c_stops_the_pull_and_raises_keyboard_interrupt(tmp_path):
     assert_clean(local)
 
 
+def test_ctrl_c_while_waiting_for_the_lock(tmp_path):
+    o = base_origin()
+    local = tmp_path / "s"
+    opts = options(o, base_manifest(o), local, wait=True)
+    run_stack_sync(opts)
+    opts.manifest = o.manifest(direct=["tbl_d"])
+    with open(local / ".stack" / "lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            run_stack_sync(opts)
+        timer.join()
+    assert not (local / "data" / "_direct" / "d.parquet").exists()
+
+
 # ---------------------------------------------------------------------------
 # A moved directory (contract §3)
 # ---------------------------------------------------------------------------
@@ -470,7 +492,10 @@ def test_a_moved_directory_is_re_projected_by_the_next_pull(tmp_path):
     run_stack_sync(opts)
     moved = tmp_path / "moved"
     shutil.move(str(local), str(moved))
-    # Read-only commands work where it is now.
+    # The old state names the old place; read-only commands work where it is now.
+    old_state = json.loads((moved / "sync_state.json").read_text())
+    found = audit_invariants(moved / "data", old_state)
+    assert len(found) == 1 and "projected for" in found[0], found
     rep = stack_sync.verify(moved, contents=True)
     assert rep.ok and any("projected for" in n for n in rep.notes)
     opts.local_dir = moved

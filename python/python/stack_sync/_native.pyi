@@ -108,11 +108,16 @@ class ReplayReport:
 def run_stack_sync(opts: PullStackOptions) -> SyncReport:
     """Pull `opts.manifest` into `opts.local_dir`.
 
-    The engine runs with the GIL released. The callables are called from the
-    engine's staging workers (up to `opts.jobs` threads), each call holding the
-    GIL. The first exception a callable raises stops the pull before its commit
-    point (nothing visible changes) and is the `__cause__` of the `StackError`
-    raised. Ctrl-C stops the pull crash-safely and raises `KeyboardInterrupt`.
+    The engine runs with the GIL released, so other Python threads run
+    meanwhile. The callables are called from the engine's staging workers, not
+    one at a time: up to `opts.jobs` threads call `fetcher`, `md5_of` and
+    `bundle_fetcher` (and `md5_of` also from the threads that re-check files
+    whose stat changed), each call holding the GIL, so calls interleave wherever
+    a callable releases it (I/O, `time.sleep`). The first exception a callable
+    raises stops the pull before its commit point (nothing visible changes) and
+    is the `__cause__` of the `StackError` raised. Ctrl-C stops the pull
+    crash-safely (before its commit point, at the next file; past it, the pull
+    finishes) and raises `KeyboardInterrupt`.
     """
 
 def status(opts: PullStackOptions) -> SyncReport:
