@@ -542,7 +542,10 @@ fn run_beside<T: Send>(
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        unreachable!("the engine thread sends before it ends")
+                        // Only if the engine thread ended without sending.
+                        let lost: Box<dyn std::any::Any + Send> =
+                            Box::new("the engine thread ended without an answer");
+                        return (Err(lost), signal);
                     }
                 }
             }
