@@ -157,11 +157,15 @@ pub(crate) fn polling_lock<T>(
     interrupt: &Interrupt,
     mut f: impl FnMut() -> Result<T>,
 ) -> Result<T> {
+    // Each try validates the manifest again: the pause grows (to half a second)
+    // so that a long wait with a large manifest does not keep a core busy.
+    let mut pause = std::time::Duration::from_millis(25);
     loop {
         match f() {
             Err(Error::Locked { .. }) => {
                 interrupt.check("waiting for the directory lock")?;
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
             }
             r => return r,
         }
@@ -245,4 +249,58 @@ pub fn journal_replay(dir: &Path, wait: bool, command: &str) -> Result<Replayed>
         notes: rec.notes,
         txn: rec.state.journal.txn,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An origin folder with one direct table and its manifest; returns the
+    /// manifest's path.
+    #[allow(clippy::disallowed_methods)] // the fixture writes the origin directly
+    fn origin(dir: &Path) -> String {
+        use md5::Digest;
+        let body = b"table a\n";
+        std::fs::create_dir_all(dir.join("api/data/tbl_a")).unwrap();
+        std::fs::write(dir.join("api/data/tbl_a/download"), body).unwrap();
+        let md5 = crate::reconcile::origin::hex(&md5::Md5::digest(body));
+        let manifest = serde_json::json!({"direct_tables": [{"id": "tbl_a", "name": "a",
+            "md5": md5, "parquet_url": "/api/data/tbl_a/download"}]});
+        let path = dir.join("manifest.json");
+        std::fs::write(&path, manifest.to_string()).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    /// A raised interrupt stops a pull before its commit point: it fails as a
+    /// fetch does, and nothing visible is made; the next pull runs.
+    #[test]
+    fn an_interrupted_pull_changes_nothing_visible() {
+        let tmp = tempfile::tempdir().unwrap();
+        let manifest = origin(&tmp.path().join("origin"));
+        let dir = tmp.path().join("stack");
+        let interrupt = Interrupt::new();
+        interrupt.raise();
+        let mut p = PullFrom {
+            manifest: &manifest,
+            local_dir: &dir,
+            link: LinkMode::Symlink,
+            jobs: 2,
+            wait: true,
+            dry_run: false,
+            bundles: crate::BundleCheck::Verify,
+            interrupt: Some(&interrupt),
+        };
+        let err = pull_from(&p).unwrap_err();
+        assert!(
+            matches!(&err, Error::Fetch { message, .. } if message == INTERRUPTED),
+            "{err}"
+        );
+        for visible in ["data", "memory", "sync_state.json"] {
+            assert!(!dir.join(visible).exists(), "{visible} was made");
+        }
+        p.interrupt = None;
+        let rep = pull_from(&p).unwrap();
+        assert_eq!(rep.direct_tables.added, 1);
+        assert!(dir.join("data/_direct/a.parquet").exists());
+    }
 }
