@@ -4,6 +4,7 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![deny(unused_must_use)]
 
+pub mod api;
 pub mod drain;
 pub mod error;
 pub mod fs;
@@ -15,6 +16,7 @@ pub mod par;
 pub mod reconcile;
 pub mod replay;
 
+pub use api::{journal_replay, pull_from, verify_dir, Interrupt, PullFrom, Replayed, Verified};
 pub use error::{Error, Result};
 pub mod verify;
 
@@ -49,6 +51,8 @@ pub struct PullStackOptions {
     pub bundle_check: BundleCheck,
     /// Wait for the directory lock instead of failing (default false).
     pub wait: bool,
+    /// Stops the pull before its commit point once raised (default none).
+    pub interrupt: Option<Interrupt>,
 }
 
 impl PullStackOptions {
@@ -70,30 +74,53 @@ impl PullStackOptions {
             jobs: 4,
             bundle_check: BundleCheck::Verify,
             wait: false,
+            interrupt: None,
         }
     }
 }
 
 /// Pull `opts.manifest` into `opts.local_dir` with the injected fetchers (contract §6).
 pub fn run_stack_sync(opts: &PullStackOptions) -> Result<SyncReport> {
-    let origin = reconcile::origin::ClosureOrigin {
+    sync(opts, false)
+}
+
+/// What [`run_stack_sync`] would do with `opts`, changing nothing (`stack status`).
+pub fn stack_status(opts: &PullStackOptions) -> Result<SyncReport> {
+    sync(opts, true)
+}
+
+fn sync(opts: &PullStackOptions, dry_run: bool) -> Result<SyncReport> {
+    let closures = reconcile::origin::ClosureOrigin {
         fetcher: &opts.fetcher,
         md5_of: &opts.md5_of,
         bundle_fetcher: &opts.bundle_fetcher,
     };
-    let hash = |p: &std::path::Path| (opts.md5_of)(p);
-    let cfg = reconcile::pull::PullConfig {
-        fs: Arc::new(fs::RealFs),
-        layout: layout::Layout::new(&opts.local_dir),
-        origin: &origin,
-        link: opts.link,
-        jobs: opts.jobs,
-        dry_run: false,
-        wait: opts.wait,
-        command: "run_stack_sync".to_string(),
-        hash: &hash,
-        bundles: opts.bundle_check,
-        progress: &|_| {},
+    let never = Interrupt::new();
+    let interrupt = opts.interrupt.as_ref().unwrap_or(&never);
+    let origin = api::Interruptible {
+        inner: &closures,
+        interrupt,
     };
-    reconcile::pull::pull(reconcile::pull::Wanted::Parsed(&opts.manifest), &cfg)
+    let md5_of = |p: &std::path::Path| (opts.md5_of)(p);
+    let hash = api::interruptible_hash(&md5_of, interrupt);
+    let run = |wait: bool| {
+        let cfg = reconcile::pull::PullConfig {
+            fs: Arc::new(fs::RealFs),
+            layout: layout::Layout::new(&opts.local_dir),
+            origin: &origin,
+            link: opts.link,
+            jobs: opts.jobs,
+            dry_run,
+            wait,
+            command: "run_stack_sync".to_string(),
+            hash: &hash,
+            bundles: opts.bundle_check,
+            progress: &|_| {},
+        };
+        reconcile::pull::pull(reconcile::pull::Wanted::Parsed(&opts.manifest), &cfg)
+    };
+    match &opts.interrupt {
+        Some(interrupt) if opts.wait => api::polling_lock(interrupt, || run(false)),
+        _ => run(opts.wait),
+    }
 }

@@ -15,7 +15,6 @@ use stack::journal::{self, End, LinkMode};
 use stack::layout::Layout;
 use stack::reconcile::{self, origin::Origin, pull::PullConfig};
 use stack::replay;
-use stack::verify::{audit, Contents};
 
 #[derive(Parser)]
 #[command(
@@ -448,46 +447,10 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
 }
 
 fn verify_cmd(dir: &Path, contents: bool, json: bool) -> Result<i32> {
-    if !dir.is_dir() {
-        return Err(Error::Usage(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
+    let stack::Verified { violations, notes } = stack::verify_dir(dir, contents)?;
+    for note in &notes {
+        eprintln!("stack: {note}");
     }
-    let fs = RealFs;
-    let layout = Layout::new(dir);
-    let from_file = match replay::state::read_state(&fs, &layout) {
-        Ok(s) => s,
-        Err(Error::State { message, .. }) => {
-            eprintln!(
-                "stack: sync_state.json: {message}; checking the journal's projection instead"
-            );
-            None
-        }
-        Err(e) => return Err(e),
-    };
-    let state = match from_file {
-        Some(s) => s,
-        None => {
-            let records = match journal::scan_file(&fs, &layout)? {
-                Some(scan) => {
-                    // The valid prefix of a damaged journal is still audited, but
-                    // never a checkpoint of a state stack does not write (its paths
-                    // could send the audit outside `dir`): exit 4.
-                    replay::project::check_records(&layout, &scan)?;
-                    scan.records.into_iter().map(|(_, r)| r).collect()
-                }
-                None => Vec::new(),
-            };
-            replay::project::project(&records).state
-        }
-    };
-    let mode = if contents {
-        Contents::RehashMd5(stack::par::threads())
-    } else {
-        Contents::FingerprintMd5
-    };
-    let violations = audit(&fs, &layout, &state, mode)?;
     if json {
         print_json(&json!({"ok": violations.is_empty(), "violations": violations}));
     } else if violations.is_empty() {

@@ -5,12 +5,14 @@
 //! `_assert_invariants` checks plus invariant 5 (content) — each run under every
 //! link strategy.
 //!
-//! Two deliberate differences, both forced by the contract rather than chosen:
-//! - State paths are relative to the local directory (contract §3), so the port
-//!   resolves them against it where the Python resolved them against the cwd.
-//! - The reference engine treated a memory domain's md5 as a version tag (its
-//!   fixtures' bundle bytes never hash to it), so these tests pull with
-//!   `BundleCheck::TrustServer`; the CLI verifies bundle md5s.
+//! State paths are absolute (contract §3): the port opens them as the state names
+//! them, from its own working directory, as the Python did.
+//!
+//! One deliberate difference, forced by the contract rather than chosen: the
+//! reference engine treated a memory domain's md5 as a version tag (its fixtures'
+//! bundle bytes never hash to it), so these tests pull with
+//! `BundleCheck::TrustServer` (the Python package's default for a dict manifest);
+//! the CLI verifies bundle md5s.
 
 // Test fixtures write the real disk directly; the seam rule is for the engine.
 #![allow(clippy::disallowed_methods)]
@@ -144,10 +146,10 @@ fn assert_invariants(
     md5_of: &dyn Fn(&Path) -> String,
 ) {
     let state_path = local_dir.join("sync_state.json");
-    let state: Value = if state_path.exists() {
-        serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap()
-    } else {
-        json!({})
+    let state_text = std::fs::read(&state_path).ok();
+    let state: Value = match &state_text {
+        Some(text) => serde_json::from_slice(text).unwrap(),
+        None => json!({}),
     };
     let local_data = local_dir.join("data");
     let shared_dir = local_data.join("_shared");
@@ -155,8 +157,11 @@ fn assert_invariants(
     // Collect every ref → shared mapping from state.
     let mut refs_by_shared: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
     for (r, shared, _strategy, md5) in walk_refs(&state) {
-        let ref_p = local_dir.join(&r);
-        let shared_p = shared.map(|s| local_dir.join(s));
+        // Opened as the state names them, from the test's own working directory
+        // (contract §3: the paths are absolute).
+        let ref_p = PathBuf::from(&r);
+        assert!(ref_p.is_absolute(), "ref_path {r} is not absolute");
+        let shared_p = shared.map(PathBuf::from);
         // Invariant 2: every state ref resolves to an existing _shared file.
         let shared_p = shared_p.filter(|p| p.exists()).unwrap_or_else(|| {
             panic!(
@@ -221,7 +226,7 @@ fn assert_invariants(
     for f in &disk_refs {
         let resolved = resolve(f);
         let accounted = walk_refs(&state).iter().any(|(r, _, _, _)| {
-            let ref_p = local_dir.join(r);
+            let ref_p = PathBuf::from(r);
             ref_p == *f || resolve(&ref_p) == resolved
         });
         assert!(
@@ -249,10 +254,9 @@ fn assert_invariants(
     );
 
     // And the engine's own audit_invariants surface should be empty.
-    let typed: SyncState = if state_path.exists() {
-        serde_json::from_value(state).unwrap()
-    } else {
-        SyncState::default()
+    let typed: SyncState = match &state_text {
+        Some(text) => stack::replay::state::parse_state(text).unwrap(),
+        None => SyncState::default(),
     };
     let violations = audit_invariants(&local_data, &typed);
     let serious: Vec<_> = violations

@@ -149,6 +149,11 @@ pub trait Fs: Send + Sync {
     }
     /// Entries of a folder, sorted by name, without `.` and `..`.
     fn read_dir(&self, path: &Path) -> io::Result<Vec<DirEntry>>;
+    /// The path with every symlink resolved (`realpath`). A filesystem without
+    /// symlinked folders (the simulated one) answers the absolute path.
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        std::path::absolute(path)
+    }
     /// The target of a symlink.
     fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
     /// Open a file for reading (following symlinks).
@@ -458,6 +463,9 @@ impl Fs for RealFs {
     }
     fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
         std::fs::read_link(path)
+    }
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        std::fs::canonicalize(path)
     }
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
         Ok(Box::new(std::fs::File::open(path)?))

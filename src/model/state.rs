@@ -6,6 +6,12 @@
 //! Invariant kept: the text of a state is exactly what it was before it was parsed
 //! (`state_file_text_round_trips_exactly`), and an entry holds no paths of its own
 //! unless a state names paths other than the layout's.
+//!
+//! In memory a state names no directory (its paths are the layout's, relative).
+//! The file (format 2, [`FileOut`]) names every path absolutely, under the `root`
+//! it was projected for; a format-1 file, whose paths are relative, is still
+//! parsed ([`parse_state_file`], [`state_file_from_reader`]), its paths made
+//! relative. Which root is this directory's is for `replay::state` to say.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -16,8 +22,12 @@ use crate::layout;
 use crate::md5x::parse_hex;
 use crate::model::slot::SlotRef;
 
-/// The state-file format version.
+/// The version of the in-memory model, which journal checkpoints carry.
 pub const STATE_VERSION: u32 = 1;
+
+/// The state file's format: 2 names its paths absolutely, under `root`; 1 (still
+/// read) named them relative to the directory.
+pub const STATE_FILE_VERSION: u32 = 2;
 
 /// How a reference was actually made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -333,11 +343,24 @@ impl TableEntry {
     }
 }
 
-/// An entry as the state file writes it: with its paths, which its place gives.
+/// An entry as the state file writes it: with its paths, which its place gives,
+/// under `root` (`""`: relative; a hand-edited entry's own paths are written as
+/// they were read).
 struct EntryOut<'a> {
+    root: &'a str,
     slot: SlotRef<'a>,
     id: &'a str,
     e: &'a TableEntry,
+}
+
+impl EntryOut<'_> {
+    /// `rel` under the root, if the entry's paths are the layout's.
+    fn rooted<'p>(&self, rel: Cow<'p, str>) -> Cow<'p, str> {
+        if self.root.is_empty() || !self.e.has_own_paths() {
+            return rel;
+        }
+        Cow::Owned([self.root, &rel].concat())
+    }
 }
 
 impl Serialize for EntryOut<'_> {
@@ -356,8 +379,8 @@ impl Serialize for EntryOut<'_> {
         if all || e.size.is_some() {
             st.serialize_field("size", &e.size)?;
         }
-        st.serialize_field("ref_path", &e.ref_path(self.slot))?;
-        st.serialize_field("shared_path", &e.shared_path(self.id))?;
+        st.serialize_field("ref_path", &self.rooted(e.ref_path(self.slot)))?;
+        st.serialize_field("shared_path", &self.rooted(e.shared_path(self.id)))?;
         st.serialize_field("strategy", &e.strategy)?;
         if all || e.ref_fp.is_some() {
             st.serialize_field("ref_fp", &e.ref_fp)?;
@@ -390,11 +413,20 @@ struct EntryIn<'a> {
 }
 
 impl EntryIn<'_> {
-    fn at(self, slot: SlotRef<'_>, id: &str) -> TableEntry {
+    /// The entry at `id` in `slot` of a file whose paths are under `root` (`""`:
+    /// relative): paths outside it are kept as they are (not the layout's).
+    fn at(self, slot: SlotRef<'_>, id: &str, root: &str) -> TableEntry {
+        let (ref_path, shared_path) = match (
+            self.ref_path.strip_prefix(root),
+            self.shared_path.strip_prefix(root),
+        ) {
+            (Some(r), Some(s)) => (r, s),
+            _ => (&*self.ref_path, &*self.shared_path),
+        };
         let mut e = TableEntry::new(self.name, self.md5, self.size, self.strategy).with_paths(
             (slot, id),
-            &self.ref_path,
-            &self.shared_path,
+            ref_path,
+            shared_path,
         );
         e.ref_fp = self.ref_fp;
         e.shared_fp = self.shared_fp;
@@ -402,19 +434,32 @@ impl EntryIn<'_> {
     }
 }
 
-/// One slot's table map, written with its entries' paths.
+/// One slot's table map, written with its entries' paths (relative).
 pub(crate) struct TablesOut<'a>(pub SlotRef<'a>, pub &'a BTreeMap<String, TableEntry>);
 
 impl Serialize for TablesOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        let slot = self.0;
-        s.collect_map(self.1.iter().map(|(id, e)| (id, EntryOut { slot, id, e })))
+        TablesAt("", self.0, self.1).serialize(s)
     }
 }
 
-/// Reads one slot's table map, each entry told its place; the map is built
-/// whole from its sorted entries (no half-empty tree nodes).
-pub(crate) struct TablesSeed<'s>(pub SlotRef<'s>);
+/// One slot's table map, written with its entries' paths under a root.
+struct TablesAt<'a>(&'a str, SlotRef<'a>, &'a BTreeMap<String, TableEntry>);
+
+impl Serialize for TablesAt<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let TablesAt(root, slot, map) = *self;
+        s.collect_map(map.iter().map(|(id, e)| {
+            let out = EntryOut { root, slot, id, e };
+            (id, out)
+        }))
+    }
+}
+
+/// Reads one slot's table map, each entry told its place and the root its file's
+/// paths are under (`""`: relative); the map is built whole from its sorted
+/// entries (no half-empty tree nodes).
+pub(crate) struct TablesSeed<'s>(pub SlotRef<'s>, pub &'s str);
 
 impl<'de> serde::de::DeserializeSeed<'de> for TablesSeed<'_> {
     type Value = BTreeMap<String, TableEntry>;
@@ -438,7 +483,7 @@ impl<'de> serde::de::Visitor<'de> for TablesSeed<'_> {
         let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
         while let Some(id) = map.next_key::<String>()? {
             let e: EntryIn<'de> = map.next_value()?;
-            let e = e.at(self.0, &id);
+            let e = e.at(self.0, &id, self.1);
             out.push((id, e));
         }
         // Sorted and built whole; a repeated id keeps its last entry, as inserting did.
@@ -453,21 +498,25 @@ fn ser_direct<S: serde::Serializer>(
     TablesOut(SlotRef::Direct, m).serialize(s)
 }
 
-fn de_direct<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<BTreeMap<String, TableEntry>, D::Error> {
-    serde::de::DeserializeSeed::deserialize(TablesSeed(SlotRef::Direct), d)
-}
-
-/// The packages' table maps, each written with its entries' paths.
+/// The packages' table maps, each written with its entries' paths (relative).
 pub(crate) struct PackagesOut<'a>(pub &'a Packages);
 
 impl Serialize for PackagesOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        PackagesAt("", self.0).serialize(s)
+    }
+}
+
+/// The packages' table maps, written with their paths under a root.
+struct PackagesAt<'a>(&'a str, &'a Packages);
+
+impl Serialize for PackagesAt<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let root = self.0;
         s.collect_map(
-            self.0
+            self.1
                 .iter()
-                .map(|(slug, t)| (slug, TablesOut(SlotRef::Package(slug), t))),
+                .map(|(slug, t)| (slug, TablesAt(root, SlotRef::Package(slug), t))),
         )
     }
 }
@@ -478,26 +527,35 @@ fn ser_packages<S: serde::Serializer>(m: &Packages, s: S) -> std::result::Result
 
 type Packages = BTreeMap<String, BTreeMap<String, TableEntry>>;
 
-fn de_packages<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Packages, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Packages;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a map of package slugs to table maps")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> std::result::Result<Packages, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some(slug) = map.next_key::<String>()? {
-                let tables = map.next_value_seed(TablesSeed(SlotRef::Package(&slug)))?;
-                out.insert(slug, tables);
-            }
-            Ok(out)
-        }
+/// Reads the packages' table maps of a file whose paths are under a root.
+struct PackagesSeed<'s>(&'s str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for PackagesSeed<'_> {
+    type Value = Packages;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Packages, D::Error> {
+        d.deserialize_map(self)
     }
-    d.deserialize_map(V)
+}
+
+impl<'de> serde::de::Visitor<'de> for PackagesSeed<'_> {
+    type Value = Packages;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a map of package slugs to table maps")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Packages, A::Error> {
+        let mut out = BTreeMap::new();
+        while let Some(slug) = map.next_key::<String>()? {
+            let tables = map.next_value_seed(TablesSeed(SlotRef::Package(&slug), self.0))?;
+            out.insert(slug, tables);
+        }
+        Ok(out)
+    }
 }
 
 /// One memory domain in the stack.
@@ -509,22 +567,26 @@ pub struct DomainEntry {
     pub fp: Option<StatFp>,
 }
 
-/// The whole state file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The whole state. Serialized as a version-1 file (relative paths; the file
+/// itself is written by `replay::state::write_state`, format 2); deserialized from a file of
+/// either format, its paths made relative ([`parse_state_file`] also gives the
+/// root and version the file named).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SyncState {
+    /// The model's version ([`STATE_VERSION`]), whatever the file's format.
     pub version: u32,
-    #[serde(default)]
     pub journal: JournalPos,
-    #[serde(default, serialize_with = "ser_direct", deserialize_with = "de_direct")]
+    #[serde(serialize_with = "ser_direct")]
     pub direct_tables: BTreeMap<String, TableEntry>,
-    #[serde(
-        default,
-        serialize_with = "ser_packages",
-        deserialize_with = "de_packages"
-    )]
+    #[serde(serialize_with = "ser_packages")]
     pub data_packages: BTreeMap<String, BTreeMap<String, TableEntry>>,
-    #[serde(default)]
     pub memory_domains: BTreeMap<String, DomainEntry>,
+}
+
+impl<'de> Deserialize<'de> for SyncState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_map(FileVisitor).map(|f| f.state)
+    }
 }
 
 impl Default for SyncState {
@@ -629,10 +691,30 @@ impl SyncState {
     }
 }
 
+/// A state file as read: the state (its paths relative), the format version and
+/// the root it was projected for (format 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateFile {
+    pub state: SyncState,
+    pub version: u32,
+    pub root: Option<String>,
+}
+
+/// What a file's paths under `root` start with (`""`: relative, no root).
+fn root_prefix(root: Option<&str>) -> Cow<'_, str> {
+    match root {
+        None => Cow::Borrowed(""),
+        Some(r) if r.ends_with('/') => Cow::Borrowed(r),
+        Some(r) => Cow::Owned(format!("{r}/")),
+    }
+}
+
 /// The state file's text, split at its table maps (each kept as raw JSON text).
 #[derive(Deserialize)]
 struct Sections<'a> {
     version: u32,
+    #[serde(default, borrow)]
+    root: Option<Cow<'a, str>>,
     #[serde(default)]
     journal: JournalPos,
     #[serde(default, borrow)]
@@ -643,12 +725,20 @@ struct Sections<'a> {
     memory_domains: BTreeMap<String, DomainEntry>,
 }
 
+/// Parse a state file (either format), its paths made relative; the root and
+/// version it names are dropped (see [`parse_state_file`]).
+pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
+    parse_state_file(bytes).map(|f| f.state)
+}
+
 /// Parse a state file: the outline first, then its table maps (the direct tables
 /// and each package: nearly all of the bytes) on several threads, each map built
 /// whole from its sorted entries (no half-empty tree nodes). Every command that
 /// trusts the state file pays this parse, a no-op pull included.
-pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
+pub fn parse_state_file(bytes: &[u8]) -> serde_json::Result<StateFile> {
     let outline: Sections<'_> = serde_json::from_slice(bytes)?;
+    let root = outline.root.as_deref();
+    let prefix = root_prefix(root);
     let mut maps: Vec<(SlotRef<'_>, &serde_json::value::RawValue)> = Vec::new();
     maps.extend(outline.direct_tables.map(|raw| (SlotRef::Direct, raw)));
     maps.extend(
@@ -659,7 +749,7 @@ pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
     );
     let parse = |(slot, raw): &(SlotRef<'_>, &serde_json::value::RawValue)| {
         let mut de = serde_json::Deserializer::from_str(raw.get());
-        serde::de::DeserializeSeed::deserialize(TablesSeed(*slot), &mut de)
+        serde::de::DeserializeSeed::deserialize(TablesSeed(*slot, &prefix), &mut de)
             .and_then(|m| de.end().map(|()| m))
             .map_err(|e| crate::Error::State {
                 path: std::path::PathBuf::new(),
@@ -674,7 +764,9 @@ pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
     let Ok(parsed) = crate::par::map_balanced(&maps, threads, parse) else {
         // A bad map: parse the whole text again for an error that names the
         // line and column in the file, not in the map.
-        return serde_json::from_slice(bytes);
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        return serde::de::Deserializer::deserialize_map(&mut de, FileVisitor)
+            .and_then(|f| de.end().map(|()| f));
     };
     let mut parsed = parsed.into_iter();
     let direct_tables = match outline.direct_tables {
@@ -691,13 +783,145 @@ pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
         })
         .zip(parsed)
         .collect::<BTreeMap<_, _>>();
-    Ok(SyncState {
+    let mut memory_domains = outline.memory_domains;
+    relative_domains(&mut memory_domains, &prefix);
+    Ok(StateFile {
+        state: SyncState {
+            version: STATE_VERSION,
+            journal: outline.journal,
+            direct_tables,
+            data_packages,
+            memory_domains,
+        },
         version: outline.version,
-        journal: outline.journal,
-        direct_tables,
-        data_packages,
-        memory_domains: outline.memory_domains,
+        root: root.map(str::to_string),
     })
+}
+
+/// The domains' paths under `prefix`, made relative (others kept as they are).
+fn relative_domains(domains: &mut BTreeMap<String, DomainEntry>, prefix: &str) {
+    if prefix.is_empty() {
+        return;
+    }
+    for d in domains.values_mut() {
+        if let Some(rel) = d.path.strip_prefix(prefix) {
+            d.path = rel.to_string();
+        }
+    }
+}
+
+/// The entries read before the file named its root (a file whose keys were
+/// reordered by hand), their paths under `prefix` made relative.
+fn relative_entries(map: &mut BTreeMap<String, TableEntry>, slot: SlotRef<'_>, prefix: &str) {
+    for (id, e) in map.iter_mut() {
+        let Some(o) = &e.odd else { continue };
+        if let (Some(r), Some(s)) = (
+            o.ref_path.strip_prefix(prefix),
+            o.shared_path.strip_prefix(prefix),
+        ) {
+            let (r, s) = (r.to_string(), s.to_string());
+            *e = e.clone().with_paths((slot, id), &r, &s);
+        }
+    }
+}
+
+/// Parse a state file from a reader, either format, one key at a time (a large
+/// file: its text and its structs are not held at once), its paths made relative.
+pub fn state_file_from_reader<R: std::io::Read>(reader: R) -> serde_json::Result<StateFile> {
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    serde::de::Deserializer::deserialize_map(&mut de, FileVisitor)
+        .and_then(|f| de.end().map(|()| f))
+}
+
+/// Reads a whole state file, either format, one key at a time (the streamed
+/// read of a large file): the table maps are read with the root the file named
+/// before them.
+struct FileVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FileVisitor {
+    type Value = StateFile;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("struct SyncState")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<StateFile, A::Error> {
+        let mut version = None;
+        let mut root: Option<String> = None;
+        let mut state = SyncState::default();
+        // Read under this prefix (the root named so far).
+        let mut read_under = String::new();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "version" => version = Some(map.next_value::<u32>()?),
+                "root" => root = Some(map.next_value()?),
+                "journal" => state.journal = map.next_value()?,
+                "direct_tables" => {
+                    read_under = root_prefix(root.as_deref()).into_owned();
+                    state.direct_tables =
+                        map.next_value_seed(TablesSeed(SlotRef::Direct, &read_under))?;
+                }
+                "data_packages" => {
+                    read_under = root_prefix(root.as_deref()).into_owned();
+                    state.data_packages = map.next_value_seed(PackagesSeed(&read_under))?;
+                }
+                "memory_domains" => state.memory_domains = map.next_value()?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let version = version.ok_or_else(|| serde::de::Error::missing_field("version"))?;
+        let prefix = root_prefix(root.as_deref());
+        if *prefix != read_under {
+            relative_entries(&mut state.direct_tables, SlotRef::Direct, &prefix);
+            for (slug, tables) in state.data_packages.iter_mut() {
+                relative_entries(tables, SlotRef::Package(slug), &prefix);
+            }
+        }
+        relative_domains(&mut state.memory_domains, &prefix);
+        Ok(StateFile {
+            state,
+            version,
+            root,
+        })
+    }
+}
+
+/// The state file as written: format 2, every path under the root it is
+/// projected for.
+pub struct FileOut<'a> {
+    /// The directory's path the file is projected for (absolute).
+    pub root: &'a str,
+    /// The state, its paths relative.
+    pub state: &'a SyncState,
+}
+
+impl Serialize for FileOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let prefix = root_prefix(Some(self.root));
+        let domains = self.state.memory_domains.iter().map(|(slug, d)| {
+            let mut d = d.clone();
+            if d.path == layout::bundle_rel(slug) {
+                d.path = [&*prefix, &d.path].concat();
+            }
+            (slug, d)
+        });
+        let mut st = s.serialize_struct("SyncState", 6)?;
+        st.serialize_field("version", &STATE_FILE_VERSION)?;
+        st.serialize_field("root", self.root)?;
+        st.serialize_field("journal", &self.state.journal)?;
+        let direct = TablesAt(&prefix, SlotRef::Direct, &self.state.direct_tables);
+        st.serialize_field("direct_tables", &direct)?;
+        st.serialize_field(
+            "data_packages",
+            &PackagesAt(&prefix, &self.state.data_packages),
+        )?;
+        st.serialize_field("memory_domains", &domains.collect::<BTreeMap<_, _>>())?;
+        st.end()
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use crate::journal::Journal;
 use crate::layout::Layout;
 use crate::reconcile::apply::{clean_leftovers, finish, has_leftovers, Applier};
 use crate::replay::project::{check_records, project, RecordCheck};
-use crate::replay::state::{read_state, write_state, SyncState};
+use crate::replay::state::{read_state, read_state_file, write_state, SyncState};
 
 /// A directory after recovery: its journal open for writing and its state.
 pub struct Recovered {
@@ -278,8 +278,9 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
         // the history starts from what the directory holds instead of from nothing.
         // An unusable state file is not adopted; a disk that fails to read it
         // fails the command (exit 1), rather than starting the history empty.
-        let candidate = match read_state(fs.as_ref(), layout) {
-            Ok(s) => s,
+        // Wherever it was projected: a moved directory's state still holds.
+        let candidate = match read_state_file(fs.as_ref(), layout) {
+            Ok(s) => s.map(|f| f.state),
             Err(crate::Error::State { message, .. }) => {
                 notes.push(format!(
                     "journal was missing and sync_state.json is not usable ({message}); starting empty"

@@ -152,3 +152,58 @@ fn an_empty_stack_dir_means_the_current_directory() {
     c.args(["verify"]).env("STACK_DIR", "").current_dir(l.dir());
     output(c).ok();
 }
+
+/// Contract §3: the state file's paths are absolute, under the directory's
+/// canonical path; symlinks stay relative; a directory that was moved keeps
+/// working, and the next pull re-projects its state file for where it is now (a
+/// no-op pull after that writes nothing).
+#[test]
+fn state_paths_are_absolute_and_follow_a_moved_directory() {
+    let (o, l) = pulled("symlink");
+    let check = |dir: &std::path::Path| {
+        let root = std::fs::canonicalize(dir).unwrap();
+        let s = state(dir);
+        assert_eq!(s["version"], json!(2));
+        assert_eq!(s["root"], json!(root.to_str().unwrap()));
+        let es = entries(dir);
+        assert_eq!(es.len(), 5);
+        for (_, id, e) in es {
+            for key in ["ref_path", "shared_path"] {
+                let p = std::path::PathBuf::from(e[key].as_str().unwrap());
+                assert!(p.starts_with(&root) && p.exists(), "{id}: {key} {e}");
+            }
+            let target = std::fs::read_link(e["ref_path"].as_str().unwrap()).unwrap();
+            assert_eq!(target.to_str().unwrap(), format!("../_shared/{id}.parquet"));
+        }
+        for (slug, d) in s["memory_domains"].as_object().unwrap() {
+            assert_eq!(
+                d["path"],
+                json!(format!("{}/memory/{slug}/bundle.md", root.display()))
+            );
+        }
+    };
+    check(&l.dir());
+    let moved = l.tmp.path().join("moved");
+    std::fs::rename(l.dir(), &moved).unwrap();
+    // Read-only commands work on the moved directory (verify says why it
+    // checks the journal's projection instead of the stale file).
+    let r = verify(&moved, true);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("projected for"), "{r:?}");
+    // The next pull re-projects the state file; nothing else changes.
+    let r = pull(&o.manifest(), &moved, &["--json"]);
+    r.ok();
+    assert_eq!(counts(&r.json(), "data_packages"), [0, 0, 0, 4, 0]);
+    check(&moved);
+    assert_verify_clean(&moved);
+    let stamp = |p: &std::path::Path| {
+        let m = std::fs::metadata(p.join("sync_state.json")).unwrap();
+        (
+            std::os::unix::fs::MetadataExt::ino(&m),
+            m.modified().unwrap(),
+        )
+    };
+    let before = stamp(&moved);
+    pull(&o.manifest(), &moved, &["--json"]).ok();
+    assert_eq!(stamp(&moved), before, "a no-op pull rewrote the state file");
+}

@@ -1,0 +1,1 @@
+"""The CLI package the reference suite imports its engine from (cli.lib.pull_sync)."""

@@ -1,0 +1,1 @@
+"""See cli/lib/pull_sync.py."""
