@@ -6,7 +6,7 @@
 //! downloading the manifest ([`HttpOrigin::fetch_manifest`], [`fetch_manifest`]),
 //! streaming downloads with resume (`Range: bytes=L-`), the retry policy
 //! (exponential backoff with jitter, `Retry-After` honored and capped), redirects,
-//! and how many requests are in flight ([`congestion::Window`]: it starts small,
+//! and how many requests are in flight ([`super::congestion::Window`]: it starts small,
 //! grows while the server keeps up, halves when it signals overload, and never
 //! exceeds [`HttpOptions::jobs`]). Connections are kept alive and reused (one pool
 //! per proxy route, sized to the cap), so a file costs one round trip, not three.
