@@ -105,7 +105,7 @@ pub struct PullFrom<'a> {
     /// Say what would change; change nothing (`stack status`).
     pub dry_run: bool,
     /// How bundle md5s are checked (the command line verifies them).
-    pub bundles: crate::BundleCheck,
+    pub bundles: crate::reconcile::stage::BundleCheck,
     /// Stops the pull before its commit point once raised.
     pub interrupt: Option<&'a Interrupt>,
 }
@@ -292,7 +292,7 @@ mod tests {
             jobs: 2,
             wait: true,
             dry_run: false,
-            bundles: crate::BundleCheck::Verify,
+            bundles: crate::reconcile::stage::BundleCheck::Verify,
             interrupt: Some(&interrupt),
         };
         let err = pull_from(&p).unwrap_err();

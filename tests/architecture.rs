@@ -19,7 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("journal", &["journal"]),
     ("replay", &["replay"]),
     ("reconcile", &["reconcile", "verify"]),
-    ("lib", &[]),
+    ("lib", &["api"]),
     ("main", &[]),
 ];
 
