@@ -292,8 +292,34 @@ def test_bad_manifest_touches_nothing(tmp_path):
     with pytest.raises(BadManifestError, match="JSON") as e:
         run_stack_sync(PullStackOptions({"direct_tables": [object()]}, local))
     assert isinstance(e.value.__cause__, TypeError)
-    with pytest.raises(BadManifestError):
-        run_stack_sync(PullStackOptions(str(tmp_path / "missing.json"), local))
+    # A manifest file that cannot be read is an I/O failure (exit 1), as on the
+    # command line: the path may be right and the disk or its permissions wrong.
+    missing = tmp_path / "missing.json"
+    with pytest.raises(StackFailedError) as e:
+        run_stack_sync(PullStackOptions(str(missing), local))
+    assert e.value.exit_code == 1 and e.value.kind == "io"
+    assert str(missing) in str(e.value)
+    assert list(local.iterdir()) == []
+
+
+def test_a_file_in_the_way_is_exit_1_and_touches_nothing(tmp_path):
+    # A file where the engine needs a folder: refused before the commit point,
+    # naming it (the error's kind is in_the_way, exit 1).
+    o = base_origin()
+    local = tmp_path / "s"
+    rep = run_stack_sync(options(o, base_manifest(o), local))
+    assert rep.warnings == []
+    (local / "data" / "p3").write_bytes(b"mine")
+    before = visible(local)
+    m = base_manifest(o)
+    m["data_packages"].append(
+        {"id": "id_p3", "slug": "p3", "name": "p3", "tables": [table("tbl_d", "d", o.tables["tbl_d"])]}
+    )
+    with pytest.raises(StackFailedError) as e:
+        run_stack_sync(options(o, m, local))
+    assert e.value.exit_code == 1 and e.value.kind == "in_the_way"
+    assert "data/p3" in str(e.value)
+    assert visible(local) == before
 
 
 # ---------------------------------------------------------------------------
