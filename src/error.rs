@@ -51,6 +51,19 @@ pub enum Error {
     /// `sync_state.json` or another engine file is unreadable and cannot be rebuilt.
     #[error("{path}: {message}")]
     State { path: PathBuf, message: String },
+    /// The disk has too little room for a pull; nothing visible was changed.
+    /// `needed` counts every download of known size and what the transaction
+    /// writes after its commit point (`needed_more`: some sizes were unknown);
+    /// `free` is what the filesystem said was available, where it could tell.
+    #[error("{}", no_space_message(dir, *needed, *needed_more, *free))]
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        needed_more: bool,
+        free: Option<u64>,
+        #[source]
+        source: Option<Box<Error>>,
+    },
     /// The filesystem refused an operation.
     #[error("{op} {path}: {source}")]
     Io {
@@ -74,6 +87,7 @@ impl Error {
             Error::Fetch { .. }
             | Error::Checksum { .. }
             | Error::State { .. }
+            | Error::NoSpace { .. }
             | Error::Io { .. } => 1,
         }
     }
@@ -89,6 +103,7 @@ impl Error {
             Error::JournalCorrupt { .. } => "journal_corrupt",
             Error::JournalVersion { .. } => "journal_version",
             Error::State { .. } => "state",
+            Error::NoSpace { .. } => "no_space",
             Error::Io { .. } => "io",
         }
     }
@@ -98,6 +113,38 @@ impl Error {
     pub fn is_crash(&self) -> bool {
         matches!(self, Error::Io { source, .. } if is_crash_io(source))
     }
+}
+
+/// Bytes for people: `1.5 MB`, `200 kB`, `12 bytes` (decimal units, as `df -H`).
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
+    if bytes < 1000 {
+        return format!("{bytes} bytes");
+    }
+    let mut v = bytes as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if v < 10.0 {
+        format!("{v:.1} {}", UNITS[unit])
+    } else {
+        format!("{v:.0} {}", UNITS[unit])
+    }
+}
+
+fn no_space_message(dir: &Path, needed: u64, more: bool, free: Option<u64>) -> String {
+    let needed = format!("{}{}", human(needed), if more { " and more" } else { "" });
+    let free = match free {
+        Some(f) => format!("{} free", human(f)),
+        None => "less free".to_string(),
+    };
+    format!(
+        "not enough space in {}: the pull needs {needed}, the disk has {free}; \
+         nothing was changed (free some space, or pull into a larger disk, and pull again)",
+        dir.display()
+    )
 }
 
 /// The marker a simulated filesystem puts in the io::Error of a crash.

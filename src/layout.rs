@@ -190,6 +190,16 @@ impl Layout {
     pub fn trash(&self) -> PathBuf {
         self.private().join("trash")
     }
+    /// The room a transaction holds for what it writes after its commit point
+    /// (`reconcile::room`).
+    pub fn reserve(&self) -> PathBuf {
+        self.private().join("reserve")
+    }
+    /// Where `gc` keeps what no state entry held (`<txn>/<its relative path>`),
+    /// recoverable until `gc --force` deletes it.
+    pub fn quarantine(&self) -> PathBuf {
+        self.private().join("quarantine")
+    }
     pub fn data(&self) -> PathBuf {
         self.root.join("data")
     }

@@ -414,6 +414,12 @@ impl Journal {
         })
     }
 
+    /// Did a failed append leave bytes this writer could not cut off again (so
+    /// that what the file holds is unknown until it is reopened)?
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
     /// `Err` if an earlier failure left this writer unable to append safely.
     fn check_usable(&self) -> Result<()> {
         match &self.broken {

@@ -124,6 +124,25 @@ impl<'a> Applier<'a> {
         }
     }
 
+    /// Move `rel`, which no state entry holds (a user's file, perhaps), to
+    /// `.stack/quarantine/<txn>/<rel>`: out of the stack's folders, never
+    /// destroyed (`gc --force` deletes it, explicitly). Gone already: moved before
+    /// a crash, or by the user.
+    fn to_quarantine(&self, rel: &str) -> Result<()> {
+        let src = self.layout.join(rel);
+        if !self.fs.exists(&src).at("stat", &src)? {
+            return Ok(());
+        }
+        let dst = quarantined(self.layout, self.txn, rel);
+        if let Some(parent) = dst.parent() {
+            self.ensure_dir(parent)?;
+        }
+        match self.fs.rename(&src, &dst) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r.at("rename", &src),
+        }
+    }
+
     /// Make `dst` a copy of `src` by `strategy`, falling back to a copy where the
     /// filesystem refuses a link or clone.
     fn link_or_copy(
@@ -365,9 +384,9 @@ impl<'a> Applier<'a> {
                 // (Under data/ or memory/: checked above, as every event's names.)
                 // gc is best effort: a stray the user's permissions keep in place
                 // is reported and skipped, never a step recovery must repeat.
-                match self.to_trash(seq, &l.join(rel)) {
+                match self.to_quarantine(rel) {
                     Err(e) if !e.is_crash() => {
-                        eprintln!("stack: warning: gc could not remove {rel}: {e}");
+                        eprintln!("stack: warning: gc could not move {rel}: {e}");
                         Ok(())
                     }
                     r => r,
@@ -385,6 +404,12 @@ impl<'a> Applier<'a> {
 
     /// Apply every event of a transaction, in order.
     pub fn apply_all(&mut self, records: &[Record]) -> Result<()> {
+        // The room the transaction held for what it writes from here on
+        // (`reconcile::room`): its writes go into the blocks it frees.
+        let reserve = self.layout.reserve();
+        if self.fs.exists(&reserve).at("stat", &reserve)? {
+            crate::reconcile::room::release(self.fs, self.layout)?;
+        }
         // Staged files that exactly one step of the transaction consumes can be
         // moved into place instead of linked and removed later.
         let uses = place::consumers(records.iter().map(|r| &r.event));
@@ -422,6 +447,11 @@ impl<'a> Applier<'a> {
         }
         Ok(())
     }
+}
+
+/// Where transaction `txn` keeps the stray `rel` (see `Applier::to_quarantine`).
+pub fn quarantined(layout: &Layout, txn: u64, rel: &str) -> std::path::PathBuf {
+    layout.quarantine().join(txn.to_string()).join(rel)
 }
 
 /// The kinds of step whose consecutive runs may be applied in parallel.
@@ -566,7 +596,12 @@ pub fn finish(
 /// Are there leftovers of a transaction or a compaction (trash, scratch files, an
 /// unfinished new journal, complete staged files or placed folders)? Reads only.
 pub fn has_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
-    for dir in [layout.trash(), layout.tmp(), layout.journal_compact()] {
+    for dir in [
+        layout.trash(),
+        layout.tmp(),
+        layout.journal_compact(),
+        layout.reserve(),
+    ] {
         if fs.exists(&dir).at("stat", &dir)? {
             return Ok(true);
         }
@@ -586,7 +621,7 @@ fn is_leftover(e: &crate::fs::DirEntry) -> bool {
 }
 
 /// Remove the trash, the scratch folder, a compaction's unfinished new journal,
-/// every complete staged file and every folder built out of sight, keeping partial
+/// a transaction's reserve, every complete staged file and every folder built out of sight, keeping partial
 /// downloads (`*.part`) for the next pull to resume. Checks before it touches, so a clean directory sees no mutation
 /// at all.
 pub fn clean_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<()> {
@@ -600,6 +635,11 @@ pub fn clean_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<()> {
     let compact = layout.journal_compact();
     if fs.exists(&compact).at("stat", &compact)? {
         fs.remove_file(&compact).at("remove", &compact)?;
+    }
+    // A reserve whose transaction is over (rolled back, or applied).
+    let reserve = layout.reserve();
+    if fs.exists(&reserve).at("stat", &reserve)? {
+        fs.remove_file(&reserve).at("remove", &reserve)?;
     }
     let staging = layout.staging();
     let entries = match fs.read_dir(&staging) {

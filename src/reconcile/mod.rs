@@ -2,12 +2,13 @@
 //!
 //! Owns: the manifest model and its validation (`manifest`), origins (`origin`, `http`), the
 //! pure planner (`plan`), staging downloads (`stage`), folders built out of sight
-//! (`place`) and applying a plan (`apply`).
+//! (`place`), the room a pull needs on the disk (`room`) and applying a plan (`apply`).
 //!
 //! Architecture invariant: `plan` does no I/O; every mutation in `stage` and `apply`
 //! goes through `crate::fs::Fs` and, for `apply`, is in the journal first.
 
 pub mod apply;
+pub mod foreign;
 pub mod gc;
 pub mod heal;
 pub mod http;
@@ -16,5 +17,6 @@ pub mod origin;
 pub mod place;
 pub mod plan;
 pub mod pull;
+pub mod room;
 pub mod source;
 pub mod stage;

@@ -23,6 +23,7 @@ use crate::reconcile::heal::{find_damage, HashFn};
 use crate::reconcile::manifest::{validate, Desired, Manifest};
 use crate::reconcile::origin::Origin;
 use crate::reconcile::place;
+use crate::reconcile::room;
 use crate::reconcile::plan::{
     makes_refs, plan_from, resolve_strategy, Basis, Caps, Counts, Damage, Plan,
 };
@@ -46,6 +47,10 @@ pub struct SyncReport {
     /// What recovery did before the pull (not part of the contract's shape).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recovered: Vec<String>,
+    /// What the user should know: files stack did not write in its folders
+    /// (not part of the contract's shape).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What a pull tells its progress display.
@@ -209,6 +214,7 @@ fn report(plan: &Plan, txn: u64, dry_run: bool, bytes: u64, started: Instant) ->
         bytes_fetched: bytes,
         elapsed_ms: started.elapsed().as_millis() as u64,
         recovered: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 
@@ -279,9 +285,8 @@ fn make_plan(
 /// Refuse, before anything is journaled, a plan that could not be applied: a folder
 /// where a file goes, or a file where a folder goes. After the commit point such a
 /// step would fail on every recovery; before it, the pull fails cleanly (exit 1) with
-/// the previous stack intact and the offending path named. Returns the folders the
-/// plan writes into that do not exist (relative).
-fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>> {
+/// the previous stack intact and the offending path named.
+fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Result<Preflight> {
     use crate::fs::Kind;
     use crate::layout as paths;
     let kind_of = |rel: &str| -> Result<Option<Kind>> {
@@ -335,7 +340,7 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
         }
     }
     let mut absent = BTreeSet::new();
-    for rel in folders {
+    for rel in folders.iter().cloned() {
         match kind_of(&rel)? {
             Some(Kind::Dir) => {}
             Some(_) => return Err(refuse(&rel, "a file is where stack needs a folder")),
@@ -346,15 +351,48 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
     }
     // A file in a folder that does not exist yet cannot be in the way (a cold
     // pull stats a handful of folders, not every file).
+    let mut held = None;
+    let mut foreign = Vec::new();
     for ev in &p.ops {
         let Some((_, folder)) = locate(ev, &mut buf) else {
             continue;
         };
-        if !absent.contains(&buf[..folder]) && kind_of(&buf)? == Some(Kind::Dir) {
-            return Err(refuse(&buf, "a folder is where stack puts a file"));
+        if absent.contains(&buf[..folder]) {
+            continue;
+        }
+        match kind_of(&buf)? {
+            Some(Kind::Dir) => return Err(refuse(&buf, "a folder is where stack puts a file")),
+            Some(_) => {
+                let held = held.get_or_insert_with(|| crate::reconcile::foreign::tracked(state));
+                if !held.contains(&buf) {
+                    foreign.push(buf.clone());
+                }
+            }
+            None => {}
         }
     }
-    Ok(absent)
+    // A package folder the plan empties and removes is one of its folders too.
+    for ev in &p.ops {
+        if let Event::RemoveDir { slug } = ev {
+            folders.insert(format!("data/{slug}"));
+        }
+    }
+    Ok(Preflight {
+        absent,
+        foreign,
+        folders,
+    })
+}
+
+/// What [`preflight`] found.
+struct Preflight {
+    /// The folders the plan writes into that do not exist (relative).
+    absent: BTreeSet<String>,
+    /// Files no state entry holds at paths the plan writes: a user's, moved
+    /// aside before the manifest's file takes the name.
+    foreign: Vec<String>,
+    /// Every folder the plan writes into or removes (relative).
+    folders: BTreeSet<String>,
 }
 
 /// What a pull would do, changing nothing (no lock, no recovery, no probe).
@@ -508,7 +546,11 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         return Ok(rep);
     }
     // Folders the stack gains whole are built out of sight and placed whole.
-    let placement = place::plan(&p, &preflight(fs, layout, &p)?);
+    let checked = preflight(fs, layout, &p, &state)?;
+    let placement = place::plan(&p, &checked.absent);
+    // A disk that cannot hold the pull refuses it before anything is written.
+    let mut needs = room_needed(fs, layout, &p, None);
+    room::check(fs, layout, needs)?;
 
     // Phase 1: stage, invisibly.
     let txn = journal.new_txn();
@@ -546,27 +588,32 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
             &fetched,
         )?;
         place::make_links(fs, layout, &placement, &p.ops, cfg.jobs)?;
+        // Every download is in: hold the room for what comes after the commit
+        // point, sized from the staged files themselves.
+        needs = room_needed(fs, layout, &p, Some(&placement));
+        room::reserve(fs, layout, needs.after_commit, needs)?;
         Ok(bytes)
     });
     let bytes = match staged {
         Ok(b) => b,
         Err(e) if e.is_crash() => return Err(e),
         Err(e) => {
-            // Before the commit point: the folders are staging, and the next
+            // Before the commit point: the folders and files are staging, given
+            // back now (a partial download stays, to be resumed); the next
             // command's recovery removes whatever this cannot.
-            if let Err(d) = place::discard(fs, layout, &placement) {
-                if d.is_crash() {
-                    return Err(d);
-                }
-            }
+            let e = give_back(fs, layout, e, needs)?;
             journal.append(
                 txn,
                 Event::Aborted {
                     reason: e.to_string(),
                 },
             );
-            journal.sync()?;
-            return Err(e);
+            // Unrecorded (a full disk, say), the next command's recovery rolls
+            // the transaction back all the same: it has no `Prepared`.
+            match journal.sync() {
+                Err(a) if a.is_crash() => return Err(a),
+                _ => return Err(e),
+            }
         }
     };
     if !p.stage.is_empty() || !placement.folders.is_empty() {
@@ -588,8 +635,20 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         });
     }
     last.push(Event::Prepared);
-    let parts = vec![places, std::mem::take(&mut p.ops), last];
-    let records: Vec<Record> = journal.append_batch(txn, parts)?;
+    // A file stack did not write where the plan puts one is moved aside first.
+    let aside: Vec<Event> = checked
+        .foreign
+        .iter()
+        .map(|rel| Event::RemoveStray { rel: rel.clone() })
+        .collect();
+    let parts = vec![places, aside, std::mem::take(&mut p.ops), last];
+    let records: Vec<Record> = match journal.append_batch(txn, parts) {
+        Ok(records) => records,
+        // Cut off again (not `broken`): the commit point was not reached, and
+        // the next command's recovery rolls the transaction back.
+        Err(e) if !journal.is_broken() => return Err(give_back(fs, layout, e, needs)?),
+        Err(e) => return Err(e),
+    };
 
     // Phase 3: apply, then finish (state file, Committed, cleanup).
     let applied = Applier::new(fs, layout, txn)
@@ -609,6 +668,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
             })
         }
     };
+    let warnings = foreign_notes(fs, layout, txn, &checked, &new_state)?;
     if journal.wants_compaction() {
         // The pull has committed: a failed compaction costs only space.
         if let Err(e) = crate::replay::recover::compact_state(fs, layout, &mut journal, new_state) {
@@ -620,7 +680,100 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     }
     let mut rep = report(&p, txn, false, bytes, started);
     rep.recovered = rec.notes;
+    rep.warnings = warnings;
     Ok(rep)
+}
+
+/// The files stack did not write in the folders the pull wrote into: those it
+/// moved aside, and those left in place.
+fn foreign_notes(
+    fs: &dyn Fs,
+    layout: &Layout,
+    txn: u64,
+    checked: &Preflight,
+    state: &SyncState,
+) -> Result<Vec<String>> {
+    let mut notes: Vec<String> = checked
+        .foreign
+        .iter()
+        .map(|rel| {
+            let to = crate::reconcile::apply::quarantined(layout, txn, rel);
+            crate::reconcile::foreign::moved(rel, to.strip_prefix(&layout.root).unwrap_or(&to))
+        })
+        .collect();
+    let left = crate::reconcile::foreign::in_folders(fs, layout, &checked.folders, state)?;
+    notes.extend(left.iter().map(|rel| crate::reconcile::foreign::warning(rel)));
+    Ok(notes)
+}
+
+/// What pulling `p` needs on the disk. Before staging (`placement` `None`) the
+/// sizes are the manifest's; after it, a size the manifest left out is the
+/// staged file's (or, for a table already in the stack, its shared file's).
+fn room_needed(
+    fs: &dyn Fs,
+    layout: &Layout,
+    p: &Plan,
+    placement: Option<&place::Placement>,
+) -> room::Needs {
+    let (download, download_unknown) = room::download(&p.stage);
+    let state_len = fs.metadata(&layout.state_file()).map_or(0, |m| m.len);
+    let index: std::collections::HashMap<&str, usize> = p
+        .stage
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.md5.as_str(), i))
+        .collect();
+    let size_of = |md5: &str, size: Option<u64>| -> u64 {
+        if let Some(size) = size {
+            return size;
+        }
+        let Some(&i) = index.get(md5) else {
+            return 0;
+        };
+        if let Some(known) = p.stage[i].size {
+            return known;
+        }
+        let Some(placement) = placement else {
+            return 0;
+        };
+        let path = placement
+            .dest(layout, &p.ops, i)
+            .unwrap_or_else(|| layout.staged(md5));
+        fs.metadata(&path).map_or(0, |m| m.len)
+    };
+    let shared_size = |ev: &Event| match ev {
+        Event::MakeRef { table_id, md5, .. } if !index.contains_key(md5.as_str()) => fs
+            .metadata(&layout.join(&crate::layout::shared_rel(table_id)))
+            .ok()
+            .map(|m| m.len),
+        _ => None,
+    };
+    let after_commit = room::after_commit(&p.ops, state_len, &|md5, size| size_of(md5, size), &shared_size);
+    room::Needs {
+        download,
+        download_unknown: download_unknown && placement.is_none(),
+        after_commit,
+    }
+}
+
+/// A pull failed before its commit point: give back the room its staging took
+/// (staged files, placed folders, the reserve; partial downloads stay to be
+/// resumed) and say, for a full disk, how much was needed and how much is free.
+fn give_back(fs: &dyn Fs, layout: &Layout, e: Error, needs: room::Needs) -> Result<Error> {
+    if e.is_crash() {
+        return Err(e);
+    }
+    // Placed folders are staging too: the sweep of leftovers takes them.
+    if let Err(d) = crate::reconcile::apply::clean_leftovers(fs, layout) {
+        if d.is_crash() {
+            return Err(d);
+        }
+    }
+    if matches!(e, Error::NoSpace { .. }) || !room::is_no_space_error(&e) {
+        return Ok(e);
+    }
+    let free = fs.free_space(&layout.root).ok().flatten();
+    Ok(room::no_space(layout, needs, free, Some(e)))
 }
 
 /// Hash a file through the seam (the default [`HashFn`]).
