@@ -226,7 +226,11 @@ fn leftovers(fs: &SimFs) -> Vec<String> {
     fs.snapshot()
         .into_iter()
         .filter_map(|(p, e)| {
-            let rel = p.strip_prefix(&private).ok()?.to_string_lossy().into_owned();
+            let rel = p
+                .strip_prefix(&private)
+                .ok()?
+                .to_string_lossy()
+                .into_owned();
             let kept = matches!(
                 rel.as_str(),
                 "" | "journal" | "lock" | "caps" | "staging" | "journal.broken"

@@ -13,7 +13,6 @@
 
 #![allow(clippy::disallowed_methods)] // fixtures fill and inspect a real filesystem
 
-#[allow(dead_code)]
 #[path = "cli/support.rs"]
 mod support;
 
@@ -52,7 +51,9 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.mount).status();
+        let _ = std::process::Command::new("umount")
+            .arg(&self.mount)
+            .status();
     }
 }
 
@@ -75,10 +76,19 @@ fn free(dir: &Path) -> u64 {
 /// Which version every table file of the stack holds: `Some(v)` if all agree.
 fn version_of(dir: &Path) -> Option<u8> {
     let mut seen = None;
-    for rel in ["data/p1/a.parquet", "data/p1/b.parquet", "data/p2/a.parquet"] {
+    for rel in [
+        "data/p1/a.parquet",
+        "data/p1/b.parquet",
+        "data/p2/a.parquet",
+    ] {
         let bytes = std::fs::read(dir.join(rel)).ok()?;
         let tag = *bytes.first()?;
-        let v = tag - if rel.ends_with("b.parquet") { b'b' } else { b'a' };
+        let v = tag
+            - if rel.ends_with("b.parquet") {
+                b'b'
+            } else {
+                b'a'
+            };
         if *seen.get_or_insert(v) != v {
             return None;
         }

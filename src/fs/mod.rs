@@ -511,7 +511,8 @@ impl Fs for RealFs {
         if len == 0 {
             return Ok(());
         }
-        let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let len =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `f` is an open descriptor for the duration of the call.
         match unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) } {
             0 => Ok(()),
@@ -680,6 +681,7 @@ mod sys {
         check(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) })?;
         // SAFETY: `statvfs` returned 0, so it filled `st`.
         let st = unsafe { st.assume_init() };
+        #[allow(clippy::unnecessary_cast)] // not u64 on every target
         Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
     }
 

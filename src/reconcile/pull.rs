@@ -23,10 +23,10 @@ use crate::reconcile::heal::{find_damage, HashFn};
 use crate::reconcile::manifest::{validate, Desired, Manifest};
 use crate::reconcile::origin::Origin;
 use crate::reconcile::place;
-use crate::reconcile::room;
 use crate::reconcile::plan::{
     makes_refs, plan_from, resolve_strategy, Basis, Caps, Counts, Damage, Plan,
 };
+use crate::reconcile::room;
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
 use crate::replay::recover::recover;
@@ -659,14 +659,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     let new_state = match applied {
         Ok(s) => s,
         Err(e) if e.is_crash() => return Err(e),
-        Err(e) => {
-            return Err(Error::State {
-                path: layout.root.clone(),
-                message: format!(
-                    "pull {txn} failed after its commit point ({e}); `stack journal replay` finishes it"
-                ),
-            })
-        }
+        Err(e) => return Err(failed_after_commit(layout, txn, e)),
     };
     let warnings = foreign_notes(fs, layout, txn, &checked, &new_state)?;
     if journal.wants_compaction() {
@@ -702,8 +695,37 @@ fn foreign_notes(
         })
         .collect();
     let left = crate::reconcile::foreign::in_folders(fs, layout, &checked.folders, state)?;
-    notes.extend(left.iter().map(|rel| crate::reconcile::foreign::warning(rel)));
+    notes.extend(
+        left.iter()
+            .map(|rel| crate::reconcile::foreign::warning(rel)),
+    );
     Ok(notes)
+}
+
+/// A pull that failed past its commit point: say what happened, that nothing is
+/// lost, and what lets the next command finish it.
+fn failed_after_commit(layout: &Layout, txn: u64, e: Error) -> Error {
+    let code = match &e {
+        Error::Io { source, .. } => source.raw_os_error(),
+        _ => None,
+    };
+    let remedy = match code {
+        Some(libc::EROFS) => "the disk is read-only: remount it read-write",
+        Some(libc::ENOSPC | libc::EDQUOT) => "the disk (or a quota) is full: free some space",
+        Some(libc::EIO) => {
+            "the disk reports I/O errors: check it (dmesg), or copy the directory to a sound disk"
+        }
+        Some(libc::EACCES | libc::EPERM) => "a folder refuses writes: check its permissions",
+        _ => "fix the cause above",
+    };
+    Error::State {
+        path: layout.root.clone(),
+        message: format!(
+            "pull {txn} failed after its commit point ({e}); the new stack is only partly in place, \
+             and the journal holds everything needed to finish it: {remedy}, then run any stack \
+             command (or `stack journal replay`), which finishes it without downloading"
+        ),
+    }
 }
 
 /// What pulling `p` needs on the disk. Before staging (`placement` `None`) the
@@ -748,7 +770,12 @@ fn room_needed(
             .map(|m| m.len),
         _ => None,
     };
-    let after_commit = room::after_commit(&p.ops, state_len, &|md5, size| size_of(md5, size), &shared_size);
+    let after_commit = room::after_commit(
+        &p.ops,
+        state_len,
+        &|md5, size| size_of(md5, size),
+        &shared_size,
+    );
     room::Needs {
         download,
         download_unknown: download_unknown && placement.is_none(),

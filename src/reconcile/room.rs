@@ -75,9 +75,9 @@ pub fn after_commit(
             } => {
                 layout::push_ref_rel(&mut rel, crate::journal::event::SlotRef::of(slot), name);
                 match strategy {
-                    Strategy::Copy | Strategy::Reflink => {
-                        size.or_else(|| in_stack(ev)).unwrap_or_else(|| size_of(md5, None))
-                    }
+                    Strategy::Copy | Strategy::Reflink => size
+                        .or_else(|| in_stack(ev))
+                        .unwrap_or_else(|| size_of(md5, None)),
                     Strategy::Symlink | Strategy::Hardlink => 0,
                 }
             }

@@ -93,7 +93,11 @@ fn a_read_only_disk_is_a_clean_refusal_and_status_and_verify_work() {
     let r = pull(&o2.manifest(), &ro, &["--json"]);
     let msg = r.json_error(1);
     assert!(msg.to_lowercase().contains("read-only"), "{msg}");
-    assert_same(&before, &snapshot(&dir), "a refused pull on a read-only disk");
+    assert_same(
+        &before,
+        &snapshot(&dir),
+        "a refused pull on a read-only disk",
+    );
     let s = stack(&[
         "status",
         "--manifest",

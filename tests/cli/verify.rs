@@ -64,7 +64,10 @@ fn verify_finds_strays_and_gc_removes_them() {
     assert!(violations(&dir, true).is_empty());
     // Nothing was destroyed: each stray is kept under its own path.
     let kept = dir.join(".stack/quarantine/2");
-    assert_eq!(std::fs::read(kept.join("data/p1/stray.parquet")).unwrap(), b"stray");
+    assert_eq!(
+        std::fs::read(kept.join("data/p1/stray.parquet")).unwrap(),
+        b"stray"
+    );
     assert_eq!(
         std::fs::read(kept.join("memory/zzz/bundle.md")).unwrap(),
         b"# not in the stack"
@@ -113,7 +116,10 @@ fn gc_keeps_a_users_files_and_deletes_only_with_force() {
     );
     assert!(r.stdout.contains("stack gc --force"), "{r:?}");
     let kept = dir.join(".stack/quarantine/2/data/p1");
-    assert_eq!(std::fs::read(kept.join("mine.parquet")).unwrap(), b"my own table");
+    assert_eq!(
+        std::fs::read(kept.join("mine.parquet")).unwrap(),
+        b"my own table"
+    );
     assert_eq!(std::fs::read(kept.join("notes.txt")).unwrap(), b"my notes");
     assert_verify_clean(&dir);
     let r = stack(&["gc", "--dir", dir.to_str().unwrap(), "--force"]);
