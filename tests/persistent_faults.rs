@@ -10,8 +10,12 @@
 //!    directory is entirely the old stack or entirely the new one, invariants 1–5
 //!    hold, and the space the attempt took is given back (nothing left in
 //!    `.stack/` but partial downloads);
-//! 4. while the fault persists, `status` still answers;
-//! 5. once the fault clears, the next command (recovery, as every mutating command
+//! 4. a folder that refuses writes (`Denied`, EACCES) makes rolling forward fail
+//!    past the commit point while the rest of the disk writes: the pull rolls
+//!    back in the same command, and the directory is the old stack when it
+//!    returns;
+//! 5. while the fault persists, `status` still answers;
+//! 6. once the fault clears, the next command (recovery, as every mutating command
 //!    runs it first) leaves entirely the old or the new stack with invariants 1–5
 //!    holding, and a pull of the new manifest then gives the new stack.
 //!
@@ -295,6 +299,8 @@ fn long_factor() -> u64 {
 }
 
 static STATES: AtomicU64 = AtomicU64::new(0);
+/// Pulls rolled back past their commit point in the same command.
+static ROLLED_BACK: AtomicU64 = AtomicU64::new(0);
 
 /// Run the pull of `p` under `fault` and check it as the module says. `full`:
 /// also pull the new manifest again once the fault cleared.
@@ -322,6 +328,15 @@ fn check_fault(p: &Prepared, fault: Fault, full: bool) {
             }
         }
         Err(_) => {}
+    }
+    // A folder refusing writes: rolling forward fails, rolling back does not
+    // need it, and happens in the same command.
+    if let (Fault::Denied { .. }, Err(e)) = (fault, &result) {
+        old_or_new(&sim, p)
+            .unwrap_or_else(|m| fail(&format!("right after the failed pull ({e})"), m));
+        if e.to_string().contains("rolled back to the previous stack") {
+            ROLLED_BACK.fetch_add(1, Ordering::Relaxed);
+        }
     }
     if let Fault::NoSpace { .. } = fault {
         if let Err(e) = &result {
@@ -376,6 +391,10 @@ fn explore_prepared(p: &Prepared) -> u64 {
             states += 1;
         }
     }
+    for under in DENIED {
+        check_fault(p, Fault::Denied { under }, true);
+        states += 1;
+    }
     let step = match long_factor() {
         0 => (written / 600).max(1),
         f => (written / (4000 * f)).max(1),
@@ -388,6 +407,16 @@ fn explore_prepared(p: &Prepared) -> u64 {
     }
     states
 }
+
+/// Folders that refuse writes, one at a time.
+const DENIED: [&str; 6] = [
+    "/stack/data/_shared",
+    "/stack/data/p1",
+    "/stack/data/p2",
+    "/stack/data/p3",
+    "/stack/data/_direct",
+    "/stack/memory",
+];
 
 fn scenarios() -> Vec<(&'static str, Vec<Value>, Value)> {
     let two = |v: u64| {
@@ -470,8 +499,10 @@ fn run_scenarios(links: &[(LinkMode, bool)]) -> u64 {
 
 fn report(name: &str, mine: u64) {
     eprintln!(
-        "{name}: {mine} persistent-fault states checked (all tests of this binary so far: {})",
-        STATES.load(Ordering::Relaxed)
+        "{name}: {mine} persistent-fault states checked (all tests of this binary so far: {}, \
+         of which {} pulls rolled back past their commit point in the same command)",
+        STATES.load(Ordering::Relaxed),
+        ROLLED_BACK.load(Ordering::Relaxed)
     );
 }
 

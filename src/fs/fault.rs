@@ -44,6 +44,9 @@ pub enum Fault {
     /// A disk remounted read-only: from mutating operation number `op` on,
     /// every mutation fails with `EROFS`.
     ReadOnly { op: u64 },
+    /// A folder that refuses writes (its permissions): every mutation of a path
+    /// under `under` fails with `EACCES`; everything else works.
+    Denied { under: &'static str },
 }
 
 #[derive(Debug, Default)]
@@ -71,12 +74,17 @@ enum Op {
 }
 
 impl State {
-    /// Count one mutation and say whether the fault refuses it, with which error.
-    fn admit(&mut self, op: Op) -> io::Result<()> {
+    /// Count one mutation of `paths` and say whether the fault refuses it, with
+    /// which error.
+    fn admit(&mut self, op: Op, paths: &[&Path]) -> io::Result<()> {
         let n = self.ops;
         self.ops += 1;
         let refuse = match self.fault {
             None | Some(Fault::NoSpace { .. }) => None,
+            Some(Fault::Denied { under }) => paths
+                .iter()
+                .any(|p| p.starts_with(under))
+                .then_some(libc::EACCES),
             Some(Fault::NoSpaceMeta { op: from }) => {
                 (n >= from && op == Op::Allocates).then_some(libc::ENOSPC)
             }
@@ -173,8 +181,8 @@ impl<F: Fs> FaultFs<F> {
         &self.inner
     }
 
-    fn admit(&self, op: Op) -> io::Result<()> {
-        self.state().admit(op)
+    fn admit(&self, op: Op, paths: &[&Path]) -> io::Result<()> {
+        self.state().admit(op, paths)
     }
 
     fn ino_of(&self, path: &Path) -> Option<u64> {
@@ -189,6 +197,7 @@ impl<F: Fs> FaultFs<F> {
 /// A file being written through a [`FaultFs`].
 struct FaultFile {
     inner: Box<dyn FileWrite>,
+    path: PathBuf,
     ino: Option<u64>,
     st: Arc<Mutex<State>>,
 }
@@ -196,7 +205,7 @@ struct FaultFile {
 impl Write for FaultFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut st = self.st.lock().unwrap_or_else(|p| p.into_inner());
-        st.admit(Op::Allocates)?;
+        st.admit(Op::Allocates, &[&self.path])?;
         let n = st.room(buf.len())?;
         let wrote = self.inner.write(&buf[..n])?;
         st.used += wrote as u64;
@@ -216,7 +225,7 @@ impl FileWrite for FaultFile {
         self.st
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .admit(Op::Other)?;
+            .admit(Op::Other, &[&self.path])?;
         self.inner.sync()
     }
 }
@@ -258,7 +267,7 @@ impl<F: Fs> Fs for FaultFs<F> {
     }
 
     fn create(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
-        self.admit(Op::Allocates)?;
+        self.admit(Op::Allocates, &[path])?;
         let old = self.ino_of(path);
         let inner = self.inner.create(path)?;
         let ino = self.ino_of(path);
@@ -273,15 +282,17 @@ impl<F: Fs> Fs for FaultFs<F> {
         }
         Ok(Box::new(FaultFile {
             inner,
+            path: path.to_path_buf(),
             ino,
             st: self.st.clone(),
         }))
     }
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
-        self.admit(Op::Allocates)?;
+        self.admit(Op::Allocates, &[path])?;
         let inner = self.inner.open_append(path)?;
         Ok(Box::new(FaultFile {
             inner,
+            path: path.to_path_buf(),
             ino: self.ino_of(path),
             st: self.st.clone(),
         }))
@@ -312,7 +323,7 @@ impl<F: Fs> Fs for FaultFs<F> {
             .collect()
     }
     fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
-        self.admit(Op::Other)?;
+        self.admit(Op::Other, &[path])?;
         let ino = self.ino_of(path);
         self.inner.truncate(path, len)?;
         let mut st = self.state();
@@ -326,15 +337,15 @@ impl<F: Fs> Fs for FaultFs<F> {
         Ok(())
     }
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        self.admit(Op::Other)?;
+        self.admit(Op::Other, &[path])?;
         self.inner.sync_dir(path)
     }
     fn sync_fs(&self, path: &Path) -> io::Result<()> {
-        self.admit(Op::Other)?;
+        self.admit(Op::Other, &[])?;
         self.inner.sync_fs(path)
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.admit(Op::Allocates)?;
+        self.admit(Op::Allocates, &[from, to])?;
         let replaced = self.ino_of(to).filter(|i| Some(*i) != self.ino_of(from));
         self.inner.rename(from, to)?;
         if let Some(i) = replaced {
@@ -343,7 +354,7 @@ impl<F: Fs> Fs for FaultFs<F> {
         Ok(())
     }
     fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
-        self.admit(Op::Allocates)?;
+        self.admit(Op::Allocates, &[link])?;
         self.inner.hard_link(original, link)?;
         if let Some(i) = self.ino_of(original) {
             if let Some((_, names)) = self.state().mine.get_mut(&i) {
@@ -353,15 +364,15 @@ impl<F: Fs> Fs for FaultFs<F> {
         Ok(())
     }
     fn symlink(&self, target: &Path, link: &Path) -> io::Result<()> {
-        self.admit(Op::Allocates)?;
+        self.admit(Op::Allocates, &[link])?;
         self.inner.symlink(target, link)
     }
     fn reflink(&self, src: &Path, dst: &Path) -> io::Result<()> {
-        self.admit(Op::Allocates)?;
+        self.admit(Op::Allocates, &[dst])?;
         self.inner.reflink(src, dst)
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
-        self.admit(Op::Other)?;
+        self.admit(Op::Other, &[path])?;
         let ino = self.ino_of(path);
         self.inner.remove_file(path)?;
         if let Some(i) = ino {
@@ -370,19 +381,19 @@ impl<F: Fs> Fs for FaultFs<F> {
         Ok(())
     }
     fn create_dir(&self, path: &Path) -> io::Result<()> {
-        self.admit(Op::Allocates)?;
+        self.admit(Op::Allocates, &[path])?;
         self.inner.create_dir(path)
     }
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
-        self.admit(Op::Other)?;
+        self.admit(Op::Other, &[path])?;
         self.inner.remove_dir(path)
     }
     fn set_readonly(&self, path: &Path, readonly: bool) -> io::Result<()> {
-        self.admit(Op::Other)?;
+        self.admit(Op::Other, &[path])?;
         self.inner.set_readonly(path, readonly)
     }
     fn lock(&self, path: &Path, wait: bool) -> io::Result<Option<Box<dyn LockGuard>>> {
-        self.admit(Op::Allocates)?;
+        self.admit(Op::Allocates, &[path])?;
         self.inner.lock(path, wait)
     }
 }

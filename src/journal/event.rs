@@ -158,6 +158,12 @@ pub enum Event {
     /// `reconcile::place`) follow as usual. Added after `Request`, last, for the
     /// same reason.
     Place { staged: String, rel: String },
+    /// Rolling forward past the commit point failed (`reason`) while the disk
+    /// still let stack write: the transaction is being rolled back, from the old
+    /// files it kept in `.stack/trash/<txn>/`. From here recovery finishes the
+    /// rollback (never rolls forward again) and appends `Aborted`. Added after
+    /// `Place`, last, so that older journals decode unchanged.
+    Undo { reason: String },
 }
 
 impl Event {
@@ -180,6 +186,7 @@ impl Event {
             Event::RemoveStray { .. } => "remove_stray",
             Event::Request { .. } => "request",
             Event::Place { .. } => "place",
+            Event::Undo { .. } => "undo",
         }
     }
 
@@ -229,6 +236,7 @@ impl Event {
                 "key {key}, skipped {skipped_direct} direct / {skipped_packages} package tables"
             ),
             Event::Place { staged, rel } => format!("{rel}/ <- .stack/staging/{staged}/"),
+            Event::Undo { reason } => format!("rolling back: {reason}"),
         }
     }
 }
@@ -322,7 +330,8 @@ impl Event {
             | Event::Prepared
             | Event::Committed { .. }
             | Event::Aborted { .. }
-            | Event::Request { .. } => Ok(()),
+            | Event::Request { .. }
+            | Event::Undo { .. } => Ok(()),
         }
     }
 }

@@ -414,6 +414,13 @@ impl Journal {
         })
     }
 
+    /// Forget the queued batch that a failed [`Journal::sync`] kept for a retry:
+    /// the caller decided to append something else instead (a rollback's `Undo`).
+    pub fn discard_pending(&mut self) {
+        self.pending.clear();
+        self.sealed = None;
+    }
+
     /// Did a failed append leave bytes this writer could not cut off again (so
     /// that what the file holds is unknown until it is reopened)?
     pub fn is_broken(&self) -> bool {

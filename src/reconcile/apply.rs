@@ -9,7 +9,8 @@
 //!   point: a link or symlink whose name is free is created in place (it appears
 //!   atomically, content and all); anything else (a replacement, a redo finding the
 //!   name taken, a copy) is made under `.stack/tmp` and renamed into place; removals move
-//!   into `.stack/trash/<txn>/` and treat "not found" as done; staged content stays
+//!   into `.stack/trash/<txn>/` and treat "not found" as done, and so does the old file a
+//!   put replaces (kept for a rollback, `replay::undo`); staged content stays
 //!   in `.stack/staging/` until `Committed` is durable. A folder built out of sight
 //!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
 //!   was taken meanwhile; a redo finds it gone and the steps that travelled in it
@@ -121,6 +122,46 @@ impl<'a> Applier<'a> {
         match self.fs.rename(path, &dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r.at("rename", path),
+        }
+    }
+
+    /// Before a put takes the name `dst`: move what is there (the old stack's
+    /// file) to `.stack/trash/<txn>/<seq>`, where a rollback finds it
+    /// (`replay::undo`). Nothing to keep when the name is free, when a redo kept
+    /// it already, or when `dst` already holds this step's own file (`is_new`: a
+    /// redo after the put; a power loss may have kept the put and lost the move).
+    fn keep_old(&self, seq: u64, dst: &Path, is_new: impl FnOnce() -> Result<bool>) -> Result<()> {
+        match self.fs.symlink_metadata(dst) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).at("stat", dst),
+            Ok(m) if m.kind == Kind::Dir => return Ok(()),
+            Ok(_) => {}
+        }
+        let kept = self
+            .layout
+            .trash()
+            .join(self.txn.to_string())
+            .join(seq.to_string());
+        if self.fs.exists(&kept).at("stat", &kept)? || is_new()? {
+            return Ok(());
+        }
+        self.to_trash(seq, dst)
+    }
+
+    /// Does `path` hold content `md5` (a file of that md5)?
+    fn holds(&self, path: &Path, md5: &str) -> Result<bool> {
+        match crate::reconcile::origin::md5_file(self.fs, path) {
+            Ok(h) => Ok(h == md5),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).at("read", path),
+        }
+    }
+
+    /// Are `a` and `b` names of one inode?
+    fn same_file(&self, a: &Path, b: &Path) -> bool {
+        match (self.fs.symlink_metadata(a), self.fs.symlink_metadata(b)) {
+            (Ok(x), Ok(y)) => x.ino == y.ino && x.dev == y.dev,
+            _ => false,
         }
     }
 
@@ -289,6 +330,11 @@ impl<'a> Applier<'a> {
                     // is set again (a power loss can keep a rename and lose a chmod
                     // made before it by an older engine).
                     self.ensure_dir(&l.shared_dir())?;
+                    // The staged file still there: this put has not run, and what
+                    // `dst` holds is the old stack's.
+                    self.keep_old(seq, &dst, || {
+                        Ok(!self.fs.exists(&staged).at("stat", &staged)?)
+                    })?;
                     return match self.fs.rename(&staged, &dst) {
                         Err(e)
                             if e.kind() == io::ErrorKind::NotFound
@@ -307,6 +353,9 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 self.ensure_dir(&l.shared_dir())?;
+                self.keep_old(seq, &dst, || {
+                    Ok(self.same_file(&dst, &staged) || self.holds(&dst, md5)?)
+                })?;
                 let tmp = self.tmp_path(seq)?;
                 // A hard link from staging costs no copy; staging is on the same
                 // filesystem. Where links are refused, copy.
@@ -319,6 +368,7 @@ impl<'a> Applier<'a> {
                 table_id,
                 name,
                 strategy,
+                md5,
                 ..
             } => {
                 let dst = l.join(&layout::ref_rel(slot, name));
@@ -337,6 +387,14 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 self.ensure_dir(&l.join(&layout::slot_dir_rel(slot)))?;
+                self.keep_old(seq, &dst, || match strategy {
+                    Strategy::Symlink => Ok(self
+                        .fs
+                        .read_link(&dst)
+                        .is_ok_and(|t| t == layout::symlink_target(table_id))),
+                    Strategy::Hardlink => Ok(self.same_file(&dst, &shared)),
+                    Strategy::Copy | Strategy::Reflink => self.holds(&dst, md5),
+                })?;
                 let tmp = self.tmp_path(seq)?;
                 self.link_or_copy(*strategy, &shared, &tmp, &layout::symlink_target(table_id))?;
                 if *strategy != Strategy::Symlink && *strategy != Strategy::Hardlink {
@@ -360,6 +418,7 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 self.ensure_dir(&dir)?;
+                self.keep_old(seq, &dst, || self.holds(&dst, md5))?;
                 let tmp = self.tmp_path(seq)?;
                 self.fs.copy_file(&staged, &tmp, false).at("copy", &tmp)?;
                 self.fs.rename(&tmp, &dst).at("rename", &dst)
@@ -398,7 +457,8 @@ impl<'a> Applier<'a> {
             | Event::Committed { .. }
             | Event::Aborted { .. }
             | Event::Checkpoint { .. }
-            | Event::Request { .. } => Ok(()),
+            | Event::Request { .. }
+            | Event::Undo { .. } => Ok(()),
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! Owns: the manifest model and its validation (`manifest`), origins (`origin`, `http`), the
 //! pure planner (`plan`), staging downloads (`stage`), folders built out of sight
-//! (`place`), the room a pull needs on the disk (`room`) and applying a plan (`apply`).
+//! (`place`), the room a pull needs on the disk (`room`), applying a plan (`apply`)
+//! and undoing it past its commit point (`undo`).
 //!
 //! Architecture invariant: `plan` does no I/O; every mutation in `stage` and `apply`
 //! goes through `crate::fs::Fs` and, for `apply`, is in the journal first.
@@ -20,3 +21,4 @@ pub mod pull;
 pub mod room;
 pub mod source;
 pub mod stage;
+pub mod undo;

@@ -656,10 +656,22 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         .staged_read_only()
         .apply_all(&records)
         .and_then(|()| finish(fs, layout, &mut journal, state, txn, records, &p.refresh));
-    let new_state = match applied {
-        Ok(s) => s,
+    let (new_state, mut journal) = match applied {
+        Ok(s) => (s, journal),
         Err(e) if e.is_crash() => return Err(e),
-        Err(e) => return Err(failed_after_commit(layout, txn, e)),
+        Err(e) => {
+            // Recovery reopens the journal (a failed append may have left it
+            // needing a cut).
+            drop(journal);
+            let state = settle(cfg.fs.clone(), layout, txn, e)?;
+            let mut rep = report(&p, txn, false, bytes, started);
+            rep.recovered = rec.notes;
+            rep.recovered.push(format!(
+                "pull {txn} was finished by a second try after a failure past its commit point"
+            ));
+            rep.warnings = foreign_notes(fs, layout, txn, &checked, &state)?;
+            return Ok(rep);
+        }
     };
     let warnings = foreign_notes(fs, layout, txn, &checked, &new_state)?;
     if journal.wants_compaction() {
@@ -702,14 +714,35 @@ fn foreign_notes(
     Ok(notes)
 }
 
-/// A pull that failed past its commit point: say what happened, that nothing is
-/// lost, and what lets the next command finish it.
-fn failed_after_commit(layout: &Layout, txn: u64, e: Error) -> Error {
-    let code = match &e {
+/// Rolling pull `txn` forward failed with `e`, a fault that may persist: run
+/// recovery now, which rolls it forward if the fault has passed, else back to
+/// the previous stack from what the transaction kept while the disk still lets
+/// stack write. `Ok`: the pull is done after all. `Err`: rolled back (nothing
+/// changed), or neither way was possible (the next command that can write
+/// finishes it); the message says which, and what to do.
+fn settle(fs: Arc<dyn Fs>, layout: &Layout, txn: u64, e: Error) -> Result<SyncState> {
+    match crate::replay::recover::replay(fs, layout) {
+        Ok(rec) if rec.state.journal.txn == txn => Ok(rec.state),
+        Ok(_) => Err(Error::State {
+            path: layout.root.clone(),
+            message: format!(
+                "pull {txn} failed after its commit point ({e}); rolled back to the previous stack, \
+                 which is intact: {}, then pull again",
+                remedy(&e)
+            ),
+        }),
+        Err(again) if again.is_crash() => Err(again),
+        Err(_) => Err(failed_after_commit(layout, txn, e)),
+    }
+}
+
+/// What the user can do about a fault.
+fn remedy(e: &Error) -> &'static str {
+    let code = match e {
         Error::Io { source, .. } => source.raw_os_error(),
         _ => None,
     };
-    let remedy = match code {
+    match code {
         Some(libc::EROFS) => "the disk is read-only: remount it read-write",
         Some(libc::ENOSPC | libc::EDQUOT) => "the disk (or a quota) is full: free some space",
         Some(libc::EIO) => {
@@ -717,7 +750,14 @@ fn failed_after_commit(layout: &Layout, txn: u64, e: Error) -> Error {
         }
         Some(libc::EACCES | libc::EPERM) => "a folder refuses writes: check its permissions",
         _ => "fix the cause above",
-    };
+    }
+}
+
+/// A pull that failed past its commit point and could be neither finished nor
+/// rolled back: say what happened, that nothing is lost, and what lets the next
+/// command finish it.
+fn failed_after_commit(layout: &Layout, txn: u64, e: Error) -> Error {
+    let remedy = remedy(&e);
     Error::State {
         path: layout.root.clone(),
         message: format!(
