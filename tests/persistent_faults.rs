@@ -408,6 +408,81 @@ fn explore_prepared(p: &Prepared) -> u64 {
     states
 }
 
+/// A pull that rolls back past its commit point (`under` refuses writes),
+/// crashed at every operation of the pull and its rollback; then recovered by a
+/// process kill and a pessimistic power loss, with the fault still there and
+/// with it cleared: the old or the new stack each time. Returns the states
+/// checked (0 if the fault makes no rollback of this transition).
+fn crash_rollback(p: &Prepared, under: &'static str) -> u64 {
+    let fault = Fault::Denied { under };
+    let counting = p.setup.reboot(Crash::Process);
+    let ffs = FaultFs::new(counting.clone());
+    ffs.arm(fault);
+    match pull_on(Arc::new(ffs), &p.new_bytes, p.link) {
+        Err(e) if e.to_string().contains("rolled back to the previous stack") => {}
+        _ => return 0,
+    }
+    let n = counting.ops();
+    let mut states = 0;
+    for i in 0..n {
+        let sim = p.setup.reboot(Crash::Process);
+        sim.crash_after(i);
+        let ffs = FaultFs::new(sim.clone());
+        ffs.arm(fault);
+        match pull_on(Arc::new(ffs), &p.new_bytes, p.link) {
+            Err(e) if e.is_crash() => {}
+            other => panic!("{}: crash at op {i}/{n} did not crash: {other:?}", p.name),
+        }
+        for mode in [Crash::Process, Crash::PowerLossPessimistic] {
+            for cleared in [false, true] {
+                let image = sim.reboot(mode);
+                let after = FaultFs::new(image.clone());
+                if !cleared {
+                    after.arm(fault);
+                }
+                let what = || {
+                    format!(
+                        "{} under {under}: crashed at op {i}/{n}, {mode:?}, fault cleared: {cleared}",
+                        p.name
+                    )
+                };
+                if let Err(e) = recover(Arc::new(after), &layout()) {
+                    panic!("{}: recovery failed: {e}", what());
+                }
+                if let Err(m) = old_or_new(&image, p) {
+                    let log = image.op_log();
+                    let tail = &log[log.len().saturating_sub(40)..];
+                    panic!("{}: {m}\n    {}", what(), tail.join("\n    "));
+                }
+                states += 1;
+                STATES.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    states
+}
+
+#[test]
+fn crash_at_every_op_of_a_rollback_past_the_commit_point() {
+    let mut states = 0;
+    for &(link, reflink) in &LINKS {
+        for (name, history, new) in scenarios() {
+            let p = prepare(&Transition {
+                name: format!("{name} ({link:?}, reflink {reflink})"),
+                history,
+                new,
+                link,
+                reflink,
+            });
+            for under in DENIED {
+                states += crash_rollback(&p, under);
+            }
+        }
+    }
+    report("rollbacks crashed at every operation", states);
+    assert!(states >= 2_000, "only {states} crash states of rollbacks");
+}
+
 /// Folders that refuse writes, one at a time.
 const DENIED: [&str; 6] = [
     "/stack/data/_shared",

@@ -284,6 +284,9 @@ fn roll_forward_or_back(
     );
     let mut back = || -> Result<()> {
         if failed.is_some() {
+            // What the apply did, the old files it kept in the trash included,
+            // durable before the record that forbids rolling forward again.
+            fs.sync_fs(&layout.root).at("syncfs", &layout.root)?;
             // A `Committed` a failed sync kept queued is never written now.
             journal.discard_pending();
             journal.append(
