@@ -27,9 +27,9 @@ pub fn tracked(state: &SyncState) -> HashSet<String> {
     out
 }
 
-/// The files in `folders` (relative: a package's, `data/_direct`, `data/_shared`,
-/// a domain's) that `state` does not hold, sorted. A folder that is not there is
-/// skipped; the top folders `data` and `memory` hold folders, not files.
+/// The files in `folders` (relative: a package's, `data/_direct`, a domain's)
+/// that `state` does not hold, sorted. A folder that is not there is skipped; the
+/// top folders `data` and `memory` hold folders, not files.
 pub fn in_folders(
     fs: &dyn Fs,
     layout: &Layout,
@@ -38,7 +38,12 @@ pub fn in_folders(
 ) -> Result<Vec<String>> {
     let mut held: Option<HashSet<String>> = None;
     let mut out = Vec::new();
-    for rel in folders.iter().filter(|f| f.contains('/')) {
+    // `data/_shared` is the engine's alone (what no entry holds there is an
+    // orphan, for `verify` and `gc`), and as large as the stack: not listed.
+    for rel in folders
+        .iter()
+        .filter(|f| f.contains('/') && f.as_str() != layout::SHARED_DIR)
+    {
         let dir = layout.join(rel);
         let entries = match fs.read_dir(&dir) {
             Ok(e) => e,

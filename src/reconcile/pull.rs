@@ -706,7 +706,13 @@ fn foreign_notes(
             crate::reconcile::foreign::moved(rel, to.strip_prefix(&layout.root).unwrap_or(&to))
         })
         .collect();
-    let left = crate::reconcile::foreign::in_folders(fs, layout, &checked.folders, state)?;
+    // A folder the pull created holds only what it put there.
+    let existed: BTreeSet<String> = checked
+        .folders
+        .difference(&checked.absent)
+        .cloned()
+        .collect();
+    let left = crate::reconcile::foreign::in_folders(fs, layout, &existed, state)?;
     notes.extend(
         left.iter()
             .map(|rel| crate::reconcile::foreign::warning(rel)),

@@ -119,21 +119,22 @@ pub fn check(fs: &dyn Fs, layout: &Layout, needs: Needs) -> Result<()> {
 /// [`no_space`], naming `needs`.
 pub fn reserve(fs: &dyn Fs, layout: &Layout, bytes: u64, needs: Needs) -> Result<()> {
     let path = layout.reserve();
-    match fs.allocate(&path, bytes) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = not_found_ok(fs.remove_file(&path));
-            let full = is_no_space(&e);
-            let err = Err(e).at("reserve", &path);
-            match err {
-                Err(err) if full && !err.is_crash() => {
-                    let free = free_space(fs, layout).ok().flatten();
-                    Err(no_space(layout, needs, free, Some(err)))
-                }
-                other => other,
-            }
+    let err = match fs.allocate(&path, bytes).at("reserve", &path) {
+        Ok(()) => return Ok(()),
+        Err(err) if err.is_crash() => return Err(err),
+        Err(err) => err,
+    };
+    // What was allocated goes back before the refusal is reported.
+    if let Err(e) = not_found_ok(fs.remove_file(&path)).at("remove", &path) {
+        if e.is_crash() {
+            return Err(e);
         }
     }
+    if !is_no_space_error(&err) {
+        return Err(err);
+    }
+    let free = free_space(fs, layout).ok().flatten();
+    Err(no_space(layout, needs, free, Some(err)))
 }
 
 /// Give the reserve back (before a transaction's apply or rollback writes).
