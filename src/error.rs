@@ -1,6 +1,6 @@
 //! The engine's error type and its mapping onto the contract's exit codes.
 //!
-//! Owns: [`Error`], [`ErrorKind`]'s stable names for JSON reports, and the rule that
+//! Owns: [`Error`], [`Error::kind`]'s stable names for JSON reports, and the rule that
 //! every I/O error carries the path it happened on.
 //!
 //! Exit codes (contract §5): 0 done; 1 the operation failed and the previous stack is
@@ -41,8 +41,11 @@ pub enum Error {
         record: u64,
         reason: String,
     },
-    /// The journal was written by a format this build does not know.
-    #[error("journal {path} has format version {found}, this build reads version {supported}")]
+    /// The journal was written by a newer format than this build reads.
+    #[error(
+        "journal {path} has format version {found}, newer than this build reads (up to \
+         {supported}): it was written by a newer stack; use that version of stack or a later one"
+    )]
     JournalVersion {
         path: PathBuf,
         found: u32,
@@ -147,13 +150,32 @@ fn no_space_message(dir: &Path, needed: u64, more: bool, free: Option<u64>) -> S
     )
 }
 
-/// The marker a simulated filesystem puts in the io::Error of a crash.
-pub const CRASH_MARKER: &str = "stack-sim: crashed";
+/// The payload of every `io::Error` a simulated filesystem (`fs::sim`, feature
+/// `sim`) returns once it has crashed: the simulated machine is down, so the engine
+/// must stop where it is and clean nothing up, as a killed process would. Recognised
+/// by its type ([`is_crash_io`]), never by its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimulatedCrash;
 
-/// Is this io::Error a simulated crash?
+impl SimulatedCrash {
+    /// The `io::Error` a crashed simulated filesystem returns.
+    pub fn io_error() -> io::Error {
+        io::Error::other(SimulatedCrash)
+    }
+}
+
+impl std::fmt::Display for SimulatedCrash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("simulated crash: the machine is down")
+    }
+}
+
+impl std::error::Error for SimulatedCrash {}
+
+/// Is this io::Error a simulated crash (its payload a [`SimulatedCrash`])?
 pub fn is_crash_io(e: &io::Error) -> bool {
     e.get_ref()
-        .is_some_and(|inner| inner.to_string() == CRASH_MARKER)
+        .is_some_and(|inner| inner.is::<SimulatedCrash>())
 }
 
 /// Attach the operation and path to an io::Error.
@@ -168,5 +190,23 @@ impl<T> IoContext<T> for io::Result<T> {
             path: path.to_path_buf(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A simulated crash is known by its payload's type, through `Error::Io` too;
+    /// an error that merely reads like one is an ordinary I/O error.
+    #[test]
+    fn a_simulated_crash_is_recognised_by_type_not_by_text() {
+        assert!(is_crash_io(&SimulatedCrash::io_error()));
+        let lookalike = io::Error::other(SimulatedCrash.to_string());
+        assert!(!is_crash_io(&lookalike));
+        let wrapped: Result<()> = Err(SimulatedCrash::io_error()).at("write", Path::new("/x"));
+        assert!(wrapped.unwrap_err().is_crash());
+        let other: Result<()> = Err(lookalike).at("write", Path::new("/x"));
+        assert!(!other.unwrap_err().is_crash());
     }
 }

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::journal::event::{Slot, SlotRef};
+use crate::model::slot::{Slot, SlotRef};
 
 /// The state file, relative to the local directory.
 pub const STATE_FILE: &str = "sync_state.json";
@@ -15,6 +15,9 @@ pub const STATE_FILE: &str = "sync_state.json";
 pub const PRIVATE_DIR: &str = ".stack";
 /// The shared-table folder, relative.
 pub const SHARED_DIR: &str = "data/_shared";
+
+/// The prefix of a placed folder's name in `.stack/staging/` (`reconcile::place`).
+pub const PLACE_PREFIX: &str = "place-";
 
 /// The folder under `data/` of the direct tables' references.
 pub const DIRECT_DIR: &str = "_direct";
@@ -194,6 +197,11 @@ impl Layout {
     /// (`reconcile::room`).
     pub fn reserve(&self) -> PathBuf {
         self.private().join("reserve")
+    }
+    /// Present (and durable) while transaction `txn` is being rolled back past its
+    /// commit point (`reconcile::undo`): recovery then only rolls it back.
+    pub fn rolling_back(&self, txn: u64) -> PathBuf {
+        self.trash().join(txn.to_string()).join("rolling-back")
     }
     /// Where `gc` keeps what no state entry held (`<txn>/<its relative path>`),
     /// recoverable until `gc --force` deletes it.

@@ -10,6 +10,7 @@ pub mod fs;
 pub mod journal;
 pub mod layout;
 pub mod md5x;
+pub mod model;
 pub mod par;
 pub mod reconcile;
 pub mod replay;

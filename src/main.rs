@@ -410,7 +410,7 @@ fn journal_show(dir: &Path, json: bool) -> Result<i32> {
 fn journal_verify(dir: &Path) -> Result<i32> {
     let layout = Layout::new(dir);
     // Checked as read, a frame at a time: a large journal is never held whole.
-    let Some(checked) = replay::recover::check_journal_file(&RealFs, &layout)? else {
+    let Some(checked) = reconcile::recover::check_journal_file(&RealFs, &layout)? else {
         return Err(Error::Usage(format!("{} has no journal", dir.display())));
     };
     match &checked.end {
@@ -479,7 +479,7 @@ fn run(cli: Cli) -> Result<i32> {
                 let layout = Layout::new(&dir.dir);
                 let fs: Arc<dyn Fs> = Arc::new(RealFs);
                 let _lock = journal::lock::acquire(fs.as_ref(), &layout, &command_line(), wait)?;
-                let rec = replay::recover::replay(fs, &layout)?;
+                let rec = reconcile::recover::replay(fs, &layout)?;
                 for note in &rec.notes {
                     println!("{note}");
                 }
@@ -496,7 +496,7 @@ fn run(cli: Cli) -> Result<i32> {
             JournalCommand::Show { dir, json } => journal_show(&dir.dir, json),
             JournalCommand::Verify { dir } => journal_verify(&dir.dir),
             JournalCommand::Compact { dir, wait } => {
-                let (before, after) = replay::recover::compact_dir(
+                let (before, after) = reconcile::recover::compact_dir(
                     Arc::new(RealFs),
                     &Layout::new(&dir.dir),
                     &command_line(),

@@ -266,7 +266,7 @@ impl Stream {
     }
 }
 
-/// MD5 of each of up to [`LANES`] byte slices, in lock step (staging hashes a
+/// MD5 of each of up to `LANES` byte slices, in lock step (staging hashes a
 /// batch of small downloads at once). Slices of unequal length cost the longest
 /// one's blocks in every lane; staging batches files of similar size.
 pub fn digest_slices(data: &[&[u8]]) -> Vec<[u8; 16]> {
@@ -305,12 +305,18 @@ pub fn digest_slices(data: &[&[u8]]) -> Vec<[u8; 16]> {
 }
 
 /// Lowercase hex of a digest.
-fn hex(d: &[u8; 16]) -> String {
-    crate::reconcile::origin::hex(d)
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
 }
 
 /// MD5 (lowercase hex) of each file of `paths`, in order, on up to `threads`
-/// threads; each thread keeps [`LANES`] files in flight, taking the next file from
+/// threads; each thread keeps `LANES` files in flight, taking the next file from
 /// a shared counter whenever one finishes.
 pub fn md5_files(fs: &dyn Fs, paths: &[PathBuf], threads: usize) -> Vec<io::Result<String>> {
     let next = AtomicUsize::new(0);
@@ -420,7 +426,7 @@ mod tests {
     use std::path::Path;
 
     fn reference(data: &[u8]) -> String {
-        crate::reconcile::origin::hex(&Md5::digest(data))
+        hex(&Md5::digest(data))
     }
 
     #[test]

@@ -570,10 +570,11 @@ impl Mode {
 
 /// An I/O error as the audit reports it. `io::Error` cannot be cloned; the audit
 /// stops at the first one, so it rebuilds it once, keeping its kind, OS code and
-/// message.
+/// message, and a simulated crash's payload (known by its type).
 fn stat_error(e: &io::Error, path: &Path) -> crate::error::Error {
     let e = match e.raw_os_error() {
         Some(code) => io::Error::from_raw_os_error(code),
+        None if crate::error::is_crash_io(e) => crate::error::SimulatedCrash::io_error(),
         None => io::Error::new(e.kind(), e.to_string()),
     };
     crate::error::Error::Io {

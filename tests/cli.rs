@@ -28,8 +28,8 @@ mod journal;
 #[path = "cli/shape.rs"]
 mod shape;
 
-#[path = "cli/review.rs"]
-mod review;
+#[path = "cli/obstacles.rs"]
+mod obstacles;
 
 #[path = "cli/noop.rs"]
 mod noop;

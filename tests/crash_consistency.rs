@@ -39,7 +39,7 @@ use stack::journal::{check_end, scan_file, End};
 use stack::layout::Layout;
 use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
 use stack::reconcile::pull::{pull, PullConfig, Wanted};
-use stack::replay::recover::{compact_dir, recover, replay};
+use stack::reconcile::recover::{compact_dir, recover, replay};
 use stack::replay::state::{read_state, JournalPos, Pulled};
 use stack::verify::{audit, Contents};
 use stack::{BundleCheck, LinkMode, Manifest, SyncState};
@@ -421,7 +421,7 @@ fn explore(t: &Transition, b: Budget) -> u64 {
         for mode in modes(fs.pending_count(), i, b) {
             states += recover_and_check(&fs, mode, &p, &|| format!("pull crashed at op {i}/{n}"));
         }
-        if (i as usize) % b.recovery_stride != 0 {
+        if !(i as usize).is_multiple_of(b.recovery_stride) {
             continue;
         }
         // Crash recovery itself, at every one of its operations.
@@ -601,32 +601,25 @@ fn run_scenarios(link: LinkMode, reflink: bool) -> u64 {
     report(&format!("scenarios under {link:?}"), states)
 }
 
-#[test]
-fn crash_at_every_op_reference_scenarios_symlink() {
-    // Four families of at least 4,000 plus the random sequences: at least 20,000.
-    let states = run_scenarios(LinkMode::Symlink, false);
-    assert!(states >= 4_000, "only {states} crash states");
+/// One test per link strategy, the same body: the reference scenarios crashed at
+/// every operation under that strategy (`reflink` on a filesystem that clones),
+/// at least 4,000 crash states each; with the random sequences below, at least
+/// 20,000 in all.
+macro_rules! reference_scenarios_under_each_link_mode {
+    ($($test:ident: $link:ident, reflink $reflink:literal;)*) => {$(
+        #[test]
+        fn $test() {
+            let states = run_scenarios(LinkMode::$link, $reflink);
+            assert!(states >= 4_000, "only {states} crash states");
+        }
+    )*};
 }
 
-#[test]
-fn crash_at_every_op_reference_scenarios_hardlink() {
-    // Four families of at least 4,000 plus the random sequences: at least 20,000.
-    let states = run_scenarios(LinkMode::Hardlink, false);
-    assert!(states >= 4_000, "only {states} crash states");
-}
-
-#[test]
-fn crash_at_every_op_reference_scenarios_copy() {
-    // Four families of at least 4,000 plus the random sequences: at least 20,000.
-    let states = run_scenarios(LinkMode::Copy, false);
-    assert!(states >= 4_000, "only {states} crash states");
-}
-
-#[test]
-fn crash_at_every_op_reference_scenarios_reflink() {
-    // Four families of at least 4,000 plus the random sequences: at least 20,000.
-    let states = run_scenarios(LinkMode::Reflink, true);
-    assert!(states >= 4_000, "only {states} crash states");
+reference_scenarios_under_each_link_mode! {
+    crash_at_every_op_reference_scenarios_symlink: Symlink, reflink false;
+    crash_at_every_op_reference_scenarios_hardlink: Hardlink, reflink false;
+    crash_at_every_op_reference_scenarios_copy: Copy, reflink false;
+    crash_at_every_op_reference_scenarios_reflink: Reflink, reflink true;
 }
 
 // ---------------------------------------------------------------------------
@@ -1020,7 +1013,7 @@ fn explore_compaction(
         for mode in every_mode(&fs, i, all_up_to, random) {
             states += recover_and_check_compacted(&fs, mode, p, &what);
         }
-        if (i - from) % stride != 0 {
+        if !(i - from).is_multiple_of(stride) {
             continue;
         }
         states += crash_recovery(&fs, &p.name, &|rec, mode, what| {

@@ -1,4 +1,4 @@
-//! The fuzz campaigns' properties (issue 6) as proptest tests, so `cargo test` on
+//! The fuzz campaigns' properties as proptest tests, so `cargo test` on
 //! stable covers them without cargo-fuzz. The properties themselves live in
 //! `tests/fuzz_support/mod.rs`, shared with `fuzz/fuzz_targets/`.
 

@@ -1,5 +1,5 @@
-//! Regression tests for what the fuzz campaigns (issue 6) found. Each one is the
-//! minimized input, replayed through the same property as the campaign.
+//! Inputs the fuzz campaigns found failing, each minimized and replayed through the
+//! same property as the campaign.
 
 mod fuzz_support;
 

@@ -38,7 +38,7 @@ use stack::fs::Fs;
 use stack::layout::Layout;
 use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
 use stack::reconcile::pull::{pull, status, PullConfig, Wanted};
-use stack::replay::recover::recover;
+use stack::reconcile::recover::recover;
 use stack::replay::state::{read_state, JournalPos};
 use stack::verify::{audit, Contents};
 use stack::{BundleCheck, LinkMode, Manifest, SyncState};

@@ -5,7 +5,11 @@
 //!
 //! A handful of kills by default; `STACK_SIGKILL_COUNT=100` for the long mode. The
 //! kill instants are random (seeded by `STACK_SIGKILL_SEED`, else by the clock, and
-//! printed), spread over the length of a clean pull; no timing is asserted.
+//! printed), spread over the length of a clean pull. A kill that comes after the
+//! pull finished tests nothing, so such a kill is tried again from the old stack
+//! with an instant drawn from a range half as long (up to [`TRIES`] times), and
+//! the test fails unless every kill landed mid-pull: it cannot pass by killing
+//! finished processes. No duration is asserted.
 
 // Fixtures write the real disk directly; the seam rule is for the engine.
 #![allow(clippy::disallowed_methods)]
@@ -21,6 +25,10 @@ use stack::replay::state::JournalPos;
 use stack::SyncState;
 
 const BIN: &str = env!("CARGO_BIN_EXE_stack");
+
+/// How many times a kill is tried (each time within half the range of the one
+/// before) before the test gives up on landing it mid-pull.
+const TRIES: u32 = 4;
 
 fn hexmd5(bytes: &[u8]) -> String {
     Md5::digest(bytes)
@@ -236,7 +244,7 @@ fn sigkill_pull_and_replay_recovers_old_or_new() {
     let (old_m, new_m) = write_origin(&origin);
     let (old_m, new_m) = (old_m.to_str().unwrap(), new_m.to_str().unwrap());
 
-    let mut landed = 0;
+    let mut retried = 0;
     let mut lengths = BTreeMap::<&str, Duration>::new();
     let mut outcomes = BTreeMap::<&str, usize>::new();
     for k in 0..kills {
@@ -255,13 +263,27 @@ fn sigkill_pull_and_replay_recovers_old_or_new() {
 
         let dir = tmp.path().join(format!("kill-{k}"));
         let d = dir.to_str().unwrap();
-        run_ok(&pull_args(old_m, d, link));
         // Kill the pull somewhere in (about) its length: staging or apply.
-        let span = new_len.as_micros() as u64 + 1;
-        let delay = Duration::from_micros(rng.below(span));
-        if kill_after(&pull_args(new_m, d, link), delay) {
-            landed += 1;
-        }
+        let mut span = new_len.as_micros() as u64 + 1;
+        let mut tries = 0;
+        let delay = loop {
+            std::fs::remove_dir_all(&dir).ok();
+            run_ok(&pull_args(old_m, d, link));
+            let delay = Duration::from_micros(rng.below(span));
+            tries += 1;
+            if kill_after(&pull_args(new_m, d, link), delay) {
+                break delay;
+            }
+            assert!(
+                tries < TRIES,
+                "kill {k} ({link}, seed {seed}): {TRIES} kills, the last within {:?} of \
+                 the start, all came after the pull had finished (a clean pull took \
+                 {new_len:?}), so none tested a kill mid-pull",
+                Duration::from_micros(span)
+            );
+            span = span / 2 + 1;
+        };
+        retried += usize::from(tries > 1);
         // Every other time, kill the recovery too (possibly more than once).
         if k % 2 == 1 {
             for _ in 0..2 {
@@ -293,5 +315,7 @@ fn sigkill_pull_and_replay_recovers_old_or_new() {
         *outcomes.entry(outcome).or_default() += 1;
         std::fs::remove_dir_all(&dir).ok();
     }
-    eprintln!("sigkill: {landed} of {kills} kills landed mid-pull; outcomes {outcomes:?}");
+    eprintln!(
+        "sigkill: all {kills} kills landed mid-pull ({retried} after a retry); outcomes {outcomes:?}"
+    );
 }

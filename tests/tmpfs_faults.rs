@@ -179,7 +179,7 @@ fn a_full_tmpfs_is_all_or_nothing_at_every_fill_level_and_link_mode() {
             std::fs::write(fs.mount.join("filler"), vec![0u8; fill as usize]).unwrap();
             // Sizes in the manifest (the refusal comes before anything is
             // written) at one level, none (the disk fills mid-pull) at the next.
-            let (manifest, sizes) = if (fill / STEP) % 2 == 0 {
+            let (manifest, sizes) = if (fill / STEP).is_multiple_of(2) {
                 (&sized, "sizes")
             } else {
                 (&sizeless, "no sizes")

@@ -6,9 +6,11 @@
 //!
 //! Architecture invariant: nothing outside `src/fs` calls a `std::fs` mutator. The
 //! engine is written against [`Fs`]; [`RealFs`] calls the operating system, and the
-//! test implementations in [`sim`] keep an in-memory tree with a separate durable
+//! test implementation in `sim` keeps an in-memory tree with a separate durable
 //! image, so crash injection, power-loss simulation and fuzzing all see every
-//! mutation the engine makes, in order.
+//! mutation the engine makes, in order. `sim` is test machinery: it is built for
+//! unit tests and with the cargo feature `sim` (the integration tests and fuzzers
+//! turn it on), never into the release library.
 //!
 //! Durability contract (what callers may assume, and what the simulator enforces):
 //! - File contents written through a [`FileWrite`] survive a crash only once
@@ -22,7 +24,9 @@
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+#[cfg(any(test, feature = "sim"))]
 pub mod fault;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
 /// What a directory entry or a path is (never following a final symlink).

@@ -1,10 +1,10 @@
 //! The events of the journal: the single list of everything the engine can do.
 //!
-//! Owns: [`Event`], [`Record`] and [`Slot`], and the rule of what an event may name
-//! ([`Event::check_paths`]). A new kind of mutation is a new variant here first; the
-//! applier (`reconcile::apply`), the projection (`replay::project`) and `journal show`
-//! all match on this enum exhaustively, so nothing can be done that the journal
-//! cannot say.
+//! Owns: [`Event`] and [`Record`] (their slots and link modes are the model's), and
+//! the rule of what an event may name ([`Event::check_paths`]). A new kind of
+//! mutation is a new variant here first; the applier (`reconcile::apply`), the
+//! projection (`replay::project`) and `journal show` all match on this enum
+//! exhaustively, so nothing can be done that the journal cannot say.
 //!
 //! Invariant kept: no event stack acts on names a path outside the local directory.
 //! Events hold ids, names, slugs and md5s, never paths (`layout` builds those), and
@@ -13,59 +13,17 @@
 //! journal's readers refuse such a journal as corrupt before folding anything
 //! (`replay::project::check_records`), and the applier re-checks each event it runs.
 //!
-//! Compatibility: variants are encoded by index (bincode). Adding a variant, or
-//! changing an existing variant's fields, needs a new journal format version (see
-//! `journal::FORMAT_VERSION`), so an older build refuses the journal with a clear
-//! error instead of misreading it; new variants go at the end.
+//! Compatibility: records are encoded with bincode, variants by their position.
+//! Any change to that encoding (a new variant, a changed field) is a new journal
+//! format version (`journal::frame::FORMAT_VERSION`, whose doc states the rule;
+//! `tests/journal_golden.rs` pins every variant's bytes), so that an older build
+//! refuses the journal as written by a newer stack instead of misreading it; new
+//! variants go at the end, so that older journals still decode.
 
 use serde::{Deserialize, Serialize};
 
-use crate::replay::state::{StatFp, Strategy, SyncState};
-
-/// Where a table reference lives: a direct table or a package's table.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Slot {
-    /// `data/_direct/<name>.parquet`.
-    Direct,
-    /// `data/<slug>/<name>.parquet`.
-    Package(String),
-}
-
-/// Where a reference lives: [`Slot`], borrowing the package's slug (from a
-/// manifest or a state). Ordered as `Slot` is (direct first, then packages by slug).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum SlotRef<'m> {
-    Direct,
-    Package(&'m str),
-}
-
-impl<'m> SlotRef<'m> {
-    /// The journal's (owned) slot.
-    pub fn to_slot(self) -> Slot {
-        match self {
-            SlotRef::Direct => Slot::Direct,
-            SlotRef::Package(slug) => Slot::Package(slug.to_string()),
-        }
-    }
-
-    /// `slot`, borrowed.
-    pub fn of(slot: &'m Slot) -> SlotRef<'m> {
-        match slot {
-            Slot::Direct => SlotRef::Direct,
-            Slot::Package(slug) => SlotRef::Package(slug),
-        }
-    }
-}
-
-/// The link strategy a pull was asked for (`--link`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum LinkMode {
-    Auto,
-    Symlink,
-    Hardlink,
-    Copy,
-    Reflink,
-}
+pub use crate::model::slot::{LinkMode, Slot, SlotRef};
+use crate::model::state::{StatFp, Strategy, SyncState};
 
 /// One journal record: an event stamped with its sequence number and transaction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,8 +102,8 @@ pub enum Event {
     /// `replay::state::Pulled`): md5 of its manifest's bytes, origin and link mode,
     /// and how many direct and package tables it skipped. In the commit batch of a
     /// pull whose manifest bytes were known; the projection of its `Committed`
-    /// carries it into the state. Added after format v1's first release: the last
-    /// variant, so that older journals decode unchanged.
+    /// carries it into the state. New in format version 2 (builds before it wrote it
+    /// under version 1, see `frame::FORMAT_VERSION`).
     Request {
         key: String,
         skipped_direct: u64,
@@ -155,15 +113,8 @@ pub enum Event {
     /// the commit point, to `rel` (`data/_shared` or a slot's folder), which did not
     /// exist when the pull was planned; if `rel` exists by now, move its entries in
     /// one by one. The steps whose files travelled inside it (see
-    /// `reconcile::place`) follow as usual. Added after `Request`, last, for the
-    /// same reason.
+    /// `reconcile::place`) follow as usual. New in format version 2, as `Request`.
     Place { staged: String, rel: String },
-    /// Rolling forward past the commit point failed (`reason`) while the disk
-    /// still let stack write: the transaction is being rolled back, from the old
-    /// files it kept in `.stack/trash/<txn>/`. From here recovery finishes the
-    /// rollback (never rolls forward again) and appends `Aborted`. Added after
-    /// `Place`, last, so that older journals decode unchanged.
-    Undo { reason: String },
 }
 
 impl Event {
@@ -186,7 +137,6 @@ impl Event {
             Event::RemoveStray { .. } => "remove_stray",
             Event::Request { .. } => "request",
             Event::Place { .. } => "place",
-            Event::Undo { .. } => "undo",
         }
     }
 
@@ -236,7 +186,6 @@ impl Event {
                 "key {key}, skipped {skipped_direct} direct / {skipped_packages} package tables"
             ),
             Event::Place { staged, rel } => format!("{rel}/ <- .stack/staging/{staged}/"),
-            Event::Undo { reason } => format!("rolling back: {reason}"),
         }
     }
 }
@@ -305,7 +254,7 @@ impl Event {
             Event::Place { staged, rel } => {
                 if !crate::layout::is_placeable_dir_rel(rel) {
                     Err(format!("folder {rel:?} is not one stack places"))
-                } else if !(staged.starts_with(crate::reconcile::place::PREFIX)
+                } else if !(staged.starts_with(crate::layout::PLACE_PREFIX)
                     && is_safe_component(staged))
                 {
                     Err(format!("staged folder {staged:?} is not one stack makes"))
@@ -330,8 +279,7 @@ impl Event {
             | Event::Prepared
             | Event::Committed { .. }
             | Event::Aborted { .. }
-            | Event::Request { .. }
-            | Event::Undo { .. } => Ok(()),
+            | Event::Request { .. } => Ok(()),
         }
     }
 }
@@ -402,10 +350,10 @@ const CHECKPOINT_INDEX: u32 = 12;
 /// `SyncState` is shaped for `sync_state.json`: its optional fields (`size`,
 /// `ref_fp`, `shared_fp`, a domain's `fp`) are left out when absent
 /// (`skip_serializing_if`). bincode is not self-describing: it decodes a struct as
-/// every one of its fields in order, so a state with any absent optional field was
-/// written without that field and then could not be read back; the checkpoint frame
-/// failed to decode and, being the last frame after a compaction, was cut as a torn
-/// tail, losing the whole state. In the journal (a non-human-readable format) a
+/// every one of its fields in order, so a state with any absent optional field
+/// would be written without that field and could not be read back; the checkpoint
+/// frame would fail to decode and, being the last frame after a compaction, be cut
+/// as a torn tail, losing the whole state. In the journal (a non-human-readable format) a
 /// checkpoint is therefore written with every field always present, in the same
 /// order (table entries by the state file's own writer, which does so in a binary
 /// format; the rest through mirrors), so a state whose optional fields are all
@@ -416,8 +364,8 @@ pub mod checkpoint_state {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::SlotRef;
-    use crate::replay::state::{
+    use crate::model::slot::SlotRef;
+    use crate::model::state::{
         DomainEntry, JournalPos, Md5Sum, PackagesOut, StatFp, Strategy, SyncState, TableEntry,
         TablesOut,
     };
@@ -570,7 +518,7 @@ pub mod checkpoint_state {
 mod tests {
     use super::*;
     use crate::journal::frame;
-    use crate::replay::state::{DomainEntry, TableEntry};
+    use crate::model::state::{DomainEntry, TableEntry};
 
     const FP: StatFp = StatFp {
         size: 3,
@@ -772,9 +720,9 @@ mod tests {
         assert_eq!(checkpoint(s.clone()).event.check_paths(), s.check_paths());
     }
 
-    /// Regression: a checkpoint whose state has absent optional fields did not
-    /// decode (`skip_serializing_if` under bincode), so its frame scanned as a
-    /// torn tail.
+    /// A checkpoint whose state has absent optional fields decodes (under bincode,
+    /// `skip_serializing_if` would drop them from the bytes, and the frame would
+    /// scan as a torn tail).
     #[test]
     fn checkpoint_with_absent_optional_fields_round_trips() {
         let record = checkpoint(state(false));
@@ -831,14 +779,16 @@ mod tests {
         assert_eq!(back, checkpoint(s).event);
     }
 
-    /// The model as it was before the lean entry (fc7c1ad), frozen: a checkpoint
-    /// written by the previous build (all optional fields present) must keep its
-    /// bytes, and decode to the same state; and `sync_state.json`'s text must be
-    /// the derived model's, optional fields absent or not. (It replaces a test
-    /// whose "old" side had become today's serializer, new code against new code.)
+    /// A frozen, independent model of a state (each entry spelling out its
+    /// `ref_path` and `shared_path`, every field a plain serde field): a checkpoint
+    /// it writes (all optional fields present) must keep
+    /// its bytes under today's encoder and decode to the same state, and
+    /// `sync_state.json`'s text must be the derived model's, optional fields absent
+    /// or not. The model is a copy, not today's serializer, so the test compares two
+    /// independent writers.
     #[test]
     fn checkpoint_and_state_text_match_the_frozen_old_model() {
-        use crate::replay::state::{JournalEnd, JournalPos, Pulled};
+        use crate::model::state::{JournalEnd, JournalPos, Pulled};
         use std::collections::BTreeMap;
         #[derive(Serialize)]
         struct OldEntry {
@@ -994,7 +944,7 @@ mod tests {
                 serde_json::to_string(&old).unwrap()
             );
             let back =
-                crate::replay::state::parse_state(serde_json::to_string(&old).unwrap().as_bytes())
+                crate::model::state::parse_state(serde_json::to_string(&old).unwrap().as_bytes())
                     .unwrap();
             assert_eq!(back, new);
             if with_optionals {

@@ -11,8 +11,20 @@ use crate::journal::event::Record;
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"STACKJNL";
-/// Current format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. The rule: any change to the bytes a
+/// record encodes to (a new event variant, a changed field, a changed frame) makes
+/// a new version, so that an older build meets a newer journal as "written by a
+/// newer stack" (its header's version) and never as corruption. The encoding of
+/// every event is pinned by `tests/journal_golden.rs`.
+///
+/// Version 2 is the encoding of today's [`Event`](crate::journal::event::Event)
+/// list. Version 1 is its prefix without `Request` and `Place`, yet builds that had
+/// those two wrote them under version 1 too; both decode with this build's decoder
+/// (variants are numbered by position and only ever added at the end).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build reads (and upgrades before appending, see
+/// `Journal::sync`): its files decode with today's decoder.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Header: magic (8) + version u32 LE (4) + crc32 of those 12 bytes, u32 LE (4).
 pub const HEADER_LEN: usize = 16;
 /// Frame header: payload length u32 LE (4) + crc32 over length and payload (4).
@@ -63,12 +75,13 @@ fn decode_limit(len: usize) -> usize {
 /// records and the bytes used. A payload that fails part way has already handed
 /// its first records to `each`.
 ///
-/// bincode allocates a string's buffer from its *declared* length as soon as that
-/// length passes the limit, before reading the bytes. The fixed limit of
-/// [`MAX_PAYLOAD`] used before let a frame of a few bytes with a valid checksum make
-/// the reader allocate up to 256 MiB; it also rejected a valid frame larger than
-/// `MAX_PAYLOAD / 8` bytes made of small integers (its claims exceed 256 MiB), which
-/// recovery would then have cut as a torn tail.
+/// Why a limit proportional to the payload rather than one fixed limit: bincode
+/// allocates a string's buffer from its *declared* length as soon as that length
+/// passes the limit, before reading the bytes. A fixed limit of [`MAX_PAYLOAD`]
+/// would let a frame of a few bytes with a valid checksum make the reader allocate
+/// up to 256 MiB, and would reject a valid frame larger than `MAX_PAYLOAD / 8`
+/// bytes made of small integers (its claims exceed 256 MiB), which recovery would
+/// then cut as a torn tail.
 fn decode_payload(payload: &[u8], each: &mut dyn FnMut(Record)) -> Result<(usize, usize), String> {
     fn with_limit<const LIMIT: usize>(
         payload: &[u8],
@@ -117,12 +130,29 @@ impl<'de> serde::de::Visitor<'de> for EachRecord<'_> {
 
 /// The 16-byte header of a new journal.
 pub fn header() -> [u8; HEADER_LEN] {
+    header_of(FORMAT_VERSION)
+}
+
+/// The 16-byte header of a journal of format `version`.
+pub fn header_of(version: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     let crc = crc32fast::hash(&h[..12]);
     h[12..].copy_from_slice(&crc.to_le_bytes());
     h
+}
+
+/// The format version a whole, valid header names (`None` if `head` is not one).
+pub fn header_version(head: &[u8]) -> Option<u32> {
+    let h: &[u8; HEADER_LEN] = head.get(..HEADER_LEN)?.try_into().ok()?;
+    let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    (*h == header_of(version)).then_some(version)
+}
+
+/// Does this build read journals of format `version`?
+pub fn is_readable_version(version: u32) -> bool {
+    (OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version)
 }
 
 /// Encode a batch of records as one frame. A frame is the unit of atomicity: after
@@ -527,8 +557,8 @@ fn scan_input<I: Input>(input: &mut I, sink: &mut dyn Sink) -> Result<(u64, End)
     // The header.
     let bytes = input.head()?;
     if bytes.len() < HEADER_LEN {
-        let expected = header();
-        let end = if bytes[..] == expected[..bytes.len()]
+        let end = if (OLDEST_READABLE_VERSION..=FORMAT_VERSION)
+            .any(|v| bytes[..] == header_of(v)[..bytes.len()])
             || bytes.len() < 8 && MAGIC.starts_with(bytes)
         {
             End::TornTail {
@@ -566,7 +596,7 @@ fn scan_input<I: Input>(input: &mut I, sink: &mut dyn Sink) -> Result<(u64, End)
         ));
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    if version != FORMAT_VERSION {
+    if !is_readable_version(version) {
         return Ok((0, End::UnknownVersion { found: version }));
     }
     let mut at = HEADER_LEN;
@@ -641,7 +671,7 @@ fn scan_input<I: Input>(input: &mut I, sink: &mut dyn Sink) -> Result<(u64, End)
 mod tests {
     use super::*;
     use crate::journal::event::Event;
-    use crate::replay::state::StatFp;
+    use crate::model::state::StatFp;
 
     /// A frame with a correct length and checksum around `payload`.
     fn raw_frame(payload: &[u8]) -> Vec<u8> {
@@ -668,7 +698,7 @@ mod tests {
                     name: "x".repeat(seq as usize % 40 + 1),
                     md5: format!("{seq:032x}"),
                     size: Some(seq * 1000),
-                    strategy: crate::replay::state::Strategy::Copy,
+                    strategy: crate::model::state::Strategy::Copy,
                 },
             })
             .collect();
@@ -701,8 +731,8 @@ mod tests {
         }
     }
 
-    /// Regression: 27 bytes of payload declaring a 128 MiB string made the reader
-    /// allocate 128 MiB before failing; now the declared length fails the limit.
+    /// 27 bytes of payload declaring a 128 MiB string fail the decode limit before
+    /// the reader allocates the string's buffer.
     #[test]
     fn tiny_frame_declaring_a_huge_string_fails_the_limit_before_allocating() {
         // One record: seq 1, txn 1, variant 1 (Stage), md5 of 2^27 bytes (u64 varint).

@@ -8,7 +8,7 @@
 //! change), and a transaction exists only if its `Committed` (or, for recovery,
 //! `Prepared`) record validates.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! ```text
 //! header  = "STACKJNL" | version: u32 LE | crc32(magic ‖ version): u32 LE      (16 bytes)
@@ -17,6 +17,13 @@
 //!           about 8-32 × its length (see `frame::decode_payload`)
 //! Record  = { seq: u64, txn: u64, event: Event }
 //! ```
+//!
+//! Any change to these bytes is a new format version (`frame::FORMAT_VERSION`, whose
+//! doc states the rule; `tests/journal_golden.rs` pins each event's encoding). A
+//! reader refuses a journal of a newer version as written by a newer stack, and
+//! reads every older version it knows; a writer upgrades an older journal's header
+//! before it appends the first record ([`Journal::sync`]), so that an older build
+//! never meets a record it does not know under a version it reads.
 //!
 //! A frame holds one *batch*: every record appended since the last [`Journal::sync`].
 //! A batch is written with one `write` and made durable with one `fdatasync`, so a
@@ -156,6 +163,10 @@ pub struct Journal {
     /// Why this writer may append nothing more (the file's end is no longer known
     /// to be `len`, or the file is no longer the journal); `None` while usable.
     broken: Option<String>,
+    /// The format version the file's header names (`None`: not read yet, for a
+    /// writer opened without reading the journal); an older one is upgraded before
+    /// the first append.
+    version: Option<u32>,
 }
 
 /// What opening a journal for writing found.
@@ -238,6 +249,7 @@ impl Journal {
         // records it relied on.
         file.sync().at("fsync", &path)?;
         let ino = fs.metadata(&path).at("stat", &path)?.ino;
+        let version = file_version(fs.as_ref(), &path)?;
         Ok(Opened {
             journal: Journal {
                 fs,
@@ -251,6 +263,7 @@ impl Journal {
                 pending: Vec::new(),
                 sealed: None,
                 broken: None,
+                version: Some(version),
             },
             records,
             torn,
@@ -312,6 +325,7 @@ impl Journal {
             return Ok(Vec::new());
         }
         self.check_usable()?;
+        self.upgrade_format()?;
         let path = self.layout.journal();
         let bytes = match self.sealed.take() {
             Some(bytes) => bytes,
@@ -380,8 +394,8 @@ impl Journal {
     }
 
     /// Where this journal ends now, for a state file to record.
-    pub fn end(&self) -> crate::replay::state::JournalEnd {
-        crate::replay::state::JournalEnd {
+    pub fn end(&self) -> crate::model::state::JournalEnd {
+        crate::model::state::JournalEnd {
             len: self.len,
             base: self.len_after_compaction,
             seq: self.last_seq(),
@@ -395,7 +409,7 @@ impl Journal {
     pub fn open_trusted(
         fs: Arc<dyn Fs>,
         layout: &Layout,
-        end: crate::replay::state::JournalEnd,
+        end: crate::model::state::JournalEnd,
     ) -> Result<Journal> {
         let path = layout.journal();
         let file = fs.open_append(&path).at("open", &path)?;
@@ -411,11 +425,14 @@ impl Journal {
             pending: Vec::new(),
             sealed: None,
             broken: None,
+            // Read at the first append, if there is one: a command that appends
+            // nothing reads no more than it did.
+            version: None,
         })
     }
 
     /// Forget the queued batch that a failed [`Journal::sync`] kept for a retry:
-    /// the caller decided to append something else instead (a rollback's `Undo`).
+    /// the caller decided to append something else instead (a rollback's `Aborted`).
     pub fn discard_pending(&mut self) {
         self.pending.clear();
         self.sealed = None;
@@ -463,7 +480,7 @@ impl Journal {
     /// Replace the journal by one holding a single checkpoint of `state`, under a new
     /// transaction, followed in the same frame by the request that state realised
     /// (`state.journal.pulled`), if known. Temp file, fsync, rename, fsync folder.
-    pub fn compact(&mut self, state: &crate::replay::state::SyncState) -> Result<()> {
+    pub fn compact(&mut self, state: &crate::model::state::SyncState) -> Result<()> {
         self.check_usable()?;
         self.sync()?;
         let txn = self.new_txn();
@@ -492,7 +509,6 @@ impl Journal {
             path: self.layout.journal(),
             message,
         })?;
-        let private = self.layout.private();
         let tmp: PathBuf = self.layout.journal_compact();
         let path = self.layout.journal();
         let written_whole = || -> Result<()> {
@@ -523,11 +539,85 @@ impl Journal {
         self.next_seq += written;
         self.len = frame::HEADER_LEN as u64 + measured.frame_len();
         self.len_after_compaction = self.len;
-        self.broken = Some("a compaction did not complete".to_string());
+        self.follow_replaced_file("a compaction did not complete")
+    }
+
+    /// After a rename put a new file (with the current header) at the journal's
+    /// path: append to it from now on, and make its name durable. If either fails,
+    /// this writer appends nothing more (`why`).
+    fn follow_replaced_file(&mut self, why: &str) -> Result<()> {
+        let path = self.layout.journal();
+        let private = self.layout.private();
+        self.version = Some(FORMAT_VERSION);
+        self.broken = Some(why.to_string());
         self.file = self.fs.open_append(&path).at("open", &path)?;
         self.ino = self.fs.metadata(&path).at("stat", &path)?.ino;
         self.fs.sync_dir(&private).at("fsync", &private)?;
         self.broken = None;
         Ok(())
     }
+
+    /// Give a journal of an older format version the current header before this
+    /// writer appends a record of the current format to it: an older build then
+    /// refuses the file as written by a newer stack instead of calling a record it
+    /// does not know corruption. The frames are copied unchanged (every readable
+    /// version decodes with today's decoder, see `frame::FORMAT_VERSION`) into a
+    /// temp file, synced, renamed over the journal, folder synced: a crash leaves
+    /// the old file or the new one. Once per journal; nothing is done when the
+    /// header is current.
+    fn upgrade_format(&mut self) -> Result<()> {
+        let version = match self.version {
+            Some(v) => v,
+            None => file_version(self.fs.as_ref(), &self.layout.journal())?,
+        };
+        self.version = Some(version);
+        if version == FORMAT_VERSION {
+            return Ok(());
+        }
+        let tmp = self.layout.journal_compact();
+        let path = self.layout.journal();
+        let written_whole = || -> Result<()> {
+            let bytes = self.fs.read(&path).at("read", &path)?;
+            let frames = usize::try_from(self.len)
+                .ok()
+                .and_then(|len| bytes.get(frame::HEADER_LEN..len))
+                .ok_or_else(|| Error::Io {
+                    op: "read",
+                    path: path.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the journal is shorter than the {} bytes known", self.len),
+                    ),
+                })?;
+            let mut f = self.fs.create(&tmp).at("create", &tmp)?;
+            f.write_all(&frame::header())
+                .and_then(|()| f.write_all(frames))
+                .at("write", &tmp)?;
+            f.sync().at("fsync", &tmp)
+        };
+        if let Err(e) = written_whole() {
+            // The journal is untouched; a partial copy goes (a simulated crash
+            // leaves it, as a real one would).
+            if !e.is_crash() {
+                let _ = self.fs.remove_file(&tmp);
+            }
+            return Err(e);
+        }
+        self.fs.rename(&tmp, &path).at("rename", &path)?;
+        self.follow_replaced_file("a format upgrade did not complete")
+    }
+}
+
+/// The format version the header of the journal at `path` names. A header that is
+/// not a valid one is taken as current: nothing is upgraded, and the journal's
+/// readers report what is wrong with it.
+fn file_version(fs: &dyn Fs, path: &Path) -> Result<u32> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(frame::HEADER_LEN);
+    fs.open_read(path)
+        .and_then(|f| f.take(frame::HEADER_LEN as u64).read_to_end(&mut head))
+        .at("read", path)?;
+    Ok(frame::header_version(&head)
+        .filter(|&v| frame::is_readable_version(v))
+        .unwrap_or(FORMAT_VERSION))
 }

@@ -457,8 +457,7 @@ impl<'a> Applier<'a> {
             | Event::Committed { .. }
             | Event::Aborted { .. }
             | Event::Checkpoint { .. }
-            | Event::Request { .. }
-            | Event::Undo { .. } => Ok(()),
+            | Event::Request { .. } => Ok(()),
         }
     }
 

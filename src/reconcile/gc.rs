@@ -17,7 +17,7 @@ use crate::journal::event::{Event, Record};
 use crate::journal::lock;
 use crate::layout::Layout;
 use crate::reconcile::apply::{finish, Applier};
-use crate::replay::recover::replay;
+use crate::reconcile::recover::replay;
 use crate::verify::{audit, Contents};
 
 /// What gc does with what no state entry holds.

@@ -388,8 +388,8 @@ mod tests {
     use std::sync::Mutex;
 
     /// An entry whose (odd) shared path has no folder part is stat-ed, hashed and
-    /// listed for refresh at the one path `<dir>/x.parquet` (review finding: the
-    /// hash had read `/x.parquet`, outside the local directory).
+    /// listed for refresh at the one path `<dir>/x.parquet`, never hashed at
+    /// `/x.parquet`, outside the local directory.
     #[test]
     #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
     fn named_path_without_a_folder_is_hashed_where_it_was_stat_ed() {

@@ -328,138 +328,160 @@ fn is_local(t: &Table) -> bool {
 
 /// Check every rule of contract §1 and build the desired stack. Nothing is touched.
 pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desired<'m>> {
-    /// Where a table is listed (borrowed: validation allocates only what it keeps).
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    enum Where<'a> {
-        Direct,
-        Package(&'a str),
-    }
-    impl std::fmt::Display for Where<'_> {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            match self {
-                Where::Direct => f.write_str("direct_tables"),
-                Where::Package(slug) => write!(f, "data package {slug}"),
-            }
-        }
-    }
-    /// Borrowed bookkeeping of the checks that span tables, kept small: a large
-    /// manifest's hash maps are out of the caches on every probe (at 100k tables,
-    /// two maps of every listing took a quarter of validation).
-    #[derive(Default)]
-    struct Seen<'a> {
-        /// id -> md5 as listed, for ids listed only by tables that are not local
-        /// (a local table's id, and its md5, are in the desired set's `tables`).
-        /// Every listing of an id before the first conflict has the same md5, so
-        /// comparing with any of them is comparing with the first.
-        other_md5: HashMap<&'a str, &'a str>,
-        /// file name -> table id, of the references of the slot being read (two
-        /// slots never share a folder: slugs are unique): emptied at each slot.
-        names: HashMap<&'a str, &'a str>,
-    }
-    /// Where `id` is listed first (for the message of a conflict).
-    fn first_listed<'a>(manifest: &'a Manifest, id: &str) -> Where<'a> {
-        let in_package = |p: &&'a Package| p.tables.iter().any(|t| t.id == id);
-        if manifest.direct_tables.iter().any(|t| t.id == id) {
-            Where::Direct
-        } else {
-            manifest
-                .data_packages
-                .iter()
-                .find(in_package)
-                .map_or(Where::Direct, |p| Where::Package(&p.slug))
-        }
-    }
     let mut d = Desired::default();
     let mut seen = Seen::default();
-
-    fn add_table<'a>(
-        manifest: &'a Manifest,
-        d: &mut Desired<'a>,
-        seen: &mut Seen<'a>,
-        origin: &dyn Origin,
-        at: Where<'a>,
-        t: &'a Table,
-    ) -> Result<()> {
-        let Seen { other_md5, names } = seen;
-        check_component(|| format!("{at}: table id"), &t.id)?;
-        check_component(|| format!("{at}: table {} name", t.id), &t.name)?;
-        let md5 = check_md5(|| format!("{at}: table {}", t.id), &t.md5)?;
-        let listed_local = d.tables.get(t.id.as_str()).map(|w| &*w.md5);
-        if let Some(prev) = listed_local.or_else(|| other_md5.get(t.id.as_str()).copied()) {
-            if !prev.eq_ignore_ascii_case(&md5) {
-                return Err(Error::BadManifest(format!(
-                    "table {} has md5 {} in {} but {md5} in {at}",
-                    t.id,
-                    prev.to_ascii_lowercase(),
-                    first_listed(manifest, &t.id)
-                )));
-            }
-        }
-        let listed_local = listed_local.is_some();
-        if !is_local(t) {
-            if !listed_local {
-                other_md5.entry(&t.id).or_insert(&t.md5);
-            }
-            match at {
-                Where::Direct => d.skipped.direct += 1,
-                Where::Package(_) => d.skipped.packages += 1,
-            }
-            return Ok(());
-        }
-        let Some(url) = t.parquet_url.as_deref() else {
-            return Err(Error::BadManifest(format!(
-                "{at}: table {} has no parquet_url",
-                t.id
-            )));
-        };
-        origin
-            .resolve(url)
-            .map_err(|m| Error::BadManifest(format!("{at}: table {}: {m}", t.id)))?;
-        let slot = match at {
-            Where::Direct => SlotRef::Direct,
-            Where::Package(slug) => SlotRef::Package(slug),
-        };
-        if let Some(prev) = names.insert(&t.name, &t.id) {
-            return Err(Error::BadManifest(format!(
-                "{at}: table {} and {at}: table {prev} would both land on {}",
-                t.id,
-                crate::layout::ref_rel(&slot.to_slot(), &t.name)
-            )));
-        }
-        // One id is one content (its md5); two URLs for it are two mirrors of the
-        // same bytes, and the first one is used.
-        if !listed_local {
-            d.tables.insert(
-                &t.id,
-                WantTable {
-                    md5: md5.clone(),
-                    url,
-                    size: t.size,
-                },
-            );
-        }
-        if d.refs
-            .insert(
-                (slot, &t.id),
-                WantRef {
-                    name: &t.name,
-                    md5,
-                    size: t.size,
-                },
-            )
-            .is_some()
-        {
-            return Err(Error::BadManifest(format!(
-                "{at}: table {} is listed twice",
-                t.id
-            )));
-        }
-        Ok(())
-    }
-
     for t in &manifest.direct_tables {
         add_table(manifest, &mut d, &mut seen, origin, Where::Direct, t)?;
     }
+    add_packages(manifest, &mut d, &mut seen, origin)?;
+    add_domains(manifest, &mut d, origin)?;
+    // Built by inserts in key order, the maps' nodes are about half full; rebuilt
+    // from their sorted contents (a bulk build), they are full: a large stack's
+    // desired set takes about two thirds of the memory while it is planned.
+    d.refs = std::mem::take(&mut d.refs).into_iter().collect();
+    d.tables = std::mem::take(&mut d.tables).into_iter().collect();
+    Ok(d)
+}
+
+/// Where a table is listed (borrowed: validation allocates only what it keeps).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Where<'a> {
+    Direct,
+    Package(&'a str),
+}
+impl std::fmt::Display for Where<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Where::Direct => f.write_str("direct_tables"),
+            Where::Package(slug) => write!(f, "data package {slug}"),
+        }
+    }
+}
+
+/// Borrowed bookkeeping of the checks that span tables, kept small: a large
+/// manifest's hash maps are out of the caches on every probe (at 100k tables,
+/// two maps of every listing took a quarter of validation).
+#[derive(Default)]
+struct Seen<'a> {
+    /// id -> md5 as listed, for ids listed only by tables that are not local
+    /// (a local table's id, and its md5, are in the desired set's `tables`).
+    /// Every listing of an id before the first conflict has the same md5, so
+    /// comparing with any of them is comparing with the first.
+    other_md5: HashMap<&'a str, &'a str>,
+    /// file name -> table id, of the references of the slot being read (two
+    /// slots never share a folder: slugs are unique): emptied at each slot.
+    names: HashMap<&'a str, &'a str>,
+}
+
+/// Where `id` is listed first (for the message of a conflict).
+fn first_listed<'a>(manifest: &'a Manifest, id: &str) -> Where<'a> {
+    let in_package = |p: &&'a Package| p.tables.iter().any(|t| t.id == id);
+    if manifest.direct_tables.iter().any(|t| t.id == id) {
+        Where::Direct
+    } else {
+        manifest
+            .data_packages
+            .iter()
+            .find(in_package)
+            .map_or(Where::Direct, |p| Where::Package(&p.slug))
+    }
+}
+
+/// One listing of table `t` at `at`: id, name and md5 well formed, the same md5
+/// wherever the id is listed, a URL the origin resolves for a local table, and no
+/// two references on one path.
+fn add_table<'a>(
+    manifest: &'a Manifest,
+    d: &mut Desired<'a>,
+    seen: &mut Seen<'a>,
+    origin: &dyn Origin,
+    at: Where<'a>,
+    t: &'a Table,
+) -> Result<()> {
+    let Seen { other_md5, names } = seen;
+    check_component(|| format!("{at}: table id"), &t.id)?;
+    check_component(|| format!("{at}: table {} name", t.id), &t.name)?;
+    let md5 = check_md5(|| format!("{at}: table {}", t.id), &t.md5)?;
+    let listed_local = d.tables.get(t.id.as_str()).map(|w| &*w.md5);
+    if let Some(prev) = listed_local.or_else(|| other_md5.get(t.id.as_str()).copied()) {
+        if !prev.eq_ignore_ascii_case(&md5) {
+            return Err(Error::BadManifest(format!(
+                "table {} has md5 {} in {} but {md5} in {at}",
+                t.id,
+                prev.to_ascii_lowercase(),
+                first_listed(manifest, &t.id)
+            )));
+        }
+    }
+    let listed_local = listed_local.is_some();
+    if !is_local(t) {
+        if !listed_local {
+            other_md5.entry(&t.id).or_insert(&t.md5);
+        }
+        match at {
+            Where::Direct => d.skipped.direct += 1,
+            Where::Package(_) => d.skipped.packages += 1,
+        }
+        return Ok(());
+    }
+    let Some(url) = t.parquet_url.as_deref() else {
+        return Err(Error::BadManifest(format!(
+            "{at}: table {} has no parquet_url",
+            t.id
+        )));
+    };
+    origin
+        .resolve(url)
+        .map_err(|m| Error::BadManifest(format!("{at}: table {}: {m}", t.id)))?;
+    let slot = match at {
+        Where::Direct => SlotRef::Direct,
+        Where::Package(slug) => SlotRef::Package(slug),
+    };
+    if let Some(prev) = names.insert(&t.name, &t.id) {
+        return Err(Error::BadManifest(format!(
+            "{at}: table {} and {at}: table {prev} would both land on {}",
+            t.id,
+            crate::layout::ref_rel(&slot.to_slot(), &t.name)
+        )));
+    }
+    // One id is one content (its md5); two URLs for it are two mirrors of the
+    // same bytes, and the first one is used.
+    if !listed_local {
+        d.tables.insert(
+            &t.id,
+            WantTable {
+                md5: md5.clone(),
+                url,
+                size: t.size,
+            },
+        );
+    }
+    if d.refs
+        .insert(
+            (slot, &t.id),
+            WantRef {
+                name: &t.name,
+                md5,
+                size: t.size,
+            },
+        )
+        .is_some()
+    {
+        return Err(Error::BadManifest(format!(
+            "{at}: table {} is listed twice",
+            t.id
+        )));
+    }
+    Ok(())
+}
+
+/// Every data package's tables; slugs safe and unique.
+fn add_packages<'a>(
+    manifest: &'a Manifest,
+    d: &mut Desired<'a>,
+    seen: &mut Seen<'a>,
+    origin: &dyn Origin,
+) -> Result<()> {
     let mut slugs = BTreeSet::new();
     for p in &manifest.data_packages {
         // A safe component starts with [A-Za-z0-9], so no slug can be `_direct`/`_shared`.
@@ -472,16 +494,14 @@ pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desir
         }
         seen.names.clear();
         for t in &p.tables {
-            add_table(
-                manifest,
-                &mut d,
-                &mut seen,
-                origin,
-                Where::Package(&p.slug),
-                t,
-            )?;
+            add_table(manifest, d, seen, origin, Where::Package(&p.slug), t)?;
         }
     }
+    Ok(())
+}
+
+/// Every memory domain: slug safe and unique, md5 well formed, URL resolvable.
+fn add_domains(manifest: &Manifest, d: &mut Desired<'_>, origin: &dyn Origin) -> Result<()> {
     for dom in &manifest.memory_domains {
         check_component(|| "memory domain slug".to_string(), &dom.slug)?;
         let md5 = check_md5(|| format!("memory domain {}", dom.slug), &dom.md5)?.into_owned();
@@ -502,10 +522,5 @@ pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desir
             )));
         }
     }
-    // Built by inserts in key order, the maps' nodes are about half full; rebuilt
-    // from their sorted contents (a bulk build), they are full: a large stack's
-    // desired set takes about two thirds of the memory while it is planned.
-    d.refs = std::mem::take(&mut d.refs).into_iter().collect();
-    d.tables = std::mem::take(&mut d.tables).into_iter().collect();
-    Ok(d)
+    Ok(())
 }

@@ -3,7 +3,8 @@
 //! Owns: the manifest model and its validation (`manifest`), origins (`origin`, `http`), the
 //! pure planner (`plan`), staging downloads (`stage`), folders built out of sight
 //! (`place`), the room a pull needs on the disk (`room`), applying a plan (`apply`)
-//! and undoing it past its commit point (`undo`).
+//! and undoing it past its commit point (`undo`), pulling (`pull`) and recovery,
+//! which rolls an interrupted pull back or forward with the applier (`recover`).
 //!
 //! Architecture invariant: `plan` does no I/O; every mutation in `stage` and `apply`
 //! goes through `crate::fs::Fs` and, for `apply`, is in the journal first.
@@ -18,6 +19,7 @@ pub mod origin;
 pub mod place;
 pub mod plan;
 pub mod pull;
+pub mod recover;
 pub mod room;
 pub mod source;
 pub mod stage;

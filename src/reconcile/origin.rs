@@ -126,16 +126,7 @@ fn with_buffer<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
-/// Lowercase hex of a digest.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
+pub use crate::md5x::hex;
 
 /// md5 of a file read through the seam.
 pub fn md5_file(fs: &dyn Fs, path: &Path) -> std::io::Result<String> {

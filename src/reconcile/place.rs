@@ -35,9 +35,6 @@ use crate::layout::{self, Layout};
 use crate::reconcile::plan::Plan;
 use crate::replay::state::Strategy;
 
-/// The prefix of a placed folder's name in `.stack/staging/`.
-pub const PREFIX: &str = "place-";
-
 /// One folder built out of sight: `.stack/staging/<staged>/` becomes `rel`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Folder {
@@ -172,7 +169,7 @@ pub fn plan(p: &Plan, absent: &BTreeSet<String>) -> Placement {
                     if k == next {
                         out.folders.push(Folder {
                             rel: rel.clone(),
-                            staged: format!("{PREFIX}{k}"),
+                            staged: format!("{}{k}", layout::PLACE_PREFIX),
                         });
                     }
                     Some(k)

@@ -14,9 +14,12 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use serde::Serialize;
 
 use crate::journal::event::{Event, LinkMode, Slot};
-use crate::reconcile::manifest::{Desired, SlotRef, WantRef, WantTable};
+use crate::reconcile::manifest::{Desired, SlotRef, WantDomain, WantRef, WantTable};
 use crate::reconcile::origin::Item;
 use crate::replay::state::{Md5Sum, Strategy, SyncState};
+
+/// The wanted references, by slot and table id.
+type Refs<'m> = BTreeMap<(SlotRef<'m>, &'m str), WantRef<'m>>;
 
 /// Report counts of one section (contract §5).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -266,44 +269,15 @@ pub fn plan_from<'s, 'm>(
     p.tally.data_packages.skipped = skipped.packages;
 
     // Reference removals (first: a new reference may take the path an old one held).
-    let mut removals = Vec::new();
-    for (slot, id, e) in state.entries() {
-        match refs.get(&(slot, id)) {
-            None => {
-                p.tally.of(slot).removed += 1;
-                removals.push(Event::RemoveRef {
-                    slot: slot.to_slot(),
-                    table_id: id.to_string(),
-                    name: e.name.clone(),
-                });
-            }
-            Some(want) if want.name != e.name => {
-                // Same table, new file name: move the reference.
-                removals.push(Event::RemoveRef {
-                    slot: slot.to_slot(),
-                    table_id: id.to_string(),
-                    name: e.name.clone(),
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    // The references to (re)make: one decision per wanted reference, in the order
-    // of `refs` (a byte or two each, not a borrowed copy of the set), turned into
-    // events only once the plan's size is known (a large plan is built in one
-    // allocation).
-    let mut makes: Vec<Option<Strategy>> = Vec::with_capacity(refs.len());
-    let mut made = 0;
-    for (&(slot, id), want) in &refs {
-        let counts = match slot {
-            SlotRef::Direct => &mut p.tally.direct_tables,
-            SlotRef::Package(_) => &mut p.tally.data_packages,
-        };
-        let how = (mode, strategy);
-        let decided = decide_ref(state, (slot, id), want, how, damage, &put_shared, counts);
-        made += usize::from(decided.is_some());
-        makes.push(decided);
-    }
+    let removals = ref_removals(state, &refs, &mut p.tally);
+    let (makes, made) = decide_refs(
+        state,
+        &refs,
+        (mode, strategy),
+        damage,
+        &put_shared,
+        &mut p.tally,
+    );
 
     // The tables whose shared file is placed, with their content: `put_shared`'s
     // ids are some of `tables`' keys, both sorted, so one walk pairs them.
@@ -320,47 +294,15 @@ pub fn plan_from<'s, 'm>(
     // useful order, and a large ordered set of them is a cache miss per level).
     let mut staged: HashSet<&str> = HashSet::with_capacity(put.len() + domains.len());
     p.stage.reserve_exact(put.len() + domains.len());
-    for &(id, want) in &put {
-        if staged.insert(&want.md5) {
-            p.stage.push(StageItem {
-                md5: want.md5.to_string(),
-                url: want.url.to_string(),
-                item: Item::Table { id: id.to_string() },
-                size: want.size,
-            });
-        }
-    }
+    stage_tables(&put, &mut staged, &mut p.stage);
 
-    // Shared files leaving the stack, and folders of packages (and of direct
-    // tables) that end up with no reference.
+    // Shared files leaving the stack.
     let removed_shared: Vec<&str> = current_md5
         .keys()
         .copied()
         .filter(|id| !tables.contains_key(id))
         .collect();
-    let mut folders_left: BTreeSet<&str> = BTreeSet::new();
-    // The references are sorted by slot: one insert per run of a slot.
-    let mut last_slot = None;
-    for (slot, _) in refs.keys() {
-        if last_slot != Some(slot) {
-            last_slot = Some(slot);
-            folders_left.insert(match slot {
-                SlotRef::Direct => DIRECT_FOLDER,
-                SlotRef::Package(slug) => slug,
-            });
-        }
-    }
-    let mut folders_before: BTreeSet<&str> = BTreeSet::new();
-    if !state.direct_tables.is_empty() {
-        folders_before.insert(DIRECT_FOLDER);
-    }
-    for (slug, tables) in &state.data_packages {
-        if !tables.is_empty() {
-            folders_before.insert(slug);
-        }
-    }
-    let folders_gone: Vec<&str> = folders_before.difference(&folders_left).copied().collect();
-    drop(folders_left);
+    let folders_gone = folders_gone(state, &refs);
 
     p.ops.reserve_exact(
         removals.len()
@@ -397,8 +339,124 @@ pub fn plan_from<'s, 'm>(
         });
     }
 
-    // Memory domains.
-    for (slug, want) in &domains {
+    plan_domains(state, &domains, damage, &mut p, &mut staged);
+
+    for f in folders_gone {
+        p.ops.push(Event::RemoveDir {
+            slug: f.to_string(),
+        });
+    }
+    p
+}
+
+/// The references to (re)make: one decision per wanted reference, in the order of
+/// `refs` (a byte or two each, not a borrowed copy of the set), turned into events
+/// only once the plan's size is known (a large plan is built in one allocation).
+/// Returns the decisions and how many make a reference.
+fn decide_refs(
+    state: &SyncState,
+    refs: &Refs<'_>,
+    how: (LinkMode, Strategy),
+    damage: &Damage,
+    put_shared: &BTreeSet<&str>,
+    tally: &mut Tally,
+) -> (Vec<Option<Strategy>>, usize) {
+    let mut makes: Vec<Option<Strategy>> = Vec::with_capacity(refs.len());
+    let mut made = 0;
+    for (&(slot, id), want) in refs {
+        let counts = match slot {
+            SlotRef::Direct => &mut tally.direct_tables,
+            SlotRef::Package(_) => &mut tally.data_packages,
+        };
+        let decided = decide_ref(state, (slot, id), want, how, damage, put_shared, counts);
+        made += usize::from(decided.is_some());
+        makes.push(decided);
+    }
+    (makes, made)
+}
+
+/// One staged download per table of `put` whose md5 is not staged yet.
+fn stage_tables<'t>(
+    put: &[(&str, &'t WantTable<'_>)],
+    staged: &mut HashSet<&'t str>,
+    stage: &mut Vec<StageItem>,
+) {
+    for &(id, want) in put {
+        if staged.insert(&want.md5) {
+            stage.push(StageItem {
+                md5: want.md5.to_string(),
+                url: want.url.to_string(),
+                item: Item::Table { id: id.to_string() },
+                size: want.size,
+            });
+        }
+    }
+}
+
+/// The references of `state` that `refs` does not keep at the same name, as
+/// `RemoveRef` events (counted as removed when the table leaves the slot).
+fn ref_removals(state: &SyncState, refs: &Refs<'_>, tally: &mut Tally) -> Vec<Event> {
+    let mut removals = Vec::new();
+    for (slot, id, e) in state.entries() {
+        match refs.get(&(slot, id)) {
+            None => {
+                tally.of(slot).removed += 1;
+                removals.push(Event::RemoveRef {
+                    slot: slot.to_slot(),
+                    table_id: id.to_string(),
+                    name: e.name.clone(),
+                });
+            }
+            Some(want) if want.name != e.name => {
+                // Same table, new file name: move the reference.
+                removals.push(Event::RemoveRef {
+                    slot: slot.to_slot(),
+                    table_id: id.to_string(),
+                    name: e.name.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    removals
+}
+
+/// The folders of packages (and of direct tables) that end up with no reference.
+fn folders_gone<'a>(state: &'a SyncState, refs: &Refs<'a>) -> Vec<&'a str> {
+    let mut folders_left: BTreeSet<&str> = BTreeSet::new();
+    // The references are sorted by slot: one insert per run of a slot.
+    let mut last_slot = None;
+    for (slot, _) in refs.keys() {
+        if last_slot != Some(slot) {
+            last_slot = Some(slot);
+            folders_left.insert(match slot {
+                SlotRef::Direct => DIRECT_FOLDER,
+                SlotRef::Package(slug) => slug,
+            });
+        }
+    }
+    let mut folders_before: BTreeSet<&str> = BTreeSet::new();
+    if !state.direct_tables.is_empty() {
+        folders_before.insert(DIRECT_FOLDER);
+    }
+    for (slug, tables) in &state.data_packages {
+        if !tables.is_empty() {
+            folders_before.insert(slug);
+        }
+    }
+    folders_before.difference(&folders_left).copied().collect()
+}
+
+/// Memory domains: a bundle put (and staged, once per md5) for each domain that is
+/// new, changed or damaged, removed for each one leaving the stack.
+fn plan_domains<'d>(
+    state: &SyncState,
+    domains: &'d BTreeMap<String, WantDomain>,
+    damage: &Damage,
+    p: &mut Plan,
+    staged: &mut HashSet<&'d str>,
+) {
+    for (slug, want) in domains {
         let put = match state.memory_domains.get(slug) {
             None => {
                 p.tally.memory_domains.added += 1;
@@ -434,13 +492,6 @@ pub fn plan_from<'s, 'm>(
             p.ops.push(Event::RemoveBundle { slug: slug.clone() });
         }
     }
-
-    for f in folders_gone {
-        p.ops.push(Event::RemoveDir {
-            slug: f.to_string(),
-        });
-    }
-    p
 }
 
 /// The folder under `data/` of the direct tables.

@@ -17,19 +17,22 @@ use crate::error::{Error, IoContext, Result};
 use crate::fs::{not_found_ok, Fs};
 use crate::journal::event::{Event, LinkMode, Record};
 use crate::journal::lock;
+use crate::journal::Journal;
 use crate::layout::Layout;
 use crate::reconcile::apply::{finish, Applier};
 use crate::reconcile::heal::{find_damage, HashFn};
 use crate::reconcile::manifest::{validate, Desired, Manifest};
 use crate::reconcile::origin::Origin;
-use crate::reconcile::place;
+use crate::reconcile::place::{self, Placement};
 use crate::reconcile::plan::{
     makes_refs, plan_from, resolve_strategy, Basis, Caps, Counts, Damage, Plan,
+};
+use crate::reconcile::recover::{
+    compact_state, journal_is_clean, peek, recover, recover_trusted, replay, Peeked, Recovered,
 };
 use crate::reconcile::room;
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
-use crate::replay::recover::recover;
 use crate::replay::state::SyncState;
 
 /// The report of `pull` and `status` (contract §5).
@@ -100,7 +103,7 @@ pub enum Wanted<'a> {
 impl<'a> Wanted<'a> {
     /// `(key, md5)` in one pass over the bytes: `md5` is the bytes' (what `md5sum`
     /// says of the manifest file; the `Begin` record keeps it), and `key`, the
-    /// no-op key ([`Pulled::key`]), is the md5 of that md5, the origin and the link
+    /// no-op key (`Pulled::key`), is the md5 of that md5, the origin and the link
     /// mode. `None` for a parsed manifest, whose bytes are unknown.
     pub fn key(&self, link: LinkMode) -> Option<(String, String)> {
         use md5::Digest;
@@ -400,7 +403,7 @@ pub fn status(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport
     let started = Instant::now();
     let fs = cfg.fs.as_ref();
     // The state file when it names the journal's length, else the journal itself.
-    let trusted = crate::replay::recover::trusted_state(fs, &cfg.layout)?;
+    let trusted = crate::reconcile::recover::trusted_state(fs, &cfg.layout)?;
     let mut damage = None;
     if let Some(state) = &trusted {
         match unchanged(
@@ -447,7 +450,8 @@ pub fn status(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport
     Ok(rep)
 }
 
-/// Pull `manifest` into the directory.
+/// Pull `manifest` into the directory: validate → lock → recover → check → plan →
+/// stage → commit → apply → finish (ARCHITECTURE.md, "The flow of a pull").
 ///
 /// A manifest given as bytes is parsed and validated before anything but the lock
 /// file is touched, unless it is the very manifest the state file realised and the
@@ -457,15 +461,89 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         return status(wanted, cfg);
     }
     let started = Instant::now();
-    let fs = cfg.fs.as_ref();
-    let layout = &cfg.layout;
-    // Read before the lock, only to decide whether the manifest must be parsed: an
-    // unchanged one need not be; any other is validated before anything (even the
-    // lock file) is touched. The key's md5 runs meanwhile.
+    let (key, raw_md5, peeked) = key_and_peek(&wanted, cfg)?;
+    // The parsed manifest outlives the desired set, which borrows from it; both
+    // are dropped once the plan is made.
+    let mut early = None;
+    if !peeked
+        .as_ref()
+        .is_some_and(|p| is_same(&p.state, key.as_deref()))
+    {
+        early = Some(wanted.parse()?);
+        // Parsed: a large manifest's text is not held while it is validated.
+        wanted.drop_bytes();
+    }
+    let mut checked = match &early {
+        Some(m) => Some(validated(m, cfg, raw_md5.as_deref())?),
+        None => None,
+    };
+    let _lock = lock::acquire(cfg.fs.as_ref(), &cfg.layout, &cfg.command, cfg.wait)?;
+    let (fast, damage) = match recover_fast_and_check(cfg, peeked, key.as_deref(), started)? {
+        Checked::Unchanged(rep) => return Ok(rep),
+        Checked::ToPlan { fast, damage } => (fast, damage),
+    };
+    let mut late = None;
+    let Validated {
+        desired,
+        md5,
+        manifest,
+    } = match checked.take() {
+        Some(v) => v,
+        // The state file changed between the peek and the lock (rare): validate now.
+        None => validated(late.insert(wanted.parse()?), cfg, raw_md5.as_deref())?,
+    };
+    let mut rec = match fast {
+        Some(rec) => *rec,
+        None => recover(cfg.fs.clone(), &cfg.layout)?,
+    };
+    let mut p = plan_pull(cfg, &mut rec, desired, manifest, damage)?;
+    // Planned: the plan holds what it needs.
+    drop((early, late));
+    let Recovered {
+        mut journal,
+        state,
+        notes,
+        ..
+    } = rec;
+    if p.is_noop() {
+        let mut rep = report(&p, state.journal.txn, false, 0, started);
+        rep.recovered = notes;
+        return Ok(rep);
+    }
+    let (txn, bytes, staged) = stage(cfg, &mut journal, &mut p, &state, md5)?;
+    let records = commit(cfg, &mut journal, txn, &staged, &mut p, key)?;
+    let (new_state, here) = apply_and_finish(cfg, &mut journal, state, txn, records, &p.refresh)?;
+    let mut rep = report(&p, txn, false, bytes, started);
+    rep.recovered = notes;
+    rep.warnings = foreign_notes(
+        cfg.fs.as_ref(),
+        &cfg.layout,
+        txn,
+        &staged.checked,
+        &new_state,
+    )?;
+    if here {
+        compact_if_due(cfg, &mut journal, new_state)?;
+    } else {
+        rep.recovered.push(format!(
+            "pull {txn} was finished by a second try after a failure past its commit point"
+        ));
+    }
+    Ok(rep)
+}
+
+/// The no-op key and the md5 of the manifest's bytes ([`Wanted::key`]), and the
+/// state file read before the lock ([`peek`]), only to decide whether the manifest
+/// must be parsed: an unchanged one need not be; any other is validated before
+/// anything (even the lock file) is touched. The key's md5 runs meanwhile.
+fn key_and_peek(
+    wanted: &Wanted<'_>,
+    cfg: &PullConfig<'_>,
+) -> Result<(Option<String>, Option<String>, Option<Peeked>)> {
     let (keyed, peeked) = std::thread::scope(|s| {
         let key = s.spawn(|| wanted.key(cfg.link));
-        let peeked = match &wanted {
-            Wanted::Raw { .. } => crate::replay::recover::peek(fs, layout),
+        let peeked = match wanted {
+            Wanted::Raw { .. } => peek(cfg.fs.as_ref(), &cfg.layout),
             Wanted::Parsed(_) => Ok(None),
         };
         let key = key
@@ -475,102 +553,133 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     });
     let peeked = peeked?;
     let (key, raw_md5) = keyed.unzip();
-    // The md5 the `Begin` record keeps: of the bytes when known, else of the
-    // parsed manifest.
-    let manifest_md5 = |m: &Manifest| {
-        raw_md5
-            .clone()
-            .unwrap_or_else(|| crate::reconcile::manifest::digest(m))
-    };
-    let same = |s: &SyncState| {
-        s.journal
-            .pulled
-            .as_ref()
-            .is_some_and(|p| Some(&p.key) == key.as_ref())
-    };
-    // The parsed manifest outlives the desired set, which borrows from it; both
-    // are dropped once the plan is made.
-    let mut early = None;
-    if !peeked.as_ref().is_some_and(|p| same(&p.state)) {
-        early = Some(wanted.parse()?);
-        // Parsed: a large manifest's text is not held while it is validated.
-        wanted.drop_bytes();
-    }
-    let mut checked = match &early {
-        Some(m) => Some((validate(m, cfg.origin)?, manifest_md5(m), &**m)),
-        None => None,
-    };
-    let _lock = lock::acquire(fs, layout, &cfg.command, cfg.wait)?;
-    // The fast path of recovery reads only; the slow one may roll a transaction
-    // back or forward, so it waits until the manifest is known to be valid.
-    let fast = crate::replay::recover::recover_trusted(&cfg.fs, layout, peeked)?;
+    Ok((key, raw_md5, peeked))
+}
+
+/// Does `state` record the pull of this no-op key?
+fn is_same(state: &SyncState, key: Option<&str>) -> bool {
+    state
+        .journal
+        .pulled
+        .as_ref()
+        .is_some_and(|p| Some(p.key.as_str()) == key)
+}
+
+/// A validated manifest: the desired set, the md5 the `Begin` record keeps, and
+/// the manifest (kept to plan again after a full recovery).
+struct Validated<'m> {
+    desired: Desired<'m>,
+    md5: String,
+    manifest: &'m Manifest,
+}
+
+/// Validate `manifest` (contract §1). The md5 is the bytes' when known, else the
+/// parsed manifest's.
+fn validated<'m>(
+    manifest: &'m Manifest,
+    cfg: &PullConfig<'_>,
+    raw_md5: Option<&str>,
+) -> Result<Validated<'m>> {
+    let desired = validate(manifest, cfg.origin)?;
+    let md5 = raw_md5.map_or_else(
+        || crate::reconcile::manifest::digest(manifest),
+        str::to_string,
+    );
+    Ok(Validated {
+        desired,
+        md5,
+        manifest,
+    })
+}
+
+/// After the lock and recovery's fast path: a pull with nothing to do, or one to
+/// plan, with what recovery and the check found.
+enum Checked {
+    Unchanged(SyncReport),
+    ToPlan {
+        /// Recovery's fast path, if the state file was trusted (boxed: it holds
+        /// the state and the journal, the report is small).
+        fast: Option<Box<Recovered>>,
+        /// The damage the check found, if it looked.
+        damage: Option<Damage>,
+    },
+}
+
+/// Recover's fast path, then check the disk when the manifest is the one the state
+/// file realised. The fast path reads only; the slow one may roll a transaction
+/// back or forward, so it waits until the manifest is known to be valid.
+fn recover_fast_and_check(
+    cfg: &PullConfig<'_>,
+    peeked: Option<Peeked>,
+    key: Option<&str>,
+    started: Instant,
+) -> Result<Checked> {
+    let fast = recover_trusted(&cfg.fs, &cfg.layout, peeked)?;
     let mut damage = None;
     if let Some(rec) = &fast {
-        match unchanged(fs, cfg, &rec.state, key.as_deref(), false, started)? {
+        match unchanged(cfg.fs.as_ref(), cfg, &rec.state, key, false, started)? {
             // Nothing to do. (The state is freed here, not on a detached thread:
-            // a library call leaves no thread behind; the fuzzer's leak check
-            // caught one that outlived its call.)
-            Ok(rep) => return Ok(rep),
+            // a library call leaves no thread behind.)
+            Ok(rep) => return Ok(Checked::Unchanged(rep)),
             Err(d) => damage = d,
         }
     }
-    let mut late = None;
-    let (desired, manifest_md5, manifest) = match checked.take() {
-        Some(v) => v,
-        // The state file changed between the peek and the lock (rare): validate now.
-        None => {
-            let m = &**late.insert(wanted.parse()?);
-            (validate(m, cfg.origin)?, manifest_md5(m), m)
-        }
-    };
-    let mut rec = match fast {
-        Some(rec) => rec,
-        None => recover(cfg.fs.clone(), layout)?,
-    };
-    let mut p = make_plan(fs, cfg, &rec.state, desired, true, damage)?;
-    if !p.is_noop() && rec.trusted && !crate::replay::recover::journal_is_clean(fs, layout)? {
-        // About to append, but the journal's end is not whole although the state
-        // file named it: recover from the journal itself (cuts a torn tail, rolls
-        // its transaction forward) and plan again (from the manifest, still held).
-        rec = crate::replay::recover::replay(cfg.fs.clone(), layout)?;
-        let desired = validate(manifest, cfg.origin)?;
-        p = make_plan(fs, cfg, &rec.state, desired, true, None)?;
-    }
-    // Planned: the plan holds what it needs.
-    drop((early, late));
-    let mut journal = rec.journal;
-    let state = rec.state;
-    if p.is_noop() {
-        let mut rep = report(&p, state.journal.txn, false, 0, started);
-        rep.recovered = rec.notes;
-        return Ok(rep);
-    }
-    // Folders the stack gains whole are built out of sight and placed whole.
-    let checked = preflight(fs, layout, &p, &state)?;
-    let placement = place::plan(&p, &checked.absent);
-    // A disk that cannot hold the pull refuses it before anything is written.
-    let mut needs = room_needed(fs, layout, &p, None);
-    room::check(fs, layout, needs)?;
+    Ok(Checked::ToPlan {
+        fast: fast.map(Box::new),
+        damage,
+    })
+}
 
-    // Phase 1: stage, invisibly.
-    let txn = journal.new_txn();
-    journal.append(
-        txn,
-        Event::Begin {
-            manifest_md5,
-            link: cfg.link,
-        },
-    );
-    for item in &p.stage {
-        journal.append(
-            txn,
-            Event::Stage {
-                md5: item.md5.clone(),
-                url: item.url.clone(),
-            },
-        );
+/// Plan against the recovered state. Before a plan that appends is made after the
+/// fast path, the journal's end must be whole although the state file named it;
+/// if it is not, recover from the journal itself (cuts a torn tail, rolls its
+/// transaction forward) and plan again (from the manifest, still held).
+fn plan_pull(
+    cfg: &PullConfig<'_>,
+    rec: &mut Recovered,
+    desired: Desired<'_>,
+    manifest: &Manifest,
+    damage: Option<Damage>,
+) -> Result<Plan> {
+    let fs = cfg.fs.as_ref();
+    let p = make_plan(fs, cfg, &rec.state, desired, true, damage)?;
+    if p.is_noop() || !rec.trusted || journal_is_clean(fs, &cfg.layout)? {
+        return Ok(p);
     }
-    journal.sync()?;
+    *rec = replay(cfg.fs.clone(), &cfg.layout)?;
+    let desired = validate(manifest, cfg.origin)?;
+    make_plan(fs, cfg, &rec.state, desired, true, None)
+}
+
+/// What staging made ready for the commit point.
+struct Staged {
+    placement: Placement,
+    /// What the preflight found: folders to place, files stack did not write.
+    checked: Preflight,
+    /// The room the pull needs, as sized once its downloads were in.
+    needs: room::Needs,
+}
+
+/// Begin and stage, out of sight: a disk too small refuses the pull first; then
+/// the `Begin` and `Stage` records, every download and every folder the stack
+/// gains whole, built in `.stack/staging/`, and the reserve for what comes after
+/// the commit point (`reconcile::room`), made durable by one `syncfs`. Any
+/// failure aborts the transaction, nothing visible changed, the room taken given
+/// back. Returns the transaction, the bytes fetched and what was staged.
+fn stage(
+    cfg: &PullConfig<'_>,
+    journal: &mut Journal,
+    p: &mut Plan,
+    state: &SyncState,
+    manifest_md5: String,
+) -> Result<(u64, u64, Staged)> {
+    let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
+    // Folders the stack gains whole are built out of sight and placed whole.
+    let checked = preflight(fs, layout, p, state)?;
+    let placement = place::plan(p, &checked.absent);
+    let mut needs = room_needed(fs, layout, p, None);
+    room::check(fs, layout, needs)?;
+    let txn = begin(journal, p, manifest_md5, cfg.link)?;
     (cfg.progress)(Progress::Staging {
         files: p.stage.len() as u64,
         bytes: p.stage.iter().map(|s| s.size).sum(),
@@ -590,42 +699,87 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         place::make_links(fs, layout, &placement, &p.ops, cfg.jobs)?;
         // Every download is in: hold the room for what comes after the commit
         // point, sized from the staged files themselves.
-        needs = room_needed(fs, layout, &p, Some(&placement));
+        needs = room_needed(fs, layout, p, Some(&placement));
         room::reserve(fs, layout, needs.after_commit, needs)?;
         Ok(bytes)
     });
     let bytes = match staged {
         Ok(b) => b,
         Err(e) if e.is_crash() => return Err(e),
-        Err(e) => {
-            // Before the commit point: the folders and files are staging, given
-            // back now (a partial download stays, to be resumed); the next
-            // command's recovery removes whatever this cannot.
-            let e = give_back(fs, layout, e, needs)?;
-            journal.append(
-                txn,
-                Event::Aborted {
-                    reason: e.to_string(),
-                },
-            );
-            // Unrecorded (a full disk, say), the next command's recovery rolls
-            // the transaction back all the same: it has no `Prepared`.
-            match journal.sync() {
-                Err(a) if a.is_crash() => return Err(a),
-                _ => return Err(e),
-            }
-        }
+        Err(e) => return Err(abort(cfg, journal, txn, e, needs)),
     };
     if !p.stage.is_empty() || !placement.folders.is_empty() {
         let staging = layout.staging();
         fs.sync_fs(&staging).at("syncfs", &staging)?;
     }
     drop(std::mem::take(&mut p.stage)); // staged: not held through apply
+    Ok((
+        txn,
+        bytes,
+        Staged {
+            placement,
+            checked,
+            needs,
+        },
+    ))
+}
 
-    // Phase 2: the commit point — the whole plan, durable, in one batch. The
-    // placed folders come first: every other step may need them in place.
-    let places = placement.events();
-    drop(placement);
+/// A new transaction: its `Begin` and one `Stage` per download, one journal batch.
+fn begin(journal: &mut Journal, p: &Plan, manifest_md5: String, link: LinkMode) -> Result<u64> {
+    let txn = journal.new_txn();
+    journal.append(txn, Event::Begin { manifest_md5, link });
+    for item in &p.stage {
+        journal.append(
+            txn,
+            Event::Stage {
+                md5: item.md5.clone(),
+                url: item.url.clone(),
+            },
+        );
+    }
+    journal.sync()?;
+    Ok(txn)
+}
+
+/// Staging failed with `e`, before the commit point: the room it took is given
+/// back ([`give_back`]) and the transaction is `Aborted` — if the journal has
+/// room for that; if not, the next command's recovery rolls it back all the same
+/// (it has no `Prepared`). Returns the error the pull fails with.
+fn abort(
+    cfg: &PullConfig<'_>,
+    journal: &mut Journal,
+    txn: u64,
+    e: Error,
+    needs: room::Needs,
+) -> Error {
+    let e = match give_back(cfg.fs.as_ref(), &cfg.layout, e, needs) {
+        Ok(e) => e,
+        Err(crash) => return crash,
+    };
+    journal.append(
+        txn,
+        Event::Aborted {
+            reason: e.to_string(),
+        },
+    );
+    match journal.sync() {
+        Err(a) if a.is_crash() => a,
+        _ => e,
+    }
+}
+
+/// The commit point: the whole plan, durable, in one batch. The placed folders
+/// come first: every other step may need them in place; then the other steps, the
+/// `Request` (the no-op key) and `Prepared`.
+fn commit(
+    cfg: &PullConfig<'_>,
+    journal: &mut Journal,
+    txn: u64,
+    staged: &Staged,
+    p: &mut Plan,
+    key: Option<String>,
+) -> Result<Vec<Record>> {
+    let places = staged.placement.events();
     let mut last = Vec::with_capacity(2);
     if let Some(key) = key {
         last.push(Event::Request {
@@ -636,57 +790,63 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     }
     last.push(Event::Prepared);
     // A file stack did not write where the plan puts one is moved aside first.
-    let aside: Vec<Event> = checked
+    let aside: Vec<Event> = staged
+        .checked
         .foreign
         .iter()
         .map(|rel| Event::RemoveStray { rel: rel.clone() })
         .collect();
     let parts = vec![places, aside, std::mem::take(&mut p.ops), last];
-    let records: Vec<Record> = match journal.append_batch(txn, parts) {
-        Ok(records) => records,
+    match journal.append_batch(txn, parts) {
+        Ok(records) => Ok(records),
         // Cut off again (not `broken`): the commit point was not reached, and
         // the next command's recovery rolls the transaction back.
-        Err(e) if !journal.is_broken() => return Err(give_back(fs, layout, e, needs)?),
-        Err(e) => return Err(e),
-    };
+        Err(e) if !journal.is_broken() => {
+            Err(give_back(cfg.fs.as_ref(), &cfg.layout, e, staged.needs)?)
+        }
+        Err(e) => Err(e),
+    }
+}
 
-    // Phase 3: apply, then finish (state file, Committed, cleanup).
+/// Apply every committed step, then finish (state file, `Committed`, cleanup).
+/// Returns the new state, and whether it was finished here (`false`: by the
+/// recovery [`settle`] ran after a failure, through a journal writer of its own).
+/// A failure that persists is rolled back in the same command where the disk
+/// lets it; else the next command that can write finishes the transaction.
+fn apply_and_finish(
+    cfg: &PullConfig<'_>,
+    journal: &mut Journal,
+    state: SyncState,
+    txn: u64,
+    records: Vec<Record>,
+    refresh: &[String],
+) -> Result<(SyncState, bool)> {
+    let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
     let applied = Applier::new(fs, layout, txn)
         .threads(cfg.jobs)
         .staged_read_only()
         .apply_all(&records)
-        .and_then(|()| finish(fs, layout, &mut journal, state, txn, records, &p.refresh));
-    let (new_state, mut journal) = match applied {
-        Ok(s) => (s, journal),
-        Err(e) if e.is_crash() => return Err(e),
-        Err(e) => {
-            // Recovery reopens the journal (a failed append may have left it
-            // needing a cut).
-            drop(journal);
-            let state = settle(cfg.fs.clone(), layout, txn, e)?;
-            let mut rep = report(&p, txn, false, bytes, started);
-            rep.recovered = rec.notes;
-            rep.recovered.push(format!(
-                "pull {txn} was finished by a second try after a failure past its commit point"
-            ));
-            rep.warnings = foreign_notes(fs, layout, txn, &checked, &state)?;
-            return Ok(rep);
-        }
-    };
-    let warnings = foreign_notes(fs, layout, txn, &checked, &new_state)?;
-    if journal.wants_compaction() {
-        // The pull has committed: a failed compaction costs only space.
-        if let Err(e) = crate::replay::recover::compact_state(fs, layout, &mut journal, new_state) {
-            if e.is_crash() {
-                return Err(e);
-            }
-            eprintln!("stack: warning: automatic journal compaction failed: {e}");
-        }
+        .and_then(|()| finish(fs, layout, journal, state, txn, records, refresh));
+    match applied {
+        Ok(s) => Ok((s, true)),
+        Err(e) if e.is_crash() => Err(e),
+        Err(e) => Ok((settle(cfg.fs.clone(), layout, txn, e)?, false)),
     }
-    let mut rep = report(&p, txn, false, bytes, started);
-    rep.recovered = rec.notes;
-    rep.warnings = warnings;
-    Ok(rep)
+}
+
+/// Compact the journal if it has grown enough. The pull has committed: a failed
+/// compaction costs only space.
+fn compact_if_due(cfg: &PullConfig<'_>, journal: &mut Journal, state: SyncState) -> Result<()> {
+    if !journal.wants_compaction() {
+        return Ok(());
+    }
+    if let Err(e) = compact_state(cfg.fs.as_ref(), &cfg.layout, journal, state) {
+        if e.is_crash() {
+            return Err(e);
+        }
+        eprintln!("stack: warning: automatic journal compaction failed: {e}");
+    }
+    Ok(())
 }
 
 /// The files stack did not write in the folders the pull wrote into: those it
@@ -727,7 +887,7 @@ fn foreign_notes(
 /// changed), or neither way was possible (the next command that can write
 /// finishes it); the message says which, and what to do.
 fn settle(fs: Arc<dyn Fs>, layout: &Layout, txn: u64, e: Error) -> Result<SyncState> {
-    match crate::replay::recover::replay(fs, layout) {
+    match replay(fs, layout) {
         Ok(rec) if rec.state.journal.txn == txn => Ok(rec.state),
         Ok(_) => Err(Error::State {
             path: layout.root.clone(),

@@ -13,8 +13,10 @@
 //!   Undo therefore needs no new data blocks: renames and folder removals only.
 //! - Steps are undone in reverse order, each idempotent: a kept file already
 //!   renamed back is gone from the trash, a new file already moved away is gone.
-//!   An `Undo` record, durable before the first of them, stops recovery from
-//!   rolling such a transaction forward again (its staged files may be spent).
+//!   A marker (`Layout::rolling_back`), durable before the first of them, stops
+//!   recovery from rolling such a transaction forward again (its staged files
+//!   may be spent); `Aborted`, durable after the last, ends the transaction, and
+//!   only then are the trash and the marker removed.
 //! - Folders the transaction created are removed once empty; a user's file keeps
 //!   one alive.
 

@@ -1,10 +1,9 @@
-//! Replay: the projection of the journal and crash recovery.
+//! Replay: the journal projected into the state, and the state file.
 //!
-//! Owns: `sync_state.json` (`state`), folding the journal into it (`project`) and
-//! recovery (`recover`). Invariant kept: the state file is derived from the journal
-//! alone; recovery rolls a transaction back before its commit point and forward
-//! after it.
+//! Owns: `sync_state.json` read and replaced (`state`), and folding the journal
+//! into it (`project`). Invariant kept: the state file is derived from the journal
+//! alone. Recovery, which rolls a transaction back or forward with the applier, is
+//! `reconcile::recover`.
 
 pub mod project;
-pub mod recover;
 pub mod state;

@@ -145,8 +145,6 @@ pub struct Pending {
     pub txn: u64,
     /// Did it reach its commit point?
     pub prepared: bool,
-    /// Is it being rolled back (an `Undo` record after its commit point)?
-    pub undoing: bool,
     /// Its records, in order.
     pub records: Vec<Record>,
 }
@@ -215,7 +213,6 @@ pub fn project(records: &[Record]) -> Projection {
     let pending = open.into_iter().next_back().map(|(txn, recs)| Pending {
         txn,
         prepared: recs.iter().any(|r| r.event == Event::Prepared),
-        undoing: recs.iter().any(|r| matches!(r.event, Event::Undo { .. })),
         records: recs.into_iter().cloned().collect(),
     });
     compact_maps(&mut state);
@@ -327,8 +324,7 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
         | Event::Checkpoint { .. }
         | Event::RemoveStray { .. }
         | Event::Request { .. }
-        | Event::Place { .. }
-        | Event::Undo { .. } => {}
+        | Event::Place { .. } => {}
     }
 }
 

@@ -544,7 +544,7 @@ impl Failing {
         for (p, c, crash) in &self.fail {
             if p == path && *c == call {
                 return Err(if *crash {
-                    io::Error::other(crate::error::CRASH_MARKER)
+                    crate::error::SimulatedCrash::io_error()
                 } else {
                     io::Error::from_raw_os_error(libc::EIO)
                 });
@@ -728,7 +728,7 @@ fn a_crash_wins_over_every_other_error() {
 
 /// A batch that returns fewer results than names is an error for the missing
 /// ones, in the second batch (`stat` of the symlinks an `lstat` found) as in the
-/// first (review finding: a missing second result read as "resolves").
+/// first: a missing second result must not read as "resolves".
 #[test]
 fn a_short_batch_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
@@ -833,8 +833,8 @@ impl Fs for Watching {
 /// another entry's, which the content check would otherwise probe with it), and
 /// memory domains with an unsafe slug or a path outside are each reported as
 /// `unsafe_path` where `bad_path` / `missing_domain` would be, in every mode, and
-/// nothing outside the directory is stat-ed, listed, read or hashed (before, the
-/// audit stat-ed and hashed the victim through all of them).
+/// nothing outside the directory is stat-ed, listed, read or hashed (through any
+/// of them, the audit could otherwise stat and hash a victim file).
 #[test]
 fn unsafe_entries_are_reported_and_nothing_outside_is_read() {
     let tmp = tempfile::tempdir().unwrap();

@@ -337,9 +337,9 @@ fn a_checkpoint_pointing_outside_the_directory_is_corruption_and_nothing_changes
 /// event holds names, never paths; this one is no name validation lets through) is
 /// corruption: every command that would fold the journal exits 4 naming the record,
 /// its seq and transaction and the name, and nothing in the directory changes.
-/// Before, recovery folded it: heal stat-ed and hashed the victim, and the next
-/// pull planned its removal after its commit point, which apply refused (exit 1),
-/// and so did every later command.
+/// Folded instead, it would have heal stat and hash the victim, and the next pull
+/// plan its removal after its commit point, which apply refuses (exit 1), and so
+/// would every later command.
 #[test]
 fn an_event_naming_a_path_outside_the_directory_is_corruption_and_nothing_changes() {
     use stack::fs::RealFs;
@@ -453,4 +453,33 @@ fn every_command_refuses_the_journal(o: &Origin, dir: &Path, case: &str, names_i
         "{case}: journal rewritten"
     );
     assert_same(&no_lock(&before), &no_lock(&snapshot(dir)), case);
+}
+
+/// The fast path trusts a state file naming the journal's length. If the journal's
+/// end is torn at that same length (a power loss during the last fdatasync), the
+/// next pull with work to do recovers from the journal itself instead of trusting
+/// it: the torn `Committed` is cut, its transaction rolled forward, and the pull
+/// goes on.
+#[test]
+fn a_torn_end_under_a_trusted_state_is_recovered_not_appended_to() {
+    let (o, l) = pulled("symlink");
+    let dir = l.dir();
+    let jpath = dir.join(".stack/journal");
+    let mut bytes = std::fs::read(&jpath).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 6..] {
+        *b = 0;
+    }
+    std::fs::write(&jpath, &bytes).unwrap();
+    let v2 = {
+        let mut ts = base_tables();
+        ts[2] = t("tbl_b", "b", Some("p1"), b"table b, version 2\n");
+        o.write(&ts, &base_domains(), "v2.json")
+    };
+    let r = pull(&v2, &dir, &["--json"]);
+    r.ok();
+    assert!(dir.join(".stack/journal.broken").exists());
+    assert_verify_clean(&dir);
+    let d = dir.to_str().unwrap();
+    stack(&["journal", "verify", "--dir", d]).ok();
 }

@@ -147,3 +147,25 @@ fn the_directory_can_be_moved() {
     r.ok();
     assert_eq!(counts(&r.json(), "data_packages"), [0, 0, 0, 4, 0]);
 }
+
+/// With an explicit `--link reflink` on a filesystem that cannot clone, a repeated
+/// pull neither probes again (mkdir, create, unlink in .stack/tmp) nor warns again:
+/// it writes nothing.
+#[test]
+fn a_repeated_pull_with_a_refused_link_mode_writes_nothing() {
+    let (o, l) = pulled("reflink");
+    let dir = l.dir();
+    let before = snapshot(&dir);
+    let run = pull(&o.manifest(), &dir, &["--link", "reflink"]);
+    run.ok();
+    assert!(!run.stderr.contains("copying instead"), "{}", run.stderr);
+    let after = snapshot(&dir);
+    let lock = Path::new(".stack/lock");
+    let strip = |s: &Snapshot| {
+        s.iter()
+            .filter(|(p, _)| p.as_path() != lock)
+            .map(|(p, n)| (p.clone(), n.clone()))
+            .collect::<Snapshot>()
+    };
+    assert_same(&strip(&before), &strip(&after), "repeated pull");
+}

@@ -280,3 +280,19 @@ fn unknown_fields_and_missing_lists_are_fine() {
     assert_verify_clean(&l.dir());
     assert!(!l.dir().join("memory/finance").exists());
 }
+
+/// One table id listed with two URLs (mirrors of the same md5) is a valid manifest.
+#[test]
+fn one_table_with_two_urls_is_accepted() {
+    let o = base_origin();
+    let l = Local::new();
+    let mut m = o.manifest_value(&base_tables(), &base_domains());
+    let url = m["data_packages"][0]["tables"][0]["parquet_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    m["data_packages"][0]["tables"][0]["parquet_url"] = json!(format!("{url}?package=p1"));
+    let path = o.write_manifest(&m, "mirrors.json");
+    pull(&path, &l.dir(), &[]).ok();
+    assert_verify_clean(&l.dir());
+}

@@ -141,3 +141,12 @@ fn dir_defaults_to_stack_dir_then_cwd() {
         assert_eq!(r.code, 0, "{args:?}: {r:?}");
     }
 }
+
+/// An empty STACK_DIR means unset: the current directory.
+#[test]
+fn an_empty_stack_dir_means_the_current_directory() {
+    let (_o, l) = pulled("symlink");
+    let mut c = bin();
+    c.args(["verify"]).env("STACK_DIR", "").current_dir(l.dir());
+    output(c).ok();
+}

@@ -223,7 +223,8 @@ fn a_noop_pull_writes_nothing() {
         assert_eq!(counts(&v, "direct_tables"), [0, 0, 0, 1, 0]);
         assert_eq!(counts(&v, "data_packages"), [0, 0, 0, 4, 0]);
         assert_eq!(counts(&v, "memory_domains"), [0, 0, 0, 1, 0]);
-        // The lock file is rewritten with the new holder's pid by design (issue 2);
+        // The lock file is rewritten with the new holder's pid by design (it names
+        // the holder);
         // everything else, .stack/journal and sync_state.json included, is untouched.
         let strip = |s: &Snapshot| -> Snapshot {
             s.iter()
@@ -361,8 +362,8 @@ fn a_pull_that_adds_a_reference_to_a_known_table_is_followed_by_a_noop() {
 /// whose name is not one safe path component (its reference path, built from it,
 /// leaves the directory) and a memory domain whose path leaves it are reported as
 /// `unsafe_path` (exit 4), naming the entry and what is wrong, and their files are
-/// never looked at (before, the audit stat-ed and hashed the victim, found it
-/// intact and said nothing of the entry).
+/// never looked at (following them, the audit would stat and hash the victim, find
+/// it intact and say nothing of the entry).
 #[test]
 fn verify_reports_an_entry_pointing_outside_the_directory_and_never_reads_there() {
     let (_o, l) = pulled("copy");
@@ -433,4 +434,27 @@ fn verify_reports_an_entry_pointing_outside_the_directory_and_never_reads_there(
     );
     assert_same(&before, &snapshot(&dir), "verify");
     assert_eq!(std::fs::read(&victim).unwrap(), content);
+}
+
+/// `gc` removes partial downloads that no pull will resume.
+#[test]
+fn gc_removes_partial_downloads() {
+    let (_o, l) = pulled("symlink");
+    let dir = l.dir();
+    let part = dir.join(".stack/staging/0123456789abcdef0123456789abcdef.part");
+    std::fs::write(&part, vec![7u8; 100_000]).unwrap();
+    stack(&["gc", "--dir", dir.to_str().unwrap()]).ok();
+    assert!(!part.exists());
+}
+
+/// `verify` with an unreadable `sync_state.json` checks the journal's projection
+/// instead, and says so.
+#[test]
+fn verify_with_an_unreadable_state_file_checks_the_journal() {
+    let (_o, l) = pulled("symlink");
+    let dir = l.dir();
+    std::fs::write(dir.join("sync_state.json"), b"{ not json").unwrap();
+    let r = verify(&dir, true);
+    r.ok();
+    assert!(r.stderr.contains("journal"), "{}", r.stderr);
 }

@@ -1,4 +1,4 @@
-//! The properties of the fuzz campaigns (issue 6), shared by the cargo-fuzz targets
+//! The properties of the fuzz campaigns, shared by the cargo-fuzz targets
 //! (`fuzz/fuzz_targets/*.rs`, which include this file by path) and by the proptest
 //! tests in `tests/fuzz_props.rs`, so both check exactly the same things.
 //!
@@ -22,9 +22,9 @@ use stack::layout::{self, Layout};
 use stack::reconcile::manifest::{validate, Desired, Manifest, SlotRef};
 use stack::reconcile::origin::{self, Fetched, LocalOrigin, Origin, Request};
 use stack::reconcile::pull::{default_hash, pull, PullConfig, Wanted};
+use stack::reconcile::recover::recover;
 use stack::reconcile::stage::BundleCheck;
 use stack::replay::project::{check_records, project};
-use stack::replay::recover::recover;
 use stack::replay::state::{read_state, SyncState};
 use stack::verify::{audit, Contents};
 

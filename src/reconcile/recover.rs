@@ -250,8 +250,9 @@ pub fn compact_dir(
 /// A transaction past its commit point: roll it forward from its staged files;
 /// if that fails (a fault that persists) and the disk still lets stack write,
 /// roll it back from what it kept (`reconcile::undo`), in this same command. A
-/// transaction already being rolled back (`Undo`) is only rolled back. Returns
-/// the state and what was done; the error of rolling forward if neither could.
+/// transaction already being rolled back (its `rolling-back` marker is in its
+/// trash) is only rolled back: its staged files may be spent. Returns the state
+/// and what was done; the error of rolling forward if neither could.
 fn roll_forward_or_back(
     fs: &dyn Fs,
     layout: &Layout,
@@ -260,7 +261,8 @@ fn roll_forward_or_back(
     p: crate::replay::project::Pending,
 ) -> Result<(SyncState, String)> {
     let txn = p.txn;
-    let failed = if p.undoing {
+    let marker = layout.rolling_back(txn);
+    let failed = if fs.exists(&marker).at("stat", &marker)? {
         None
     } else {
         // Kept for a rollback: the forward path consumes the state it folds.
@@ -284,18 +286,15 @@ fn roll_forward_or_back(
     );
     let mut back = || -> Result<()> {
         if failed.is_some() {
-            // What the apply did, the old files it kept in the trash included,
-            // durable before the record that forbids rolling forward again.
-            fs.sync_fs(&layout.root).at("syncfs", &layout.root)?;
             // A `Committed` a failed sync kept queued is never written now.
             journal.discard_pending();
-            journal.append(
-                txn,
-                Event::Undo {
-                    reason: reason.clone(),
-                },
-            );
-            journal.sync()?;
+            // The marker that forbids rolling forward again, and what the apply
+            // did (the old files it kept in the trash included), durable before
+            // the first step is undone. An empty file: no data blocks.
+            let dir = marker.parent().unwrap_or(&layout.root);
+            fs.create_dir_all(dir).at("mkdir", dir)?;
+            drop(fs.create(&marker).at("create", &marker)?);
+            fs.sync_fs(&layout.root).at("syncfs", &layout.root)?;
         }
         crate::reconcile::undo::undo(fs, layout, &old, txn, &p.records)?;
         journal.append(

@@ -1,7 +1,8 @@
-//! Staging and apply under crashes, beyond `crash_consistency.rs` (found by the
-//! session 2 review):
-//! - a transaction prepared by an older engine (its staging did not make staged
-//!   files read-only; its apply did) and rolled forward by this one;
+//! Staged files under crashes, beyond `crash_consistency.rs`:
+//! - a transaction prepared with its staged files still writable (as an engine
+//!   that makes them read-only in apply rather than in staging leaves them),
+//!   crashed after its commit point and rolled forward: the shared file ends
+//!   read-only;
 //! - an origin that resumes (as HTTP does): staging goes through `<md5>.part`,
 //!   crashed and power-lost at every operation.
 
@@ -17,7 +18,7 @@ use stack::fs::Fs;
 use stack::layout::Layout;
 use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
 use stack::reconcile::pull::{pull, PullConfig, Wanted};
-use stack::replay::recover::recover;
+use stack::reconcile::recover::recover;
 use stack::{BundleCheck, LinkMode};
 
 const ROOT: &str = "/stack";
@@ -116,7 +117,7 @@ fn old_engine_prepared_txn_rolled_forward_keeps_shared_read_only() {
         after.exists(Path::new(&staged)).unwrap(),
         "crash point not after the commit point"
     );
-    // What the pre-session engine left: it chmodded in apply, not in staging.
+    // Staged files as an engine that chmods in apply, not in staging, leaves them.
     after.set_readonly(Path::new(&staged), false).unwrap();
     recover(Arc::new(after.clone()), &Layout::new(ROOT)).unwrap();
     let snap = after.snapshot();
