@@ -190,19 +190,34 @@ pub fn probe_caps(fs: &dyn Fs, layout: &Layout, _link: LinkMode) -> Result<Caps>
     fs.create_dir_all(&dir).at("mkdir", &dir)?;
     let src = dir.join("probe");
     let dst = dir.join("probe-clone");
-    let mut f = fs.create(&src).at("create", &src)?;
-    f.write_all(b"stack probe").at("write", &src)?;
-    drop(f);
+    let written = fs
+        .create(&src)
+        .and_then(|mut f| f.write_all(b"stack probe"));
+    if let Err(e) = written {
+        // A full disk, say: the probe's bytes go back with the refusal.
+        if !crate::error::is_crash_io(&e) {
+            let _ = not_found_ok(fs.remove_file(&src));
+        }
+        return Err(e).at("write", &src);
+    }
     not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
     let reflink = fs.reflink(&src, &dst).is_ok();
     not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
     let hardlink = fs.hard_link(&src, &dst).is_ok();
     not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
     not_found_ok(fs.remove_file(&src)).at("remove", &src)?;
-    // A hint, not state: not synced; a lost or stale file only means a new probe.
-    let mut f = fs.create(&cache).at("create", &cache)?;
+    // A hint, not state: not synced; a lost, stale or unwritable file only means
+    // a new probe next time.
     let line = format!("{dev} {} {}\n", u8::from(reflink), u8::from(hardlink));
-    f.write_all(line.as_bytes()).at("write", &cache)?;
+    let written = fs
+        .create(&cache)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        if crate::error::is_crash_io(&e) {
+            return Err(e).at("write", &cache);
+        }
+        let _ = not_found_ok(fs.remove_file(&cache));
+    }
     Ok(Caps { reflink, hardlink })
 }
 
