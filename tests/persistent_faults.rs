@@ -250,6 +250,8 @@ struct Transition {
     new: Value,
     link: LinkMode,
     reflink: bool,
+    /// The link mode the history was pulled with, when not `link`.
+    history_link: Option<LinkMode>,
 }
 
 struct Prepared {
@@ -271,8 +273,12 @@ fn prepare(t: &Transition) -> Prepared {
     fs.create_dirs(ROOT).unwrap();
     fs.set_reflink(t.reflink);
     for (k, m) in t.history.iter().enumerate() {
-        pull_on(Arc::new(fs.clone()), &bytes_of(m), t.link)
-            .unwrap_or_else(|e| panic!("{}: setup pull {k} failed: {e}", t.name));
+        pull_on(
+            Arc::new(fs.clone()),
+            &bytes_of(m),
+            t.history_link.unwrap_or(t.link),
+        )
+        .unwrap_or_else(|e| panic!("{}: setup pull {k} failed: {e}", t.name));
     }
     fs.make_durable();
     let old = view(&fs).unwrap();
@@ -473,10 +479,17 @@ fn crash_at_every_op_of_a_rollback_past_the_commit_point() {
                 new,
                 link,
                 reflink,
+                history_link: None,
             });
             for under in DENIED {
                 states += crash_rollback(&p, under);
             }
+        }
+    }
+    for t in link_changes() {
+        let p = prepare(&t);
+        for under in DENIED {
+            states += crash_rollback(&p, under);
         }
     }
     report("rollbacks crashed at every operation", states);
@@ -566,6 +579,7 @@ fn run_scenarios(links: &[(LinkMode, bool)]) -> u64 {
                 new,
                 link,
                 reflink,
+                history_link: None,
             });
         }
     }
@@ -595,6 +609,49 @@ fn persistent_faults_copies() {
     assert!(states >= 8_000, "only {states} fault states");
 }
 
+/// The same stack pulled again under each change of link mode.
+fn link_changes() -> Vec<Transition> {
+    let stack = manifest(
+        vec![table("tbl_d", "d", 1)],
+        vec![
+            package("p1", vec![table("tbl_a", "a", 1), table("tbl_b", "b", 1)]),
+            package("p2", vec![table("tbl_a", "a", 1)]),
+        ],
+        vec![],
+    );
+    [
+        (LinkMode::Symlink, LinkMode::Copy),
+        (LinkMode::Copy, LinkMode::Symlink),
+        (LinkMode::Symlink, LinkMode::Hardlink),
+        (LinkMode::Hardlink, LinkMode::Copy),
+    ]
+    .into_iter()
+    .map(|(from, to)| Transition {
+        name: format!("link mode {from:?} -> {to:?}"),
+        history: vec![stack.clone()],
+        new: stack.clone(),
+        link: to,
+        reflink: false,
+        history_link: Some(from),
+    })
+    .collect()
+}
+
+/// The same stack pulled again under another link mode: every reference is
+/// re-made in place (a symlink becomes a copy, a copy a hard link...), so the
+/// old references are replaced, not added beside.
+#[test]
+fn persistent_faults_link_mode_changes() {
+    let mut states = 0;
+    for t in link_changes() {
+        let p = prepare(&t);
+        assert_ne!(p.old, p.new, "{}: the references change", t.name);
+        states += explore_prepared(&p);
+    }
+    report("link mode changes", states);
+    assert!(states >= 1_000, "only {states} fault states");
+}
+
 #[test]
 fn persistent_faults_random_sequences() {
     let f = long_factor();
@@ -619,6 +676,7 @@ fn persistent_faults_random_sequences() {
                 new: new.clone(),
                 link,
                 reflink: false,
+                history_link: None,
             };
             let p = prepare(&t);
             if p.old != p.new {

@@ -148,8 +148,15 @@ impl<'a> Applier<'a> {
         self.to_trash(seq, dst)
     }
 
-    /// Does `path` hold content `md5` (a file of that md5)?
+    /// Does `path` hold content `md5` as a file of its own (not a symlink to
+    /// one: a reference whose link mode changed is not the step's file)?
     fn holds(&self, path: &Path, md5: &str) -> Result<bool> {
+        match self.fs.symlink_metadata(path) {
+            Ok(m) if m.kind == Kind::File => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e).at("stat", path),
+        }
         match crate::reconcile::origin::md5_file(self.fs, path) {
             Ok(h) => Ok(h == md5),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -393,7 +400,11 @@ impl<'a> Applier<'a> {
                         .read_link(&dst)
                         .is_ok_and(|t| t == layout::symlink_target(table_id))),
                     Strategy::Hardlink => Ok(self.same_file(&dst, &shared)),
-                    Strategy::Copy | Strategy::Reflink => self.holds(&dst, md5),
+                    // A copy of its own, not a hard link to the shared file
+                    // (a reference whose link mode changed).
+                    Strategy::Copy | Strategy::Reflink => {
+                        Ok(!self.same_file(&dst, &shared) && self.holds(&dst, md5)?)
+                    }
                 })?;
                 let tmp = self.tmp_path(seq)?;
                 self.link_or_copy(*strategy, &shared, &tmp, &layout::symlink_target(table_id))?;

@@ -47,7 +47,10 @@ pub fn undo(
         txn,
         held: tracked(old),
     };
-    crate::reconcile::room::release(fs, layout)?;
+    let reserve = layout.reserve();
+    if fs.exists(&reserve).at("stat", &reserve)? {
+        crate::reconcile::room::release(fs, layout)?;
+    }
     let mut folders = BTreeSet::new();
     let mut placed = BTreeSet::new();
     for r in records.iter().rev() {
