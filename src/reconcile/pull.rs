@@ -381,7 +381,7 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
         match kind_of(&buf)? {
             Some(Kind::Dir) => return Err(refuse(&buf, "a folder is where stack puts a file")),
             Some(_) => {
-                let held = held.get_or_insert_with(|| crate::reconcile::foreign::tracked(state));
+                let held = held.get_or_insert_with(|| crate::reconcile::foreign::Held::of(state));
                 if !held.contains(&buf) {
                     foreign.push(buf.clone());
                 }

@@ -29,7 +29,6 @@ use crate::fs::{Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::layout::{self, Layout};
 use crate::reconcile::apply::quarantined;
-use crate::reconcile::foreign::tracked;
 use crate::replay::state::SyncState;
 
 /// Put the old stack `old` back after transaction `txn` applied some of
@@ -89,6 +88,19 @@ pub fn undo(
     }
     let root = &layout.root;
     fs.sync_fs(root).at("syncfs", root)
+}
+
+/// Every relative path `state` holds (references, shared files, bundles).
+fn tracked(state: &SyncState) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for (slot, id, e) in state.entries() {
+        out.insert(e.ref_path(slot).into_owned());
+        out.insert(e.shared_path(id).into_owned());
+    }
+    for slug in state.memory_domains.keys() {
+        out.insert(layout::bundle_rel(slug));
+    }
+    out
 }
 
 struct Undoer<'a> {
