@@ -1,14 +1,23 @@
 //! The engine's error type and its mapping onto the contract's exit codes.
 //!
-//! Owns: [`Error`], [`Error::kind`]'s stable names for JSON reports, and the rule that
-//! every I/O error carries the path it happened on.
+//! Owns: [`Error`], [`Error::kind`]'s stable names for JSON reports, the rule that
+//! every I/O error carries the path it happened on and keeps its `io::Error` as its
+//! source, and [`Warnings`], how the library hands what it could not do but
+//! survived to its caller (it prints nothing itself).
 //!
-//! Exit codes (contract §5): 0 done; 1 the operation failed and the previous stack is
-//! intact; 2 bad usage or bad manifest (nothing touched); 3 directory locked;
-//! 4 `verify` found violations or the journal is corrupt.
+//! Exit codes (contract §5): 0 done; 1 the operation failed (an I/O failure, an
+//! unreadable manifest file included, a fetch, a checksum, an unusable state file,
+//! something in the way, a transaction left unfinished after its commit point);
+//! 2 bad usage or a bad manifest (nothing touched); 3 directory locked; 4 `verify`
+//! found violations or the journal is corrupt. Every message a user can meet says
+//! what to do next.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The source of a fetch failure: whatever the origin's transport reported.
+pub type FetchSource = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Every way a `stack` operation can fail.
 #[derive(Debug, thiserror::Error)]
@@ -21,20 +30,39 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     /// Another process holds the directory's lock.
-    #[error("{dir} is locked by {holder}")]
+    #[error(
+        "{dir} is locked by {holder}; wait for it to finish, or pass --wait to wait for the lock"
+    )]
     Locked { dir: PathBuf, holder: String },
-    /// Fetching a table or bundle failed; the previous stack is intact.
-    #[error("fetching {what}: {message}")]
-    Fetch { what: String, message: String },
+    /// Fetching a table or bundle failed; the previous stack is intact. `source` is
+    /// the transport's error when there is one (an `io::Error` of a local origin,
+    /// an HTTP client's error).
+    #[error(
+        "fetching {what}: {message}; nothing was changed: pull again (a partial download \
+         resumes) once the origin serves it"
+    )]
+    Fetch {
+        what: String,
+        message: String,
+        #[source]
+        source: Option<FetchSource>,
+    },
     /// Downloaded bytes do not have the md5 the manifest promised.
-    #[error("{what}: expected md5 {expected}, got {actual}")]
+    #[error(
+        "{what}: expected md5 {expected}, got {actual}; nothing was changed: the origin \
+         serves other bytes than the manifest lists, pull again once they agree"
+    )]
     Checksum {
         what: String,
         expected: String,
         actual: String,
     },
     /// The journal is damaged in a way that is not a torn tail.
-    #[error("journal {path} is corrupt at byte offset {offset} (record {record}): {reason}")]
+    #[error(
+        "journal {path} is corrupt at byte offset {offset} (record {record}): {reason}; \
+         move it aside (keep the copy for a bug report): the next command starts a new \
+         journal from sync_state.json, and `stack verify` checks the result"
+    )]
     JournalCorrupt {
         path: PathBuf,
         offset: u64,
@@ -51,7 +79,8 @@ pub enum Error {
         found: u32,
         supported: u32,
     },
-    /// `sync_state.json` or another engine file is unreadable and cannot be rebuilt.
+    /// `sync_state.json` is unusable: not JSON, not a state, a version this build
+    /// does not read. Recovery rebuilds it from the journal when there is one.
     #[error("{path}: {message}")]
     State { path: PathBuf, message: String },
     /// The disk has too little room for a pull; nothing visible was changed.
@@ -67,6 +96,34 @@ pub enum Error {
         #[source]
         source: Option<Box<Error>>,
     },
+    /// A file or folder that is not the engine's stands where a pull must write;
+    /// nothing was changed.
+    #[error("{path}: {what}; move it away and pull again (nothing was changed)")]
+    InTheWay { path: PathBuf, what: String },
+    /// Transaction `txn` failed after its commit point: the journal holds all of it,
+    /// and the next command (or `stack journal replay`) finishes it. `source` is
+    /// what failed.
+    #[error("{}", unfinished_message(*txn, source))]
+    Unfinished {
+        txn: u64,
+        #[source]
+        source: Box<Error>,
+    },
+    /// Transaction `txn` failed after its commit point (`source`), and was rolled
+    /// back in the same command from the old files it kept: the previous stack is
+    /// intact.
+    #[error("{}", rolled_back_message(*txn, source))]
+    RolledBack {
+        txn: u64,
+        #[source]
+        source: Box<Error>,
+    },
+    /// A rule the engine keeps for itself was broken (a bug, or a limit reached):
+    /// nothing was changed that recovery cannot finish or roll back.
+    #[error(
+        "internal error: {0}; please report it (`stack verify` checks what the directory holds)"
+    )]
+    Internal(String),
     /// The filesystem refused an operation.
     #[error("{op} {path}: {source}")]
     Io {
@@ -91,6 +148,10 @@ impl Error {
             | Error::Checksum { .. }
             | Error::State { .. }
             | Error::NoSpace { .. }
+            | Error::InTheWay { .. }
+            | Error::Unfinished { .. }
+            | Error::RolledBack { .. }
+            | Error::Internal(_)
             | Error::Io { .. } => 1,
         }
     }
@@ -107,14 +168,63 @@ impl Error {
             Error::JournalVersion { .. } => "journal_version",
             Error::State { .. } => "state",
             Error::NoSpace { .. } => "no_space",
+            Error::InTheWay { .. } => "in_the_way",
+            Error::Unfinished { .. } => "unfinished",
+            Error::RolledBack { .. } => "rolled_back",
+            Error::Internal(_) => "internal",
             Error::Io { .. } => "io",
+        }
+    }
+
+    /// A fetch failure with only a message.
+    pub fn fetch(what: impl Into<String>, message: impl Into<String>) -> Error {
+        Error::Fetch {
+            what: what.into(),
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A fetch failure caused by `source` (its text is the message).
+    pub fn fetch_from(what: impl Into<String>, source: impl Into<FetchSource>) -> Error {
+        let source = source.into();
+        Error::Fetch {
+            what: what.into(),
+            message: source.to_string(),
+            source: Some(source),
         }
     }
 
     /// Is this the simulated crash of a test filesystem? Such an error must
     /// propagate untouched: no cleanup may run after it.
     pub fn is_crash(&self) -> bool {
-        matches!(self, Error::Io { source, .. } if is_crash_io(source))
+        match self {
+            Error::Io { source, .. } => is_crash_io(source),
+            Error::Unfinished { source, .. } => source.is_crash(),
+            _ => false,
+        }
+    }
+}
+
+/// What an operation could not do but survived (a fallback taken, a leftover not
+/// cleaned), collected for its report: the library prints nothing, its caller
+/// (the command line, a binding) shows them. Shared by the threads of one
+/// operation.
+#[derive(Debug, Default)]
+pub struct Warnings(Mutex<Vec<String>>);
+
+impl Warnings {
+    /// Record one warning.
+    pub fn push(&self, warning: impl Into<String>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(warning.into());
+    }
+
+    /// Every warning recorded so far, in order; the collection is left empty.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -135,6 +245,47 @@ pub fn human(bytes: u64) -> String {
     } else {
         format!("{v:.0} {}", UNITS[unit])
     }
+}
+
+/// What the user can do about the fault at the bottom of `e`.
+fn remedy(e: &Error) -> &'static str {
+    let mut cur: &(dyn std::error::Error + 'static) = e;
+    let mut code = None;
+    loop {
+        if let Some(io) = cur.downcast_ref::<io::Error>() {
+            code = io.raw_os_error();
+        }
+        match cur.source() {
+            Some(next) => cur = next,
+            None => break,
+        }
+    }
+    match code {
+        Some(libc::EROFS) => "the disk is read-only: remount it read-write",
+        Some(libc::ENOSPC | libc::EDQUOT) => "the disk (or a quota) is full: free some space",
+        Some(libc::EIO) => {
+            "the disk reports I/O errors: check it (dmesg), or copy the directory to a sound disk"
+        }
+        Some(libc::EACCES | libc::EPERM) => "a folder refuses writes: check its permissions",
+        _ => "fix the cause above",
+    }
+}
+
+fn unfinished_message(txn: u64, source: &Error) -> String {
+    format!(
+        "pull {txn} failed after its commit point ({source}); the new stack is only partly in \
+         place, and the journal holds everything needed to finish it: {}, then run any stack \
+         command (`stack journal replay` finishes it), which finishes it without downloading",
+        remedy(source)
+    )
+}
+
+fn rolled_back_message(txn: u64, source: &Error) -> String {
+    format!(
+        "pull {txn} failed after its commit point ({source}); rolled back to the previous \
+         stack, which is intact: {}, then pull again",
+        remedy(source)
+    )
 }
 
 fn no_space_message(dir: &Path, needed: u64, more: bool, free: Option<u64>) -> String {

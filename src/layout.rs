@@ -15,6 +15,8 @@ pub const STATE_FILE: &str = "sync_state.json";
 pub const PRIVATE_DIR: &str = ".stack";
 /// The shared-table folder, relative.
 pub const SHARED_DIR: &str = "data/_shared";
+/// Its name under `data/` (no slot's folder: a slug cannot start with `_`).
+pub const SHARED_FOLDER: &str = "_shared";
 
 /// The prefix of a placed folder's name in `.stack/staging/` (`reconcile::place`).
 pub const PLACE_PREFIX: &str = "place-";
@@ -53,13 +55,18 @@ pub fn slot_dir_rel(slot: &Slot) -> String {
     out
 }
 
+/// The name under `data/` of a slot's folder: `_direct` or the slug.
+pub fn slot_folder(slot: SlotRef<'_>) -> &str {
+    match slot {
+        SlotRef::Direct => DIRECT_DIR,
+        SlotRef::Package(slug) => slug,
+    }
+}
+
 /// [`slot_dir_rel`], appended to `out`.
 pub fn push_slot_dir_rel(out: &mut String, slot: SlotRef<'_>) {
     out.push_str("data/");
-    out.push_str(match slot {
-        SlotRef::Direct => DIRECT_DIR,
-        SlotRef::Package(slug) => slug,
-    });
+    out.push_str(slot_folder(slot));
 }
 
 /// `data/_direct/<name>.parquet` or `data/<slug>/<name>.parquet`
@@ -80,11 +87,7 @@ pub fn push_ref_rel(out: &mut String, slot: SlotRef<'_>, name: &str) {
 /// Whether `path` is [`ref_rel`] of `slot` and `name` (compared piece by piece,
 /// without building it).
 pub fn is_ref_rel(path: &str, slot: SlotRef<'_>, name: &str) -> bool {
-    let folder = match slot {
-        SlotRef::Direct => DIRECT_DIR,
-        SlotRef::Package(slug) => slug,
-    };
-    is_joined(path, &["data/", folder, "/", name, TABLE_EXT])
+    is_joined(path, &["data/", slot_folder(slot), "/", name, TABLE_EXT])
 }
 
 /// Whether `path` is [`shared_rel`] of `table_id`.
@@ -100,6 +103,16 @@ pub fn is_safe_component(s: &str) -> bool {
         && b[0].is_ascii_alphanumeric()
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// [`is_safe_component`] as a check: `Err` says that `value`, the `what` of
+/// something, is not one safe path component.
+pub fn check_component(what: &str, value: &str) -> Result<(), String> {
+    if is_safe_component(value) {
+        Ok(())
+    } else {
+        Err(format!("{what} {value:?} is not a safe path component"))
+    }
 }
 
 /// Whether `rel` is a folder a pull may build out of sight and place whole: the
@@ -143,7 +156,7 @@ pub fn domain_dir_rel(slug: &str) -> String {
 
 /// The symlink target of a reference: relative, so the directory can move.
 pub fn symlink_target(table_id: &str) -> PathBuf {
-    PathBuf::from(format!("../_shared/{table_id}{TABLE_EXT}"))
+    PathBuf::from(format!("../{SHARED_FOLDER}/{table_id}{TABLE_EXT}"))
 }
 
 /// Absolute (or cwd-relative) paths of one local directory.
@@ -217,6 +230,12 @@ impl Layout {
     pub fn shared_dir(&self) -> PathBuf {
         self.root.join(SHARED_DIR)
     }
+}
+
+/// Is `rel` a path `stack gc` may remove: relative, under `data/` or `memory/`,
+/// without `.` or `..`?
+pub fn is_stray_rel(rel: &str) -> bool {
+    (rel.starts_with("data/") || rel.starts_with("memory/")) && is_engine_path(rel)
 }
 
 /// Is `rel` (a relative path from the state file) one the engine could have made?

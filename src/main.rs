@@ -24,7 +24,7 @@ use stack::verify::{audit, Contents};
     about = "Keep a local data stack identical to a server manifest, crash-safely"
 )]
 struct Cli {
-    /// Print only errors on stderr.
+    /// Print nothing but errors (and the report asked for with --json).
     #[arg(short, long, global = true)]
     quiet: bool,
     /// Print more: recovery notes, per-pull details.
@@ -68,9 +68,10 @@ enum Command {
         dir: DirArg,
         #[arg(long, value_enum, default_value = "auto")]
         link: Link,
-        /// Parallel downloads.
-        #[arg(long, default_value_t = 4)]
-        jobs: usize,
+        /// Most downloads in flight at once (a hard cap; the pull adapts below it).
+        /// Default: 128 from a server, 4 from a local folder.
+        #[arg(long)]
+        jobs: Option<usize>,
         /// Say what would change; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -168,8 +169,27 @@ fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
+/// Say on stderr that a command waits for the directory's lock, and for whom.
+fn say_waiting(fs: &dyn Fs, layout: &Layout) {
+    eprintln!(
+        "stack: waiting for the lock on {} held by {}",
+        layout.root.display(),
+        journal::lock::holder(fs, layout)
+    );
+}
+
+/// The warnings of a report, on stderr: the library prints none itself.
+fn print_warnings(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("stack: warning: {w}");
+    }
+}
+
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string(v).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string(v).expect("a JSON value serializes: its keys are strings")
+    );
 }
 
 fn human_counts(name: &str, c: &stack::Counts) {
@@ -178,6 +198,10 @@ fn human_counts(name: &str, c: &stack::Counts) {
         c.added, c.updated, c.removed, c.unchanged, c.skipped
     );
 }
+
+/// Parallel copies from a local folder when `--jobs` is not given: the disk, not
+/// latency, bounds them.
+const LOCAL_JOBS: usize = 4;
 
 struct PullArgs<'a> {
     manifest: &'a str,
@@ -190,74 +214,130 @@ struct PullArgs<'a> {
     level: Level,
 }
 
-/// Progress of downloads: a bar on a TTY (bytes, files, rate, ETA when the manifest
-/// gives sizes), a line at most every two seconds otherwise.
+/// Progress of downloads: on a TTY a bar with files done/total, bytes done/total
+/// and an ETA; otherwise a line at most every two seconds.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     plain: bool,
-    state: std::sync::Mutex<(u64, u64, std::time::Instant)>,
+    /// Bytes are counted as they arrive (the HTTP origin's hook), not per file.
+    live_bytes: bool,
+    state: std::sync::Mutex<Counted>,
+}
+
+#[derive(Default)]
+struct Counted {
+    staging: bool,
+    files: u64,
+    files_total: u64,
+    bytes: u64,
+    bytes_total: u64,
+    last_line: Option<std::time::Instant>,
 }
 
 impl Progress {
-    fn new(a: &PullArgs<'_>) -> Self {
+    fn new(a: &PullArgs<'_>, live_bytes: bool) -> Self {
         let show = a.level >= Level::Normal && !a.json && !a.dry_run;
         let tty = std::io::stderr().is_terminal();
         let bar = (show && tty).then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} {msg} [{elapsed}] {bytes} at {bytes_per_sec}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-            );
+            bar.set_message("reading the manifest");
             bar.enable_steady_tick(std::time::Duration::from_millis(120));
             bar
         });
         Progress {
             bar,
             plain: show && !tty,
-            state: std::sync::Mutex::new((0, 0, std::time::Instant::now())),
+            live_bytes,
+            state: std::sync::Mutex::new(Counted::default()),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counted> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn event(&self, e: reconcile::pull::Progress) {
         match e {
-            reconcile::pull::Progress::Staging { files, bytes } => self.staging(files, bytes),
+            reconcile::pull::Progress::Staging {
+                files,
+                bytes,
+                without_size: _,
+            } => self.staging(files, bytes),
             reconcile::pull::Progress::Fetched { bytes } => self.file_done(bytes),
+            reconcile::pull::Progress::WaitingForLock => {}
         }
     }
 
-    fn staging(&self, files: u64, bytes: Option<u64>) {
-        match (&self.bar, bytes) {
-            (Some(bar), Some(total)) => {
-                bar.set_length(total);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{msg} [{elapsed}] {wide_bar} {bytes}/{total_bytes} at {bytes_per_sec}, ETA {eta}",
-                    )
+    /// Staging starts. The bar runs on bytes when the manifest gave sizes (a file
+    /// without one, a bundle, adds its bytes as they come), else on files.
+    fn staging(&self, files: u64, bytes: u64) {
+        let mut st = self.lock();
+        st.staging = true;
+        st.files_total = files;
+        st.bytes_total = bytes;
+        if let Some(bar) = &self.bar {
+            let template = if bytes > 0 {
+                bar.set_length(bytes);
+                "{msg} [{elapsed}] {wide_bar} {bytes}/{total_bytes} at {bytes_per_sec}, ETA {eta}"
+            } else {
+                bar.set_length(files);
+                "{msg} [{elapsed}] {wide_bar} {bytes_per_sec}, ETA {eta}"
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(template)
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                bar.set_message(format!("fetching {files} files"));
+            );
+            bar.set_position(0);
+            bar.reset_eta();
+            bar.set_message(format!("files 0/{files}"));
+        } else if self.plain && files > 0 {
+            eprintln!("stack: fetching {files} files, {}", human_bytes(bytes));
+        }
+    }
+
+    /// Bytes arrived (the HTTP origin calls this per chunk; the manifest's own
+    /// bytes, before staging starts, are not the downloads').
+    fn bytes(&self, n: u64) {
+        let mut st = self.lock();
+        if !st.staging {
+            return;
+        }
+        st.bytes += n;
+        if let Some(bar) = &self.bar {
+            if st.bytes_total > 0 {
+                if st.bytes > st.bytes_total {
+                    st.bytes_total = st.bytes;
+                    bar.set_length(st.bytes_total);
+                }
+                bar.set_position(st.bytes);
             }
-            (Some(bar), None) => bar.set_message(format!("fetching {files} files")),
-            (None, _) if self.plain && files > 0 => {
-                let size = bytes.map(|b| format!(", {b} bytes")).unwrap_or_default();
-                eprintln!("stack: fetching {files} files{size}");
-            }
-            (None, _) => {}
         }
     }
 
     fn file_done(&self, bytes: u64) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 += 1;
-        st.1 += bytes;
+        if !self.live_bytes {
+            self.bytes(bytes);
+        }
+        let mut st = self.lock();
+        st.files += 1;
         if let Some(bar) = &self.bar {
-            bar.set_position(st.1);
-            bar.set_message(format!("fetched {} files", st.0));
-        } else if self.plain && st.2.elapsed().as_secs() >= 2 {
-            eprintln!("stack: fetched {} files, {} bytes", st.0, st.1);
-            st.2 = std::time::Instant::now();
+            if st.bytes_total == 0 {
+                bar.set_position(st.files);
+            }
+            bar.set_message(format!("files {}/{}", st.files, st.files_total));
+        } else if self.plain
+            && st
+                .last_line
+                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(2))
+        {
+            eprintln!(
+                "stack: files {}/{}, {} of {}",
+                st.files,
+                st.files_total,
+                human_bytes(st.bytes),
+                human_bytes(st.bytes_total)
+            );
+            st.last_line = Some(std::time::Instant::now());
         }
     }
 
@@ -265,6 +345,30 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// `812 bytes`, `16.0 KiB`, `23.9 MiB`, `1.2 GiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// `0.4 s`, `19.2 s`, `3 min 05 s`.
+fn human_duration(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{} min {:02} s", ms / 60_000, (ms / 1000) % 60)
     }
 }
 
@@ -279,17 +383,35 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
         wait,
         level,
     } = a;
-    let (manifest, origin) = reconcile::source::open_manifest(manifest)?;
+    let jobs = jobs.max(1);
+    let remote = reconcile::source::is_url(manifest);
+    let bar = Arc::new(Progress::new(&a, remote));
+    let (manifest, origin) = if remote {
+        let hook = bar.clone();
+        let http = reconcile::http::HttpOptions {
+            jobs,
+            progress: Some(Arc::new(move |n| hook.bytes(n))),
+            ..reconcile::http::HttpOptions::from_env()?
+        };
+        reconcile::source::open_manifest_with(manifest, http)?
+    } else {
+        reconcile::source::open_manifest(manifest)?
+    };
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
     let hash = reconcile::pull::default_hash(fs.as_ref());
-    let bar = Progress::new(&a);
-    let progress = |e: reconcile::pull::Progress| bar.event(e);
+    let waiting_on = Layout::new(dir);
+    let progress = |e: reconcile::pull::Progress| {
+        if e == reconcile::pull::Progress::WaitingForLock {
+            say_waiting(fs.as_ref(), &waiting_on);
+        }
+        bar.event(e)
+    };
     let cfg = PullConfig {
         fs: fs.clone(),
         layout: Layout::new(dir),
         origin: origin.as_ref() as &dyn Origin,
         link,
-        jobs: jobs.max(1),
+        jobs,
         dry_run,
         wait,
         command: command_line(),
@@ -300,17 +422,20 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
     let rep = reconcile::pull::pull(manifest.into_wanted(), &cfg);
     bar.finish();
     let rep = rep?;
+    print_warnings(&rep.warnings);
     if level >= Level::Normal {
         for note in &rep.recovered {
             eprintln!("stack: {note}");
         }
     }
-    for warning in &rep.warnings {
-        eprintln!("stack: warning: {warning}");
-    }
     if json {
-        print_json(&serde_json::to_value(&rep).unwrap_or_default());
-    } else {
+        print_json(
+            &serde_json::to_value(&rep)
+                .expect("a report serializes: its maps have string keys, its numbers are integers"),
+        );
+    } else if level >= Level::Normal || dry_run {
+        // A pull's summary is news, and -q drops it; what a dry run would change is
+        // the answer asked for.
         let verb = if dry_run { "would change" } else { "pulled" };
         println!("{verb} {} (transaction {})", dir.display(), rep.txn);
         human_counts("direct tables", &rep.direct_tables);
@@ -318,8 +443,9 @@ fn pull_like(a: PullArgs<'_>) -> Result<i32> {
         human_counts("memory domains", &rep.memory_domains);
         if !dry_run {
             println!(
-                "{} bytes fetched in {} ms",
-                rep.bytes_fetched, rep.elapsed_ms
+                "{} in {}",
+                human_bytes(rep.bytes_fetched),
+                human_duration(rep.elapsed_ms)
             );
         }
     }
@@ -441,10 +567,14 @@ fn run(cli: Cli) -> Result<i32> {
             json,
             wait,
         } => pull_like(PullArgs {
+            jobs: jobs.unwrap_or(if reconcile::source::is_url(&manifest) {
+                reconcile::http::DEFAULT_JOBS
+            } else {
+                LOCAL_JOBS
+            }),
             manifest: &manifest,
             dir: &dir.dir,
             link: link_mode(link),
-            jobs,
             dry_run,
             json,
             wait,
@@ -478,8 +608,15 @@ fn run(cli: Cli) -> Result<i32> {
             JournalCommand::Replay { dir, wait } => {
                 let layout = Layout::new(&dir.dir);
                 let fs: Arc<dyn Fs> = Arc::new(RealFs);
-                let _lock = journal::lock::acquire(fs.as_ref(), &layout, &command_line(), wait)?;
+                let _lock = journal::lock::acquire_with(
+                    fs.as_ref(),
+                    &layout,
+                    &command_line(),
+                    wait,
+                    &|| say_waiting(fs.as_ref(), &layout),
+                )?;
                 let rec = reconcile::recover::replay(fs, &layout)?;
+                print_warnings(&rec.warnings);
                 for note in &rec.notes {
                     println!("{note}");
                 }
@@ -514,6 +651,7 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let layout = Layout::new(&dir.dir);
             let r = reconcile::gc::gc(Arc::new(RealFs), &layout, &command_line(), wait, sweep)?;
+            print_warnings(&r.warnings);
             let shown = |p: &Path| {
                 p.strip_prefix(&layout.root)
                     .unwrap_or(p)

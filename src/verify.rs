@@ -190,9 +190,7 @@ fn safe_slot(slot: SlotRef<'_>) -> bool {
 /// engine's paths are built from them), or a path of its own (not the engine's)
 /// that is absolute or holds `..` (`layout::is_engine_path`).
 fn unsafe_entry(slot: SlotRef<'_>, id: &str, e: &TableEntry) -> Option<String> {
-    let unsafe_name = |what: &str, v: &str| {
-        (!is_safe_component(v)).then(|| format!("{what} {v:?} is not a safe path component"))
-    };
+    let unsafe_name = |what: &str, v: &str| layout::check_component(what, v).err();
     let outside = |what: &str, p: &str| {
         (!layout::is_engine_path(p))
             .then(|| format!("{what} {p:?} could lead outside the directory"))
@@ -271,10 +269,9 @@ impl<'a> Tables<'a> {
         let n = state.direct_tables.len()
             + state.data_packages.values().map(|p| p.len()).sum::<usize>();
         if u32::try_from(n).map_or(true, |n| n == BAD) {
-            return Err(crate::error::Error::State {
-                path: PathBuf::new(),
-                message: format!("{n} table entries are more than the audit counts"),
-            });
+            return Err(crate::error::Error::Internal(format!(
+                "{n} table entries are more than the audit counts"
+            )));
         }
         let mut ents: Vec<&TableEntry> = Vec::with_capacity(n);
         let mut shared_of: Vec<u32> = Vec::with_capacity(n);
@@ -793,7 +790,7 @@ fn audit_listings(
     // Invariant 3: every file in data/<sub>/ has an entry (the reverse is 2).
     let name_of = |o: &u32| t.ents[*o as usize].name.as_str();
     for sub in list(fs, &layout.data())? {
-        if sub.name == "_shared" {
+        if sub.name == layout::SHARED_FOLDER {
             continue;
         }
         if sub.kind != Kind::Dir {
@@ -907,7 +904,12 @@ pub fn audit(
     let shared_path = |s: u32| layout.join(&layout::shared_rel(t.shared[s as usize]));
     // A simulated crash must reach the caller whatever failed before it: the first
     // in entry order (an entry's shared file before its reference).
-    let first_entry_of = |s: u32| t.shared_of.iter().position(|&x| x == s).unwrap_or(0);
+    let first_entry_of = |s: u32| {
+        t.shared_of
+            .iter()
+            .position(|&x| x == s)
+            .expect("a shared file is probed because an entry names it")
+    };
     fn crashes(errors: &[(u32, io::Error)]) -> impl Iterator<Item = (u32, &io::Error)> {
         errors
             .iter()
@@ -928,12 +930,10 @@ pub fn audit(
     }
     // The error a failed probe kept.
     let error = |errors: &[(u32, io::Error)], i: u32, path: PathBuf| {
-        let e = errors.binary_search_by_key(&i, |(x, _)| *x).ok();
-        match e {
-            Some(k) => stat_error(&errors[k].1, &path),
-            // (Not reached: a failed probe keeps its error.)
-            None => stat_error(&io::Error::other("the probe failed"), &path),
-        }
+        let k = errors
+            .binary_search_by_key(&i, |(x, _)| *x)
+            .expect("a failed probe keeps its error");
+        stat_error(&errors[k].1, &path)
     };
 
     let mut out = Vec::new();

@@ -96,9 +96,11 @@ impl Origin for TestOrigin {
 /// The registered bytes a request names.
 fn content_of(req: &Request<'_>) -> stack::Result<Vec<u8>> {
     let bytes = registry().lock().unwrap().get(req.md5).cloned();
-    bytes.ok_or_else(|| stack::Error::Fetch {
-        what: req.item.describe(),
-        message: format!("test origin has no content with md5 {}", req.md5),
+    bytes.ok_or_else(|| {
+        stack::Error::fetch(
+            req.item.describe(),
+            format!("test origin has no content with md5 {}", req.md5),
+        )
     })
 }
 

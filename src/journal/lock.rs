@@ -3,6 +3,7 @@
 //! Owns: `<dir>/.stack/lock`. The lock is a kernel lock (fs2/flock) that dies with
 //! its holder, so a killed run never leaves a stale lock behind; the holder writes
 //! its pid and command line into the file so a refused command can name it.
+//! It prints nothing: a caller that waits is told so through `on_wait`.
 
 use std::io::Write;
 
@@ -30,19 +31,27 @@ pub fn holder(fs: &dyn Fs, layout: &Layout) -> String {
 }
 
 /// Take the lock of `layout`'s directory for `command`. Without `wait`, a held lock
-/// is `Error::Locked` naming the holder; with it, say so on stderr and wait.
+/// is `Error::Locked` naming the holder; with it, wait for it silently.
 pub fn acquire(fs: &dyn Fs, layout: &Layout, command: &str, wait: bool) -> Result<DirLock> {
+    acquire_with(fs, layout, command, wait, &|| {})
+}
+
+/// [`acquire`], calling `on_wait` once before it blocks on a held lock (a command
+/// line says whom it waits for: [`holder`]).
+pub fn acquire_with(
+    fs: &dyn Fs,
+    layout: &Layout,
+    command: &str,
+    wait: bool,
+    on_wait: &dyn Fn(),
+) -> Result<DirLock> {
     let private = layout.private();
     fs.create_dir_all(&private).at("mkdir", &private)?;
     let path = layout.lock_file();
     let guard = match fs.lock(&path, false).at("lock", &path)? {
         Some(g) => g,
         None if wait => {
-            eprintln!(
-                "stack: waiting for the lock on {} held by {}",
-                layout.root.display(),
-                holder(fs, layout)
-            );
+            on_wait();
             fs.lock(&path, true)
                 .at("lock", &path)?
                 .ok_or_else(|| Error::Locked {

@@ -36,7 +36,7 @@
 //! Reading stops at the first frame that is incomplete, fails its checksum or does not
 //! decode. If no valid frame begins anywhere after that point, the rest is a *torn
 //! tail* (an append a crash cut short): a writer opening the journal copies the cut
-//! bytes to `journal.broken` (as etcd does), truncates, and says so on stderr. If a
+//! bytes to `journal.broken` (as etcd does), truncates, and says so in its notes (which the command line prints). If a
 //! valid frame does follow, the journal is *corrupt*: nothing truncates or rewrites
 //! it; `stack journal verify` exits 4 naming the byte offset and record number. A frame
 //! whose checksum is valid but whose payload does not decode was written whole (by a
@@ -368,9 +368,8 @@ impl Journal {
     }
 
     fn encode_pending(&self) -> Result<Vec<u8>> {
-        frame::encode_frame(&self.pending).map_err(|message| Error::State {
-            path: self.layout.journal(),
-            message,
+        frame::encode_frame(&self.pending).map_err(|message| {
+            Error::Internal(format!("{}: {message}", self.layout.journal().display()))
         })
     }
 
@@ -505,9 +504,8 @@ impl Journal {
         let written = 1 + u64::from(frame_records.request.is_some());
         // Measured first, then streamed into the file: a large state's encoding
         // is never held in memory.
-        let measured = frame::measure_frame(&frame_records).map_err(|message| Error::State {
-            path: self.layout.journal(),
-            message,
+        let measured = frame::measure_frame(&frame_records).map_err(|message| {
+            Error::Internal(format!("{}: {message}", self.layout.journal().display()))
         })?;
         let tmp: PathBuf = self.layout.journal_compact();
         let path = self.layout.journal();

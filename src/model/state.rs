@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::layout;
+use crate::md5x::parse_hex;
 use crate::model::slot::SlotRef;
 
 /// The state-file format version.
@@ -138,16 +139,7 @@ impl Md5Sum {
     /// written on the stack.
     pub fn with_str<R>(&self, f: impl FnOnce(&str) -> R) -> R {
         match self {
-            Md5Sum::Hex(b) => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                let mut buf = [0u8; 32];
-                for (i, byte) in b.iter().enumerate() {
-                    buf[2 * i] = HEX[usize::from(byte >> 4)];
-                    buf[2 * i + 1] = HEX[usize::from(byte & 15)];
-                }
-                // Only ASCII hex digits were written.
-                f(std::str::from_utf8(&buf).unwrap_or_default())
-            }
+            Md5Sum::Hex(b) => f(crate::md5x::hex_into(b, &mut [0u8; 32])),
             Md5Sum::Text(t) => f(t),
         }
     }
@@ -159,24 +151,6 @@ impl Md5Sum {
             Md5Sum::Text(t) => **t == *text,
         }
     }
-}
-
-/// 32 lowercase hex digits as 16 bytes; anything else `None`.
-fn parse_hex(text: &str) -> Option<[u8; 16]> {
-    let t = text.as_bytes();
-    if t.len() != 32 {
-        return None;
-    }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 16];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = (digit(t[2 * i])? << 4) | digit(t[2 * i + 1])?;
-    }
-    Some(out)
 }
 
 impl From<String> for Md5Sum {
@@ -704,7 +678,9 @@ pub fn parse_state(bytes: &[u8]) -> serde_json::Result<SyncState> {
     };
     let mut parsed = parsed.into_iter();
     let direct_tables = match outline.direct_tables {
-        Some(_) => parsed.next().unwrap_or_default(),
+        Some(_) => parsed
+            .next()
+            .expect("the direct tables were the first of the maps parsed"),
         None => BTreeMap::new(),
     };
     let data_packages = maps

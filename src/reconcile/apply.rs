@@ -26,7 +26,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::error::{IoContext, Result};
+use crate::error::{IoContext, Result, Warnings};
 use crate::fs::{not_found_ok, Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::journal::Journal;
@@ -59,6 +59,9 @@ pub struct Applier<'a> {
     pub layout: &'a Layout,
     pub txn: u64,
     warned_fallback: AtomicBool,
+    /// What the steps could not do but survived (a link fallback, a stray gc
+    /// could not remove), for the caller's report.
+    warnings: Warnings,
     /// Seqs of `PutShared` steps that are the only consumer of their staged file.
     sole_consumers: std::collections::HashSet<u64>,
     /// Folders this applier moved into place itself (`Place`): the steps whose
@@ -82,12 +85,19 @@ impl<'a> Applier<'a> {
             layout,
             txn,
             warned_fallback: AtomicBool::new(false),
+            warnings: Warnings::default(),
             sole_consumers: std::collections::HashSet::new(),
             placed: Default::default(),
             made_dirs: Default::default(),
             threads: 1,
             staged_read_only: false,
         }
+    }
+
+    /// The warnings of the steps applied so far (taken: a second call has only the
+    /// newer ones).
+    pub fn take_warnings(&self) -> Vec<String> {
+        self.warnings.take()
     }
 
     /// The staged files come from this process's `stage_all`, which made every
@@ -215,10 +225,10 @@ impl<'a> Applier<'a> {
         match r {
             Err(e) if is_link_unsupported(&e) => {
                 if !self.warned_fallback.swap(true, Ordering::Relaxed) {
-                    eprintln!(
-                        "stack: {} refused by the filesystem ({e}); copying instead",
+                    self.warnings.push(format!(
+                        "{} refused by the filesystem ({e}); copying instead",
                         strategy.as_str()
-                    );
+                    ));
                 }
                 not_found_ok(self.fs.remove_file(dst)).at("remove", dst)?;
                 self.fs
@@ -304,9 +314,12 @@ impl<'a> Applier<'a> {
         // The backstop under validation and the journal's readers
         // (`replay::project::check_records`): whatever wrote the journal, no step
         // runs on a name or path that could leave the directory.
-        ev.check_paths().map_err(|message| crate::Error::State {
-            path: self.layout.journal(),
-            message: format!("refusing journal event {}: {message}", ev.kind()),
+        ev.check_paths().map_err(|message| {
+            crate::Error::Internal(format!(
+                "refusing journal event {} of {}: {message}",
+                ev.kind(),
+                self.layout.journal().display()
+            ))
         })?;
         let l = self.layout;
         {
@@ -456,7 +469,7 @@ impl<'a> Applier<'a> {
                 // is reported and skipped, never a step recovery must repeat.
                 match self.to_quarantine(rel) {
                     Err(e) if !e.is_crash() => {
-                        eprintln!("stack: warning: gc could not move {rel}: {e}");
+                        self.warnings.push(format!("gc could not move {rel}: {e}"));
                         Ok(())
                     }
                     r => r,
@@ -575,8 +588,9 @@ pub fn written_paths(records: &[Record]) -> Vec<String> {
 }
 
 /// Finish a transaction whose apply steps ran: make them durable, write the state
-/// file, append `Committed` and make it durable, then drop the leftovers.
-/// Returns the new state.
+/// file, append `Committed` and make it durable, then drop the leftovers (a
+/// failure to, into `warnings`). Returns the new state.
+#[allow(clippy::too_many_arguments)]
 pub fn finish(
     fs: &dyn Fs,
     layout: &Layout,
@@ -585,6 +599,7 @@ pub fn finish(
     txn: u64,
     records: Vec<Record>,
     refresh: &[String],
+    warnings: &Warnings,
 ) -> Result<SyncState> {
     // 1. Every rename, link and write of the apply steps durable, in one call.
     fs.sync_fs(&layout.root).at("syncfs", &layout.root)?;
@@ -658,7 +673,7 @@ pub fn finish(
         if e.is_crash() {
             return Err(e);
         }
-        eprintln!("stack: warning: could not clean .stack leftovers: {e}");
+        warnings.push(format!("could not clean .stack leftovers: {e}"));
     }
     Ok(state)
 }

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::error::{IoContext, Result};
+use crate::error::{IoContext, Result, Warnings};
 use crate::fs::Fs;
 use crate::journal::event::{Event, Record};
 use crate::journal::lock;
@@ -39,6 +39,9 @@ pub struct GcReport {
     /// Paths under `.stack/` deleted: partial downloads, and with
     /// [`Sweep::Delete`] every quarantined folder.
     pub deleted: Vec<String>,
+    /// What it could not do but survived (a stray it could not move, leftovers
+    /// not cleaned), and recovery's warnings.
+    pub warnings: Vec<String>,
 }
 
 /// Run gc.
@@ -52,6 +55,10 @@ pub fn gc(
     let _lock = lock::acquire(fs.as_ref(), layout, command, wait)?;
     // Maintenance: recover from the journal itself, never the fast path.
     let rec = replay(fs.clone(), layout)?;
+    let warnings = Warnings::default();
+    for w in rec.warnings {
+        warnings.push(w);
+    }
     let mut journal = rec.journal;
     let state = rec.state;
     let strays: Vec<String> = audit(fs.as_ref(), layout, &state, Contents::Skip)?
@@ -73,8 +80,21 @@ pub fn gc(
         }
         journal.append(txn, Event::Prepared);
         journal.sync()?;
-        Applier::new(fs.as_ref(), layout, txn).apply_all(&records)?;
-        finish(fs.as_ref(), layout, &mut journal, state, txn, records, &[])?;
+        let mut applier = Applier::new(fs.as_ref(), layout, txn);
+        applier.apply_all(&records)?;
+        for w in applier.take_warnings() {
+            warnings.push(w);
+        }
+        finish(
+            fs.as_ref(),
+            layout,
+            &mut journal,
+            state,
+            txn,
+            records,
+            &[],
+            &warnings,
+        )?;
         report.moved = strays;
         report.kept_in = Some(layout.quarantine().join(txn.to_string()));
     }
@@ -96,6 +116,7 @@ pub fn gc(
         }
         report.kept_in = None;
     }
+    report.warnings = warnings.take();
     Ok(report)
 }
 

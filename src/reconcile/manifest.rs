@@ -291,24 +291,24 @@ pub struct Desired<'m> {
 /// Computed only when a pull has something to do.
 pub fn digest(manifest: &Manifest) -> String {
     use md5::Digest;
-    crate::reconcile::origin::hex(&md5::Md5::digest(
-        serde_json::to_vec(manifest).unwrap_or_default(),
-    ))
+    crate::reconcile::origin::hex(&md5::Md5::digest(serde_json::to_vec(manifest).expect(
+        "a parsed manifest serializes: its maps have string keys, its numbers are finite",
+    )))
 }
 
 fn check_component(what: impl FnOnce() -> String, value: &str) -> Result<()> {
     if is_safe_component(value) {
         Ok(())
     } else {
+        let why = crate::layout::check_component(&what(), value).expect_err("it is not safe");
         Err(Error::BadManifest(format!(
-            "{} {value:?} is not a safe path component ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})",
-            what()
+            "{why} ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})"
         )))
     }
 }
 
 fn check_md5<'m>(what: impl FnOnce() -> String, md5: &'m str) -> Result<Md5<'m>> {
-    if md5.len() == 32 && md5.bytes().all(|c| c.is_ascii_hexdigit()) {
+    if crate::md5x::is_md5_hex(md5) {
         Ok(if md5.bytes().any(|c| c.is_ascii_uppercase()) {
             Cow::Owned(md5.to_ascii_lowercase())
         } else {

@@ -10,11 +10,13 @@
 //! goes through `crate::fs::Fs` and, for `apply`, is in the journal first.
 
 pub mod apply;
+pub mod congestion;
 pub mod foreign;
 pub mod gc;
 pub mod heal;
 pub mod http;
 pub mod manifest;
+pub mod netenv;
 pub mod origin;
 pub mod place;
 pub mod plan;

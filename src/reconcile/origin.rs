@@ -195,6 +195,7 @@ impl Origin for LocalOrigin {
         let fail = |src: &Path, e: std::io::Error| Error::Fetch {
             what: req.item.describe(),
             message: format!("{}: {e}", src.display()),
+            source: Some(e.into()),
         };
         let rel = match origin_relative(req.url) {
             Ok(rel) => rel,
@@ -230,6 +231,7 @@ impl Origin for LocalOrigin {
         let file = std::fs::File::open(&src).map_err(|e| Error::Fetch {
             what: req.item.describe(),
             message: format!("{}: {e}", src.display()),
+            source: Some(e.into()),
         })?;
         stream_to_part(fs, file, part)
     }
@@ -256,10 +258,7 @@ impl Origin for ClosureOrigin<'_> {
     }
 
     fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> Result<Fetched> {
-        let fetch_err = |e: std::io::Error| Error::Fetch {
-            what: req.item.describe(),
-            message: e.to_string(),
-        };
+        let fetch_err = |e: std::io::Error| Error::fetch_from(req.item.describe(), e);
         match req.item {
             Item::Table { .. } => {
                 (self.fetcher)(req.url, part).map_err(fetch_err)?;

@@ -429,15 +429,12 @@ fn folders_gone<'a>(state: &'a SyncState, refs: &Refs<'a>) -> Vec<&'a str> {
     for (slot, _) in refs.keys() {
         if last_slot != Some(slot) {
             last_slot = Some(slot);
-            folders_left.insert(match slot {
-                SlotRef::Direct => DIRECT_FOLDER,
-                SlotRef::Package(slug) => slug,
-            });
+            folders_left.insert(crate::layout::slot_folder(*slot));
         }
     }
     let mut folders_before: BTreeSet<&str> = BTreeSet::new();
     if !state.direct_tables.is_empty() {
-        folders_before.insert(DIRECT_FOLDER);
+        folders_before.insert(crate::layout::DIRECT_DIR);
     }
     for (slug, tables) in &state.data_packages {
         if !tables.is_empty() {
@@ -491,17 +488,6 @@ fn plan_domains<'d>(
             p.tally.memory_domains.removed += 1;
             p.ops.push(Event::RemoveBundle { slug: slug.clone() });
         }
-    }
-}
-
-/// The folder under `data/` of the direct tables.
-const DIRECT_FOLDER: &str = "_direct";
-
-/// The folder name under `data/` of a slot (`_direct` or the slug).
-pub fn slot_folder(slot: &Slot) -> String {
-    match slot {
-        Slot::Direct => DIRECT_FOLDER.to_string(),
-        Slot::Package(slug) => slug.clone(),
     }
 }
 

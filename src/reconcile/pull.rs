@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result, Warnings};
 use crate::fs::{not_found_ok, Fs};
 use crate::journal::event::{Event, LinkMode, Record};
 use crate::journal::lock;
@@ -50,8 +50,10 @@ pub struct SyncReport {
     /// What recovery did before the pull (not part of the contract's shape).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recovered: Vec<String>,
-    /// What the user should know: files stack did not write in its folders
-    /// (not part of the contract's shape).
+    /// What the pull (or the recovery before it) could not do but survived, or
+    /// what the user should know: a link mode the filesystem refused, leftovers
+    /// not cleaned, a compaction that failed, files stack did not write in its
+    /// folders. The library prints nothing; the command line prints these.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
@@ -59,11 +61,18 @@ pub struct SyncReport {
 /// What a pull tells its progress display.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
-    /// Staging starts: this many files, and their total size if the manifest gave
-    /// every size.
-    Staging { files: u64, bytes: Option<u64> },
+    /// Staging starts: this many files; `bytes` is the total of the sizes the
+    /// manifest gave, `without_size` how many files it gave none for (bundles).
+    Staging {
+        files: u64,
+        bytes: u64,
+        without_size: u64,
+    },
     /// One download finished, with the bytes it transferred.
     Fetched { bytes: u64 },
+    /// The directory's lock is held by another process and the pull waits for it
+    /// (`wait`); `journal::lock::holder` names the holder.
+    WaitingForLock,
 }
 
 /// Everything a pull needs besides the manifest.
@@ -245,6 +254,7 @@ fn make_plan(
     desired: Desired,
     probe: bool,
     damage: Option<Damage>,
+    warnings: &Warnings,
 ) -> Result<Plan> {
     let damage = match damage {
         Some(d) => d,
@@ -280,22 +290,23 @@ fn make_plan(
     let strategy = resolve_strategy(cfg.link, caps);
     let p = plan_from(state, desired, basis, (cfg.link, strategy), &damage);
     // Contract §2: an explicit reflink/hardlink the filesystem refuses falls back to
-    // copy and says so once on stderr (only when references are actually made).
+    // copy and says so once, in the report's warnings, which the command line prints
+    // on stderr (only when references are actually made).
     let refused = match cfg.link {
         LinkMode::Reflink => !caps.reflink,
         LinkMode::Hardlink => !caps.hardlink,
         _ => false,
     };
     if probe && refused && p.makes_refs() {
-        eprintln!(
-            "stack: {} refused by the filesystem of {}; copying instead",
+        warnings.push(format!(
+            "{} refused by the filesystem of {}; copying instead",
             if cfg.link == LinkMode::Reflink {
                 "reflink"
             } else {
                 "hardlink"
             },
             cfg.layout.root.display()
-        );
+        ));
     }
     Ok(p)
 }
@@ -315,9 +326,9 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
             Err(e) => Err(e).at("stat", &path),
         }
     };
-    let refuse = |rel: &str, what: &str| Error::State {
+    let refuse = |rel: &str, what: &str| Error::InTheWay {
         path: layout.join(rel),
-        message: format!("{what}; move it away and pull again (nothing was changed)"),
+        what: what.to_string(),
     };
     // The folder each file step writes into, and the file: built into `buf`,
     // without allocating per step (a 100k-table pull has 250k steps).
@@ -454,8 +465,18 @@ pub fn status(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport
             project(&records)
         }
     };
-    let p = make_plan(fs, cfg, &projection.state, desired, false, damage)?;
+    let warnings = Warnings::default();
+    let p = make_plan(
+        fs,
+        cfg,
+        &projection.state,
+        desired,
+        false,
+        damage,
+        &warnings,
+    )?;
     let mut rep = report(&p, projection.state.journal.txn, true, 0, started);
+    rep.warnings = warnings.take();
     if let Some(pending) = projection.pending {
         rep.recovered.push(format!(
             "transaction {} was interrupted; the next mutating command recovers it",
@@ -492,7 +513,13 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         Some(m) => Some(validated(m, cfg, raw_md5.as_deref())?),
         None => None,
     };
-    let _lock = lock::acquire(cfg.fs.as_ref(), &cfg.layout, &cfg.command, cfg.wait)?;
+    let _lock = lock::acquire_with(
+        cfg.fs.as_ref(),
+        &cfg.layout,
+        &cfg.command,
+        cfg.wait,
+        &|| (cfg.progress)(Progress::WaitingForLock),
+    )?;
     let (fast, damage) = match recover_fast_and_check(cfg, peeked, key.as_deref(), started)? {
         Checked::Unchanged(rep) => return Ok(rep),
         Checked::ToPlan { fast, damage } => (fast, damage),
@@ -511,7 +538,11 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         Some(rec) => *rec,
         None => recover(cfg.fs.clone(), &cfg.layout)?,
     };
-    let mut p = plan_pull(cfg, &mut rec, desired, manifest, damage)?;
+    let warnings = Warnings::default();
+    for w in std::mem::take(&mut rec.warnings) {
+        warnings.push(w);
+    }
+    let mut p = plan_pull(cfg, &mut rec, desired, manifest, damage, &warnings)?;
     // Planned: the plan holds what it needs.
     drop((early, late));
     let Recovered {
@@ -523,27 +554,38 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     if p.is_noop() {
         let mut rep = report(&p, state.journal.txn, false, 0, started);
         rep.recovered = notes;
+        rep.warnings = warnings.take();
         return Ok(rep);
     }
     let (txn, bytes, staged) = stage(cfg, &mut journal, &mut p, &state, md5)?;
     let records = commit(cfg, &mut journal, txn, &staged, &mut p, key)?;
-    let (new_state, here) = apply_and_finish(cfg, &mut journal, state, txn, records, &p.refresh)?;
-    let mut rep = report(&p, txn, false, bytes, started);
-    rep.recovered = notes;
-    rep.warnings = foreign_notes(
+    let (new_state, here) = apply_and_finish(
+        cfg,
+        &mut journal,
+        state,
+        (txn, records),
+        &p.refresh,
+        &warnings,
+    )?;
+    for note in foreign_notes(
         cfg.fs.as_ref(),
         &cfg.layout,
         txn,
         &staged.checked,
         &new_state,
-    )?;
+    )? {
+        warnings.push(note);
+    }
+    let mut rep = report(&p, txn, false, bytes, started);
+    rep.recovered = notes;
     if here {
-        compact_if_due(cfg, &mut journal, new_state)?;
+        compact_if_due(cfg, &mut journal, new_state, &warnings)?;
     } else {
         rep.recovered.push(format!(
             "pull {txn} was finished by a second try after a failure past its commit point"
         ));
     }
+    rep.warnings = warnings.take();
     Ok(rep)
 }
 
@@ -655,15 +697,21 @@ fn plan_pull(
     desired: Desired<'_>,
     manifest: &Manifest,
     damage: Option<Damage>,
+    warnings: &Warnings,
 ) -> Result<Plan> {
     let fs = cfg.fs.as_ref();
-    let p = make_plan(fs, cfg, &rec.state, desired, true, damage)?;
+    let p = make_plan(fs, cfg, &rec.state, desired, true, damage, warnings)?;
     if p.is_noop() || !rec.trusted || journal_is_clean(fs, &cfg.layout)? {
         return Ok(p);
     }
     *rec = replay(cfg.fs.clone(), &cfg.layout)?;
+    // Planned again: the first plan's warnings go with it, recovery's stay.
+    warnings.take();
+    for w in std::mem::take(&mut rec.warnings) {
+        warnings.push(w);
+    }
     let desired = validate(manifest, cfg.origin)?;
-    make_plan(fs, cfg, &rec.state, desired, true, None)
+    make_plan(fs, cfg, &rec.state, desired, true, None, warnings)
 }
 
 /// What staging made ready for the commit point.
@@ -697,7 +745,8 @@ fn stage(
     let txn = begin(journal, p, manifest_md5, cfg.link)?;
     (cfg.progress)(Progress::Staging {
         files: p.stage.len() as u64,
-        bytes: p.stage.iter().map(|s| s.size).sum(),
+        bytes: p.stage.iter().filter_map(|s| s.size).sum(),
+        without_size: p.stage.iter().filter(|s| s.size.is_none()).count() as u64,
     });
     let fetched = |bytes: u64| (cfg.progress)(Progress::Fetched { bytes });
     let staged = place::prepare(fs, layout, &placement).and_then(|()| {
@@ -832,16 +881,20 @@ fn apply_and_finish(
     cfg: &PullConfig<'_>,
     journal: &mut Journal,
     state: SyncState,
-    txn: u64,
-    records: Vec<Record>,
+    (txn, records): (u64, Vec<Record>),
     refresh: &[String],
+    warnings: &Warnings,
 ) -> Result<(SyncState, bool)> {
     let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
-    let applied = Applier::new(fs, layout, txn)
+    let mut applier = Applier::new(fs, layout, txn)
         .threads(cfg.jobs)
-        .staged_read_only()
-        .apply_all(&records)
-        .and_then(|()| finish(fs, layout, journal, state, txn, records, refresh));
+        .staged_read_only();
+    let applied = applier.apply_all(&records);
+    for w in applier.take_warnings() {
+        warnings.push(w);
+    }
+    let applied =
+        applied.and_then(|()| finish(fs, layout, journal, state, txn, records, refresh, warnings));
     match applied {
         Ok(s) => Ok((s, true)),
         Err(e) if e.is_crash() => Err(e),
@@ -851,7 +904,12 @@ fn apply_and_finish(
 
 /// Compact the journal if it has grown enough. The pull has committed: a failed
 /// compaction costs only space.
-fn compact_if_due(cfg: &PullConfig<'_>, journal: &mut Journal, state: SyncState) -> Result<()> {
+fn compact_if_due(
+    cfg: &PullConfig<'_>,
+    journal: &mut Journal,
+    state: SyncState,
+    warnings: &Warnings,
+) -> Result<()> {
     if !journal.wants_compaction() {
         return Ok(());
     }
@@ -859,7 +917,7 @@ fn compact_if_due(cfg: &PullConfig<'_>, journal: &mut Journal, state: SyncState)
         if e.is_crash() {
             return Err(e);
         }
-        eprintln!("stack: warning: automatic journal compaction failed: {e}");
+        warnings.push(format!("automatic journal compaction failed: {e}"));
     }
     Ok(())
 }
@@ -904,48 +962,15 @@ fn foreign_notes(
 fn settle(fs: Arc<dyn Fs>, layout: &Layout, txn: u64, e: Error) -> Result<SyncState> {
     match replay(fs, layout) {
         Ok(rec) if rec.state.journal.txn == txn => Ok(rec.state),
-        Ok(_) => Err(Error::State {
-            path: layout.root.clone(),
-            message: format!(
-                "pull {txn} failed after its commit point ({e}); rolled back to the previous stack, \
-                 which is intact: {}, then pull again",
-                remedy(&e)
-            ),
+        Ok(_) => Err(Error::RolledBack {
+            txn,
+            source: Box::new(e),
         }),
         Err(again) if again.is_crash() => Err(again),
-        Err(_) => Err(failed_after_commit(layout, txn, e)),
-    }
-}
-
-/// What the user can do about a fault.
-fn remedy(e: &Error) -> &'static str {
-    let code = match e {
-        Error::Io { source, .. } => source.raw_os_error(),
-        _ => None,
-    };
-    match code {
-        Some(libc::EROFS) => "the disk is read-only: remount it read-write",
-        Some(libc::ENOSPC | libc::EDQUOT) => "the disk (or a quota) is full: free some space",
-        Some(libc::EIO) => {
-            "the disk reports I/O errors: check it (dmesg), or copy the directory to a sound disk"
-        }
-        Some(libc::EACCES | libc::EPERM) => "a folder refuses writes: check its permissions",
-        _ => "fix the cause above",
-    }
-}
-
-/// A pull that failed past its commit point and could be neither finished nor
-/// rolled back: say what happened, that nothing is lost, and what lets the next
-/// command finish it.
-fn failed_after_commit(layout: &Layout, txn: u64, e: Error) -> Error {
-    let remedy = remedy(&e);
-    Error::State {
-        path: layout.root.clone(),
-        message: format!(
-            "pull {txn} failed after its commit point ({e}); the new stack is only partly in place, \
-             and the journal holds everything needed to finish it: {remedy}, then run any stack \
-             command (or `stack journal replay`), which finishes it without downloading"
-        ),
+        Err(_) => Err(Error::Unfinished {
+            txn,
+            source: Box::new(e),
+        }),
     }
 }
 

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{IoContext, Result};
+use crate::error::{IoContext, Result, Warnings};
 use crate::fs::Fs;
 use crate::journal::event::Event;
 use crate::journal::Journal;
@@ -32,6 +32,8 @@ pub struct Recovered {
     pub state: SyncState,
     /// What recovery did, one line each (empty if nothing was needed).
     pub notes: Vec<String>,
+    /// What it could not do but survived (a link fallback, leftovers not cleaned).
+    pub warnings: Vec<String>,
     /// Taken on the fast path: the state file was trusted and the journal not read.
     /// Before appending, a caller checks the journal ([`journal_is_clean`]).
     pub trusted: bool,
@@ -125,6 +127,7 @@ pub fn recover_trusted(
         journal,
         state,
         notes: Vec::new(),
+        warnings: Vec::new(),
         trusted: true,
     }))
 }
@@ -259,6 +262,7 @@ fn roll_forward_or_back(
     journal: &mut Journal,
     old: SyncState,
     p: crate::replay::project::Pending,
+    warnings: &Warnings,
 ) -> Result<(SyncState, String)> {
     let txn = p.txn;
     let marker = layout.rolling_back(txn);
@@ -267,9 +271,22 @@ fn roll_forward_or_back(
     } else {
         // Kept for a rollback: the forward path consumes the state it folds.
         let base = old.clone();
-        let forward = Applier::new(fs, layout, txn)
-            .apply_all(&p.records)
-            .and_then(|()| finish(fs, layout, journal, base, txn, p.records.clone(), &[]));
+        let mut applier = Applier::new(fs, layout, txn);
+        let forward = applier.apply_all(&p.records).and_then(|()| {
+            for w in applier.take_warnings() {
+                warnings.push(w);
+            }
+            finish(
+                fs,
+                layout,
+                journal,
+                base,
+                txn,
+                p.records.clone(),
+                &[],
+                warnings,
+            )
+        });
         match forward {
             Ok(state) => {
                 let note =
@@ -346,7 +363,18 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
         // No journal but a readable state file (a journal deleted by hand, or a
         // directory from an older engine): adopt the state file as a checkpoint, so
         // the history starts from what the directory holds instead of from nothing.
-        let candidate = read_state(fs.as_ref(), layout).ok().flatten();
+        // An unusable state file is not adopted; a disk that fails to read it
+        // fails the command (exit 1), rather than starting the history empty.
+        let candidate = match read_state(fs.as_ref(), layout) {
+            Ok(s) => s,
+            Err(crate::Error::State { message, .. }) => {
+                notes.push(format!(
+                    "journal was missing and sync_state.json is not usable ({message}); starting empty"
+                ));
+                None
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(Err(why)) = candidate.as_ref().map(SyncState::check_paths) {
             notes.push(format!(
                 "journal was missing and sync_state.json is not usable ({why}); starting empty"
@@ -361,15 +389,18 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
                 journal,
                 state: adopted,
                 notes,
+                warnings: Vec::new(),
                 trusted: false,
             });
         }
     }
     let projection = project(&opened.records);
     let mut state = projection.state;
+    let warnings = Warnings::default();
     if let Some(p) = projection.pending {
         if p.prepared {
-            let (s, note) = roll_forward_or_back(fs.as_ref(), layout, &mut journal, state, p)?;
+            let (s, note) =
+                roll_forward_or_back(fs.as_ref(), layout, &mut journal, state, p, &warnings)?;
             state = s;
             notes.push(note);
         } else {
@@ -411,10 +442,12 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
         }
     }
     clean_leftovers(fs.as_ref(), layout)?;
+    let warnings = warnings.take();
     Ok(Recovered {
         journal,
         state,
         notes,
+        warnings,
         trusted: false,
     })
 }

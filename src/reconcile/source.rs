@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{IoContext, Result};
 use crate::reconcile::http::{HttpOptions, HttpOrigin};
 use crate::reconcile::origin::{LocalOrigin, Origin};
 
@@ -31,8 +31,26 @@ impl ManifestBytes {
 /// Read the manifest named on the command line and the origin its URLs resolve
 /// against. Parsing is the pull's (it is skipped for an unchanged manifest).
 pub fn open_manifest(arg: &str) -> Result<(ManifestBytes, Box<dyn Origin>)> {
-    if arg.starts_with("http://") || arg.starts_with("https://") {
-        let origin = HttpOrigin::new(arg, HttpOptions::from_env())?;
+    let http = if is_url(arg) {
+        HttpOptions::from_env()?
+    } else {
+        HttpOptions::default()
+    };
+    open_manifest_with(arg, http)
+}
+
+/// Is the `--manifest` argument a URL (fetched over HTTP) rather than a path?
+pub fn is_url(arg: &str) -> bool {
+    arg.starts_with("http://") || arg.starts_with("https://")
+}
+
+/// [`open_manifest`], with the HTTP options given (used when `arg` is a URL).
+pub fn open_manifest_with(
+    arg: &str,
+    http: HttpOptions,
+) -> Result<(ManifestBytes, Box<dyn Origin>)> {
+    if is_url(arg) {
+        let origin = HttpOrigin::new(arg, http)?;
         let bytes = origin.fetch_manifest()?;
         let m = ManifestBytes {
             bytes,
@@ -41,8 +59,9 @@ pub fn open_manifest(arg: &str) -> Result<(ManifestBytes, Box<dyn Origin>)> {
         return Ok((m, Box::new(origin)));
     }
     let path = Path::new(arg.strip_prefix("file://").unwrap_or(arg));
-    let bytes = std::fs::read(path)
-        .map_err(|e| Error::Usage(format!("cannot read manifest {}: {e}", path.display())))?;
+    // A manifest file that cannot be read is an I/O failure (exit 1), not bad usage:
+    // the path may be right and the disk or its permissions wrong.
+    let bytes = std::fs::read(path).at("read manifest", path)?;
     let folder = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

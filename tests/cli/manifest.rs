@@ -245,14 +245,15 @@ fn unparsable_and_missing_manifests_are_refused() {
         assert_same(&before, &snapshot(&dir), label);
     }
     let missing = o.root().join("does-not-exist.json");
+    // A manifest file that cannot be read is an I/O failure (exit 1), not bad usage.
     let r = pull(&missing, &dir, &["--json"]);
-    let msg = r.json_error(2);
+    let msg = r.json_error(1);
     assert!(msg.contains("does-not-exist.json"), "{msg}");
     assert_same(&before, &snapshot(&dir), "missing manifest");
 
     // On a directory that does not exist yet, nothing is created.
     let fresh = l.tmp.path().join("fresh");
-    pull(&missing, &fresh, &["--json"]).json_error(2);
+    pull(&missing, &fresh, &["--json"]).json_error(1);
     pull(&bad, &fresh, &["--json"]).json_error(2);
     assert!(!fresh.exists());
 }

@@ -61,7 +61,9 @@ fn every_failure_with_json_is_one_error_object() {
         d,
         "--json",
     ]);
-    r.json_error(2);
+    // An unreadable manifest file is an I/O failure, not bad usage.
+    r.json_error(1);
+    assert_eq!(r.json()["error"]["kind"], json!("io"));
     // A fetch failure.
     let mut ts = base_tables();
     ts.push(t("tbl_gone", "gone", None, b"gone"));

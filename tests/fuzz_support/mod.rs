@@ -525,10 +525,7 @@ pub struct PoolOrigin;
 impl PoolOrigin {
     /// The body a request names, or the fetch error of an unknown URL.
     fn served(req: &Request<'_>) -> stack::Result<Vec<u8>> {
-        Self::body(req.url).ok_or_else(|| stack::Error::Fetch {
-            what: req.item.describe(),
-            message: "unknown URL".to_string(),
-        })
+        Self::body(req.url).ok_or_else(|| stack::Error::fetch(req.item.describe(), "unknown URL"))
     }
 
     fn body(url: &str) -> Option<Vec<u8>> {

@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod http_server;
+pub mod net;
 pub mod pyrandom;
 pub mod reference_gen;
 
