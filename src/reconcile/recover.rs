@@ -311,7 +311,14 @@ fn roll_forward_or_back(
             let dir = marker.parent().unwrap_or(&layout.root);
             fs.create_dir_all(dir).at("mkdir", dir)?;
             drop(fs.create(&marker).at("create", &marker)?);
-            fs.sync_fs(&layout.root).at("syncfs", &layout.root)?;
+            if let Err(e) = fs.sync_fs(&layout.root).at("syncfs", &layout.root) {
+                // Nothing undone yet: without the marker, the next command may
+                // still roll forward, once the disk lets it.
+                if !e.is_crash() {
+                    let _ = fs.remove_file(&marker);
+                }
+                return Err(e);
+            }
         }
         crate::reconcile::undo::undo(fs, layout, &old, txn, &p.records)?;
         journal.append(
