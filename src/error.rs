@@ -7,10 +7,10 @@
 //!
 //! Exit codes (contract §5): 0 done; 1 the operation failed (an I/O failure, an
 //! unreadable manifest file included, a fetch, a checksum, an unusable state file,
-//! something in the way, a transaction left unfinished after its commit point);
-//! 2 bad usage or a bad manifest (nothing touched); 3 directory locked; 4 `verify`
-//! found violations or the journal is corrupt. Every message a user can meet says
-//! what to do next.
+//! something in the way, too little room, a transaction rolled back or left
+//! unfinished after its commit point); 2 bad usage or a bad manifest (nothing
+//! touched); 3 directory locked; 4 `verify` found violations or the journal is
+//! corrupt. Every message a user can meet says what to do next.
 
 use std::io;
 use std::path::{Path, PathBuf};

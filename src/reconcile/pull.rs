@@ -898,7 +898,7 @@ fn apply_and_finish(
     match applied {
         Ok(s) => Ok((s, true)),
         Err(e) if e.is_crash() => Err(e),
-        Err(e) => Ok((settle(cfg.fs.clone(), layout, txn, e)?, false)),
+        Err(e) => Ok((settle(cfg.fs.clone(), layout, txn, e, warnings)?, false)),
     }
 }
 
@@ -956,12 +956,23 @@ fn foreign_notes(
 /// Rolling pull `txn` forward failed with `e`, a fault that may persist: run
 /// recovery now, which rolls it forward if the fault has passed, else back to
 /// the previous stack from what the transaction kept while the disk still lets
-/// stack write. `Ok`: the pull is done after all. `Err`: rolled back (nothing
-/// changed), or neither way was possible (the next command that can write
-/// finishes it); the message says which, and what to do.
-fn settle(fs: Arc<dyn Fs>, layout: &Layout, txn: u64, e: Error) -> Result<SyncState> {
+/// stack write. `Ok`: the pull is done after all. `Err`: `RolledBack` (nothing
+/// changed), or `Unfinished`, neither way was possible (the next command that
+/// can write finishes it); both keep `e` as their source and say what to do.
+fn settle(
+    fs: Arc<dyn Fs>,
+    layout: &Layout,
+    txn: u64,
+    e: Error,
+    warnings: &Warnings,
+) -> Result<SyncState> {
     match replay(fs, layout) {
-        Ok(rec) if rec.state.journal.txn == txn => Ok(rec.state),
+        Ok(rec) if rec.state.journal.txn == txn => {
+            for w in rec.warnings {
+                warnings.push(w);
+            }
+            Ok(rec.state)
+        }
         Ok(_) => Err(Error::RolledBack {
             txn,
             source: Box::new(e),
