@@ -6,9 +6,10 @@
 //! downloading the manifest ([`HttpOrigin::fetch_manifest`], [`fetch_manifest`]),
 //! streaming downloads with resume (`Range: bytes=L-`), the retry policy
 //! (exponential backoff with jitter, `Retry-After` honored and capped), redirects,
-//! and how many requests are in flight ([`congestion::Window`]: it starts small,
-//! grows while the server keeps up, halves when it signals overload, and never
-//! exceeds [`HttpOptions::jobs`]). Connections are kept alive and reused (one pool
+//! and how many requests are in flight
+//! ([`congestion::Window`](super::congestion::Window): it starts small, grows while
+//! the server keeps up, halves when it signals overload, and never exceeds
+//! [`HttpOptions::jobs`]). Connections are kept alive and reused (one pool
 //! per proxy route, sized to the cap), so a file costs one round trip, not three.
 //! Proxies and trusted CAs come from the environment ([`netenv`]).
 //!
