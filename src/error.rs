@@ -7,10 +7,10 @@
 //!
 //! Exit codes (contract §5): 0 done; 1 the operation failed (an I/O failure, an
 //! unreadable manifest file included, a fetch, a checksum, an unusable state file,
-//! something in the way, a transaction left unfinished after its commit point);
-//! 2 bad usage or a bad manifest (nothing touched); 3 directory locked; 4 `verify`
-//! found violations or the journal is corrupt. Every message a user can meet says
-//! what to do next.
+//! something in the way, too little room, a transaction rolled back or left
+//! unfinished after its commit point); 2 bad usage or a bad manifest (nothing
+//! touched); 3 directory locked; 4 `verify` found violations or the journal is
+//! corrupt. Every message a user can meet says what to do next.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -83,6 +83,19 @@ pub enum Error {
     /// does not read. Recovery rebuilds it from the journal when there is one.
     #[error("{path}: {message}")]
     State { path: PathBuf, message: String },
+    /// The disk has too little room for a pull; nothing visible was changed.
+    /// `needed` counts every download of known size and what the transaction
+    /// writes after its commit point (`needed_more`: some sizes were unknown);
+    /// `free` is what the filesystem said was available, where it could tell.
+    #[error("{}", no_space_message(dir, *needed, *needed_more, *free))]
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        needed_more: bool,
+        free: Option<u64>,
+        #[source]
+        source: Option<Box<Error>>,
+    },
     /// A file or folder that is not the engine's stands where a pull must write;
     /// nothing was changed.
     #[error("{path}: {what}; move it away and pull again (nothing was changed)")]
@@ -90,10 +103,17 @@ pub enum Error {
     /// Transaction `txn` failed after its commit point: the journal holds all of it,
     /// and the next command (or `stack journal replay`) finishes it. `source` is
     /// what failed.
-    #[error(
-        "pull {txn} failed after its commit point ({source}); `stack journal replay` finishes it"
-    )]
+    #[error("{}", unfinished_message(*txn, source))]
     Unfinished {
+        txn: u64,
+        #[source]
+        source: Box<Error>,
+    },
+    /// Transaction `txn` failed after its commit point (`source`), and was rolled
+    /// back in the same command from the old files it kept: the previous stack is
+    /// intact.
+    #[error("{}", rolled_back_message(*txn, source))]
+    RolledBack {
         txn: u64,
         #[source]
         source: Box<Error>,
@@ -127,8 +147,10 @@ impl Error {
             Error::Fetch { .. }
             | Error::Checksum { .. }
             | Error::State { .. }
+            | Error::NoSpace { .. }
             | Error::InTheWay { .. }
             | Error::Unfinished { .. }
+            | Error::RolledBack { .. }
             | Error::Internal(_)
             | Error::Io { .. } => 1,
         }
@@ -145,8 +167,10 @@ impl Error {
             Error::JournalCorrupt { .. } => "journal_corrupt",
             Error::JournalVersion { .. } => "journal_version",
             Error::State { .. } => "state",
+            Error::NoSpace { .. } => "no_space",
             Error::InTheWay { .. } => "in_the_way",
             Error::Unfinished { .. } => "unfinished",
+            Error::RolledBack { .. } => "rolled_back",
             Error::Internal(_) => "internal",
             Error::Io { .. } => "io",
         }
@@ -202,6 +226,79 @@ impl Warnings {
     pub fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
+}
+
+/// Bytes for people: `1.5 MB`, `200 kB`, `12 bytes` (decimal units, as `df -H`).
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
+    if bytes < 1000 {
+        return format!("{bytes} bytes");
+    }
+    let mut v = bytes as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if v < 10.0 {
+        format!("{v:.1} {}", UNITS[unit])
+    } else {
+        format!("{v:.0} {}", UNITS[unit])
+    }
+}
+
+/// What the user can do about the fault at the bottom of `e`.
+fn remedy(e: &Error) -> &'static str {
+    let mut cur: &(dyn std::error::Error + 'static) = e;
+    let mut code = None;
+    loop {
+        if let Some(io) = cur.downcast_ref::<io::Error>() {
+            code = io.raw_os_error();
+        }
+        match cur.source() {
+            Some(next) => cur = next,
+            None => break,
+        }
+    }
+    match code {
+        Some(libc::EROFS) => "the disk is read-only: remount it read-write",
+        Some(libc::ENOSPC | libc::EDQUOT) => "the disk (or a quota) is full: free some space",
+        Some(libc::EIO) => {
+            "the disk reports I/O errors: check it (dmesg), or copy the directory to a sound disk"
+        }
+        Some(libc::EACCES | libc::EPERM) => "a folder refuses writes: check its permissions",
+        _ => "fix the cause above",
+    }
+}
+
+fn unfinished_message(txn: u64, source: &Error) -> String {
+    format!(
+        "pull {txn} failed after its commit point ({source}); the new stack is only partly in \
+         place, and the journal holds everything needed to finish it: {}, then run any stack \
+         command (`stack journal replay` finishes it), which finishes it without downloading",
+        remedy(source)
+    )
+}
+
+fn rolled_back_message(txn: u64, source: &Error) -> String {
+    format!(
+        "pull {txn} failed after its commit point ({source}); rolled back to the previous \
+         stack, which is intact: {}, then pull again",
+        remedy(source)
+    )
+}
+
+fn no_space_message(dir: &Path, needed: u64, more: bool, free: Option<u64>) -> String {
+    let needed = format!("{}{}", human(needed), if more { " and more" } else { "" });
+    let free = match free {
+        Some(f) => format!("{} free", human(f)),
+        None => "less free".to_string(),
+    };
+    format!(
+        "not enough space in {}: the pull needs {needed}, the disk has {free}; \
+         nothing was changed (free some space, or pull into a larger disk, and pull again)",
+        dir.display()
+    )
 }
 
 /// The payload of every `io::Error` a simulated filesystem (`fs::sim`, feature

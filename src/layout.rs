@@ -206,6 +206,21 @@ impl Layout {
     pub fn trash(&self) -> PathBuf {
         self.private().join("trash")
     }
+    /// The room a transaction holds for what it writes after its commit point
+    /// (`reconcile::room`).
+    pub fn reserve(&self) -> PathBuf {
+        self.private().join("reserve")
+    }
+    /// Present (and durable) while transaction `txn` is being rolled back past its
+    /// commit point (`reconcile::undo`): recovery then only rolls it back.
+    pub fn rolling_back(&self, txn: u64) -> PathBuf {
+        self.trash().join(txn.to_string()).join("rolling-back")
+    }
+    /// Where `gc` keeps what no state entry held (`<txn>/<its relative path>`),
+    /// recoverable until `gc --force` deletes it.
+    pub fn quarantine(&self) -> PathBuf {
+        self.private().join("quarantine")
+    }
     pub fn data(&self) -> PathBuf {
         self.root.join("data")
     }

@@ -105,12 +105,17 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
-    /// Remove staging leftovers and anything no state entry holds.
+    /// Remove staging leftovers; move what no state entry holds out of data/ and
+    /// memory/ into .stack/quarantine/ (recoverable).
     Gc {
         #[command(flatten)]
         dir: DirArg,
         #[arg(long)]
         wait: bool,
+        /// Delete what gc moves (and everything quarantined before) instead of
+        /// keeping it in .stack/quarantine/.
+        #[arg(short, long)]
+        force: bool,
     },
     /// Print a shell completion script.
     Completions {
@@ -601,19 +606,38 @@ fn run(cli: Cli) -> Result<i32> {
                 Ok(0)
             }
         },
-        Command::Gc { dir, wait } => {
-            let report = reconcile::gc::gc(
-                Arc::new(RealFs),
-                &Layout::new(&dir.dir),
-                &command_line(),
-                wait,
-            )?;
-            print_warnings(&report.warnings);
-            let removed = report.removed;
-            for r in &removed {
-                println!("removed {r}");
+        Command::Gc { dir, wait, force } => {
+            let sweep = if force {
+                reconcile::gc::Sweep::Delete
+            } else {
+                reconcile::gc::Sweep::Quarantine
+            };
+            let layout = Layout::new(&dir.dir);
+            let r = reconcile::gc::gc(Arc::new(RealFs), &layout, &command_line(), wait, sweep)?;
+            print_warnings(&r.warnings);
+            let shown = |p: &Path| {
+                p.strip_prefix(&layout.root)
+                    .unwrap_or(p)
+                    .display()
+                    .to_string()
+            };
+            for rel in &r.moved {
+                match &r.kept_in {
+                    Some(q) => println!("moved {rel} to {}", shown(&q.join(rel))),
+                    None => println!("deleted {rel}"),
+                }
             }
-            println!("ok: {} removed", removed.len());
+            for p in &r.deleted {
+                println!("deleted {p}");
+            }
+            match &r.kept_in {
+                Some(q) => println!(
+                    "ok: {} moved to {} (nothing was deleted: move them back, or delete them with `stack gc --force`)",
+                    r.moved.len(),
+                    shown(q)
+                ),
+                None => println!("ok: {} moved, {} deleted", r.moved.len(), r.deleted.len()),
+            }
             Ok(0)
         }
     }

@@ -36,3 +36,6 @@ mod noop;
 
 #[path = "cli/place.rs"]
 mod place;
+
+#[path = "cli/users_bytes.rs"]
+mod users_bytes;

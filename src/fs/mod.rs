@@ -25,6 +25,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 #[cfg(any(test, feature = "sim"))]
+pub mod fault;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
 /// What a directory entry or a path is (never following a final symlink).
@@ -158,6 +160,12 @@ pub trait Fs: Send + Sync {
     fn read_link(&self, path: &Path) -> io::Result<PathBuf>;
     /// Open a file for reading (following symlinks).
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>>;
+    /// The bytes an unprivileged writer may still allocate on the filesystem that
+    /// holds `path` (`statvfs`: available blocks times their size); `None` where
+    /// the filesystem cannot tell.
+    fn free_space(&self, _path: &Path) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
 
     // ---- mutations --------------------------------------------------------
     /// Create or truncate a file for writing.
@@ -189,6 +197,20 @@ pub trait Fs: Send + Sync {
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn FileWrite>>;
     /// Cut a file to `len` bytes and make that durable.
     fn truncate(&self, path: &Path, len: u64) -> io::Result<()>;
+    /// Create or truncate `path` and give it `len` bytes of allocated blocks (not
+    /// a sparse file): room held for later writes, released by removing it. No
+    /// sync.
+    fn allocate(&self, path: &Path, len: u64) -> io::Result<()> {
+        let mut f = self.create(path)?;
+        let zeros = vec![0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            f.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        f.flush()
+    }
     /// fsync a folder, making the names created or removed in it durable.
     fn sync_dir(&self, path: &Path) -> io::Result<()>;
     /// `syncfs`: make every write, name and folder change on the filesystem that
@@ -473,6 +495,9 @@ impl Fs for RealFs {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         std::fs::read(path)
     }
+    fn free_space(&self, path: &Path) -> io::Result<Option<u64>> {
+        sys::free_space(path).map(Some)
+    }
     fn create(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
         Ok(Box::new(RealFile(std::fs::File::create(path)?)))
     }
@@ -490,6 +515,33 @@ impl Fs for RealFs {
     }
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         std::fs::File::open(path)?.sync_all()
+    }
+    /// `posix_fallocate`: the blocks are allocated without writing them.
+    fn allocate(&self, path: &Path, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::create(path)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let len =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `f` is an open descriptor for the duration of the call.
+        match unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) } {
+            0 => Ok(()),
+            libc::EOPNOTSUPP | libc::EINVAL => {
+                drop(f);
+                let mut f = RealFile(std::fs::File::create(path)?);
+                let zeros = vec![0u8; 64 * 1024];
+                let mut left = len as u64;
+                while left > 0 {
+                    let n = left.min(zeros.len() as u64) as usize;
+                    f.write_all(&zeros[..n])?;
+                    left -= n as u64;
+                }
+                Ok(())
+            }
+            code => Err(io::Error::from_raw_os_error(code)),
+        }
     }
     fn sync_fs(&self, path: &Path) -> io::Result<()> {
         sys::syncfs(path)
@@ -630,6 +682,19 @@ mod sys {
             check(unsafe { libc::symlinkat(target.as_ptr(), self.0.as_raw_fd(), name.as_ptr()) })
                 .map(drop)
         }
+    }
+
+    /// `statvfs`: the bytes available to an unprivileged writer.
+    pub fn free_space(p: &Path) -> io::Result<u64> {
+        let c = path(p).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `c` is NUL-terminated and `st` points to writable memory for one
+        // `struct statvfs`.
+        check(unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) })?;
+        // SAFETY: `statvfs` returned 0, so it filled `st`.
+        let st = unsafe { st.assume_init() };
+        #[allow(clippy::unnecessary_cast)] // not u64 on every target
+        Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
     }
 
     /// syncfs(2) on Linux; elsewhere, a full `sync(2)`, which is at least as strong.

@@ -95,7 +95,8 @@ pub enum Event {
         state: Box<SyncState>,
     },
     /// `stack gc`: move `rel` (a file or folder under `data/` or `memory/` that no
-    /// state entry holds) to the trash.
+    /// state entry holds) to `.stack/quarantine/<txn>/<rel>`, where it stays until
+    /// `gc --force` deletes it.
     RemoveStray { rel: String },
     /// What a pull was asked for (the no-op fast path's key, see
     /// `replay::state::Pulled`): md5 of its manifest's bytes, origin and link mode,

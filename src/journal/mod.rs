@@ -430,6 +430,19 @@ impl Journal {
         })
     }
 
+    /// Forget the queued batch that a failed [`Journal::sync`] kept for a retry:
+    /// the caller decided to append something else instead (a rollback's `Aborted`).
+    pub fn discard_pending(&mut self) {
+        self.pending.clear();
+        self.sealed = None;
+    }
+
+    /// Did a failed append leave bytes this writer could not cut off again (so
+    /// that what the file holds is unknown until it is reopened)?
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
     /// `Err` if an earlier failure left this writer unable to append safely.
     fn check_usable(&self) -> Result<()> {
         match &self.broken {

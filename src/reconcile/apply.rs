@@ -9,7 +9,8 @@
 //!   point: a link or symlink whose name is free is created in place (it appears
 //!   atomically, content and all); anything else (a replacement, a redo finding the
 //!   name taken, a copy) is made under `.stack/tmp` and renamed into place; removals move
-//!   into `.stack/trash/<txn>/` and treat "not found" as done; staged content stays
+//!   into `.stack/trash/<txn>/` and treat "not found" as done, and so does the old file a
+//!   put replaces (kept for a rollback, `replay::undo`); staged content stays
 //!   in `.stack/staging/` until `Committed` is durable. A folder built out of sight
 //!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
 //!   was taken meanwhile; a redo finds it gone and the steps that travelled in it
@@ -131,6 +132,72 @@ impl<'a> Applier<'a> {
         match self.fs.rename(path, &dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r.at("rename", path),
+        }
+    }
+
+    /// Before a put takes the name `dst`: move what is there (the old stack's
+    /// file) to `.stack/trash/<txn>/<seq>`, where a rollback finds it
+    /// (`replay::undo`). Nothing to keep when the name is free, when a redo kept
+    /// it already, or when `dst` already holds this step's own file (`is_new`: a
+    /// redo after the put; a power loss may have kept the put and lost the move).
+    fn keep_old(&self, seq: u64, dst: &Path, is_new: impl FnOnce() -> Result<bool>) -> Result<()> {
+        match self.fs.symlink_metadata(dst) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).at("stat", dst),
+            Ok(m) if m.kind == Kind::Dir => return Ok(()),
+            Ok(_) => {}
+        }
+        let kept = self
+            .layout
+            .trash()
+            .join(self.txn.to_string())
+            .join(seq.to_string());
+        if self.fs.exists(&kept).at("stat", &kept)? || is_new()? {
+            return Ok(());
+        }
+        self.to_trash(seq, dst)
+    }
+
+    /// Does `path` hold content `md5` as a file of its own (not a symlink to
+    /// one: a reference whose link mode changed is not the step's file)?
+    fn holds(&self, path: &Path, md5: &str) -> Result<bool> {
+        match self.fs.symlink_metadata(path) {
+            Ok(m) if m.kind == Kind::File => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e).at("stat", path),
+        }
+        match crate::reconcile::origin::md5_file(self.fs, path) {
+            Ok(h) => Ok(h == md5),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).at("read", path),
+        }
+    }
+
+    /// Are `a` and `b` names of one inode?
+    fn same_file(&self, a: &Path, b: &Path) -> bool {
+        match (self.fs.symlink_metadata(a), self.fs.symlink_metadata(b)) {
+            (Ok(x), Ok(y)) => x.ino == y.ino && x.dev == y.dev,
+            _ => false,
+        }
+    }
+
+    /// Move `rel`, which no state entry holds (a user's file, perhaps), to
+    /// `.stack/quarantine/<txn>/<rel>`: out of the stack's folders, never
+    /// destroyed (`gc --force` deletes it, explicitly). Gone already: moved before
+    /// a crash, or by the user.
+    fn to_quarantine(&self, rel: &str) -> Result<()> {
+        let src = self.layout.join(rel);
+        if !self.fs.exists(&src).at("stat", &src)? {
+            return Ok(());
+        }
+        let dst = quarantined(self.layout, self.txn, rel);
+        if let Some(parent) = dst.parent() {
+            self.ensure_dir(parent)?;
+        }
+        match self.fs.rename(&src, &dst) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r.at("rename", &src),
         }
     }
 
@@ -283,6 +350,11 @@ impl<'a> Applier<'a> {
                     // is set again (a power loss can keep a rename and lose a chmod
                     // made before it by an older engine).
                     self.ensure_dir(&l.shared_dir())?;
+                    // The staged file still there: this put has not run, and what
+                    // `dst` holds is the old stack's.
+                    self.keep_old(seq, &dst, || {
+                        Ok(!self.fs.exists(&staged).at("stat", &staged)?)
+                    })?;
                     return match self.fs.rename(&staged, &dst) {
                         Err(e)
                             if e.kind() == io::ErrorKind::NotFound
@@ -301,6 +373,9 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 self.ensure_dir(&l.shared_dir())?;
+                self.keep_old(seq, &dst, || {
+                    Ok(self.same_file(&dst, &staged) || self.holds(&dst, md5)?)
+                })?;
                 let tmp = self.tmp_path(seq)?;
                 // A hard link from staging costs no copy; staging is on the same
                 // filesystem. Where links are refused, copy.
@@ -313,6 +388,7 @@ impl<'a> Applier<'a> {
                 table_id,
                 name,
                 strategy,
+                md5,
                 ..
             } => {
                 let dst = l.join(&layout::ref_rel(slot, name));
@@ -331,6 +407,18 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 self.ensure_dir(&l.join(&layout::slot_dir_rel(slot)))?;
+                self.keep_old(seq, &dst, || match strategy {
+                    Strategy::Symlink => Ok(self
+                        .fs
+                        .read_link(&dst)
+                        .is_ok_and(|t| t == layout::symlink_target(table_id))),
+                    Strategy::Hardlink => Ok(self.same_file(&dst, &shared)),
+                    // A copy of its own, not a hard link to the shared file
+                    // (a reference whose link mode changed).
+                    Strategy::Copy | Strategy::Reflink => {
+                        Ok(!self.same_file(&dst, &shared) && self.holds(&dst, md5)?)
+                    }
+                })?;
                 let tmp = self.tmp_path(seq)?;
                 self.link_or_copy(*strategy, &shared, &tmp, &layout::symlink_target(table_id))?;
                 if *strategy != Strategy::Symlink && *strategy != Strategy::Hardlink {
@@ -354,6 +442,7 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 self.ensure_dir(&dir)?;
+                self.keep_old(seq, &dst, || self.holds(&dst, md5))?;
                 let tmp = self.tmp_path(seq)?;
                 self.fs.copy_file(&staged, &tmp, false).at("copy", &tmp)?;
                 self.fs.rename(&tmp, &dst).at("rename", &dst)
@@ -378,10 +467,9 @@ impl<'a> Applier<'a> {
                 // (Under data/ or memory/: checked above, as every event's names.)
                 // gc is best effort: a stray the user's permissions keep in place
                 // is reported and skipped, never a step recovery must repeat.
-                match self.to_trash(seq, &l.join(rel)) {
+                match self.to_quarantine(rel) {
                     Err(e) if !e.is_crash() => {
-                        self.warnings
-                            .push(format!("gc could not remove {rel}: {e}"));
+                        self.warnings.push(format!("gc could not move {rel}: {e}"));
                         Ok(())
                     }
                     r => r,
@@ -399,6 +487,12 @@ impl<'a> Applier<'a> {
 
     /// Apply every event of a transaction, in order.
     pub fn apply_all(&mut self, records: &[Record]) -> Result<()> {
+        // The room the transaction held for what it writes from here on
+        // (`reconcile::room`): its writes go into the blocks it frees.
+        let reserve = self.layout.reserve();
+        if self.fs.exists(&reserve).at("stat", &reserve)? {
+            crate::reconcile::room::release(self.fs, self.layout)?;
+        }
         // Staged files that exactly one step of the transaction consumes can be
         // moved into place instead of linked and removed later.
         let uses = place::consumers(records.iter().map(|r| &r.event));
@@ -436,6 +530,11 @@ impl<'a> Applier<'a> {
         }
         Ok(())
     }
+}
+
+/// Where transaction `txn` keeps the stray `rel` (see `Applier::to_quarantine`).
+pub fn quarantined(layout: &Layout, txn: u64, rel: &str) -> std::path::PathBuf {
+    layout.quarantine().join(txn.to_string()).join(rel)
 }
 
 /// The kinds of step whose consecutive runs may be applied in parallel.
@@ -582,7 +681,12 @@ pub fn finish(
 /// Are there leftovers of a transaction or a compaction (trash, scratch files, an
 /// unfinished new journal, complete staged files or placed folders)? Reads only.
 pub fn has_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<bool> {
-    for dir in [layout.trash(), layout.tmp(), layout.journal_compact()] {
+    for dir in [
+        layout.trash(),
+        layout.tmp(),
+        layout.journal_compact(),
+        layout.reserve(),
+    ] {
         if fs.exists(&dir).at("stat", &dir)? {
             return Ok(true);
         }
@@ -602,7 +706,7 @@ fn is_leftover(e: &crate::fs::DirEntry) -> bool {
 }
 
 /// Remove the trash, the scratch folder, a compaction's unfinished new journal,
-/// every complete staged file and every folder built out of sight, keeping partial
+/// a transaction's reserve, every complete staged file and every folder built out of sight, keeping partial
 /// downloads (`*.part`) for the next pull to resume. Checks before it touches, so a clean directory sees no mutation
 /// at all.
 pub fn clean_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<()> {
@@ -616,6 +720,11 @@ pub fn clean_leftovers(fs: &dyn Fs, layout: &Layout) -> Result<()> {
     let compact = layout.journal_compact();
     if fs.exists(&compact).at("stat", &compact)? {
         fs.remove_file(&compact).at("remove", &compact)?;
+    }
+    // A reserve whose transaction is over (rolled back, or applied).
+    let reserve = layout.reserve();
+    if fs.exists(&reserve).at("stat", &reserve)? {
+        fs.remove_file(&reserve).at("remove", &reserve)?;
     }
     let staging = layout.staging();
     let entries = match fs.read_dir(&staging) {

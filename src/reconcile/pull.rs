@@ -30,6 +30,7 @@ use crate::reconcile::plan::{
 use crate::reconcile::recover::{
     compact_state, journal_is_clean, peek, recover, recover_trusted, replay, Peeked, Recovered,
 };
+use crate::reconcile::room;
 use crate::reconcile::stage::{stage_all, BundleCheck};
 use crate::replay::project::project;
 use crate::replay::state::SyncState;
@@ -49,9 +50,10 @@ pub struct SyncReport {
     /// What recovery did before the pull (not part of the contract's shape).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recovered: Vec<String>,
-    /// What the pull (or the recovery before it) could not do but survived: a link
-    /// mode the filesystem refused, leftovers not cleaned, a compaction that
-    /// failed. The library prints nothing; the command line prints these.
+    /// What the pull (or the recovery before it) could not do but survived, or
+    /// what the user should know: a link mode the filesystem refused, leftovers
+    /// not cleaned, a compaction that failed, files stack did not write in its
+    /// folders. The library prints nothing; the command line prints these.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
@@ -197,19 +199,34 @@ pub fn probe_caps(fs: &dyn Fs, layout: &Layout, _link: LinkMode) -> Result<Caps>
     fs.create_dir_all(&dir).at("mkdir", &dir)?;
     let src = dir.join("probe");
     let dst = dir.join("probe-clone");
-    let mut f = fs.create(&src).at("create", &src)?;
-    f.write_all(b"stack probe").at("write", &src)?;
-    drop(f);
+    let written = fs
+        .create(&src)
+        .and_then(|mut f| f.write_all(b"stack probe"));
+    if let Err(e) = written {
+        // A full disk, say: the probe's bytes go back with the refusal.
+        if !crate::error::is_crash_io(&e) {
+            let _ = not_found_ok(fs.remove_file(&src));
+        }
+        return Err(e).at("write", &src);
+    }
     not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
     let reflink = fs.reflink(&src, &dst).is_ok();
     not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
     let hardlink = fs.hard_link(&src, &dst).is_ok();
     not_found_ok(fs.remove_file(&dst)).at("remove", &dst)?;
     not_found_ok(fs.remove_file(&src)).at("remove", &src)?;
-    // A hint, not state: not synced; a lost or stale file only means a new probe.
-    let mut f = fs.create(&cache).at("create", &cache)?;
+    // A hint, not state: not synced; a lost, stale or unwritable file only means
+    // a new probe next time.
     let line = format!("{dev} {} {}\n", u8::from(reflink), u8::from(hardlink));
-    f.write_all(line.as_bytes()).at("write", &cache)?;
+    let written = fs
+        .create(&cache)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        if crate::error::is_crash_io(&e) {
+            return Err(e).at("write", &cache);
+        }
+        let _ = not_found_ok(fs.remove_file(&cache));
+    }
     Ok(Caps { reflink, hardlink })
 }
 
@@ -297,9 +314,8 @@ fn make_plan(
 /// Refuse, before anything is journaled, a plan that could not be applied: a folder
 /// where a file goes, or a file where a folder goes. After the commit point such a
 /// step would fail on every recovery; before it, the pull fails cleanly (exit 1) with
-/// the previous stack intact and the offending path named. Returns the folders the
-/// plan writes into that do not exist (relative).
-fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>> {
+/// the previous stack intact and the offending path named.
+fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Result<Preflight> {
     use crate::fs::Kind;
     use crate::layout as paths;
     let kind_of = |rel: &str| -> Result<Option<Kind>> {
@@ -353,7 +369,7 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
         }
     }
     let mut absent = BTreeSet::new();
-    for rel in folders {
+    for rel in folders.iter().cloned() {
         match kind_of(&rel)? {
             Some(Kind::Dir) => {}
             Some(_) => return Err(refuse(&rel, "a file is where stack needs a folder")),
@@ -364,15 +380,48 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan) -> Result<BTreeSet<String>>
     }
     // A file in a folder that does not exist yet cannot be in the way (a cold
     // pull stats a handful of folders, not every file).
+    let mut held = None;
+    let mut foreign = Vec::new();
     for ev in &p.ops {
         let Some((_, folder)) = locate(ev, &mut buf) else {
             continue;
         };
-        if !absent.contains(&buf[..folder]) && kind_of(&buf)? == Some(Kind::Dir) {
-            return Err(refuse(&buf, "a folder is where stack puts a file"));
+        if absent.contains(&buf[..folder]) {
+            continue;
+        }
+        match kind_of(&buf)? {
+            Some(Kind::Dir) => return Err(refuse(&buf, "a folder is where stack puts a file")),
+            Some(_) => {
+                let held = held.get_or_insert_with(|| crate::reconcile::foreign::Held::of(state));
+                if !held.contains(&buf) {
+                    foreign.push(buf.clone());
+                }
+            }
+            None => {}
         }
     }
-    Ok(absent)
+    // A package folder the plan empties and removes is one of its folders too.
+    for ev in &p.ops {
+        if let Event::RemoveDir { slug } = ev {
+            folders.insert(format!("data/{slug}"));
+        }
+    }
+    Ok(Preflight {
+        absent,
+        foreign,
+        folders,
+    })
+}
+
+/// What [`preflight`] found.
+struct Preflight {
+    /// The folders the plan writes into that do not exist (relative).
+    absent: BTreeSet<String>,
+    /// Files no state entry holds at paths the plan writes: a user's, moved
+    /// aside before the manifest's file takes the name.
+    foreign: Vec<String>,
+    /// Every folder the plan writes into or removes (relative).
+    folders: BTreeSet<String>,
 }
 
 /// What a pull would do, changing nothing (no lock, no recovery, no probe).
@@ -508,9 +557,9 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         rep.warnings = warnings.take();
         return Ok(rep);
     }
-    let (txn, bytes, placement) = stage(cfg, &mut journal, &mut p, md5)?;
-    let records = commit(&mut journal, txn, placement, &mut p, key)?;
-    let new_state = apply_and_finish(
+    let (txn, bytes, staged) = stage(cfg, &mut journal, &mut p, &state, md5)?;
+    let records = commit(cfg, &mut journal, txn, &staged, &mut p, key)?;
+    let (new_state, here) = apply_and_finish(
         cfg,
         &mut journal,
         state,
@@ -518,9 +567,24 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         &p.refresh,
         &warnings,
     )?;
-    compact_if_due(cfg, &mut journal, new_state, &warnings)?;
+    for note in foreign_notes(
+        cfg.fs.as_ref(),
+        &cfg.layout,
+        txn,
+        &staged.checked,
+        &new_state,
+    )? {
+        warnings.push(note);
+    }
     let mut rep = report(&p, txn, false, bytes, started);
     rep.recovered = notes;
+    if here {
+        compact_if_due(cfg, &mut journal, new_state, &warnings)?;
+    } else {
+        rep.recovered.push(format!(
+            "pull {txn} was finished by a second try after a failure past its commit point"
+        ));
+    }
     rep.warnings = warnings.take();
     Ok(rep)
 }
@@ -650,19 +714,34 @@ fn plan_pull(
     make_plan(fs, cfg, &rec.state, desired, true, None, warnings)
 }
 
-/// Begin and stage, out of sight: the `Begin` and `Stage` records, then every
-/// download and every folder the stack gains whole, built in `.stack/staging/`
-/// and made durable by one `syncfs`. Any failure aborts the transaction, nothing
-/// visible changed. Returns the transaction, the bytes fetched and the placement.
+/// What staging made ready for the commit point.
+struct Staged {
+    placement: Placement,
+    /// What the preflight found: folders to place, files stack did not write.
+    checked: Preflight,
+    /// The room the pull needs, as sized once its downloads were in.
+    needs: room::Needs,
+}
+
+/// Begin and stage, out of sight: a disk too small refuses the pull first; then
+/// the `Begin` and `Stage` records, every download and every folder the stack
+/// gains whole, built in `.stack/staging/`, and the reserve for what comes after
+/// the commit point (`reconcile::room`), made durable by one `syncfs`. Any
+/// failure aborts the transaction, nothing visible changed, the room taken given
+/// back. Returns the transaction, the bytes fetched and what was staged.
 fn stage(
     cfg: &PullConfig<'_>,
     journal: &mut Journal,
     p: &mut Plan,
+    state: &SyncState,
     manifest_md5: String,
-) -> Result<(u64, u64, Placement)> {
+) -> Result<(u64, u64, Staged)> {
     let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
     // Folders the stack gains whole are built out of sight and placed whole.
-    let placement = place::plan(p, &preflight(fs, layout, p)?);
+    let checked = preflight(fs, layout, p, state)?;
+    let placement = place::plan(p, &checked.absent);
+    let mut needs = room_needed(fs, layout, p, None);
+    room::check(fs, layout, needs)?;
     let txn = begin(journal, p, manifest_md5, cfg.link)?;
     (cfg.progress)(Progress::Staging {
         files: p.stage.len() as u64,
@@ -682,19 +761,31 @@ fn stage(
             &fetched,
         )?;
         place::make_links(fs, layout, &placement, &p.ops, cfg.jobs)?;
+        // Every download is in: hold the room for what comes after the commit
+        // point, sized from the staged files themselves.
+        needs = room_needed(fs, layout, p, Some(&placement));
+        room::reserve(fs, layout, needs.after_commit, needs)?;
         Ok(bytes)
     });
     let bytes = match staged {
         Ok(b) => b,
         Err(e) if e.is_crash() => return Err(e),
-        Err(e) => return Err(abort(cfg, journal, txn, &placement, e)),
+        Err(e) => return Err(abort(cfg, journal, txn, e, needs)),
     };
     if !p.stage.is_empty() || !placement.folders.is_empty() {
         let staging = layout.staging();
         fs.sync_fs(&staging).at("syncfs", &staging)?;
     }
     drop(std::mem::take(&mut p.stage)); // staged: not held through apply
-    Ok((txn, bytes, placement))
+    Ok((
+        txn,
+        bytes,
+        Staged {
+            placement,
+            checked,
+            needs,
+        },
+    ))
 }
 
 /// A new transaction: its `Begin` and one `Stage` per download, one journal batch.
@@ -714,21 +805,21 @@ fn begin(journal: &mut Journal, p: &Plan, manifest_md5: String, link: LinkMode) 
     Ok(txn)
 }
 
-/// Staging failed with `e`, before the commit point: the folders are staging, and
-/// the next command's recovery removes whatever this cannot; the transaction is
-/// `Aborted`. Returns the error the pull fails with.
+/// Staging failed with `e`, before the commit point: the room it took is given
+/// back ([`give_back`]) and the transaction is `Aborted` — if the journal has
+/// room for that; if not, the next command's recovery rolls it back all the same
+/// (it has no `Prepared`). Returns the error the pull fails with.
 fn abort(
     cfg: &PullConfig<'_>,
     journal: &mut Journal,
     txn: u64,
-    placement: &Placement,
     e: Error,
+    needs: room::Needs,
 ) -> Error {
-    if let Err(d) = place::discard(cfg.fs.as_ref(), &cfg.layout, placement) {
-        if d.is_crash() {
-            return d;
-        }
-    }
+    let e = match give_back(cfg.fs.as_ref(), &cfg.layout, e, needs) {
+        Ok(e) => e,
+        Err(crash) => return crash,
+    };
     journal.append(
         txn,
         Event::Aborted {
@@ -736,8 +827,8 @@ fn abort(
         },
     );
     match journal.sync() {
-        Ok(()) => e,
-        Err(sync) => sync,
+        Err(a) if a.is_crash() => a,
+        _ => e,
     }
 }
 
@@ -745,14 +836,14 @@ fn abort(
 /// come first: every other step may need them in place; then the other steps, the
 /// `Request` (the no-op key) and `Prepared`.
 fn commit(
+    cfg: &PullConfig<'_>,
     journal: &mut Journal,
     txn: u64,
-    placement: Placement,
+    staged: &Staged,
     p: &mut Plan,
     key: Option<String>,
 ) -> Result<Vec<Record>> {
-    let places = placement.events();
-    drop(placement);
+    let places = staged.placement.events();
     let mut last = Vec::with_capacity(2);
     if let Some(key) = key {
         last.push(Event::Request {
@@ -762,13 +853,30 @@ fn commit(
         });
     }
     last.push(Event::Prepared);
-    let parts = vec![places, std::mem::take(&mut p.ops), last];
-    journal.append_batch(txn, parts)
+    // A file stack did not write where the plan puts one is moved aside first.
+    let aside: Vec<Event> = staged
+        .checked
+        .foreign
+        .iter()
+        .map(|rel| Event::RemoveStray { rel: rel.clone() })
+        .collect();
+    let parts = vec![places, aside, std::mem::take(&mut p.ops), last];
+    match journal.append_batch(txn, parts) {
+        Ok(records) => Ok(records),
+        // Cut off again (not `broken`): the commit point was not reached, and
+        // the next command's recovery rolls the transaction back.
+        Err(e) if !journal.is_broken() => {
+            Err(give_back(cfg.fs.as_ref(), &cfg.layout, e, staged.needs)?)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Apply every committed step, then finish (state file, `Committed`, cleanup).
-/// Returns the new state. A failure here is past the commit point: recovery
-/// finishes the transaction.
+/// Returns the new state, and whether it was finished here (`false`: by the
+/// recovery [`settle`] ran after a failure, through a journal writer of its own).
+/// A failure that persists is rolled back in the same command where the disk
+/// lets it; else the next command that can write finishes the transaction.
 fn apply_and_finish(
     cfg: &PullConfig<'_>,
     journal: &mut Journal,
@@ -776,7 +884,7 @@ fn apply_and_finish(
     (txn, records): (u64, Vec<Record>),
     refresh: &[String],
     warnings: &Warnings,
-) -> Result<SyncState> {
+) -> Result<(SyncState, bool)> {
     let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
     let mut applier = Applier::new(fs, layout, txn)
         .threads(cfg.jobs)
@@ -788,12 +896,9 @@ fn apply_and_finish(
     let applied =
         applied.and_then(|()| finish(fs, layout, journal, state, txn, records, refresh, warnings));
     match applied {
-        Ok(s) => Ok(s),
+        Ok(s) => Ok((s, true)),
         Err(e) if e.is_crash() => Err(e),
-        Err(e) => Err(Error::Unfinished {
-            txn,
-            source: Box::new(e),
-        }),
+        Err(e) => Ok((settle(cfg.fs.clone(), layout, txn, e, warnings)?, false)),
     }
 }
 
@@ -815,6 +920,144 @@ fn compact_if_due(
         warnings.push(format!("automatic journal compaction failed: {e}"));
     }
     Ok(())
+}
+
+/// The files stack did not write in the folders the pull wrote into: those it
+/// moved aside, and those left in place.
+fn foreign_notes(
+    fs: &dyn Fs,
+    layout: &Layout,
+    txn: u64,
+    checked: &Preflight,
+    state: &SyncState,
+) -> Result<Vec<String>> {
+    let mut notes: Vec<String> = checked
+        .foreign
+        .iter()
+        .map(|rel| {
+            let to = crate::reconcile::apply::quarantined(layout, txn, rel);
+            crate::reconcile::foreign::moved(rel, to.strip_prefix(&layout.root).unwrap_or(&to))
+        })
+        .collect();
+    // A folder the pull created holds only what it put there.
+    let existed: BTreeSet<String> = checked
+        .folders
+        .difference(&checked.absent)
+        .cloned()
+        .collect();
+    let left = crate::reconcile::foreign::in_folders(fs, layout, &existed, state)?;
+    notes.extend(
+        left.iter()
+            .map(|rel| crate::reconcile::foreign::warning(rel)),
+    );
+    Ok(notes)
+}
+
+/// Rolling pull `txn` forward failed with `e`, a fault that may persist: run
+/// recovery now, which rolls it forward if the fault has passed, else back to
+/// the previous stack from what the transaction kept while the disk still lets
+/// stack write. `Ok`: the pull is done after all. `Err`: `RolledBack` (nothing
+/// changed), or `Unfinished`, neither way was possible (the next command that
+/// can write finishes it); both keep `e` as their source and say what to do.
+fn settle(
+    fs: Arc<dyn Fs>,
+    layout: &Layout,
+    txn: u64,
+    e: Error,
+    warnings: &Warnings,
+) -> Result<SyncState> {
+    match replay(fs, layout) {
+        Ok(rec) if rec.state.journal.txn == txn => {
+            for w in rec.warnings {
+                warnings.push(w);
+            }
+            Ok(rec.state)
+        }
+        Ok(_) => Err(Error::RolledBack {
+            txn,
+            source: Box::new(e),
+        }),
+        Err(again) if again.is_crash() => Err(again),
+        Err(_) => Err(Error::Unfinished {
+            txn,
+            source: Box::new(e),
+        }),
+    }
+}
+
+/// What pulling `p` needs on the disk. Before staging (`placement` `None`) the
+/// sizes are the manifest's; after it, a size the manifest left out is the
+/// staged file's (or, for a table already in the stack, its shared file's).
+fn room_needed(
+    fs: &dyn Fs,
+    layout: &Layout,
+    p: &Plan,
+    placement: Option<&place::Placement>,
+) -> room::Needs {
+    let (download, download_unknown) = room::download(&p.stage);
+    let state_len = fs.metadata(&layout.state_file()).map_or(0, |m| m.len);
+    let index: std::collections::HashMap<&str, usize> = p
+        .stage
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.md5.as_str(), i))
+        .collect();
+    let size_of = |md5: &str, size: Option<u64>| -> u64 {
+        if let Some(size) = size {
+            return size;
+        }
+        let Some(&i) = index.get(md5) else {
+            return 0;
+        };
+        if let Some(known) = p.stage[i].size {
+            return known;
+        }
+        let Some(placement) = placement else {
+            return 0;
+        };
+        let path = placement
+            .dest(layout, &p.ops, i)
+            .unwrap_or_else(|| layout.staged(md5));
+        fs.metadata(&path).map_or(0, |m| m.len)
+    };
+    let shared_size = |ev: &Event| match ev {
+        Event::MakeRef { table_id, md5, .. } if !index.contains_key(md5.as_str()) => fs
+            .metadata(&layout.join(&crate::layout::shared_rel(table_id)))
+            .ok()
+            .map(|m| m.len),
+        _ => None,
+    };
+    let after_commit = room::after_commit(
+        &p.ops,
+        state_len,
+        &|md5, size| size_of(md5, size),
+        &shared_size,
+    );
+    room::Needs {
+        download,
+        download_unknown: download_unknown && placement.is_none(),
+        after_commit,
+    }
+}
+
+/// A pull failed before its commit point: give back the room its staging took
+/// (staged files, placed folders, the reserve; partial downloads stay to be
+/// resumed) and say, for a full disk, how much was needed and how much is free.
+fn give_back(fs: &dyn Fs, layout: &Layout, e: Error, needs: room::Needs) -> Result<Error> {
+    if e.is_crash() {
+        return Err(e);
+    }
+    // Placed folders are staging too: the sweep of leftovers takes them.
+    if let Err(d) = crate::reconcile::apply::clean_leftovers(fs, layout) {
+        if d.is_crash() {
+            return Err(d);
+        }
+    }
+    if matches!(e, Error::NoSpace { .. }) || !room::is_no_space_error(&e) {
+        return Ok(e);
+    }
+    let free = fs.free_space(&layout.root).ok().flatten();
+    Ok(room::no_space(layout, needs, free, Some(e)))
 }
 
 /// Hash a file through the seam (the default [`HashFn`]).

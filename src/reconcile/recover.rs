@@ -250,6 +250,100 @@ pub fn compact_dir(
     Ok((before, rec.journal.len()))
 }
 
+/// A transaction past its commit point: roll it forward from its staged files;
+/// if that fails (a fault that persists) and the disk still lets stack write,
+/// roll it back from what it kept (`reconcile::undo`), in this same command. A
+/// transaction already being rolled back (its `rolling-back` marker is in its
+/// trash) is only rolled back: its staged files may be spent. Returns the state
+/// and what was done; the error of rolling forward if neither could.
+fn roll_forward_or_back(
+    fs: &dyn Fs,
+    layout: &Layout,
+    journal: &mut Journal,
+    old: SyncState,
+    p: crate::replay::project::Pending,
+    warnings: &Warnings,
+) -> Result<(SyncState, String)> {
+    let txn = p.txn;
+    let marker = layout.rolling_back(txn);
+    let failed = if fs.exists(&marker).at("stat", &marker)? {
+        None
+    } else {
+        // Kept for a rollback: the forward path consumes the state it folds.
+        let base = old.clone();
+        let mut applier = Applier::new(fs, layout, txn);
+        let forward = applier.apply_all(&p.records).and_then(|()| {
+            for w in applier.take_warnings() {
+                warnings.push(w);
+            }
+            finish(
+                fs,
+                layout,
+                journal,
+                base,
+                txn,
+                p.records.clone(),
+                &[],
+                warnings,
+            )
+        });
+        match forward {
+            Ok(state) => {
+                let note =
+                    format!("rolled transaction {txn} forward (it had passed its commit point)");
+                return Ok((state, note));
+            }
+            Err(e) if e.is_crash() || journal.is_broken() => return Err(e),
+            Err(e) => Some(e),
+        }
+    };
+    let reason = failed.as_ref().map_or_else(
+        || "an earlier rollback was interrupted".to_string(),
+        |e| e.to_string(),
+    );
+    let mut back = || -> Result<()> {
+        if failed.is_some() {
+            // A `Committed` a failed sync kept queued is never written now.
+            journal.discard_pending();
+            // The marker that forbids rolling forward again, and what the apply
+            // did (the old files it kept in the trash included), durable before
+            // the first step is undone. An empty file: no data blocks.
+            let dir = marker.parent().unwrap_or(&layout.root);
+            fs.create_dir_all(dir).at("mkdir", dir)?;
+            drop(fs.create(&marker).at("create", &marker)?);
+            if let Err(e) = fs.sync_fs(&layout.root).at("syncfs", &layout.root) {
+                // Nothing undone yet: without the marker, the next command may
+                // still roll forward, once the disk lets it.
+                if !e.is_crash() {
+                    let _ = fs.remove_file(&marker);
+                }
+                return Err(e);
+            }
+        }
+        crate::reconcile::undo::undo(fs, layout, &old, txn, &p.records)?;
+        journal.append(
+            txn,
+            Event::Aborted {
+                reason: format!("rolled back after its commit point: {reason}"),
+            },
+        );
+        journal.sync()
+    };
+    match (back(), failed) {
+        (Ok(()), _) => Ok((
+            old,
+            format!(
+                "rolled transaction {txn} back to the previous stack: rolling it forward failed ({reason})"
+            ),
+        )),
+        (Err(e), _) if e.is_crash() => Err(e),
+        // Neither way: the forward error says what to fix; the next command
+        // that can write tries again.
+        (Err(_), Some(forward)) => Err(forward),
+        (Err(e), None) => Err(e),
+    }
+}
+
 /// Recover `layout`'s directory. Hold the directory lock.
 pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
     if let Some(fast) = recover_trusted(&fs, layout, None)? {
@@ -313,25 +407,10 @@ pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
     let warnings = Warnings::default();
     if let Some(p) = projection.pending {
         if p.prepared {
-            let mut applier = Applier::new(fs.as_ref(), layout, p.txn);
-            applier.apply_all(&p.records)?;
-            for w in applier.take_warnings() {
-                warnings.push(w);
-            }
-            state = finish(
-                fs.as_ref(),
-                layout,
-                &mut journal,
-                state,
-                p.txn,
-                p.records,
-                &[],
-                &warnings,
-            )?;
-            notes.push(format!(
-                "rolled transaction {} forward (it had passed its commit point)",
-                p.txn
-            ));
+            let (s, note) =
+                roll_forward_or_back(fs.as_ref(), layout, &mut journal, state, p, &warnings)?;
+            state = s;
+            notes.push(note);
         } else {
             journal.append(
                 p.txn,

@@ -60,8 +60,18 @@ fn verify_finds_strays_and_gc_removes_them() {
     c.arg("gc").arg("--dir").arg(&dir);
     let r = output(c);
     r.ok();
-    assert!(r.stdout.contains("4 removed"), "{r:?}");
+    assert!(r.stdout.contains("4 moved to .stack/quarantine/2"), "{r:?}");
     assert!(violations(&dir, true).is_empty());
+    // Nothing was destroyed: each stray is kept under its own path.
+    let kept = dir.join(".stack/quarantine/2");
+    assert_eq!(
+        std::fs::read(kept.join("data/p1/stray.parquet")).unwrap(),
+        b"stray"
+    );
+    assert_eq!(
+        std::fs::read(kept.join("memory/zzz/bundle.md")).unwrap(),
+        b"# not in the stack"
+    );
     // gc is a transaction of its own: only the journal position in the state moves.
     let files = |s: &Snapshot| -> Snapshot {
         visible(s)
@@ -85,7 +95,38 @@ fn verify_finds_strays_and_gc_removes_them() {
     c.arg("gc").arg("--dir").arg(&dir);
     let r = output(c);
     r.ok();
-    assert!(r.stdout.contains("0 removed"), "{r:?}");
+    assert!(r.stdout.contains("ok: 0 moved"), "{r:?}");
+    assert!(kept.join("data/p9/x.parquet").exists());
+}
+
+/// Issue 15: a user's files saved in the stack's folders survive `gc`: moved to
+/// `.stack/quarantine/<txn>/`, named on stdout, deleted only by `gc --force`.
+#[test]
+fn gc_keeps_a_users_files_and_deletes_only_with_force() {
+    let (_o, l) = pulled("copy");
+    let dir = l.dir();
+    std::fs::write(dir.join("data/p1/mine.parquet"), b"my own table").unwrap();
+    std::fs::write(dir.join("data/p1/notes.txt"), b"my notes").unwrap();
+    let r = stack(&["gc", "--dir", dir.to_str().unwrap()]);
+    r.ok();
+    assert!(
+        r.stdout
+            .contains("moved data/p1/mine.parquet to .stack/quarantine/2/data/p1/mine.parquet"),
+        "{r:?}"
+    );
+    assert!(r.stdout.contains("stack gc --force"), "{r:?}");
+    let kept = dir.join(".stack/quarantine/2/data/p1");
+    assert_eq!(
+        std::fs::read(kept.join("mine.parquet")).unwrap(),
+        b"my own table"
+    );
+    assert_eq!(std::fs::read(kept.join("notes.txt")).unwrap(), b"my notes");
+    assert_verify_clean(&dir);
+    let r = stack(&["gc", "--dir", dir.to_str().unwrap(), "--force"]);
+    r.ok();
+    assert!(r.stdout.contains("deleted .stack/quarantine/2"), "{r:?}");
+    assert!(!dir.join(".stack/quarantine").exists());
+    assert_verify_clean(&dir);
 }
 
 #[test]

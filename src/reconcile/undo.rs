@@ -1,0 +1,216 @@
+//! Rolling a transaction back after its commit point: the inverse of `apply`.
+//!
+//! Owns: what undoing each apply step does on disk. Used when rolling forward
+//! fails on a fault that persists (a folder refusing writes, a disk that fails
+//! some operations) while the disk still lets stack write: the old stack is put
+//! back from what the transaction kept, in the same command.
+//!
+//! Invariants kept:
+//! - Every file the transaction removed or replaced is in `.stack/trash/<txn>/<seq>`
+//!   (`Applier::to_trash`, `Applier::keep_old`) until `Committed` or `Aborted`;
+//!   undo renames it back to its name. A name the old state did not hold is moved
+//!   to the trash; a file moved to `.stack/quarantine/` goes back where it was.
+//!   Undo therefore needs no new data blocks: renames and folder removals only.
+//! - Steps are undone in reverse order, each idempotent: a kept file already
+//!   renamed back is gone from the trash, a new file already moved away is gone.
+//!   A marker (`Layout::rolling_back`), durable before the first of them, stops
+//!   recovery from rolling such a transaction forward again (its staged files
+//!   may be spent); `Aborted`, durable after the last, ends the transaction, and
+//!   only then are the trash and the marker removed.
+//! - Folders the transaction created are removed once empty; a user's file keeps
+//!   one alive.
+
+use std::collections::{BTreeSet, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+use crate::fs::{Fs, Kind};
+use crate::journal::event::{Event, Record};
+use crate::layout::{self, Layout};
+use crate::reconcile::apply::quarantined;
+use crate::replay::state::SyncState;
+
+/// Put the old stack `old` back after transaction `txn` applied some of
+/// `records` (in order).
+pub fn undo(
+    fs: &dyn Fs,
+    layout: &Layout,
+    old: &SyncState,
+    txn: u64,
+    records: &[Record],
+) -> Result<()> {
+    let u = Undoer {
+        fs,
+        layout,
+        txn,
+        held: tracked(old),
+    };
+    let reserve = layout.reserve();
+    if fs.exists(&reserve).at("stat", &reserve)? {
+        crate::reconcile::room::release(fs, layout)?;
+    }
+    let mut folders = BTreeSet::new();
+    let mut placed = BTreeSet::new();
+    for r in records.iter().rev() {
+        let rel = match &r.event {
+            Event::PutShared { table_id, .. } => u.unput(r.seq, &layout::shared_rel(table_id))?,
+            Event::MakeRef { slot, name, .. } => u.unput(r.seq, &layout::ref_rel(slot, name))?,
+            Event::PutBundle { slug, .. } => u.unput(r.seq, &layout::bundle_rel(slug))?,
+            Event::RemoveRef { slot, name, .. } => {
+                u.unremove(r.seq, &layout::ref_rel(slot, name))?
+            }
+            Event::RemoveShared { table_id } => u.unremove(r.seq, &layout::shared_rel(table_id))?,
+            Event::RemoveBundle { slug } => u.unremove(r.seq, &layout::domain_dir_rel(slug))?,
+            Event::RemoveStray { rel } => u.unquarantine(rel)?,
+            Event::Place { rel, .. } => {
+                placed.insert(rel.clone());
+                rel.clone()
+            }
+            _ => continue,
+        };
+        let mut parent = Path::new(&rel).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            folders.insert(p.to_string_lossy().into_owned());
+            parent = p.parent();
+        }
+        if placed.contains(&rel) {
+            folders.insert(rel);
+        }
+    }
+    // Deepest first: a folder's emptiness depends on its children's removal.
+    let mut folders: Vec<String> = folders.into_iter().collect();
+    folders.sort_by_key(|f| std::cmp::Reverse(f.matches('/').count()));
+    for rel in folders {
+        if u.made_by_txn(&rel, &placed, old) {
+            u.remove_if_empty(&rel)?;
+        }
+    }
+    let root = &layout.root;
+    fs.sync_fs(root).at("syncfs", root)
+}
+
+/// Every relative path `state` holds (references, shared files, bundles).
+fn tracked(state: &SyncState) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for (slot, id, e) in state.entries() {
+        out.insert(e.ref_path(slot).into_owned());
+        out.insert(e.shared_path(id).into_owned());
+    }
+    for slug in state.memory_domains.keys() {
+        out.insert(layout::bundle_rel(slug));
+    }
+    out
+}
+
+struct Undoer<'a> {
+    fs: &'a dyn Fs,
+    layout: &'a Layout,
+    txn: u64,
+    /// Every path the old state holds.
+    held: HashSet<String>,
+}
+
+impl Undoer<'_> {
+    fn kept(&self, seq: u64) -> PathBuf {
+        self.layout
+            .trash()
+            .join(self.txn.to_string())
+            .join(seq.to_string())
+    }
+
+    fn exists(&self, p: &Path) -> Result<bool> {
+        self.fs.exists(p).at("stat", p)
+    }
+
+    /// Rename `from` to `to`, making `to`'s folder first.
+    fn move_to(&self, from: &Path, to: &Path) -> Result<()> {
+        if let Some(parent) = to.parent() {
+            self.fs.create_dir_all(parent).at("mkdir", parent)?;
+        }
+        self.fs.rename(from, to).at("rename", to)
+    }
+
+    /// A put's name: the old file back if it kept one; else, if the old state
+    /// did not hold the name, the new file moved to the trash.
+    fn unput(&self, seq: u64, rel: &str) -> Result<String> {
+        let path = self.layout.join(rel);
+        let kept = self.kept(seq);
+        if self.exists(&kept)? {
+            self.move_to(&kept, &path)?;
+        } else if !self.held.contains(rel) && self.exists(&path)? {
+            let away = self
+                .layout
+                .trash()
+                .join(self.txn.to_string())
+                .join(format!("undo-{seq}"));
+            self.move_to(&path, &away)?;
+        }
+        Ok(rel.to_string())
+    }
+
+    /// A removal: the removed file (or folder) back from the trash, if it went.
+    fn unremove(&self, seq: u64, rel: &str) -> Result<String> {
+        let kept = self.kept(seq);
+        if self.exists(&kept)? {
+            self.move_to(&kept, &self.layout.join(rel))?;
+        }
+        Ok(rel.to_string())
+    }
+
+    /// A file a pull moved out of a name it put: back, unless something holds
+    /// the name (then it stays in `.stack/quarantine/`, as `gc` would keep it).
+    fn unquarantine(&self, rel: &str) -> Result<String> {
+        let from = quarantined(self.layout, self.txn, rel);
+        let to = self.layout.join(rel);
+        if self.exists(&from)? && !self.exists(&to)? {
+            self.move_to(&from, &to)?;
+        }
+        Ok(rel.to_string())
+    }
+
+    /// Did the transaction create the folder `rel` (so that the old stack did
+    /// not have it)? A placed folder; a package's, a domain's or the direct
+    /// tables' folder the old state has no entry in (apply removes such a folder
+    /// with its last entry); `data` / `memory` when the old state holds nothing
+    /// under it and a folder was placed in it.
+    fn made_by_txn(&self, rel: &str, placed: &BTreeSet<String>, old: &SyncState) -> bool {
+        if placed.contains(rel) {
+            return true;
+        }
+        let inside = |prefix: &str| self.held.iter().any(|p| p.starts_with(prefix));
+        match rel {
+            "data" | "memory" => {
+                let prefix = format!("{rel}/");
+                !inside(&prefix) && placed.iter().any(|p| p.starts_with(&prefix))
+            }
+            // `data/_shared` outlives its last table (it is placed when new);
+            // `data/_direct` goes with its last table (`RemoveDir`).
+            _ if rel == layout::SHARED_DIR => false,
+            _ if rel == "data/_direct" => old.direct_tables.is_empty(),
+            _ if rel.starts_with("data/") => {
+                let slug = &rel["data/".len()..];
+                !slug.contains('/') && !old.data_packages.contains_key(slug)
+            }
+            _ if rel.starts_with("memory/") => {
+                let slug = &rel["memory/".len()..];
+                !slug.contains('/') && !old.memory_domains.contains_key(slug)
+            }
+            _ => false,
+        }
+    }
+
+    fn remove_if_empty(&self, rel: &str) -> Result<()> {
+        let path = self.layout.join(rel);
+        match self.fs.symlink_metadata(&path) {
+            Ok(m) if m.kind == Kind::Dir => {}
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).at("stat", &path),
+        }
+        if !self.fs.read_dir(&path).at("list", &path)?.is_empty() {
+            return Ok(());
+        }
+        crate::fs::not_found_ok(self.fs.remove_dir(&path)).at("rmdir", &path)
+    }
+}

@@ -1,0 +1,119 @@
+//! Issue 15: a user's bytes are never destroyed, and a read-only disk is a clean
+//! refusal that `status` and `verify` still read.
+
+use std::path::Path;
+
+use crate::support::*;
+
+/// A file the user saved where the new manifest puts a reference, and one beside
+/// it: the pull keeps both (the first moved to `.stack/quarantine/`, named on
+/// stderr), and says on stderr that files it did not write sit in its folders.
+#[test]
+fn a_pull_never_overwrites_or_deletes_a_file_stack_did_not_write() {
+    for link in ["symlink", "hardlink", "copy"] {
+        let (_o, l) = pulled(link);
+        let dir = l.dir();
+        std::fs::write(dir.join("data/p1/d.parquet"), b"the user's own d").unwrap();
+        std::fs::write(dir.join("data/p2/notes.txt"), b"the user's notes").unwrap();
+        let mut tables = base_tables();
+        tables.push(t("tbl_d", "d", Some("p1"), b"table d from the server\n"));
+        // p2 leaves the stack: its folder holds the user's notes.
+        tables.retain(|t| t.package != Some("p2"));
+        let o2 = Origin::new(&tables, &base_domains());
+        let r = pull(&o2.manifest(), &dir, &["--link", link]);
+        r.ok();
+        assert_eq!(
+            std::fs::read(dir.join("data/p1/d.parquet")).unwrap(),
+            b"table d from the server\n",
+            "{link}"
+        );
+        let kept: Vec<_> = walk(&dir.join(".stack/quarantine"))
+            .into_iter()
+            .filter(|p| p.ends_with("data/p1/d.parquet"))
+            .collect();
+        assert_eq!(kept.len(), 1, "{link}: the user's d.parquet is kept: {r:?}");
+        assert_eq!(std::fs::read(&kept[0]).unwrap(), b"the user's own d");
+        assert!(r.stderr.contains("data/p1/d.parquet"), "{link}: {r:?}");
+        assert_eq!(
+            std::fs::read(dir.join("data/p2/notes.txt")).unwrap(),
+            b"the user's notes"
+        );
+        assert!(r.stderr.contains("data/p2/notes.txt"), "{link}: {r:?}");
+    }
+}
+
+fn walk(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A read-only disk (a read-only bind mount; needs root, skipped otherwise): a
+/// pull is refused with exit 1 and changes nothing; `status` and `verify` work.
+#[test]
+fn a_read_only_disk_is_a_clean_refusal_and_status_and_verify_work() {
+    let (_o, l) = pulled("symlink");
+    let dir = l.dir();
+    let ro = l.tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["--bind", "-o", "ro"])
+        .arg(&dir)
+        .arg(&ro)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot bind-mount read-only (needs root and mount(8))");
+        return;
+    }
+    // Older util-linux ignore `ro` on the first bind: remount to be sure.
+    let _ = std::process::Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(&ro)
+        .status();
+    let _unmount = Unmount(ro.clone());
+    if std::fs::write(ro.join("probe"), b"x").is_ok() {
+        eprintln!("skipped: the bind mount is not read-only");
+        return;
+    }
+    let before = snapshot(&dir);
+    let mut tables = base_tables();
+    tables.push(t("tbl_d", "d", Some("p3"), b"table d\n"));
+    let o2 = Origin::new(&tables, &base_domains());
+    let r = pull(&o2.manifest(), &ro, &["--json"]);
+    let msg = r.json_error(1);
+    assert!(msg.to_lowercase().contains("read-only"), "{msg}");
+    assert_same(
+        &before,
+        &snapshot(&dir),
+        "a refused pull on a read-only disk",
+    );
+    let s = stack(&[
+        "status",
+        "--manifest",
+        o2.manifest().to_str().unwrap(),
+        "--dir",
+        ro.to_str().unwrap(),
+        "--json",
+    ]);
+    s.ok();
+    assert_verify_clean(&ro);
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
