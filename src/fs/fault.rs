@@ -249,6 +249,9 @@ impl<F: Fs> Fs for FaultFs<F> {
     fn read_link(&self, path: &Path) -> io::Result<PathBuf> {
         self.inner.read_link(path)
     }
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        self.inner.canonicalize(path)
+    }
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn Read + Send>> {
         self.inner.open_read(path)
     }
