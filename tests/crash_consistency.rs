@@ -26,18 +26,16 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
-use md5::{Digest, Md5};
 use serde_json::{json, Value};
-use stack::fs::sim::{Crash, SimFs, SnapEntry};
+use stack::fs::sim::{Crash, SimFs};
 use stack::fs::Fs;
 use stack::journal::{check_end, scan_file, End};
-use stack::layout::Layout;
-use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
+use stack::reconcile::origin::md5_file;
 use stack::reconcile::pull::{pull, PullConfig, Wanted};
 use stack::reconcile::recover::{compact_dir, recover, replay};
 use stack::replay::state::{read_state, JournalPos, Pulled};
@@ -45,88 +43,19 @@ use stack::verify::{audit, Contents};
 use stack::{BundleCheck, LinkMode, Manifest, SyncState};
 use support::pyrandom::PyRandom;
 use support::reference_gen::build_random_manifest;
-
-const ROOT: &str = "/stack";
-
-// ---------------------------------------------------------------------------
-// Deterministic content: bytes "<key>:v<ver>", md5 = md5(bytes), served by md5.
-// ---------------------------------------------------------------------------
-
-fn hexmd5(bytes: &[u8]) -> String {
-    Md5::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn registry() -> &'static Mutex<BTreeMap<String, Vec<u8>>> {
-    static R: OnceLock<Mutex<BTreeMap<String, Vec<u8>>>> = OnceLock::new();
-    R.get_or_init(Default::default)
-}
+use support::sim_stack::*;
 
 /// The md5 of version `ver` of `key`; registers its bytes with the test origin.
 fn gen_md5(key: &str, ver: u64) -> String {
-    // A little body so contents are more than a name (and differ per version).
-    let mut bytes = format!("{key}:v{ver}\n").into_bytes();
-    bytes.extend(std::iter::repeat_n(b'x', (ver as usize * 37) % 200));
-    let md5 = hexmd5(&bytes);
-    registry().lock().unwrap().insert(md5.clone(), bytes);
-    md5
+    register(key, ver, 0)
 }
-
-/// Serves every registered (key, version) by md5, through `stream_to_part`, so the
-/// engine's md5 check of each download is real.
-struct TestOrigin;
-
-impl Origin for TestOrigin {
-    fn resolve(&self, _url: &str) -> Result<(), String> {
-        Ok(())
-    }
-    fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> stack::Result<Fetched> {
-        stream_to_part(fs, content_of(req)?.as_slice(), part)
-    }
-    /// About half the items (by md5) are handed over whole, so that staging's
-    /// batched path (written, then hashed in lock step) and its streamed path are
-    /// both crashed at every instant.
-    fn read_small(&self, req: &Request<'_>) -> Option<stack::Result<Vec<u8>>> {
-        (req.md5 < "8").then(|| content_of(req))
-    }
-}
-
-/// The registered bytes a request names.
-fn content_of(req: &Request<'_>) -> stack::Result<Vec<u8>> {
-    let bytes = registry().lock().unwrap().get(req.md5).cloned();
-    bytes.ok_or_else(|| {
-        stack::Error::fetch(
-            req.item.describe(),
-            format!("test origin has no content with md5 {}", req.md5),
-        )
-    })
-}
-
-// ---------------------------------------------------------------------------
-// Manifests
-// ---------------------------------------------------------------------------
 
 fn table(tid: &str, name: &str, ver: u64) -> Value {
     table_md5(tid, name, &gen_md5(tid, ver))
 }
 
-fn table_md5(tid: &str, name: &str, md5: &str) -> Value {
-    json!({"id": tid, "name": name, "md5": md5, "query_mode": "local",
-           "parquet_url": format!("/api/data/{tid}/download")})
-}
-
-fn package(slug: &str, tables: Vec<Value>) -> Value {
-    json!({"id": format!("id_{slug}"), "slug": slug, "name": slug, "tables": tables})
-}
-
 fn domain(slug: &str, ver: u64) -> Value {
     json!({"slug": slug, "md5": gen_md5(&format!("dom_{slug}"), ver)})
-}
-
-fn manifest(direct: Vec<Value>, packages: Vec<Value>, domains: Vec<Value>) -> Value {
-    json!({"direct_tables": direct, "data_packages": packages, "memory_domains": domains})
 }
 
 fn empty() -> Value {
@@ -136,10 +65,6 @@ fn empty() -> Value {
 // ---------------------------------------------------------------------------
 // Running the engine on a SimFs
 // ---------------------------------------------------------------------------
-
-fn layout() -> Layout {
-    Layout::new(ROOT)
-}
 
 fn pull_on(fs: &SimFs, m: &Manifest, link: LinkMode) -> stack::Result<()> {
     let sim = fs.clone();
@@ -175,58 +100,6 @@ fn recover_on(fs: &SimFs) -> stack::Result<()> {
 /// A copy of `fs` as it is now (the process-kill image shares nothing with it).
 fn clone_fs(fs: &SimFs) -> SimFs {
     fs.reboot(Crash::Process)
-}
-
-// ---------------------------------------------------------------------------
-// What a user sees: the state (without fingerprints and journal position) and the
-// tree under data/ and memory/, contents included.
-// ---------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq)]
-struct View {
-    state: SyncState,
-    tree: BTreeMap<String, SnapEntry>,
-}
-
-fn view(fs: &SimFs) -> Result<View, String> {
-    let state = match read_state(fs, &layout()) {
-        Ok(Some(s)) => s,
-        Ok(None) => SyncState::default(),
-        Err(e) => return Err(format!("sync_state.json unreadable: {e}")),
-    };
-    let mut state = state.without_fingerprints();
-    state.journal = JournalPos::default();
-    let tree = fs
-        .snapshot()
-        .into_iter()
-        .filter_map(|(p, e)| {
-            let rel = p.strip_prefix(ROOT).ok()?.to_string_lossy().into_owned();
-            let visible = rel == "data"
-                || rel.starts_with("data/")
-                || rel == "memory"
-                || rel.starts_with("memory/");
-            visible.then_some((rel, e))
-        })
-        .collect();
-    Ok(View { state, tree })
-}
-
-fn describe_diff(got: &View, want: &View) -> String {
-    let mut out = Vec::new();
-    if got.state != want.state {
-        out.push("state differs".to_string());
-    }
-    let keys: BTreeSet<&String> = got.tree.keys().chain(want.tree.keys()).collect();
-    for k in keys {
-        match (got.tree.get(k), want.tree.get(k)) {
-            (Some(a), Some(b)) if a == b => {}
-            (Some(_), Some(_)) => out.push(format!("{k}: differs")),
-            (Some(_), None) => out.push(format!("{k}: extra")),
-            (None, Some(_)) => out.push(format!("{k}: missing")),
-            (None, None) => {}
-        }
-    }
-    out.join("; ")
 }
 
 /// A checked crash state: invariants 1–5 hold and the view is the old or the new one.

@@ -25,93 +25,36 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
-use md5::{Digest, Md5};
 use serde_json::{json, Value};
 use stack::fs::fault::{Fault, FaultFs};
 use stack::fs::sim::{Crash, SimFs, SnapEntry};
 use stack::fs::Fs;
-use stack::layout::Layout;
-use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
+use stack::reconcile::origin::md5_file;
 use stack::reconcile::pull::{pull, status, PullConfig, Wanted};
 use stack::reconcile::recover::recover;
-use stack::replay::state::{read_state, JournalPos};
+use stack::replay::state::read_state;
 use stack::verify::{audit, Contents};
-use stack::{BundleCheck, LinkMode, Manifest, SyncState};
+use stack::{BundleCheck, LinkMode, Manifest};
 use support::pyrandom::PyRandom;
 use support::reference_gen::build_random_manifest;
-
-const ROOT: &str = "/stack";
-
-fn hexmd5(bytes: &[u8]) -> String {
-    Md5::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn registry() -> &'static Mutex<BTreeMap<String, Vec<u8>>> {
-    static R: OnceLock<Mutex<BTreeMap<String, Vec<u8>>>> = OnceLock::new();
-    R.get_or_init(Default::default)
-}
+use support::sim_stack::*;
 
 /// Version `ver` of `key`: some hundred bytes, so copies take visible space.
 fn gen_md5(key: &str, ver: u64) -> String {
-    let mut bytes = format!("{key}:v{ver}\n").into_bytes();
-    bytes.extend(std::iter::repeat_n(b'x', 100 + (ver as usize * 37) % 200));
-    let md5 = hexmd5(&bytes);
-    registry().lock().unwrap().insert(md5.clone(), bytes);
-    md5
-}
-
-struct TestOrigin;
-
-impl Origin for TestOrigin {
-    fn resolve(&self, _url: &str) -> Result<(), String> {
-        Ok(())
-    }
-    fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> stack::Result<Fetched> {
-        stream_to_part(fs, content_of(req)?.as_slice(), part)
-    }
-    fn read_small(&self, req: &Request<'_>) -> Option<stack::Result<Vec<u8>>> {
-        (req.md5 < "8").then(|| content_of(req))
-    }
-}
-
-fn content_of(req: &Request<'_>) -> stack::Result<Vec<u8>> {
-    let bytes = registry().lock().unwrap().get(req.md5).cloned();
-    bytes.ok_or_else(|| {
-        stack::Error::fetch(
-            req.item.describe(),
-            format!("test origin has no content with md5 {}", req.md5),
-        )
-    })
+    register(key, ver, 100)
 }
 
 fn table(tid: &str, name: &str, ver: u64) -> Value {
-    let md5 = gen_md5(tid, ver);
-    json!({"id": tid, "name": name, "md5": md5, "query_mode": "local",
-           "parquet_url": format!("/api/data/{tid}/download")})
-}
-
-fn package(slug: &str, tables: Vec<Value>) -> Value {
-    json!({"id": format!("id_{slug}"), "slug": slug, "name": slug, "tables": tables})
+    table_md5(tid, name, &gen_md5(tid, ver))
 }
 
 fn domain(slug: &str, ver: u64) -> Value {
     json!({"slug": slug, "md5": gen_md5(&format!("dom_{slug}"), ver)})
-}
-
-fn manifest(direct: Vec<Value>, packages: Vec<Value>, domains: Vec<Value>) -> Value {
-    json!({"direct_tables": direct, "data_packages": packages, "memory_domains": domains})
-}
-
-fn layout() -> Layout {
-    Layout::new(ROOT)
 }
 
 fn config<'a>(
@@ -151,52 +94,6 @@ fn status_on(fs: Arc<dyn Fs>, m: &[u8], link: LinkMode) -> stack::Result<()> {
     let reader = fs.clone();
     let hash = move |p: &Path| md5_file(reader.as_ref(), p);
     status(wanted(m), &config(fs, link, &hash)).map(drop)
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct View {
-    state: SyncState,
-    tree: BTreeMap<String, SnapEntry>,
-}
-
-fn view(fs: &SimFs) -> Result<View, String> {
-    let state = match read_state(fs, &layout()) {
-        Ok(s) => s.unwrap_or_default(),
-        Err(e) => return Err(format!("sync_state.json unreadable: {e}")),
-    };
-    let mut state = state.without_fingerprints();
-    state.journal = JournalPos::default();
-    let tree = fs
-        .snapshot()
-        .into_iter()
-        .filter_map(|(p, e)| {
-            let rel = p.strip_prefix(ROOT).ok()?.to_string_lossy().into_owned();
-            let visible = rel == "data"
-                || rel.starts_with("data/")
-                || rel == "memory"
-                || rel.starts_with("memory/");
-            visible.then_some((rel, e))
-        })
-        .collect();
-    Ok(View { state, tree })
-}
-
-fn describe_diff(got: &View, want: &View) -> String {
-    let mut out = Vec::new();
-    if got.state != want.state {
-        out.push("state differs".to_string());
-    }
-    let keys: BTreeSet<&String> = got.tree.keys().chain(want.tree.keys()).collect();
-    for k in keys {
-        match (got.tree.get(k), want.tree.get(k)) {
-            (Some(a), Some(b)) if a == b => {}
-            (Some(_), Some(_)) => out.push(format!("{k}: differs")),
-            (Some(_), None) => out.push(format!("{k}: extra")),
-            (None, Some(_)) => out.push(format!("{k}: missing")),
-            (None, None) => {}
-        }
-    }
-    out.join("; ")
 }
 
 /// Invariants 1–5 hold and the directory is the old or the new stack.

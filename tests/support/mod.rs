@@ -6,5 +6,6 @@ pub mod http_server;
 pub mod net;
 pub mod pyrandom;
 pub mod reference_gen;
+pub mod sim_stack;
 
 pub use http_server::*;
