@@ -13,8 +13,9 @@
 //!   put replaces (kept for a rollback, `replay::undo`); staged content stays
 //!   in `.stack/staging/` until `Committed` is durable. A folder built out of sight
 //!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
-//!   was taken meanwhile; a redo finds it gone and the steps that travelled in it
-//!   then run as any other.
+//!   was taken meanwhile, whatever holds an entry's name there moved to
+//!   `.stack/quarantine/<txn>/` first, durably; a redo finds it gone and the steps
+//!   that travelled in it then run as any other.
 //! - Nothing temporary is ever created inside `data/` or `memory/`.
 //! - No step runs on a name or path that could leave the directory: each event is
 //!   checked (`Event::check_paths`, the rule the journal's readers refuse a journal
@@ -318,27 +319,35 @@ impl<'a> Applier<'a> {
     /// Move the entries of the staged folder `src` into `rel`, which appeared
     /// after the plan was made (the user made it): whatever holds a staged
     /// entry's name there is not stack's, and goes to the quarantine first
-    /// ([`Self::to_quarantine`], said in the warnings), never renamed over.
-    /// Redone from the journaled `Place` alone: an entry still staged has not
-    /// moved, so what holds its name now is still in the way; one moved already
-    /// is no longer listed.
+    /// ([`Self::to_quarantine`], said in the warnings), durably before any
+    /// staged entry takes a name (a power loss cannot keep a rename onto the
+    /// name and lose the move out of it). Redone from the journaled `Place`
+    /// alone: an entry still staged has not moved, so what holds its name now
+    /// is still in the way; one moved already is no longer listed.
     fn merge(&self, src: &Path, rel: &str) -> Result<()> {
         let dst = self.layout.join(rel);
-        for entry in self.fs.read_dir(src).at("list", src)? {
+        let entries = self.fs.read_dir(src).at("list", src)?;
+        let mut moved = false;
+        for entry in &entries {
             let to = dst.join(&entry.name);
-            match self.fs.symlink_metadata(&to) {
-                Ok(_) => {
-                    let in_the_way = format!("{rel}/{}", entry.name);
-                    self.to_quarantine(&in_the_way)?;
-                    let kept = quarantined(self.layout, self.txn, &in_the_way);
-                    self.warnings.push(crate::reconcile::foreign::moved(
-                        &in_the_way,
-                        kept.strip_prefix(&self.layout.root).unwrap_or(&kept),
-                    ));
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).at("stat", &to),
+            if !self.entry_exists(&to)? {
+                continue;
             }
+            let in_the_way = format!("{rel}/{}", entry.name);
+            self.to_quarantine(&in_the_way)?;
+            let kept = quarantined(self.layout, self.txn, &in_the_way);
+            self.warnings.push(crate::reconcile::foreign::moved(
+                &in_the_way,
+                kept.strip_prefix(&self.layout.root).unwrap_or(&kept),
+            ));
+            moved = true;
+        }
+        if moved {
+            let root = &self.layout.root;
+            self.fs.sync_fs(root).at("syncfs", root)?;
+        }
+        for entry in &entries {
+            let to = dst.join(&entry.name);
             self.fs
                 .rename(&src.join(&entry.name), &to)
                 .at("rename", &to)?;
@@ -861,6 +870,7 @@ mod tests {
             write(&fs, &staged.join("n.parquet"), b"staged n");
             write(&fs, &staged.join("m.parquet"), b"staged m");
             write(&fs, &mine, b"the user's");
+            fs.make_durable();
             fs
         };
         let records = [record(
@@ -887,15 +897,17 @@ mod tests {
         applier.apply_all(&records).unwrap();
         applied(&fs, &applier.take_warnings());
         let ops = fs.ops() - before;
-        for n in 0..ops {
-            let fs = setup();
-            fs.crash_after(n);
-            assert!(Applier::new(&fs, &l, 1).apply_all(&records).is_err());
-            let fs = fs.reboot(crate::fs::sim::Crash::Process);
+        use crate::fs::sim::Crash;
+        let modes = (0..8).map(Crash::PowerLossRandom).chain([Crash::Process]);
+        for (n, mode) in (0..ops).flat_map(|n| modes.clone().map(move |m| (n, m))) {
+            let crashed = setup();
+            crashed.crash_after(n);
+            assert!(Applier::new(&crashed, &l, 1).apply_all(&records).is_err());
+            let fs = crashed.reboot(mode);
             // The user's bytes are at their name or in the quarantine, at every
             // crash point.
             let at = |p: &Path| fs.read(p).is_ok_and(|b| b == b"the user's");
-            assert!(at(&mine) || at(&kept), "crash after {n} ops");
+            assert!(at(&mine) || at(&kept), "crash after {n} ops, {mode:?}");
             let mut redo = Applier::new(&fs, &l, 1);
             redo.apply_all(&records).unwrap();
             let warnings = redo.take_warnings();
