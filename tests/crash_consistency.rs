@@ -1127,3 +1127,67 @@ fn crash_at_every_op_of_automatic_compaction() {
     report_key_absent();
     assert!(states >= 100, "only {states} crash states");
 }
+
+/// A pull that gains a package folder whole commits, then dies before the
+/// folder's `Place`; the user makes that folder meanwhile, with a file of the
+/// name of one of its references. Recovery rolls the pull forward: the user's
+/// bytes go to `.stack/quarantine/<txn>/`, said in a warning, never renamed over;
+/// the invariants hold.
+#[test]
+fn roll_forward_quarantines_a_users_file_in_a_folder_made_after_the_commit() {
+    let m = to_manifest(&manifest(
+        vec![],
+        vec![package("sales", vec![table("t1", "q1", 1)])],
+        vec![],
+    ));
+    let l = layout();
+    let folder = l.join("data/sales");
+    // The first crash point past the commit point at which the folder is still
+    // not placed: recovery of a copy rolls the package in.
+    let crashed = (0..400)
+        .find_map(|n| {
+            let fs = SimFs::new();
+            fs.crash_after(n);
+            let _ = pull_on(&fs, &m, LinkMode::Symlink);
+            let c = fs.reboot(Crash::Process);
+            if c.exists(&folder).unwrap() {
+                return None;
+            }
+            let rec = recover(Arc::new(clone_fs(&c)), &l).ok()?;
+            rec.state.data_packages.contains_key("sales").then_some(c)
+        })
+        .expect("a crash point between the commit point and the folder's Place");
+    let mine = b"the user's own bytes".to_vec();
+    crashed.create_dirs(&folder).unwrap();
+    crashed
+        .write_file(folder.join("q1.parquet"), &mine)
+        .unwrap();
+    let rec = recover(Arc::new(crashed.clone()), &l).expect("recovery rolls forward");
+    assert!(
+        rec.state.data_packages.contains_key("sales"),
+        "{:?}",
+        rec.notes
+    );
+    let kept = crashed
+        .read_dir(&l.quarantine())
+        .ok()
+        .into_iter()
+        .flatten()
+        .map(|txn| l.quarantine().join(txn.name).join("data/sales/q1.parquet"))
+        .find(|p| crashed.exists(p).unwrap());
+    let kept = kept.unwrap_or_else(|| {
+        panic!(
+            "the user's file is not in .stack/quarantine; data/sales/q1.parquet holds {:?}",
+            crashed.read(&folder.join("q1.parquet"))
+        )
+    });
+    assert_eq!(crashed.read(&kept).unwrap(), mine);
+    assert!(
+        rec.warnings
+            .iter()
+            .any(|w| w.contains("data/sales/q1.parquet") && w.contains("quarantine")),
+        "{:?}",
+        rec.warnings
+    );
+    audit_clean(&crashed, &rec.state).unwrap();
+}

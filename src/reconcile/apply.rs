@@ -13,8 +13,9 @@
 //!   put replaces (kept for a rollback, `replay::undo`); staged content stays
 //!   in `.stack/staging/` until `Committed` is durable. A folder built out of sight
 //!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
-//!   was taken meanwhile; a redo finds it gone and the steps that travelled in it
-//!   then run as any other.
+//!   was taken meanwhile, whatever holds an entry's name there moved to
+//!   `.stack/quarantine/<txn>/` first, durably; a redo finds it gone and the steps
+//!   that travelled in it then run as any other.
 //! - Nothing temporary is ever created inside `data/` or `memory/`.
 //! - No step runs on a name or path that could leave the directory: each event is
 //!   checked (`Event::check_paths`, the rule the journal's readers refuse a journal
@@ -186,18 +187,37 @@ impl<'a> Applier<'a> {
     /// `.stack/quarantine/<txn>/<rel>`: out of the stack's folders, never
     /// destroyed (`gc --force` deletes it, explicitly). Gone already: moved before
     /// a crash, or by the user.
+    /// A second file of that name quarantined by the same transaction (a
+    /// user's, made after a crash moved the first) is refused, not renamed over
+    /// the first.
     fn to_quarantine(&self, rel: &str) -> Result<()> {
         let src = self.layout.join(rel);
-        if !self.fs.exists(&src).at("stat", &src)? {
+        if !self.entry_exists(&src)? {
             return Ok(());
         }
         let dst = quarantined(self.layout, self.txn, rel);
+        if self.entry_exists(&dst)? {
+            let taken = io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} holds an earlier file of that name", dst.display()),
+            );
+            return Err(taken).at("rename", &src);
+        }
         if let Some(parent) = dst.parent() {
             self.ensure_dir(parent)?;
         }
         match self.fs.rename(&src, &dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r.at("rename", &src),
+        }
+    }
+
+    /// Is there an entry named `path` (a dangling symlink included)?
+    fn entry_exists(&self, path: &Path) -> Result<bool> {
+        match self.fs.symlink_metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).at("stat", path),
         }
     }
 
@@ -268,7 +288,7 @@ impl<'a> Applier<'a> {
 
     /// `Place`: move `.stack/staging/<staged>/` to `rel`. Gone already: moved
     /// before a crash (the travelling steps then run and find their files). `rel`
-    /// there by now: the staged entries move in one by one, replacing.
+    /// there by now: the staged entries move in one by one ([`Self::merge`]).
     fn place(&self, staged: &str, rel: &str) -> Result<()> {
         let src = self.layout.staging().join(staged);
         let dst = self.layout.join(rel);
@@ -281,13 +301,7 @@ impl<'a> Applier<'a> {
         match self.fs.rename(&src, &dst) {
             Ok(()) => {}
             Err(e) if is_not_empty(&e) || e.kind() == io::ErrorKind::AlreadyExists => {
-                for entry in self.fs.read_dir(&src).at("list", &src)? {
-                    let to = dst.join(&entry.name);
-                    self.fs
-                        .rename(&src.join(&entry.name), &to)
-                        .at("rename", &to)?;
-                }
-                self.fs.remove_dir(&src).at("rmdir", &src)?;
+                self.merge(&src, rel)?;
             }
             Err(e) => return Err(e).at("rename", &dst),
         }
@@ -300,6 +314,45 @@ impl<'a> Applier<'a> {
             .unwrap_or_else(|p| p.into_inner())
             .insert(rel.to_string());
         Ok(())
+    }
+
+    /// Move the entries of the staged folder `src` into `rel`, which appeared
+    /// after the plan was made (the user made it): whatever holds a staged
+    /// entry's name there is not stack's, and goes to the quarantine first
+    /// ([`Self::to_quarantine`], said in the warnings), durably before any
+    /// staged entry takes a name (a power loss cannot keep a rename onto the
+    /// name and lose the move out of it). Redone from the journaled `Place`
+    /// alone: an entry still staged has not moved, so what holds its name now
+    /// is still in the way; one moved already is no longer listed.
+    fn merge(&self, src: &Path, rel: &str) -> Result<()> {
+        let dst = self.layout.join(rel);
+        let entries = self.fs.read_dir(src).at("list", src)?;
+        let mut moved = false;
+        for entry in &entries {
+            let to = dst.join(&entry.name);
+            if !self.entry_exists(&to)? {
+                continue;
+            }
+            let in_the_way = format!("{rel}/{}", entry.name);
+            self.to_quarantine(&in_the_way)?;
+            let kept = quarantined(self.layout, self.txn, &in_the_way);
+            self.warnings.push(crate::reconcile::foreign::moved(
+                &in_the_way,
+                kept.strip_prefix(&self.layout.root).unwrap_or(&kept),
+            ));
+            moved = true;
+        }
+        if moved {
+            let root = &self.layout.root;
+            self.fs.sync_fs(root).at("syncfs", root)?;
+        }
+        for entry in &entries {
+            let to = dst.join(&entry.name);
+            self.fs
+                .rename(&src.join(&entry.name), &to)
+                .at("rename", &to)?;
+        }
+        self.fs.remove_dir(src).at("rmdir", src)
     }
 
     fn forget_dirs(&self) {
@@ -799,6 +852,93 @@ mod tests {
         // only if the md5 matches, which here it does not: the redo says so.
         let err = Applier::new(&fs, &l, 1).apply_all(&records).unwrap_err();
         assert!(err.to_string().contains("rename"), "{err}");
+    }
+
+    /// A folder that appeared after planning holding a file of a staged entry's
+    /// name: that file goes to the quarantine before the staged entry takes the
+    /// name, and the warnings say so. A crash at any operation of the merge,
+    /// then a redo, ends the same way; a rollback (`undo`) puts the user's file
+    /// back.
+    #[test]
+    fn place_quarantines_what_holds_a_staged_name_at_every_crash_point() {
+        let l = Layout::new("/d");
+        let mine = l.join("data/pkg/n.parquet");
+        let kept = quarantined(&l, 1, "data/pkg/n.parquet");
+        let setup = || {
+            let fs = SimFs::new();
+            let staged = l.staging().join("place-0");
+            write(&fs, &staged.join("n.parquet"), b"staged n");
+            write(&fs, &staged.join("m.parquet"), b"staged m");
+            write(&fs, &mine, b"the user's");
+            fs.make_durable();
+            fs
+        };
+        let records = [record(
+            1,
+            Event::Place {
+                staged: "place-0".into(),
+                rel: "data/pkg".into(),
+            },
+        )];
+        let applied = |fs: &SimFs, warnings: &[String]| {
+            assert_eq!(fs.read(&mine).unwrap(), b"staged n");
+            assert_eq!(fs.read(&l.join("data/pkg/m.parquet")).unwrap(), b"staged m");
+            assert_eq!(fs.read(&kept).unwrap(), b"the user's");
+            assert!(!fs.exists(&l.staging().join("place-0")).unwrap());
+            assert!(
+                warnings.iter().any(|w| w.contains("data/pkg/n.parquet")
+                    && w.contains(".stack/quarantine/1/data/pkg/n.parquet")),
+                "{warnings:?}"
+            );
+        };
+        let fs = setup();
+        let before = fs.ops();
+        let mut applier = Applier::new(&fs, &l, 1);
+        applier.apply_all(&records).unwrap();
+        applied(&fs, &applier.take_warnings());
+        let ops = fs.ops() - before;
+        use crate::fs::sim::Crash;
+        let modes = (0..8).map(Crash::PowerLossRandom).chain([Crash::Process]);
+        for (n, mode) in (0..ops).flat_map(|n| modes.clone().map(move |m| (n, m))) {
+            let crashed = setup();
+            crashed.crash_after(n);
+            assert!(Applier::new(&crashed, &l, 1).apply_all(&records).is_err());
+            let fs = crashed.reboot(mode);
+            // The user's bytes are at their name or in the quarantine, at every
+            // crash point.
+            let at = |p: &Path| fs.read(p).is_ok_and(|b| b == b"the user's");
+            assert!(at(&mine) || at(&kept), "crash after {n} ops, {mode:?}");
+            let mut redo = Applier::new(&fs, &l, 1);
+            redo.apply_all(&records).unwrap();
+            let warnings = redo.take_warnings();
+            if at(&kept) && !warnings.is_empty() {
+                applied(&fs, &warnings);
+            } else {
+                // Moved before the crash: the redo finds the name free.
+                assert_eq!(fs.read(&kept).unwrap(), b"the user's", "crash after {n}");
+                assert_eq!(fs.read(&mine).unwrap(), b"staged n");
+            }
+        }
+        // Rolled back: the reference that travelled in the folder goes (the old
+        // state held none) and the user's file is back at its name.
+        let fs = setup();
+        let mut records = records.to_vec();
+        records.push(record(
+            2,
+            Event::MakeRef {
+                slot: crate::journal::event::Slot::Package("pkg".into()),
+                table_id: "t1".into(),
+                name: "n".into(),
+                md5: "0123456789abcdef0123456789abcdef".into(),
+                size: None,
+                strategy: Strategy::Symlink,
+            },
+        ));
+        Applier::new(&fs, &l, 1).apply_all(&records).unwrap();
+        assert_eq!(fs.read(&kept).unwrap(), b"the user's");
+        crate::reconcile::undo::undo(&fs, &l, &SyncState::default(), 1, &records).unwrap();
+        assert_eq!(fs.read(&mine).unwrap(), b"the user's");
+        assert!(!fs.exists(&kept).unwrap());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Owns: finding them, and the rule that a pull never deletes or overwrites one.
 //! Invariant kept: a file no state entry holds at a path the plan writes is moved
 //! to `.stack/quarantine/<txn>/<path>` by a journaled `RemoveStray` step before
-//! the manifest's file takes its name (never renamed over, never unlinked); any
+//! the manifest's file takes its name (never renamed over, never unlinked), and so
+//! is one in a folder the user made where a pull places one (`Applier::merge`,
+//! recorded by the journaled `Place`); any
 //! other such file is left where it is and named to the caller, who says so on
 //! stderr (invariant 3 cannot hold while it is there).
 

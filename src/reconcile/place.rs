@@ -24,6 +24,9 @@
 //!   knows the folder's files are the staged ones. After a crash that came once the
 //!   folder was moved, the step runs as any other and finds its file in place (a
 //!   put re-hashes it; a symlink is remade through `.stack/tmp`).
+//! - A folder the user made between the plan and the `Place` is merged into, and
+//!   never loses a file: what holds a staged entry's name goes to the quarantine
+//!   first (`reconcile::apply`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

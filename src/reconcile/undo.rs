@@ -64,6 +64,7 @@ pub fn undo(
             Event::RemoveBundle { slug } => u.unremove(r.seq, &layout::domain_dir_rel(slug))?,
             Event::RemoveStray { rel } => u.unquarantine(rel)?,
             Event::Place { rel, .. } => {
+                u.unmerge(rel)?;
                 placed.insert(rel.clone());
                 rel.clone()
             }
@@ -167,6 +168,22 @@ impl Undoer<'_> {
             self.move_to(&from, &to)?;
         }
         Ok(rel.to_string())
+    }
+
+    /// A placed folder merged into one the user made meanwhile: what the
+    /// merge moved out of its entries' names (`Applier::merge`) goes back. The
+    /// entries themselves were undone as the steps that travelled in it.
+    fn unmerge(&self, rel: &str) -> Result<()> {
+        let kept = quarantined(self.layout, self.txn, rel);
+        let entries = match self.fs.read_dir(&kept) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).at("list", &kept),
+        };
+        for e in entries {
+            self.unquarantine(&format!("{rel}/{}", e.name))?;
+        }
+        Ok(())
     }
 
     /// Did the transaction create the folder `rel` (so that the old stack did
