@@ -1,0 +1,331 @@
+//! A user's bytes against a pull's apply and rollback (contract §5: a pull never
+//! deletes or overwrites a file stack did not write).
+//!
+//! The preflight looks for files in the way before the downloads; these tests
+//! make the user's file appear later — during the downloads (through the
+//! origin), after a crash, or where the quarantine refuses it — and check that
+//! its bytes survive: at their name, or in `.stack/quarantine/`, said in the
+//! report.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde_json::Value;
+use stack::fs::fault::{Fault, FaultFs};
+use stack::fs::sim::{Crash, SimFs, SnapEntry};
+use stack::fs::Fs;
+use stack::reconcile::origin::{md5_file, Fetched, Origin, Request};
+use stack::reconcile::pull::{pull, PullConfig, SyncReport, Wanted};
+use stack::reconcile::recover::recover;
+use stack::{BundleCheck, LinkMode, Manifest};
+use support::sim_stack::*;
+
+const MINE: &[u8] = b"the user's own bytes, which stack never wrote\n";
+
+fn table(tid: &str, name: &str, ver: u64) -> Value {
+    table_md5(tid, name, &register(tid, ver, 50))
+}
+
+fn domain(slug: &str, ver: u64) -> Value {
+    serde_json::json!({"slug": slug, "md5": register(&format!("dom_{slug}"), ver, 50)})
+}
+
+fn bytes_of(v: &Value) -> Vec<u8> {
+    let m: Manifest = serde_json::from_value(v.clone()).unwrap();
+    serde_json::to_vec(&m).unwrap()
+}
+
+/// The test origin, which first runs `hook` once (on the first download).
+struct Hooked<F: Fn() + Send + Sync> {
+    hook: F,
+    ran: AtomicBool,
+}
+
+impl<F: Fn() + Send + Sync> Hooked<F> {
+    fn once(&self) {
+        if !self.ran.swap(true, Ordering::SeqCst) {
+            (self.hook)();
+        }
+    }
+}
+
+impl<F: Fn() + Send + Sync> Origin for Hooked<F> {
+    fn resolve(&self, url: &str) -> Result<(), String> {
+        TestOrigin.resolve(url)
+    }
+    fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> stack::Result<Fetched> {
+        self.once();
+        TestOrigin.fetch(fs, req, part)
+    }
+    fn read_small(&self, req: &Request<'_>) -> Option<stack::Result<Vec<u8>>> {
+        self.once();
+        TestOrigin.read_small(req)
+    }
+}
+
+fn pull_with(
+    fs: Arc<dyn Fs>,
+    origin: &dyn Origin,
+    m: &Value,
+    link: LinkMode,
+) -> stack::Result<SyncReport> {
+    let reader = fs.clone();
+    let hash = move |p: &Path| md5_file(reader.as_ref(), p);
+    let bytes = bytes_of(m);
+    let cfg = PullConfig {
+        fs,
+        layout: layout(),
+        origin,
+        link,
+        jobs: 1,
+        dry_run: false,
+        wait: false,
+        command: "users bytes test".to_string(),
+        hash: &hash,
+        bundles: BundleCheck::Verify,
+        progress: &|_| {},
+    };
+    pull(
+        Wanted::Raw {
+            bytes: bytes.as_slice().into(),
+            origin: "users-bytes-test".into(),
+        },
+        &cfg,
+    )
+}
+
+fn plain_pull(fs: &SimFs, m: &Value, link: LinkMode) -> SyncReport {
+    pull_with(Arc::new(fs.clone()), &TestOrigin, m, link).unwrap()
+}
+
+/// Where the user's bytes are now (every path that holds exactly them).
+fn where_mine(fs: &SimFs) -> Vec<String> {
+    fs.snapshot()
+        .into_iter()
+        .filter(|(_, e)| matches!(e, SnapEntry::File { bytes, .. } if bytes == MINE))
+        .map(|(p, _)| p.display().to_string())
+        .collect()
+}
+
+fn old_stack() -> Value {
+    manifest(
+        vec![table("tbl_d", "d", 1)],
+        vec![package("p1", vec![table("tbl_a", "a", 1)])],
+        vec![domain("ops", 1)],
+    )
+}
+
+/// The old stack plus a new table in `p1`, in `_direct` and a changed domain:
+/// new names in folders that exist (nothing is placed whole).
+fn new_stack() -> Value {
+    manifest(
+        vec![table("tbl_d", "d", 1), table("tbl_e", "e", 1)],
+        vec![package(
+            "p1",
+            vec![table("tbl_a", "a", 1), table("tbl_c", "c", 1)],
+        )],
+        vec![domain("ops", 2)],
+    )
+}
+
+/// The names the new stack writes that the old one does not hold, in folders
+/// that exist: where a user's file may appear after the preflight looked.
+const NEW_NAMES: [&str; 4] = [
+    "data/p1/c.parquet",
+    "data/_direct/e.parquet",
+    "data/_shared/tbl_c.parquet",
+    "data/_shared/tbl_e.parquet",
+];
+
+fn fresh(link: LinkMode) -> SimFs {
+    let fs = SimFs::new();
+    fs.create_dirs(ROOT).unwrap();
+    plain_pull(&fs, &old_stack(), link);
+    fs
+}
+
+/// (a) A file the user makes at a name the pull puts, after the preflight
+/// looked (during the downloads): the manifest's file takes the name, and the
+/// user's file is in the quarantine, said in the report — never in the trash
+/// that `finish` empties.
+#[test]
+fn a_file_made_during_the_downloads_at_a_put_name_is_quarantined() {
+    for link in [LinkMode::Symlink, LinkMode::Copy, LinkMode::Hardlink] {
+        for rel in NEW_NAMES {
+            let fs = fresh(link);
+            let at = Path::new(ROOT).join(rel);
+            let writer = fs.clone();
+            let origin = Hooked {
+                hook: move || writer.write_file(&at, MINE).unwrap(),
+                ran: AtomicBool::new(false),
+            };
+            let rep = pull_with(Arc::new(fs.clone()), &origin, &new_stack(), link)
+                .unwrap_or_else(|e| panic!("{link:?} {rel}: the pull failed: {e}"));
+            let kept = format!("{ROOT}/.stack/quarantine/{}/{rel}", rep.txn);
+            assert_eq!(
+                where_mine(&fs),
+                vec![kept.clone()],
+                "{link:?} {rel}: the user's bytes are not (only) in the quarantine"
+            );
+            assert!(
+                rep.warnings
+                    .iter()
+                    .any(|w| w.contains(rel) && w.contains(&kept[ROOT.len() + 1..])),
+                "{link:?} {rel}: the report does not say where they went: {:?}",
+                rep.warnings
+            );
+            // The stack is the new one.
+            let hash = |p: &Path| md5_file(&fs, p);
+            let state = stack::replay::state::read_state(&fs, &layout()).unwrap().unwrap();
+            let v = stack::verify::audit(
+                &fs,
+                &layout(),
+                &state,
+                stack::verify::Contents::Rehash(&hash, 1),
+            )
+            .unwrap();
+            assert!(v.is_empty(), "{link:?} {rel}: {v:?}");
+        }
+    }
+}
+
+/// (a) The same for a bundle the user writes into a domain folder that the
+/// pull creates (`memory/<slug>/bundle.md` of a new domain), while it downloads.
+#[test]
+fn a_bundle_made_during_the_downloads_is_quarantined() {
+    let fs = fresh(LinkMode::Symlink);
+    let mut new = old_stack();
+    new["memory_domains"]
+        .as_array_mut()
+        .unwrap()
+        .push(domain("finance", 1));
+    let rel = "memory/finance/bundle.md";
+    let at = Path::new(ROOT).join(rel);
+    let writer = fs.clone();
+    let origin = Hooked {
+        hook: move || writer.write_file(&at, MINE).unwrap(),
+        ran: AtomicBool::new(false),
+    };
+    let rep = pull_with(Arc::new(fs.clone()), &origin, &new, LinkMode::Symlink).unwrap();
+    let kept = format!("{ROOT}/.stack/quarantine/{}/{rel}", rep.txn);
+    assert_eq!(where_mine(&fs), vec![kept], "{:?}", rep.warnings);
+}
+
+/// (b) A file stack did not write where the pull puts one, which the
+/// quarantine refuses to take (its folder denies writes): the pull fails
+/// (rolled back), it never proceeds to overwrite; the user's file stays at its
+/// name and the stack is the old one.
+#[test]
+fn a_stray_the_quarantine_refuses_fails_the_pull_and_stays() {
+    for link in [LinkMode::Symlink, LinkMode::Copy] {
+        for rel in ["data/p1/c.parquet", "data/_direct/e.parquet"] {
+            let fs = fresh(link);
+            let at = Path::new(ROOT).join(rel);
+            fs.write_file(&at, MINE).unwrap();
+            let before = view(&fs).unwrap();
+            let ffs = FaultFs::new(fs.clone());
+            ffs.arm(Fault::Denied {
+                under: "/stack/.stack/quarantine",
+            });
+            let got = pull_with(Arc::new(ffs.clone()), &TestOrigin, &new_stack(), link);
+            assert_eq!(
+                where_mine(&fs),
+                vec![at.display().to_string()],
+                "{link:?} {rel}: {got:?}"
+            );
+            let err = got.expect_err("the pull must fail, not overwrite");
+            assert!(
+                err.to_string().contains("rolled back"),
+                "{link:?} {rel}: {err}"
+            );
+            assert_eq!(view(&fs).unwrap(), before, "{link:?} {rel}: not the old stack");
+            // Once the quarantine takes it, the next pull moves it there.
+            ffs.clear();
+            let rep = pull_with(Arc::new(ffs), &TestOrigin, &new_stack(), link).unwrap();
+            let kept = format!("{ROOT}/.stack/quarantine/{}/{rel}", rep.txn);
+            assert_eq!(where_mine(&fs), vec![kept], "{link:?} {rel}");
+        }
+    }
+}
+
+/// (b) The report says a file was moved to the quarantine only if it was: a
+/// file in the way that the user removes during the downloads was not moved.
+#[test]
+fn the_report_names_only_quarantine_moves_that_happened() {
+    let fs = fresh(LinkMode::Symlink);
+    let rel = "data/p1/c.parquet";
+    let at = Path::new(ROOT).join(rel);
+    fs.write_file(&at, MINE).unwrap();
+    let remover = fs.clone();
+    let origin = Hooked {
+        hook: move || remover.remove_file(&at).unwrap(),
+        ran: AtomicBool::new(false),
+    };
+    let rep = pull_with(Arc::new(fs.clone()), &origin, &new_stack(), LinkMode::Symlink).unwrap();
+    assert!(where_mine(&fs).is_empty());
+    assert!(
+        !rep.warnings.iter().any(|w| w.contains("moved to")),
+        "the report claims a move that did not happen: {:?}",
+        rep.warnings
+    );
+}
+
+/// The operation index of the first mutation whose log line contains `what`.
+fn op_index(log: &[String], what: &str) -> u64 {
+    log.iter()
+        .filter(|l| l.starts_with('#'))
+        .find(|l| l.contains(what))
+        .and_then(|l| l[1..].split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no operation {what:?} in\n{}", log.join("\n")))
+}
+
+/// (c) A pull fails past its commit point (`data/_shared` refuses writes)
+/// before its new reference `p1/c` is made, and its rollback is cut by a crash
+/// once its marker is durable. The user then makes a file at `p1/c`'s name.
+/// The recovery that finishes the rollback must not take that file for the
+/// reference the pull made: its bytes survive.
+#[test]
+fn a_rollback_leaves_a_users_file_at_the_name_of_a_put_that_never_ran() {
+    for link in [LinkMode::Symlink, LinkMode::Copy] {
+        let fs = fresh(link);
+        fs.make_durable();
+        let run = |crash: Option<u64>| {
+            let sim = fs.reboot(Crash::Process);
+            if let Some(n) = crash {
+                sim.crash_after(n);
+            }
+            let ffs = FaultFs::new(sim.clone());
+            ffs.arm(Fault::Denied {
+                under: "/stack/data/_shared",
+            });
+            let got = pull_with(Arc::new(ffs), &TestOrigin, &new_stack(), link);
+            (sim, got)
+        };
+        let (counting, got) = run(None);
+        let err = got.expect_err("the pull rolls back");
+        assert!(err.to_string().contains("rolled back"), "{err}");
+        // Crash right after the syncfs that made the marker durable.
+        let log = counting.op_log();
+        let marker = op_index(&log, "rolling-back");
+        let (sim, got) = run(Some(marker + 2));
+        assert!(got.is_err_and(|e| e.is_crash()));
+        let sim = sim.reboot(Crash::PowerLossPessimistic);
+        assert!(sim
+            .snapshot()
+            .keys()
+            .any(|p| p.ends_with("rolling-back")));
+        let rel = "data/p1/c.parquet";
+        sim.write_file(Path::new(ROOT).join(rel), MINE).unwrap();
+        let rec = recover(Arc::new(sim.clone()), &layout()).unwrap();
+        let found = where_mine(&sim);
+        assert_eq!(
+            found.len(),
+            1,
+            "{link:?}: the user's bytes are gone after the rollback ({:?})",
+            rec.notes
+        );
+    }
+}
