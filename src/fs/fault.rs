@@ -356,6 +356,10 @@ impl<F: Fs> Fs for FaultFs<F> {
         }
         Ok(())
     }
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.admit(Op::Allocates, &[from, to])?;
+        self.inner.rename_noreplace(from, to)
+    }
     fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
         self.admit(Op::Allocates, &[link])?;
         self.inner.hard_link(original, link)?;

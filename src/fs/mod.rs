@@ -218,6 +218,16 @@ pub trait Fs: Send + Sync {
     fn sync_fs(&self, path: &Path) -> io::Result<()>;
     /// Atomically rename `from` to `to`, replacing a file at `to`.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Rename `from` to `to` only if `to` does not exist; else fail with
+    /// `AlreadyExists` (EEXIST) and change nothing. The check and the rename are
+    /// one step (`renameat2(RENAME_NOREPLACE)`), so a file that appears at `to`
+    /// an instant before is never replaced. This default, for wrappers that do
+    /// not pass the call on, gives the same promise: a file or symlink gets its
+    /// new name by `link` (which never replaces) and loses its old one; a folder
+    /// by `rename`, which replaces nothing but an empty folder.
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        link_then_unlink(self, from, to)
+    }
     /// Make `link` a new hard link to `original`.
     fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()>;
     /// Make `link` a symlink whose content is `target`.
@@ -307,6 +317,21 @@ pub trait Fs: Send + Sync {
 }
 
 /// Treat "not found" as success: removal is idempotent (recovery may redo it).
+/// [`Fs::rename_noreplace`] where the kernel or the filesystem has no
+/// `RENAME_NOREPLACE`: a file or symlink is linked at `to` (`link` fails with
+/// EEXIST rather than replace) and unlinked from `from`; a folder is renamed
+/// (a folder's rename replaces only an empty folder, and no file).
+fn link_then_unlink<F: Fs + ?Sized>(fs: &F, from: &Path, to: &Path) -> io::Result<()> {
+    if fs.symlink_metadata(from)?.kind == Kind::Dir {
+        if fs.symlink_metadata(to).is_ok_and(|m| m.kind != Kind::Dir) {
+            return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+        }
+        return fs.rename(from, to);
+    }
+    fs.hard_link(from, to)?;
+    fs.remove_file(from)
+}
+
 pub fn not_found_ok(r: io::Result<()>) -> io::Result<()> {
     match r {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -549,6 +574,20 @@ impl Fs for RealFs {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)
     }
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        match sys::rename_noreplace(from, to) {
+            // A kernel or filesystem without the flag (EINVAL: some network
+            // and FUSE filesystems; ENOSYS: before Linux 3.15).
+            Err(e) if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+            ) =>
+            {
+                link_then_unlink(self, from, to)
+            }
+            r => r,
+        }
+    }
     fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
         std::fs::hard_link(original, link)
     }
@@ -681,6 +720,33 @@ mod sys {
             // SAFETY: both are NUL-terminated and the folder is open.
             check(unsafe { libc::symlinkat(target.as_ptr(), self.0.as_raw_fd(), name.as_ptr()) })
                 .map(drop)
+        }
+    }
+
+    /// `renameat2(from, to, RENAME_NOREPLACE)` (Linux); elsewhere `ENOSYS`, and
+    /// the caller links instead.
+    pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+        let bad = || io::Error::from(io::ErrorKind::InvalidInput);
+        let (f, t) = (path(from).ok_or_else(bad)?, path(to).ok_or_else(bad)?);
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: both paths are NUL-terminated; AT_FDCWD resolves them as
+            // `rename` does.
+            check(unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    f.as_ptr(),
+                    libc::AT_FDCWD,
+                    t.as_ptr(),
+                    libc::RENAME_NOREPLACE,
+                )
+            })
+            .map(drop)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (f, t);
+            Err(io::Error::from_raw_os_error(libc::ENOSYS))
         }
     }
 

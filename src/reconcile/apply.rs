@@ -32,6 +32,7 @@ use crate::fs::{not_found_ok, Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::journal::Journal;
 use crate::layout::{self, Layout};
+use crate::reconcile::foreign::Held;
 use crate::reconcile::{heal, place};
 use crate::replay::project::{apply_fingerprints, compact_maps, TxnFold};
 use crate::replay::state::{write_state, StatFp, Strategy, SyncState};
@@ -73,6 +74,21 @@ pub struct Applier<'a> {
     made_dirs: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
     /// Threads for runs of independent steps (see [`Applier::apply_all`]).
     threads: usize,
+    /// The paths the old stack holds (the committed state the transaction
+    /// started from): what a put finds at one of them is stack's, kept in the
+    /// trash for a rollback; anything else in a put's way is a user's, and goes
+    /// to the quarantine. `None`: nothing is held (everything is quarantined).
+    old: Option<Held<'a>>,
+    /// Names a removal of this transaction vacated: what holds one later was
+    /// made after the old stack's file went, and is not stack's.
+    vacated: std::collections::HashSet<String>,
+    /// Is a failure to quarantine a stray fatal? A pull's strays stand where its
+    /// puts go (it must fail rather than overwrite); gc's are best effort.
+    strict_strays: bool,
+    /// A stray was quarantined and no `syncfs` has made it durable yet: one
+    /// runs before the next step, so no put's rename onto that name can survive
+    /// a power loss that loses the move out of it.
+    unsynced_strays: AtomicBool,
     /// Did this process's own staging make every staged table file read-only?
     /// Otherwise (recovery: the staging may be an older engine's, which left the
     /// mode to apply) a put makes the staged file read-only before moving it.
@@ -91,8 +107,19 @@ impl<'a> Applier<'a> {
             placed: Default::default(),
             made_dirs: Default::default(),
             threads: 1,
+            old: None,
+            vacated: std::collections::HashSet::new(),
+            strict_strays: false,
+            unsynced_strays: AtomicBool::new(false),
             staged_read_only: false,
         }
+    }
+
+    /// The committed state the transaction started from (see `old`): a pull's
+    /// and a recovery's applier know it.
+    pub fn old_state(mut self, state: &'a SyncState) -> Self {
+        self.old = Some(Held::of(state));
+        self
     }
 
     /// The warnings of the steps applied so far (taken: a second call has only the
@@ -136,27 +163,94 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// Before a put takes the name `dst`: move what is there (the old stack's
-    /// file) to `.stack/trash/<txn>/<seq>`, where a rollback finds it
-    /// (`replay::undo`). Nothing to keep when the name is free, when a redo kept
-    /// it already, or when `dst` already holds this step's own file (`is_new`: a
-    /// redo after the put; a power loss may have kept the put and lost the move).
-    fn keep_old(&self, seq: u64, dst: &Path, is_new: impl FnOnce() -> Result<bool>) -> Result<()> {
+    /// Before a put takes the name `dst` (`rel`): move what is there out of the
+    /// way. The old stack's file goes to `.stack/trash/<txn>/<seq>`, where a
+    /// rollback finds it (`replay::undo`); anything else — a file the user made
+    /// at a name the old stack did not hold, or one made after the old file was
+    /// kept or removed — goes to the quarantine, durably, and the warnings say
+    /// so. Nothing to move when the name is free, or when `dst` already holds
+    /// this step's own file (`is_new`: a redo after the put; a power loss may
+    /// have kept the put and lost the move), or a folder (the put's rename
+    /// fails then, as it must).
+    fn make_room(&self, seq: u64, dst: &Path, is_new: &dyn Fn() -> Result<bool>) -> Result<Room> {
         match self.fs.symlink_metadata(dst) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Room::Free),
             Err(e) => return Err(e).at("stat", dst),
-            Ok(m) if m.kind == Kind::Dir => return Ok(()),
+            Ok(m) if m.kind == Kind::Dir => return Ok(Room::Taken),
             Ok(_) => {}
+        }
+        if is_new()? {
+            return Ok(Room::Taken);
         }
         let kept = self
             .layout
             .trash()
             .join(self.txn.to_string())
             .join(seq.to_string());
-        if self.fs.exists(&kept).at("stat", &kept)? || is_new()? {
-            return Ok(());
+        let rel = self.rel_of(dst);
+        if !self.fs.exists(&kept).at("stat", &kept)? && self.held(&rel) {
+            self.to_trash(seq, dst)?;
+        } else {
+            self.quarantine_in_the_way(&rel)?;
         }
-        self.to_trash(seq, dst)
+        Ok(Room::Free)
+    }
+
+    /// Rename `from` onto `dst`, a put's name, once [`Self::make_room`] made room.
+    /// A free name is taken by a rename that never replaces
+    /// (`Fs::rename_noreplace`): a file that appears there in between makes it
+    /// fail, and room is made again. The rename's own error is returned inside.
+    fn rename_into(
+        &self,
+        seq: u64,
+        from: &Path,
+        dst: &Path,
+        is_new: &dyn Fn() -> Result<bool>,
+    ) -> Result<io::Result<()>> {
+        for _ in 0..ATTEMPTS {
+            let r = match self.make_room(seq, dst, is_new)? {
+                Room::Taken => self.fs.rename(from, dst),
+                Room::Free => self.fs.rename_noreplace(from, dst),
+            };
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                r => return Ok(r),
+            }
+        }
+        Ok(Err(keeps_appearing(dst)))
+    }
+
+    /// Does the old stack hold `rel` (and no removal of this transaction
+    /// vacated it)?
+    fn held(&self, rel: &str) -> bool {
+        self.old.as_ref().is_some_and(|h| h.contains(rel)) && !self.vacated.contains(rel)
+    }
+
+    fn rel_of(&self, path: &Path) -> String {
+        path.strip_prefix(&self.layout.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Move what holds `rel`, which is not stack's, to the quarantine before a
+    /// put or a placed entry takes the name; durable before that rename (one
+    /// `syncfs`, only when something moved), and said in the warnings.
+    fn quarantine_in_the_way(&self, rel: &str) -> Result<()> {
+        if self.to_quarantine(rel)? {
+            self.warn_moved(rel);
+            let root = &self.layout.root;
+            self.fs.sync_fs(root).at("syncfs", root)?;
+        }
+        Ok(())
+    }
+
+    fn warn_moved(&self, rel: &str) {
+        let kept = quarantined(self.layout, self.txn, rel);
+        self.warnings.push(crate::reconcile::foreign::moved(
+            rel,
+            kept.strip_prefix(&self.layout.root).unwrap_or(&kept),
+        ));
     }
 
     /// Does `path` hold content `md5` as a file of its own (not a symlink to
@@ -190,10 +284,11 @@ impl<'a> Applier<'a> {
     /// A second file of that name quarantined by the same transaction (a
     /// user's, made after a crash moved the first) is refused, not renamed over
     /// the first.
-    fn to_quarantine(&self, rel: &str) -> Result<()> {
+    /// `Ok(true)`: moved; `Ok(false)`: nothing was there.
+    fn to_quarantine(&self, rel: &str) -> Result<bool> {
         let src = self.layout.join(rel);
         if !self.entry_exists(&src)? {
-            return Ok(());
+            return Ok(false);
         }
         let dst = quarantined(self.layout, self.txn, rel);
         if self.entry_exists(&dst)? {
@@ -206,9 +301,9 @@ impl<'a> Applier<'a> {
         if let Some(parent) = dst.parent() {
             self.ensure_dir(parent)?;
         }
-        match self.fs.rename(&src, &dst) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            r => r.at("rename", &src),
+        match self.fs.rename_noreplace(&src, &dst) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            r => r.at("rename", &src).map(|()| true),
         }
     }
 
@@ -334,23 +429,34 @@ impl<'a> Applier<'a> {
                 continue;
             }
             let in_the_way = format!("{rel}/{}", entry.name);
-            self.to_quarantine(&in_the_way)?;
-            let kept = quarantined(self.layout, self.txn, &in_the_way);
-            self.warnings.push(crate::reconcile::foreign::moved(
-                &in_the_way,
-                kept.strip_prefix(&self.layout.root).unwrap_or(&kept),
-            ));
-            moved = true;
+            if self.to_quarantine(&in_the_way)? {
+                self.warn_moved(&in_the_way);
+                moved = true;
+            }
         }
         if moved {
             let root = &self.layout.root;
             self.fs.sync_fs(root).at("syncfs", root)?;
         }
+        // Never renamed over: a file that appears at an entry's name after the
+        // look above makes the rename fail, and goes to the quarantine first.
         for entry in &entries {
+            let from = src.join(&entry.name);
             let to = dst.join(&entry.name);
-            self.fs
-                .rename(&src.join(&entry.name), &to)
-                .at("rename", &to)?;
+            let rel = format!("{rel}/{}", entry.name);
+            let mut tries = 0;
+            loop {
+                match self.fs.rename_noreplace(&from, &to) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < ATTEMPTS => {
+                        self.quarantine_in_the_way(&rel)?;
+                        tries += 1;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        return Err(keeps_appearing(&to)).at("rename", &to)
+                    }
+                    r => break r.at("rename", &to)?,
+                }
+            }
         }
         self.fs.remove_dir(src).at("rmdir", src)
     }
@@ -404,11 +510,9 @@ impl<'a> Applier<'a> {
                     // made before it by an older engine).
                     self.ensure_dir(&l.shared_dir())?;
                     // The staged file still there: this put has not run, and what
-                    // `dst` holds is the old stack's.
-                    self.keep_old(seq, &dst, || {
-                        Ok(!self.fs.exists(&staged).at("stat", &staged)?)
-                    })?;
-                    return match self.fs.rename(&staged, &dst) {
+                    // `dst` holds is not its file.
+                    let ran = || Ok(!self.fs.exists(&staged).at("stat", &staged)?);
+                    return match self.rename_into(seq, &staged, &dst, &ran)? {
                         Err(e)
                             if e.kind() == io::ErrorKind::NotFound
                                 && self.done_before(&staged, &dst, md5)? =>
@@ -426,15 +530,14 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 self.ensure_dir(&l.shared_dir())?;
-                self.keep_old(seq, &dst, || {
-                    Ok(self.same_file(&dst, &staged) || self.holds(&dst, md5)?)
-                })?;
                 let tmp = self.tmp_path(seq)?;
                 // A hard link from staging costs no copy; staging is on the same
                 // filesystem. Where links are refused, copy.
                 self.link_or_copy(Strategy::Hardlink, &staged, &tmp, &staged)?;
                 self.fs.set_readonly(&tmp, true).at("chmod", &tmp)?;
-                self.fs.rename(&tmp, &dst).at("rename", &dst)
+                let own = || Ok(self.same_file(&dst, &staged) || self.holds(&dst, md5)?);
+                self.rename_into(seq, &tmp, &dst, &own)?
+                    .at("rename", &dst)
             }
             Event::MakeRef {
                 slot,
@@ -460,7 +563,14 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 self.ensure_dir(&l.join(&layout::slot_dir_rel(slot)))?;
-                self.keep_old(seq, &dst, || match strategy {
+                let tmp = self.tmp_path(seq)?;
+                self.link_or_copy(*strategy, &shared, &tmp, &layout::symlink_target(table_id))?;
+                if *strategy != Strategy::Symlink && *strategy != Strategy::Hardlink {
+                    // A copy of a read-only file may keep its mode; references are the
+                    // user's to read and write.
+                    self.fs.set_readonly(&tmp, false).at("chmod", &tmp)?;
+                }
+                let own = || match strategy {
                     Strategy::Symlink => Ok(self
                         .fs
                         .read_link(&dst)
@@ -471,15 +581,9 @@ impl<'a> Applier<'a> {
                     Strategy::Copy | Strategy::Reflink => {
                         Ok(!self.same_file(&dst, &shared) && self.holds(&dst, md5)?)
                     }
-                })?;
-                let tmp = self.tmp_path(seq)?;
-                self.link_or_copy(*strategy, &shared, &tmp, &layout::symlink_target(table_id))?;
-                if *strategy != Strategy::Symlink && *strategy != Strategy::Hardlink {
-                    // A copy of a read-only file may keep its mode; references are the
-                    // user's to read and write.
-                    self.fs.set_readonly(&tmp, false).at("chmod", &tmp)?;
-                }
-                self.fs.rename(&tmp, &dst).at("rename", &dst)
+                };
+                self.rename_into(seq, &tmp, &dst, &own)?
+                    .at("rename", &dst)
             }
             Event::RemoveRef { slot, name, .. } => {
                 self.to_trash(seq, &l.join(&layout::ref_rel(slot, name)))
@@ -495,10 +599,10 @@ impl<'a> Applier<'a> {
                     return Ok(());
                 }
                 self.ensure_dir(&dir)?;
-                self.keep_old(seq, &dst, || self.holds(&dst, md5))?;
                 let tmp = self.tmp_path(seq)?;
                 self.fs.copy_file(&staged, &tmp, false).at("copy", &tmp)?;
-                self.fs.rename(&tmp, &dst).at("rename", &dst)
+                self.rename_into(seq, &tmp, &dst, &|| self.holds(&dst, md5))?
+                    .at("rename", &dst)
             }
             Event::RemoveBundle { slug } => {
                 self.forget_dirs();
@@ -518,14 +622,24 @@ impl<'a> Applier<'a> {
             }
             Event::RemoveStray { rel } => {
                 // (Under data/ or memory/: checked above, as every event's names.)
-                // gc is best effort: a stray the user's permissions keep in place
-                // is reported and skipped, never a step recovery must repeat.
+                // A pull's stray stands where its put goes: not moved, the pull
+                // fails (and rolls back) rather than overwrite it. gc is best
+                // effort: a stray the user's permissions keep in place is
+                // reported and skipped, never a step recovery must repeat.
                 match self.to_quarantine(rel) {
-                    Err(e) if !e.is_crash() => {
+                    Ok(true) => {
+                        self.unsynced_strays.store(true, Ordering::Relaxed);
+                        if self.strict_strays {
+                            self.warn_moved(rel);
+                        }
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) if !e.is_crash() && !self.strict_strays => {
                         self.warnings.push(format!("gc could not move {rel}: {e}"));
                         Ok(())
                     }
-                    r => r,
+                    Err(e) => Err(e),
                 }
             }
             Event::Begin { .. }
@@ -549,6 +663,24 @@ impl<'a> Applier<'a> {
         // Staged files that exactly one step of the transaction consumes can be
         // moved into place instead of linked and removed later.
         let uses = place::consumers(records.iter().map(|r| &r.event));
+        // A transaction of strays alone is gc's; any other step makes it a pull's.
+        self.strict_strays = records.iter().any(|r| {
+            matches!(
+                r.event,
+                Event::Place { .. }
+                    | Event::PutShared { .. }
+                    | Event::MakeRef { .. }
+                    | Event::PutBundle { .. }
+            )
+        });
+        self.vacated = records
+            .iter()
+            .filter_map(|r| match &r.event {
+                Event::RemoveRef { slot, name, .. } => Some(layout::ref_rel(slot, name)),
+                Event::RemoveShared { table_id } => Some(layout::shared_rel(table_id)),
+                _ => None,
+            })
+            .collect();
         self.sole_consumers = records
             .iter()
             .filter(|r| matches!(&r.event, Event::PutShared { md5, .. } if uses[md5.as_str()] == 1))
@@ -572,6 +704,12 @@ impl<'a> Applier<'a> {
                 None => 1,
             };
             let (run, tail) = rest.split_at(len);
+            if !matches!(first.event, Event::RemoveStray { .. })
+                && self.unsynced_strays.swap(false, Ordering::Relaxed)
+            {
+                let root = &self.layout.root;
+                self.fs.sync_fs(root).at("syncfs", root)?;
+            }
             if self.threads > 1 {
                 crate::par::map(run, self.threads, |r| self.apply(r.seq, &r.event))?;
             } else {
@@ -583,6 +721,28 @@ impl<'a> Applier<'a> {
         }
         Ok(())
     }
+}
+
+/// What [`Applier::make_room`] left at a put's name.
+enum Room {
+    /// Nothing: the put takes the name by a rename that never replaces.
+    Free,
+    /// The step's own file (a redo), or a folder the put's rename refuses.
+    Taken,
+}
+
+/// How many times a put or a placed entry makes room again for a name that a
+/// file keeps taking before its rename, before it gives up.
+const ATTEMPTS: usize = 3;
+
+fn keeps_appearing(dst: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "a file kept appearing at {} while stack moved it aside",
+            dst.display()
+        ),
+    )
 }
 
 /// Where transaction `txn` keeps the stray `rel` (see `Applier::to_quarantine`).
@@ -919,9 +1079,13 @@ mod tests {
                 assert_eq!(fs.read(&mine).unwrap(), b"staged n");
             }
         }
-        // Rolled back: the reference that travelled in the folder goes (the old
-        // state held none) and the user's file is back at its name.
+        // Rolled back: the reference that travelled in the folder (a symlink,
+        // as a travelling reference is) goes, since the old state held none,
+        // and the user's file is back at its name.
         let fs = setup();
+        let staged_n = l.staging().join("place-0/n.parquet");
+        fs.remove_file(&staged_n).unwrap();
+        fs.symlink(&layout::symlink_target("t1"), &staged_n).unwrap();
         let mut records = records.to_vec();
         records.push(record(
             2,
@@ -936,7 +1100,7 @@ mod tests {
         ));
         Applier::new(&fs, &l, 1).apply_all(&records).unwrap();
         assert_eq!(fs.read(&kept).unwrap(), b"the user's");
-        crate::reconcile::undo::undo(&fs, &l, &SyncState::default(), 1, &records).unwrap();
+        crate::reconcile::undo::undo(&fs, &l, &SyncState::default(), 1, &records, &Warnings::default()).unwrap();
         assert_eq!(fs.read(&mine).unwrap(), b"the user's");
         assert!(!fs.exists(&kept).unwrap());
     }

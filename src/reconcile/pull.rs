@@ -567,13 +567,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         &p.refresh,
         &warnings,
     )?;
-    for note in foreign_notes(
-        cfg.fs.as_ref(),
-        &cfg.layout,
-        txn,
-        &staged.checked,
-        &new_state,
-    )? {
+    for note in foreign_notes(cfg.fs.as_ref(), &cfg.layout, &staged.checked, &new_state)? {
         warnings.push(note);
     }
     let mut rep = report(&p, txn, false, bytes, started);
@@ -888,11 +882,13 @@ fn apply_and_finish(
     let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
     let mut applier = Applier::new(fs, layout, txn)
         .threads(cfg.jobs)
-        .staged_read_only();
+        .staged_read_only()
+        .old_state(&state);
     let applied = applier.apply_all(&records);
     for w in applier.take_warnings() {
         warnings.push(w);
     }
+    drop(applier);
     let applied =
         applied.and_then(|()| finish(fs, layout, journal, state, txn, records, refresh, warnings));
     match applied {
@@ -922,23 +918,15 @@ fn compact_if_due(
     Ok(())
 }
 
-/// The files stack did not write in the folders the pull wrote into: those it
-/// moved aside, and those left in place.
+/// The files stack did not write left in the folders the pull wrote into.
+/// (Those it moved to the quarantine the applier reported as it moved them:
+/// the report names only moves that happened.)
 fn foreign_notes(
     fs: &dyn Fs,
     layout: &Layout,
-    txn: u64,
     checked: &Preflight,
     state: &SyncState,
 ) -> Result<Vec<String>> {
-    let mut notes: Vec<String> = checked
-        .foreign
-        .iter()
-        .map(|rel| {
-            let to = crate::reconcile::apply::quarantined(layout, txn, rel);
-            crate::reconcile::foreign::moved(rel, to.strip_prefix(&layout.root).unwrap_or(&to))
-        })
-        .collect();
     // A folder the pull created holds only what it put there.
     let existed: BTreeSet<String> = checked
         .folders
@@ -946,11 +934,10 @@ fn foreign_notes(
         .cloned()
         .collect();
     let left = crate::reconcile::foreign::in_folders(fs, layout, &existed, state)?;
-    notes.extend(
-        left.iter()
-            .map(|rel| crate::reconcile::foreign::warning(rel)),
-    );
-    Ok(notes)
+    Ok(left
+        .iter()
+        .map(|rel| crate::reconcile::foreign::warning(rel))
+        .collect())
 }
 
 /// Rolling pull `txn` forward failed with `e`, a fault that may persist: run

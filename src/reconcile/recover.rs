@@ -271,7 +271,7 @@ fn roll_forward_or_back(
     } else {
         // Kept for a rollback: the forward path consumes the state it folds.
         let base = old.clone();
-        let mut applier = Applier::new(fs, layout, txn);
+        let mut applier = Applier::new(fs, layout, txn).old_state(&old);
         let forward = applier.apply_all(&p.records).and_then(|()| {
             for w in applier.take_warnings() {
                 warnings.push(w);
@@ -320,7 +320,7 @@ fn roll_forward_or_back(
                 return Err(e);
             }
         }
-        crate::reconcile::undo::undo(fs, layout, &old, txn, &p.records)?;
+        crate::reconcile::undo::undo(fs, layout, &old, txn, &p.records, warnings)?;
         journal.append(
             txn,
             Event::Aborted {

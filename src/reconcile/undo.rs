@@ -24,27 +24,31 @@ use std::collections::{BTreeSet, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::error::{IoContext, Result};
+use crate::error::{IoContext, Result, Warnings};
 use crate::fs::{Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::layout::{self, Layout};
 use crate::reconcile::apply::quarantined;
-use crate::replay::state::SyncState;
+use crate::replay::state::{Strategy, SyncState};
 
 /// Put the old stack `old` back after transaction `txn` applied some of
 /// `records` (in order).
+/// What it could not put back where it was (a user's file left in place or in
+/// the quarantine) goes into `warnings`.
 pub fn undo(
     fs: &dyn Fs,
     layout: &Layout,
     old: &SyncState,
     txn: u64,
     records: &[Record],
+    warnings: &Warnings,
 ) -> Result<()> {
     let u = Undoer {
         fs,
         layout,
         txn,
         held: tracked(old),
+        warnings,
     };
     let reserve = layout.reserve();
     if fs.exists(&reserve).at("stat", &reserve)? {
@@ -54,9 +58,31 @@ pub fn undo(
     let mut placed = BTreeSet::new();
     for r in records.iter().rev() {
         let rel = match &r.event {
-            Event::PutShared { table_id, .. } => u.unput(r.seq, &layout::shared_rel(table_id))?,
-            Event::MakeRef { slot, name, .. } => u.unput(r.seq, &layout::ref_rel(slot, name))?,
-            Event::PutBundle { slug, .. } => u.unput(r.seq, &layout::bundle_rel(slug))?,
+            Event::PutShared { table_id, md5 } => {
+                let own = |p: &Path| u.holds(p, md5);
+                u.unput(r.seq, &layout::shared_rel(table_id), &own)?
+            }
+            Event::MakeRef {
+                slot,
+                name,
+                table_id,
+                md5,
+                strategy,
+                ..
+            } => {
+                let shared = layout.join(&layout::shared_rel(table_id));
+                let own = |p: &Path| match strategy {
+                    Strategy::Symlink => Ok(fs
+                        .read_link(p)
+                        .is_ok_and(|t| t == layout::symlink_target(table_id))),
+                    _ => Ok(u.same_file(p, &shared) || u.holds(p, md5)?),
+                };
+                u.unput(r.seq, &layout::ref_rel(slot, name), &own)?
+            }
+            Event::PutBundle { slug, md5 } => {
+                let own = |p: &Path| u.holds(p, md5);
+                u.unput(r.seq, &layout::bundle_rel(slug), &own)?
+            }
             Event::RemoveRef { slot, name, .. } => {
                 u.unremove(r.seq, &layout::ref_rel(slot, name))?
             }
@@ -110,6 +136,7 @@ struct Undoer<'a> {
     txn: u64,
     /// Every path the old state holds.
     held: HashSet<String>,
+    warnings: &'a Warnings,
 }
 
 impl Undoer<'_> {
@@ -133,21 +160,88 @@ impl Undoer<'_> {
     }
 
     /// A put's name: the old file back if it kept one; else, if the old state
-    /// did not hold the name, the new file moved to the trash.
-    fn unput(&self, seq: u64, rel: &str) -> Result<String> {
+    /// did not hold the name, the new file moved to the trash — only if it is
+    /// the step's file (`own`: the put ran). Whatever else holds the name is
+    /// not stack's (the put never ran and a user made it, or made it after):
+    /// it is never trashed, but left in place, or moved to the quarantine when
+    /// the kept old file goes back over its name. Last, a file the put moved
+    /// out of the name (`Applier::make_room`) comes back if the name is free.
+    fn unput(&self, seq: u64, rel: &str, own: &dyn Fn(&Path) -> Result<bool>) -> Result<String> {
         let path = self.layout.join(rel);
         let kept = self.kept(seq);
+        let there = self.entry_exists(&path)?;
         if self.exists(&kept)? {
+            if there && !own(&path)? {
+                self.aside(rel)?;
+            }
             self.move_to(&kept, &path)?;
-        } else if !self.held.contains(rel) && self.exists(&path)? {
-            let away = self
-                .layout
-                .trash()
-                .join(self.txn.to_string())
-                .join(format!("undo-{seq}"));
-            self.move_to(&path, &away)?;
+        } else if there && !self.held.contains(rel) {
+            if own(&path)? {
+                let away = self
+                    .layout
+                    .trash()
+                    .join(self.txn.to_string())
+                    .join(format!("undo-{seq}"));
+                self.move_to(&path, &away)?;
+            } else {
+                self.warnings.push(format!(
+                    "{rel} was not written by stack; left in place by the rollback"
+                ));
+            }
         }
-        Ok(rel.to_string())
+        self.unquarantine(rel)
+    }
+
+    /// Is there an entry named `path` (a dangling symlink included)?
+    fn entry_exists(&self, path: &Path) -> Result<bool> {
+        match self.fs.symlink_metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).at("stat", path),
+        }
+    }
+
+    /// Does `path` hold content `md5` as a file of its own?
+    fn holds(&self, path: &Path, md5: &str) -> Result<bool> {
+        match self.fs.symlink_metadata(path) {
+            Ok(m) if m.kind == Kind::File => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e).at("stat", path),
+        }
+        match crate::reconcile::origin::md5_file(self.fs, path) {
+            Ok(h) => Ok(h == md5),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).at("read", path),
+        }
+    }
+
+    /// Are `a` and `b` names of one inode?
+    fn same_file(&self, a: &Path, b: &Path) -> bool {
+        match (self.fs.symlink_metadata(a), self.fs.symlink_metadata(b)) {
+            (Ok(x), Ok(y)) => x.ino == y.ino && x.dev == y.dev,
+            _ => false,
+        }
+    }
+
+    /// Move `rel`, a file stack did not write, to `.stack/quarantine/<txn>/<rel>`
+    /// before the old stack's file takes its name back; never over a file
+    /// already there (the rollback fails instead, and the next command tries
+    /// again).
+    fn aside(&self, rel: &str) -> Result<()> {
+        let from = self.layout.join(rel);
+        let to = quarantined(self.layout, self.txn, rel);
+        if let Some(parent) = to.parent() {
+            self.fs.create_dir_all(parent).at("mkdir", parent)?;
+        }
+        self.fs.rename_noreplace(&from, &to).at("rename", &to)?;
+        self.warnings.push(format!(
+            "{rel} was not written by stack; moved to {} by the rollback",
+            to.strip_prefix(&self.layout.root).unwrap_or(&to).display()
+        ));
+        // Durable before the kept file's rename takes the name.
+        let root = &self.layout.root;
+        self.fs.sync_fs(root).at("syncfs", root)
     }
 
     /// A removal: the removed file (or folder) back from the trash, if it went.
@@ -164,8 +258,15 @@ impl Undoer<'_> {
     fn unquarantine(&self, rel: &str) -> Result<String> {
         let from = quarantined(self.layout, self.txn, rel);
         let to = self.layout.join(rel);
-        if self.exists(&from)? && !self.exists(&to)? {
-            self.move_to(&from, &to)?;
+        if self.entry_exists(&from)? {
+            if self.entry_exists(&to)? {
+                self.warnings.push(format!(
+                    "{rel} was not written by stack; it stays in {} (something else holds its name)",
+                    from.strip_prefix(&self.layout.root).unwrap_or(&from).display()
+                ));
+            } else {
+                self.move_to(&from, &to)?;
+            }
         }
         Ok(rel.to_string())
     }

@@ -482,6 +482,17 @@ impl Fs for SimFs {
         )
     }
 
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.mutate(
+            format!("rename_noreplace {} -> {}", from.display(), to.display()),
+            |st, d| {
+                st.existing(from)?;
+                st.new_name(to)?;
+                st.rename(from, to, d)
+            },
+        )
+    }
+
     fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
         self.mutate(
             format!("link {} -> {}", link.display(), original.display()),
