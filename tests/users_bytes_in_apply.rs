@@ -329,3 +329,63 @@ fn a_rollback_leaves_a_users_file_at_the_name_of_a_put_that_never_ran() {
         );
     }
 }
+
+/// Make the user's file appear at `at` right before the first rename (plain or
+/// no-replace) from `from_part` onto `at`: in the window between the engine's
+/// look at the name and its rename.
+fn appear_before_rename(fs: &SimFs, from_part: &'static str, at: &'static str) {
+    let user = fs.clone();
+    let mut done = false;
+    fs.before_each_op(move |desc| {
+        let renames = desc.starts_with("rename ") || desc.starts_with("rename_noreplace ");
+        if !done && renames && desc.contains(from_part) && desc.ends_with(&format!("-> {at}")) {
+            done = true;
+            user.write_file(at, MINE).unwrap();
+        }
+    });
+}
+
+/// (d) A file that appears at a put's name after the put made room there and
+/// before its rename (a copy is made in `.stack/tmp` and renamed in): the
+/// rename never replaces it; it goes to the quarantine and the put is retried.
+#[test]
+fn a_file_made_just_before_a_puts_rename_is_quarantined() {
+    let fs = fresh(LinkMode::Copy);
+    appear_before_rename(&fs, "/.stack/tmp/", "/stack/data/p1/c.parquet");
+    let rep = plain_pull(&fs, &new_stack(), LinkMode::Copy);
+    let kept = format!("{ROOT}/.stack/quarantine/{}/data/p1/c.parquet", rep.txn);
+    assert_eq!(where_mine(&fs), vec![kept], "{:?}", rep.warnings);
+    assert!(
+        rep.warnings.iter().any(|w| w.contains("moved to")),
+        "{:?}",
+        rep.warnings
+    );
+}
+
+/// (d) A package folder the pull places whole, made by the user during the
+/// downloads (so the staged entries are moved in one by one), and a file that
+/// appears at an entry's name after the merge looked and before the entry's
+/// rename: never renamed over; it goes to the quarantine first.
+#[test]
+fn a_file_made_in_the_merge_window_is_quarantined() {
+    let fs = fresh(LinkMode::Symlink);
+    let mut new = old_stack();
+    new["data_packages"]
+        .as_array_mut()
+        .unwrap()
+        .push(package("p9", vec![table("tbl_x", "x", 1)]));
+    let writer = fs.clone();
+    let origin = Hooked {
+        hook: move || writer.write_file("/stack/data/p9/notes.txt", b"notes").unwrap(),
+        ran: AtomicBool::new(false),
+    };
+    appear_before_rename(&fs, "/.stack/staging/place-", "/stack/data/p9/x.parquet");
+    let rep = pull_with(Arc::new(fs.clone()), &origin, &new, LinkMode::Symlink).unwrap();
+    let kept = format!("{ROOT}/.stack/quarantine/{}/data/p9/x.parquet", rep.txn);
+    assert_eq!(where_mine(&fs), vec![kept], "{:?}", rep.warnings);
+    assert_eq!(fs.read(Path::new("/stack/data/p9/notes.txt")).unwrap(), b"notes");
+    assert_eq!(
+        fs.read_link(Path::new("/stack/data/p9/x.parquet")).unwrap(),
+        Path::new("../_shared/tbl_x.parquet")
+    );
+}

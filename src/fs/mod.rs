@@ -904,4 +904,40 @@ mod tests {
         assert_eq!(l[0].as_ref().unwrap().kind, Kind::Symlink);
         assert_eq!(s[0].as_ref().unwrap().kind, Kind::File);
     }
+
+    /// `rename_noreplace` on the real filesystem, by `renameat2` and by the
+    /// link fallback: a taken name fails with `AlreadyExists` and both files
+    /// keep their bytes; a free one is taken; a folder moves to a free name.
+    #[test]
+    fn rename_noreplace_never_replaces() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let (a, b, c) = (d.join("a"), d.join("b"), d.join("c"));
+        type Rename = fn(&RealFs, &Path, &Path) -> io::Result<()>;
+        let ways: [(&str, Rename); 2] = [
+            ("renameat2", |fs, f, t| fs.rename_noreplace(f, t)),
+            ("link fallback", |fs, f, t| link_then_unlink(fs, f, t)),
+        ];
+        for (how, rename) in ways {
+            std::fs::write(&a, b"new").unwrap();
+            std::fs::write(&b, b"the user's").unwrap();
+            let e = rename(&RealFs, &a, &b).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{how}: {e}");
+            assert_eq!(std::fs::read(&a).unwrap(), b"new", "{how}");
+            assert_eq!(std::fs::read(&b).unwrap(), b"the user's", "{how}");
+            rename(&RealFs, &a, &c).unwrap();
+            assert!(!a.exists(), "{how}");
+            assert_eq!(std::fs::read(&c).unwrap(), b"new", "{how}");
+            std::fs::remove_file(&c).unwrap();
+            std::fs::create_dir(d.join("dir")).unwrap();
+            assert_eq!(
+                rename(&RealFs, &d.join("dir"), &b).unwrap_err().kind(),
+                io::ErrorKind::AlreadyExists,
+                "{how}"
+            );
+            rename(&RealFs, &d.join("dir"), &d.join("moved")).unwrap();
+            std::fs::remove_dir(d.join("moved")).unwrap();
+            std::fs::remove_file(&b).unwrap();
+        }
+    }
 }

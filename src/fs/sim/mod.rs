@@ -121,7 +121,12 @@ pub use log::Crash;
 #[derive(Clone)]
 pub struct SimFs {
     state: Arc<Mutex<State>>,
+    /// Run before each counted mutation ([`SimFs::before_each_op`]).
+    hook: Arc<Mutex<Option<OpHook>>>,
 }
+
+/// A test's code run before a mutation, given the operation's description.
+type OpHook = Box<dyn FnMut(&str) + Send>;
 
 impl Default for SimFs {
     fn default() -> Self {
@@ -145,11 +150,22 @@ impl SimFs {
     pub fn new() -> Self {
         SimFs {
             state: Arc::new(Mutex::new(State::new())),
+            hook: Arc::default(),
         }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("sim fs mutex poisoned")
+    }
+
+    /// Run `hook` before every counted mutation from now on, with the
+    /// operation's description (as in [`SimFs::op_log`]): a test makes
+    /// something happen between two of the engine's operations, as a user or
+    /// another process could (the setup methods, such as
+    /// [`SimFs::write_file`], on a clone of this handle). Mutations the hook
+    /// makes through [`Fs`] do not run it again.
+    pub fn before_each_op(&self, hook: impl FnMut(&str) + Send + 'static) {
+        *self.hook.lock().expect("sim fs hook poisoned") = Some(Box::new(hook));
     }
 
     /// Run a counted mutation, logging it.
@@ -158,6 +174,15 @@ impl SimFs {
         desc: String,
         f: impl FnOnce(&mut State, &str) -> io::Result<T>,
     ) -> io::Result<T> {
+        // Taken out while it runs: the hook may mutate this filesystem.
+        let hook = self.hook.lock().expect("sim fs hook poisoned").take();
+        if let Some(mut hook) = hook {
+            hook(&desc);
+            self.hook
+                .lock()
+                .expect("sim fs hook poisoned")
+                .get_or_insert(hook);
+        }
         let mut st = self.state();
         st.begin(&desc)?;
         let r = f(&mut st, &desc);
@@ -263,6 +288,7 @@ impl SimFs {
                 opts: st.opts,
                 history,
             })),
+            hook: Arc::default(),
         }
     }
 

@@ -461,3 +461,45 @@ fn usable_from_several_threads() {
     assert_eq!(fs.read_dir(&p("/sim")).unwrap().len(), 80);
     assert_eq!(fs.ops(), 4 * 20 * 3);
 }
+
+/// `rename_noreplace` never replaces: a taken name fails with `AlreadyExists`
+/// and changes nothing (a counted operation all the same); a free name is
+/// taken as by `rename`, and as atomically after a power loss.
+#[test]
+fn rename_noreplace_refuses_a_taken_name_and_changes_nothing() {
+    let fs = SimFs::new();
+    fs.write_file("/sim/mine", b"the user's").unwrap();
+    fs.write_file("/sim/tmp", b"new").unwrap();
+    let before = fs.ops();
+    let e = fs
+        .rename_noreplace(&p("/sim/tmp"), &p("/sim/mine"))
+        .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(fs.ops() - before, 1);
+    assert_eq!(at(&fs, "/sim/mine"), Some(file(b"the user's")));
+    assert_eq!(at(&fs, "/sim/tmp"), Some(file(b"new")));
+    fs.rename_noreplace(&p("/sim/tmp"), &p("/sim/free")).unwrap();
+    assert_eq!(at(&fs, "/sim/free"), Some(file(b"new")));
+    assert_eq!(at(&fs, "/sim/tmp"), None);
+    let lost = fs.reboot(Crash::PowerLossPessimistic);
+    assert_eq!(at(&lost, "/sim/tmp"), Some(file(b"new")));
+    assert_eq!(at(&lost, "/sim/free"), None);
+}
+
+/// A hook set by `before_each_op` runs before each counted mutation with its
+/// description, and may change the filesystem (a user acting in between).
+#[test]
+fn a_hook_runs_before_each_mutation_and_may_mutate() {
+    let fs = SimFs::new();
+    fs.create_dirs("/sim").unwrap();
+    let user = fs.clone();
+    fs.before_each_op(move |desc| {
+        if desc.starts_with("rename_noreplace") {
+            user.write_file("/sim/b", b"the user's").unwrap();
+        }
+    });
+    put(&fs, "/sim/a", b"new", false).unwrap();
+    let e = fs.rename_noreplace(&p("/sim/a"), &p("/sim/b")).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+    assert_eq!(at(&fs, "/sim/b"), Some(file(b"the user's")));
+}
