@@ -11,7 +11,15 @@
 //!   name taken, a copy) is made under `.stack/tmp` and renamed into place; removals move
 //!   into `.stack/trash/<txn>/` and treat "not found" as done, and so does the old file a
 //!   put replaces (kept for a rollback, `replay::undo`); staged content stays
-//!   in `.stack/staging/` until `Committed` is durable. A folder built out of sight
+//!   in `.stack/staging/` until `Committed` is durable.
+//! - A user's bytes are never trashed or renamed over: what holds a put's name
+//!   goes to the trash only if the old stack holds that path (the committed
+//!   state the transaction started from, `Applier::old_state`); anything else
+//!   goes to `.stack/quarantine/<txn>/<path>`, durably before the put's rename,
+//!   and is reported. A put takes a name it made free by a rename that never
+//!   replaces (`Fs::rename_noreplace`), so a file that appears in between is
+//!   moved aside too. A pull's `RemoveStray` that cannot move its file fails
+//!   the step (the pull rolls back); gc's is best effort. A folder built out of sight
 //!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
 //!   was taken meanwhile, whatever holds an entry's name there moved to
 //!   `.stack/quarantine/<txn>/` first, durably; a redo finds it gone and the steps

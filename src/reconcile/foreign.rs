@@ -5,7 +5,8 @@
 //! to `.stack/quarantine/<txn>/<path>` by a journaled `RemoveStray` step before
 //! the manifest's file takes its name (never renamed over, never unlinked), and so
 //! is one in a folder the user made where a pull places one (`Applier::merge`,
-//! recorded by the journaled `Place`); any
+//! recorded by the journaled `Place`) and one that appears at a put's name after
+//! the preflight looked (`Applier::make_room`); any
 //! other such file is left where it is and named to the caller, who says so on
 //! stderr (invariant 3 cannot hold while it is there).
 
