@@ -389,3 +389,96 @@ fn a_file_made_in_the_merge_window_is_quarantined() {
         Path::new("../_shared/tbl_x.parquet")
     );
 }
+
+/// Is the user's file exactly once, at `rel` or in a transaction's quarantine
+/// (never only in the trash, which the next cleanup empties)?
+fn mine_kept(fs: &SimFs, rel: &str) -> Result<(), String> {
+    let found = where_mine(fs);
+    let quarantine = format!("{ROOT}/.stack/quarantine/");
+    let ok = |p: &String| {
+        *p == format!("{ROOT}/{rel}")
+            || (p.starts_with(&quarantine) && p.ends_with(&format!("/{rel}")))
+    };
+    match found.as_slice() {
+        [one] if ok(one) => Ok(()),
+        _ => Err(format!("the user's bytes are at {found:?}")),
+    }
+}
+
+/// (b), (c) under every persistent fault: a file stack did not write where the
+/// pull puts one (a journaled `RemoveStray`), with EIO, EROFS and ENOSPC on
+/// metadata armed at every operation of the pull, and each folder (the
+/// quarantine's included) refusing writes in turn. Right after the pull and
+/// after the next recovery once the fault cleared, the user's bytes are at
+/// their name or in the quarantine, and the rest of the directory is the old
+/// stack or the new one.
+#[test]
+fn a_stray_in_the_way_survives_every_persistent_fault() {
+    let rel = "data/p1/c.parquet";
+    let mut states = 0;
+    for link in [LinkMode::Symlink, LinkMode::Copy] {
+        let base = fresh(link);
+        base.write_file(Path::new(ROOT).join(rel), MINE).unwrap();
+        let strip = |fs: &SimFs| {
+            let mut v = view(fs).unwrap();
+            v.tree.remove(rel);
+            v
+        };
+        let old = strip(&base);
+        let clean = base.reboot(Crash::Process);
+        let counting = FaultFs::new(clean.clone());
+        pull_with(Arc::new(counting.clone()), &TestOrigin, &new_stack(), link).unwrap();
+        let new = strip(&clean);
+        let n = counting.ops();
+        let faults = (0..n)
+            .flat_map(|op| {
+                [
+                    Fault::Io { op },
+                    Fault::ReadOnly { op },
+                    Fault::NoSpaceMeta { op },
+                ]
+            })
+            .chain(
+                [
+                    "/stack/.stack/quarantine",
+                    "/stack/data/p1",
+                    "/stack/data/_shared",
+                    "/stack/data/_direct",
+                    "/stack/memory",
+                ]
+                .map(|under| Fault::Denied { under }),
+            );
+        for fault in faults {
+            let sim = base.reboot(Crash::Process);
+            let ffs = FaultFs::new(sim.clone());
+            ffs.arm(fault);
+            let got = pull_with(Arc::new(ffs.clone()), &TestOrigin, &new_stack(), link);
+            let what = |when: &str, m: String| format!("{link:?} {fault:?} {when}: {m} ({got:?})");
+            if let Err(m) = mine_kept(&sim, rel) {
+                panic!("{}", what("right after the pull", m));
+            }
+            ffs.clear();
+            recover(Arc::new(ffs), &layout())
+                .unwrap_or_else(|e| panic!("{}", what("recovery", e.to_string())));
+            if let Err(m) = mine_kept(&sim, rel) {
+                panic!("{}", what("after recovery", m));
+            }
+            let v = strip(&sim);
+            assert!(
+                v == old || v == new,
+                "{}",
+                what(
+                    "after recovery",
+                    format!(
+                        "neither old nor new: {} / {}",
+                        describe_diff(&v, &old),
+                        describe_diff(&v, &new)
+                    )
+                )
+            );
+            states += 1;
+        }
+    }
+    eprintln!("{states} fault states with a user's file in the way");
+    assert!(states > 100, "only {states}");
+}

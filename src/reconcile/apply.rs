@@ -171,8 +171,7 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// Before a put takes the name `dst` (`rel`): move what is there out of the
-    /// way. The old stack's file goes to `.stack/trash/<txn>/<seq>`, where a
+    /// Before a put takes the name `dst`: move what is there out of the way. The old stack's file goes to `.stack/trash/<txn>/<seq>`, where a
     /// rollback finds it (`replay::undo`); anything else — a file the user made
     /// at a name the old stack did not hold, or one made after the old file was
     /// kept or removed — goes to the quarantine, durably, and the warnings say
