@@ -405,20 +405,40 @@ fn mine_kept(fs: &SimFs, rel: &str) -> Result<(), String> {
     }
 }
 
-/// (b), (c) under every persistent fault: a file stack did not write where the
-/// pull puts one (a journaled `RemoveStray`), with EIO, EROFS and ENOSPC on
-/// metadata armed at every operation of the pull, and each folder (the
-/// quarantine's included) refusing writes in turn. Right after the pull and
-/// after the next recovery once the fault cleared, the user's bytes are at
-/// their name or in the quarantine, and the rest of the directory is the old
-/// stack or the new one.
+/// (a), (b), (c) under every persistent fault: a file stack did not write
+/// where the pull puts one — there before the pull (a journaled `RemoveStray`)
+/// or made during its downloads — with EIO, EROFS and ENOSPC on metadata armed
+/// at every operation of the pull, and each folder (the quarantine's included)
+/// refusing writes in turn. Right after the pull and after the next recovery
+/// once the fault cleared, the user's bytes are at their name or in the
+/// quarantine, and the rest of the directory is the old stack or the new one.
 #[test]
-fn a_stray_in_the_way_survives_every_persistent_fault() {
+fn a_users_file_in_the_way_survives_every_persistent_fault() {
     let rel = "data/p1/c.parquet";
     let mut states = 0;
-    for link in [LinkMode::Symlink, LinkMode::Copy] {
+    for (link, during) in [
+        (LinkMode::Symlink, false),
+        (LinkMode::Copy, false),
+        (LinkMode::Symlink, true),
+        (LinkMode::Copy, true),
+    ] {
         let base = fresh(link);
-        base.write_file(Path::new(ROOT).join(rel), MINE).unwrap();
+        let at = Path::new(ROOT).join(rel);
+        if !during {
+            base.write_file(&at, MINE).unwrap();
+        }
+        let origin = |fs: &SimFs| {
+            let writer = fs.clone();
+            let at = at.clone();
+            Hooked {
+                hook: move || {
+                    if during {
+                        writer.write_file(&at, MINE).unwrap();
+                    }
+                },
+                ran: AtomicBool::new(false),
+            }
+        };
         let strip = |fs: &SimFs| {
             let mut v = view(fs).unwrap();
             v.tree.remove(rel);
@@ -427,7 +447,13 @@ fn a_stray_in_the_way_survives_every_persistent_fault() {
         let old = strip(&base);
         let clean = base.reboot(Crash::Process);
         let counting = FaultFs::new(clean.clone());
-        pull_with(Arc::new(counting.clone()), &TestOrigin, &new_stack(), link).unwrap();
+        pull_with(
+            Arc::new(counting.clone()),
+            &origin(&clean),
+            &new_stack(),
+            link,
+        )
+        .unwrap();
         let new = strip(&clean);
         let n = counting.ops();
         let faults = (0..n)
@@ -452,8 +478,20 @@ fn a_stray_in_the_way_survives_every_persistent_fault() {
             let sim = base.reboot(Crash::Process);
             let ffs = FaultFs::new(sim.clone());
             ffs.arm(fault);
-            let got = pull_with(Arc::new(ffs.clone()), &TestOrigin, &new_stack(), link);
-            let what = |when: &str, m: String| format!("{link:?} {fault:?} {when}: {m} ({got:?})");
+            let hooked = origin(&sim);
+            let got = pull_with(Arc::new(ffs.clone()), &hooked, &new_stack(), link);
+            // A pull that failed before its downloads: the user made nothing.
+            let made = !during || hooked.ran.load(Ordering::SeqCst);
+            let mine_kept = |fs: &SimFs, rel: &str| match made {
+                true => mine_kept(fs, rel),
+                false => where_mine(fs)
+                    .is_empty()
+                    .then_some(())
+                    .ok_or_else(|| "bytes the user never wrote".to_string()),
+            };
+            let what = |when: &str, m: String| {
+                format!("{link:?} made during the pull: {during}, {fault:?} {when}: {m} ({got:?})")
+            };
             if let Err(m) = mine_kept(&sim, rel) {
                 panic!("{}", what("right after the pull", m));
             }
@@ -480,5 +518,5 @@ fn a_stray_in_the_way_survives_every_persistent_fault() {
         }
     }
     eprintln!("{states} fault states with a user's file in the way");
-    assert!(states > 100, "only {states}");
+    assert!(states > 300, "only {states}");
 }
