@@ -179,7 +179,9 @@ fn a_file_made_during_the_downloads_at_a_put_name_is_quarantined() {
             );
             // The stack is the new one.
             let hash = |p: &Path| md5_file(&fs, p);
-            let state = stack::replay::state::read_state(&fs, &layout()).unwrap().unwrap();
+            let state = stack::replay::state::read_state(&fs, &layout())
+                .unwrap()
+                .unwrap();
             let v = stack::verify::audit(
                 &fs,
                 &layout(),
@@ -241,7 +243,11 @@ fn a_stray_the_quarantine_refuses_fails_the_pull_and_stays() {
                 err.to_string().contains("rolled back"),
                 "{link:?} {rel}: {err}"
             );
-            assert_eq!(view(&fs).unwrap(), before, "{link:?} {rel}: not the old stack");
+            assert_eq!(
+                view(&fs).unwrap(),
+                before,
+                "{link:?} {rel}: not the old stack"
+            );
             // Once the quarantine takes it, the next pull moves it there.
             ffs.clear();
             let rep = pull_with(Arc::new(ffs), &TestOrigin, &new_stack(), link).unwrap();
@@ -264,7 +270,13 @@ fn the_report_names_only_quarantine_moves_that_happened() {
         hook: move || remover.remove_file(&at).unwrap(),
         ran: AtomicBool::new(false),
     };
-    let rep = pull_with(Arc::new(fs.clone()), &origin, &new_stack(), LinkMode::Symlink).unwrap();
+    let rep = pull_with(
+        Arc::new(fs.clone()),
+        &origin,
+        &new_stack(),
+        LinkMode::Symlink,
+    )
+    .unwrap();
     assert!(where_mine(&fs).is_empty());
     assert!(
         !rep.warnings.iter().any(|w| w.contains("moved to")),
@@ -313,10 +325,7 @@ fn a_rollback_leaves_a_users_file_at_the_name_of_a_put_that_never_ran() {
         let (sim, got) = run(Some(marker + 2));
         assert!(got.is_err_and(|e| e.is_crash()));
         let sim = sim.reboot(Crash::PowerLossPessimistic);
-        assert!(sim
-            .snapshot()
-            .keys()
-            .any(|p| p.ends_with("rolling-back")));
+        assert!(sim.snapshot().keys().any(|p| p.ends_with("rolling-back")));
         let rel = "data/p1/c.parquet";
         sim.write_file(Path::new(ROOT).join(rel), MINE).unwrap();
         let rec = recover(Arc::new(sim.clone()), &layout()).unwrap();
@@ -376,14 +385,21 @@ fn a_file_made_in_the_merge_window_is_quarantined() {
         .push(package("p9", vec![table("tbl_x", "x", 1)]));
     let writer = fs.clone();
     let origin = Hooked {
-        hook: move || writer.write_file("/stack/data/p9/notes.txt", b"notes").unwrap(),
+        hook: move || {
+            writer
+                .write_file("/stack/data/p9/notes.txt", b"notes")
+                .unwrap()
+        },
         ran: AtomicBool::new(false),
     };
     appear_before_rename(&fs, "/.stack/staging/place-", "/stack/data/p9/x.parquet");
     let rep = pull_with(Arc::new(fs.clone()), &origin, &new, LinkMode::Symlink).unwrap();
     let kept = format!("{ROOT}/.stack/quarantine/{}/data/p9/x.parquet", rep.txn);
     assert_eq!(where_mine(&fs), vec![kept], "{:?}", rep.warnings);
-    assert_eq!(fs.read(Path::new("/stack/data/p9/notes.txt")).unwrap(), b"notes");
+    assert_eq!(
+        fs.read(Path::new("/stack/data/p9/notes.txt")).unwrap(),
+        b"notes"
+    );
     assert_eq!(
         fs.read_link(Path::new("/stack/data/p9/x.parquet")).unwrap(),
         Path::new("../_shared/tbl_x.parquet")

@@ -578,10 +578,11 @@ impl Fs for RealFs {
         match sys::rename_noreplace(from, to) {
             // A kernel or filesystem without the flag (EINVAL: some network
             // and FUSE filesystems; ENOSYS: before Linux 3.15).
-            Err(e) if matches!(
-                e.raw_os_error(),
-                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-            ) =>
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) =>
             {
                 link_then_unlink(self, from, to)
             }
@@ -919,8 +920,8 @@ mod tests {
             ("link fallback", |fs, f, t| link_then_unlink(fs, f, t)),
         ];
         for (how, rename) in ways {
-            std::fs::write(&a, b"new").unwrap();
-            std::fs::write(&b, b"the user's").unwrap();
+            write_one(&RealFs, &a, b"new", false).unwrap();
+            write_one(&RealFs, &b, b"the user's", false).unwrap();
             let e = rename(&RealFs, &a, &b).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{how}: {e}");
             assert_eq!(std::fs::read(&a).unwrap(), b"new", "{how}");
@@ -928,16 +929,16 @@ mod tests {
             rename(&RealFs, &a, &c).unwrap();
             assert!(!a.exists(), "{how}");
             assert_eq!(std::fs::read(&c).unwrap(), b"new", "{how}");
-            std::fs::remove_file(&c).unwrap();
-            std::fs::create_dir(d.join("dir")).unwrap();
+            RealFs.remove_file(&c).unwrap();
+            RealFs.create_dir(&d.join("dir")).unwrap();
             assert_eq!(
                 rename(&RealFs, &d.join("dir"), &b).unwrap_err().kind(),
                 io::ErrorKind::AlreadyExists,
                 "{how}"
             );
             rename(&RealFs, &d.join("dir"), &d.join("moved")).unwrap();
-            std::fs::remove_dir(d.join("moved")).unwrap();
-            std::fs::remove_file(&b).unwrap();
+            RealFs.remove_dir(&d.join("moved")).unwrap();
+            RealFs.remove_file(&b).unwrap();
         }
     }
 }

@@ -543,8 +543,7 @@ impl<'a> Applier<'a> {
                 self.link_or_copy(Strategy::Hardlink, &staged, &tmp, &staged)?;
                 self.fs.set_readonly(&tmp, true).at("chmod", &tmp)?;
                 let own = || Ok(self.same_file(&dst, &staged) || self.holds(&dst, md5)?);
-                self.rename_into(seq, &tmp, &dst, &own)?
-                    .at("rename", &dst)
+                self.rename_into(seq, &tmp, &dst, &own)?.at("rename", &dst)
             }
             Event::MakeRef {
                 slot,
@@ -589,8 +588,7 @@ impl<'a> Applier<'a> {
                         Ok(!self.same_file(&dst, &shared) && self.holds(&dst, md5)?)
                     }
                 };
-                self.rename_into(seq, &tmp, &dst, &own)?
-                    .at("rename", &dst)
+                self.rename_into(seq, &tmp, &dst, &own)?.at("rename", &dst)
             }
             Event::RemoveRef { slot, name, .. } => {
                 self.to_trash(seq, &l.join(&layout::ref_rel(slot, name)))
@@ -1092,7 +1090,8 @@ mod tests {
         let fs = setup();
         let staged_n = l.staging().join("place-0/n.parquet");
         fs.remove_file(&staged_n).unwrap();
-        fs.symlink(&layout::symlink_target("t1"), &staged_n).unwrap();
+        fs.symlink(&layout::symlink_target("t1"), &staged_n)
+            .unwrap();
         let mut records = records.to_vec();
         records.push(record(
             2,
@@ -1107,7 +1106,15 @@ mod tests {
         ));
         Applier::new(&fs, &l, 1).apply_all(&records).unwrap();
         assert_eq!(fs.read(&kept).unwrap(), b"the user's");
-        crate::reconcile::undo::undo(&fs, &l, &SyncState::default(), 1, &records, &Warnings::default()).unwrap();
+        crate::reconcile::undo::undo(
+            &fs,
+            &l,
+            &SyncState::default(),
+            1,
+            &records,
+            &Warnings::default(),
+        )
+        .unwrap();
         assert_eq!(fs.read(&mine).unwrap(), b"the user's");
         assert!(!fs.exists(&kept).unwrap());
     }

@@ -478,7 +478,8 @@ fn rename_noreplace_refuses_a_taken_name_and_changes_nothing() {
     assert_eq!(fs.ops() - before, 1);
     assert_eq!(at(&fs, "/sim/mine"), Some(file(b"the user's")));
     assert_eq!(at(&fs, "/sim/tmp"), Some(file(b"new")));
-    fs.rename_noreplace(&p("/sim/tmp"), &p("/sim/free")).unwrap();
+    fs.rename_noreplace(&p("/sim/tmp"), &p("/sim/free"))
+        .unwrap();
     assert_eq!(at(&fs, "/sim/free"), Some(file(b"new")));
     assert_eq!(at(&fs, "/sim/tmp"), None);
     let lost = fs.reboot(Crash::PowerLossPessimistic);
