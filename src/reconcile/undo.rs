@@ -36,6 +36,7 @@ use crate::replay::state::{Strategy, SyncState};
 
 /// Put the old stack `old` back after transaction `txn` applied some of
 /// `records` (in order).
+///
 /// What it could not put back where it was (a user's file left in place or in
 /// the quarantine) goes into `warnings`.
 pub fn undo(
