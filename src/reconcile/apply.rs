@@ -517,8 +517,12 @@ impl<'a> Applier<'a> {
                     // made before it by an older engine).
                     self.ensure_dir(&l.shared_dir())?;
                     // The staged file still there: this put has not run, and what
-                    // `dst` holds is not its file.
-                    let ran = || Ok(!self.fs.exists(&staged).at("stat", &staged)?);
+                    // `dst` holds is not its file — unless it is the same inode
+                    // (a no-replace rename done as link and unlink, cut between).
+                    let ran = || {
+                        Ok(!self.fs.exists(&staged).at("stat", &staged)?
+                            || self.same_file(&dst, &staged))
+                    };
                     return match self.rename_into(seq, &staged, &dst, &ran)? {
                         Err(e)
                             if e.kind() == io::ErrorKind::NotFound
