@@ -536,3 +536,37 @@ fn a_users_file_in_the_way_survives_every_persistent_fault() {
     eprintln!("{states} fault states with a user's file in the way");
     assert!(states > 300, "only {states}");
 }
+
+/// gc's report names as moved only the strays it moved: one the quarantine
+/// refuses stays where it is, is said in the warnings, and is not in `moved`.
+#[test]
+fn gcs_report_names_only_the_moves_that_happened() {
+    let fs = fresh(LinkMode::Symlink);
+    let mine = Path::new(ROOT).join("data/p1/mine.parquet");
+    fs.write_file(&mine, MINE).unwrap();
+    let ffs = FaultFs::new(fs.clone());
+    ffs.arm(Fault::Denied {
+        under: "/stack/.stack/quarantine",
+    });
+    let rep = stack::reconcile::gc::gc(
+        Arc::new(ffs),
+        &layout(),
+        "gc test",
+        false,
+        stack::reconcile::gc::Sweep::Quarantine,
+    )
+    .unwrap();
+    assert_eq!(where_mine(&fs), vec![mine.display().to_string()]);
+    assert!(
+        rep.moved.is_empty(),
+        "the report claims moves that did not happen: {:?}",
+        rep.moved
+    );
+    assert!(
+        rep.warnings
+            .iter()
+            .any(|w| w.contains("data/p1/mine.parquet")),
+        "{:?}",
+        rep.warnings
+    );
+}

@@ -16,7 +16,7 @@ use crate::fs::Fs;
 use crate::journal::event::{Event, Record};
 use crate::journal::lock;
 use crate::layout::Layout;
-use crate::reconcile::apply::{finish, Applier};
+use crate::reconcile::apply::{finish, quarantined, Applier};
 use crate::reconcile::recover::replay;
 use crate::verify::{audit, Contents};
 
@@ -95,8 +95,15 @@ pub fn gc(
             &[],
             &warnings,
         )?;
-        report.moved = strays;
-        report.kept_in = Some(layout.quarantine().join(txn.to_string()));
+        // Best effort: a stray the quarantine refused is in the warnings, not
+        // in what the report says was moved.
+        report.moved = strays
+            .into_iter()
+            .filter(|rel| fs.symlink_metadata(&quarantined(layout, txn, rel)).is_ok())
+            .collect();
+        if !report.moved.is_empty() {
+            report.kept_in = Some(layout.quarantine().join(txn.to_string()));
+        }
     }
     if sweep == Sweep::Delete {
         // The moves are committed: what is deleted now is out of the stack's
