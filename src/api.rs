@@ -210,10 +210,10 @@ pub fn verify_dir(dir: &Path, contents: bool) -> Result<Verified> {
         None => {
             let records = match crate::journal::scan_file(&fs, &layout)? {
                 Some(scan) => {
-                    // The valid prefix of a damaged journal is still audited, but
-                    // never a checkpoint of a state stack does not write (its paths
-                    // could send the audit outside `dir`): exit 4.
-                    crate::replay::project::check_records(&layout, &scan)?;
+                    // The valid prefix before a torn tail is audited; a corrupt
+                    // journal (a record stack never writes included, which could
+                    // send the audit outside `dir`) is exit 4.
+                    crate::journal::check_end(&layout, &scan)?;
                     scan.records.into_iter().map(|(_, r)| r).collect()
                 }
                 None => Vec::new(),

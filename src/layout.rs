@@ -2,11 +2,12 @@
 //! and slugs into paths.
 //!
 //! Invariant kept: every path built here is `<dir>` joined with components that
-//! manifest validation proved to be single safe path components, so no path can
-//! leave the local directory.
+//! are single safe path components (a `model::name::SafeName` or an `Md5Sum`,
+//! validated where they were read), so no path can leave the local directory.
 
 use std::path::{Path, PathBuf};
 
+use crate::model::name::is_safe_component;
 use crate::model::slot::{Slot, SlotRef};
 
 /// The state file, relative to the local directory.
@@ -93,26 +94,6 @@ pub fn is_ref_rel(path: &str, slot: SlotRef<'_>, name: &str) -> bool {
 /// Whether `path` is [`shared_rel`] of `table_id`.
 pub fn is_shared_rel(path: &str, table_id: &str) -> bool {
     is_joined(path, &[SHARED_DIR, "/", table_id, TABLE_EXT])
-}
-
-/// Is `s` one safe path component (a table id or name, a slug): `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`, not `.`/`..`?
-pub fn is_safe_component(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
-
-/// [`is_safe_component`] as a check: `Err` says that `value`, the `what` of
-/// something, is not one safe path component.
-pub fn check_component(what: &str, value: &str) -> Result<(), String> {
-    if is_safe_component(value) {
-        Ok(())
-    } else {
-        Err(format!("{what} {value:?} is not a safe path component"))
-    }
 }
 
 /// Whether `rel` is a folder a pull may build out of sight and place whole: the

@@ -1,17 +1,17 @@
 //! The events of the journal: the single list of everything the engine can do.
 //!
-//! Owns: [`Event`] and [`Record`] (their slots and link modes are the model's), and
-//! the rule of what an event may name ([`Event::check_paths`]). A new kind of
+//! Owns: [`Event`] and [`Record`] (their names, md5s, slots and link modes are the
+//! model's), and the decoders of the fields that name paths. A new kind of
 //! mutation is a new variant here first; the applier (`reconcile::apply`), the
 //! projection (`replay::project`) and `journal show` all match on this enum
 //! exhaustively, so nothing can be done that the journal cannot say.
 //!
 //! Invariant kept: no event stack acts on names a path outside the local directory.
-//! Events hold ids, names, slugs and md5s, never paths (`layout` builds those), and
-//! [`Event::check_paths`] says whether each is one that validation could have let
-//! through; a checksum-valid record that fails it was not written by stack. The
-//! journal's readers refuse such a journal as corrupt before folding anything
-//! (`replay::project::check_records`), and the applier re-checks each event it runs.
+//! Events hold ids, names, slugs and md5s ([`SafeName`], [`Md5Sum`]), never paths
+//! (`layout` builds those), and the few path fields are decoded through checks of
+//! their own (`checked`): a checksum-valid record naming anything else was not
+//! written by stack and does not decode, so the journal's scan ends there as
+//! corrupt (`journal::frame`), and its readers refuse it before folding anything.
 //!
 //! Compatibility: records are encoded with bincode, variants by their position.
 //! Any change to that encoding (a new variant, a changed field) is a new journal
@@ -22,6 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::name::{Md5Sum, SafeName};
 pub use crate::model::slot::{LinkMode, Slot, SlotRef};
 use crate::model::state::{StatFp, Strategy, SyncState};
 
@@ -36,47 +37,51 @@ pub struct Record {
 }
 
 /// Everything the engine can do or declare. Paths are never stored: they are
-/// derived from ids, names and slugs that validation proved to be safe single
-/// path components, so a journal cannot point outside the local directory; a
-/// record holding one that is not (hand-made, with a valid checksum) fails
-/// [`Event::check_paths`] and is refused. (A `Checkpoint`'s state names paths, as
-/// `sync_state.json` does, and `gc`'s `RemoveStray` a path under `data/` or
-/// `memory/`: the same check holds them to the rules those must pass.)
+/// derived from ids, names and slugs that are safe single path components
+/// ([`SafeName`]), so a journal cannot point outside the local directory; a
+/// record holding one that is not (hand-made, with a valid checksum) does not
+/// decode. (A `Checkpoint`'s state names paths, as `sync_state.json` does, `gc`'s
+/// `RemoveStray` a path under `data/` or `memory/`, and `Place` a folder: their
+/// decoders hold them to the rules those must pass.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// A pull starts. `manifest_md5` identifies the manifest it pulls.
     Begin {
-        manifest_md5: String,
+        manifest_md5: Md5Sum,
         link: LinkMode,
     },
     /// Intent to download `url` into `.stack/staging/<md5>` (invisible until applied).
-    Stage { md5: String, url: String },
+    Stage { md5: Md5Sum, url: String },
     /// Apply: place staged `<md5>` as `data/_shared/<table_id>.parquet`, read-only.
-    PutShared { table_id: String, md5: String },
+    PutShared { table_id: SafeName, md5: Md5Sum },
     /// Apply: (re)make the reference of `table_id` in `slot` as `name`, and record
     /// its state entry.
     MakeRef {
         slot: Slot,
-        table_id: String,
-        name: String,
-        md5: String,
+        table_id: SafeName,
+        name: SafeName,
+        md5: Md5Sum,
         size: Option<u64>,
         strategy: Strategy,
     },
     /// Apply: move the reference of `table_id` in `slot` to the trash; drop its entry.
     RemoveRef {
         slot: Slot,
-        table_id: String,
-        name: String,
+        table_id: SafeName,
+        name: SafeName,
     },
     /// Apply: move `data/_shared/<table_id>.parquet` to the trash.
-    RemoveShared { table_id: String },
+    RemoveShared { table_id: SafeName },
     /// Apply: place staged `<md5>` as `memory/<slug>/bundle.md`; record the domain.
-    PutBundle { slug: String, md5: String },
+    PutBundle { slug: SafeName, md5: Md5Sum },
     /// Apply: move `memory/<slug>/` to the trash; drop the domain.
-    RemoveBundle { slug: String },
-    /// Apply: remove the folder `data/<slug>/` if it is empty.
-    RemoveDir { slug: String },
+    RemoveBundle { slug: SafeName },
+    /// Apply: remove the folder of `slot` (`data/_direct/` or `data/<slug>/`) if it
+    /// is empty. Encoded as the folder's name (`_direct` or the slug).
+    RemoveDir {
+        #[serde(rename = "slug", with = "checked::slot_folder")]
+        slot: Slot,
+    },
     /// The commit point: every event of the plan is in the journal and durable.
     /// From here recovery rolls forward.
     Prepared,
@@ -86,10 +91,9 @@ pub enum Event {
     /// The transaction was rolled back before its commit point; nothing visible changed.
     Aborted { reason: String },
     /// The whole projection at this point; compaction starts a journal with it.
-    /// Encoded in the journal through [`checkpoint_state`] (see there why). Any
-    /// state decodes; one that fails `SyncState::check_paths` (the state file's
-    /// rule, asked by [`Event::check_paths`]) makes the journal corrupt for every
-    /// reader that acts on it (`replay::project::check_records`).
+    /// Encoded in the journal through [`checkpoint_state`] (see there why); a
+    /// state that fails `SyncState::check_paths` (the state file's rule) does not
+    /// decode.
     Checkpoint {
         #[serde(with = "checkpoint_state")]
         state: Box<SyncState>,
@@ -97,7 +101,10 @@ pub enum Event {
     /// `stack gc`: move `rel` (a file or folder under `data/` or `memory/` that no
     /// state entry holds) to `.stack/quarantine/<txn>/<rel>`, where it stays until
     /// `gc --force` deletes it.
-    RemoveStray { rel: String },
+    RemoveStray {
+        #[serde(deserialize_with = "checked::stray")]
+        rel: String,
+    },
     /// What a pull was asked for (the no-op fast path's key, see
     /// `replay::state::Pulled`): md5 of its manifest's bytes, origin and link mode,
     /// and how many direct and package tables it skipped. In the commit batch of a
@@ -114,7 +121,12 @@ pub enum Event {
     /// exist when the pull was planned; if `rel` exists by now, move its entries in
     /// one by one. The steps whose files travelled inside it (see
     /// `reconcile::place`) follow as usual. New in format version 2, as `Request`.
-    Place { staged: String, rel: String },
+    Place {
+        #[serde(deserialize_with = "checked::staged_folder")]
+        staged: String,
+        #[serde(deserialize_with = "checked::placed_folder")]
+        rel: String,
+    },
 }
 
 impl Event {
@@ -167,7 +179,7 @@ impl Event {
                 format!("{} = {md5}", crate::layout::bundle_rel(slug))
             }
             Event::RemoveBundle { slug } => format!("memory/{slug}/"),
-            Event::RemoveDir { slug } => format!("data/{slug}/"),
+            Event::RemoveDir { slot } => format!("{}/", crate::layout::slot_dir_rel(slot)),
             Event::Prepared => "commit point".to_string(),
             Event::Committed { fingerprints } => format!("{} fingerprints", fingerprints.len()),
             Event::Aborted { reason } => reason.clone(),
@@ -190,81 +202,71 @@ impl Event {
     }
 }
 
-impl Event {
-    /// Is every id, name, slug, md5 and path this event holds one stack could have
-    /// written? Ids, names and slugs must each be one safe path component (manifest
-    /// validation's rule); an md5 that names a staged file 32 hex digits; a placed
-    /// folder `data/_shared`, `data/_direct` or `data/<slug>` and its staged folder
-    /// one `reconcile::place` makes; a stray of `gc` a relative path under `data/`
-    /// or `memory/` without `.` or `..`; a checkpoint's state must pass
-    /// `SyncState::check_paths`. Everything else (a `Stage` URL, an abort reason,
-    /// the paths of `Committed` fingerprints, which only match entries) names no
-    /// path. `Err` says which value is wrong and why.
-    ///
-    /// Asked of every record a reader acts on (`replay::project::check_records`, a
-    /// whole journal on every pull that changes something): it allocates nothing
-    /// unless it refuses.
-    pub fn check_paths(&self) -> Result<(), String> {
-        use crate::layout::is_safe_component;
-        let safe = crate::layout::check_component;
-        let md5 = |v: &str| {
-            if crate::md5x::is_md5_hex(v) {
-                Ok(())
-            } else {
-                Err(format!("md5 {v:?} is not 32 hex digits"))
+/// The decoders of the event fields that name paths, which refuse (naming the
+/// value) what stack never writes, so that a record holding one does not decode:
+/// a placed folder `data/_shared`, `data/_direct` or `data/<slug>` and its staged
+/// folder one `reconcile::place` makes; a stray of `gc` a relative path under
+/// `data/` or `memory/` without `.` or `..`; a `RemoveDir`'s folder `_direct` or a
+/// safe slug. (Ids, names, slugs and md5s are [`SafeName`]s and [`Md5Sum`]s, a
+/// checkpoint's state is held to `SyncState::check_paths` by [`checkpoint_state`].)
+mod checked {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::layout;
+    use crate::model::name::{is_safe_component, SafeName};
+    use crate::model::slot::{Slot, SlotRef};
+
+    fn refuse_unless<'de, D: Deserializer<'de>>(
+        d: D,
+        ok: impl FnOnce(&str) -> bool,
+        why: impl FnOnce(&str) -> String,
+    ) -> Result<String, D::Error> {
+        let v = String::deserialize(d)?;
+        if ok(&v) {
+            Ok(v)
+        } else {
+            Err(D::Error::custom(why(&v)))
+        }
+    }
+
+    pub fn staged_folder<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        refuse_unless(
+            d,
+            |v| v.starts_with(layout::PLACE_PREFIX) && is_safe_component(v),
+            |v| format!("staged folder {v:?} is not one stack makes"),
+        )
+    }
+
+    pub fn placed_folder<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        refuse_unless(d, layout::is_placeable_dir_rel, |v| {
+            format!("folder {v:?} is not one stack places")
+        })
+    }
+
+    pub fn stray<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        refuse_unless(d, layout::is_stray_rel, |v| {
+            format!("stray {v:?} is not a path under data/ or memory/")
+        })
+    }
+
+    /// A slot as its folder's name under `data/` (the bytes of the `String` the
+    /// field was).
+    pub mod slot_folder {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(slot: &Slot, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(layout::slot_folder(SlotRef::of(slot)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Slot, D::Error> {
+            let folder = String::deserialize(d)?;
+            if folder == layout::DIRECT_DIR {
+                return Ok(Slot::Direct);
             }
-        };
-        let slot = |s: &Slot| match s {
-            Slot::Direct => Ok(()),
-            Slot::Package(slug) => safe("slug", slug),
-        };
-        match self {
-            Event::PutShared { table_id, md5: m } => safe("table id", table_id).and(md5(m)),
-            Event::MakeRef {
-                slot: s,
-                table_id,
-                name,
-                ..
-            }
-            | Event::RemoveRef {
-                slot: s,
-                table_id,
-                name,
-            } => slot(s)
-                .and(safe("table id", table_id))
-                .and(safe("name", name)),
-            Event::RemoveShared { table_id } => safe("table id", table_id),
-            Event::PutBundle { slug, md5: m } => safe("slug", slug).and(md5(m)),
-            Event::RemoveBundle { slug } => safe("slug", slug),
-            Event::RemoveDir { slug } if slug == crate::layout::DIRECT_DIR => Ok(()),
-            Event::RemoveDir { slug } => safe("slug", slug),
-            Event::Place { staged, rel } => {
-                if !crate::layout::is_placeable_dir_rel(rel) {
-                    Err(format!("folder {rel:?} is not one stack places"))
-                } else if !(staged.starts_with(crate::layout::PLACE_PREFIX)
-                    && is_safe_component(staged))
-                {
-                    Err(format!("staged folder {staged:?} is not one stack makes"))
-                } else {
-                    Ok(())
-                }
-            }
-            Event::RemoveStray { rel } => {
-                if crate::layout::is_stray_rel(rel) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "stray {rel:?} is not a path under data/ or memory/"
-                    ))
-                }
-            }
-            Event::Checkpoint { state } => state.check_paths(),
-            Event::Begin { .. }
-            | Event::Stage { .. }
-            | Event::Prepared
-            | Event::Committed { .. }
-            | Event::Aborted { .. }
-            | Event::Request { .. } => Ok(()),
+            SafeName::parse(folder)
+                .map(Slot::Package)
+                .map_err(D::Error::custom)
         }
     }
 }
@@ -349,16 +351,18 @@ pub mod checkpoint_state {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+    use serde::de::Error;
+
+    use crate::model::name::{Md5Sum, SafeName};
     use crate::model::slot::SlotRef;
     use crate::model::state::{
-        DomainEntry, JournalPos, Md5Sum, PackagesOut, StatFp, Strategy, SyncState, TableEntry,
-        TablesOut,
+        DomainEntry, JournalPos, PackagesOut, StatFp, Strategy, SyncState, TableEntry, TablesOut,
     };
 
     #[derive(Deserialize)]
     struct WireTable {
-        name: String,
-        md5: String,
+        name: SafeName,
+        md5: Md5Sum,
         size: Option<u64>,
         ref_path: String,
         shared_path: String,
@@ -369,7 +373,7 @@ pub mod checkpoint_state {
 
     #[derive(Deserialize)]
     struct WireDomain {
-        md5: String,
+        md5: Md5Sum,
         path: String,
         fp: Option<StatFp>,
     }
@@ -386,9 +390,9 @@ pub mod checkpoint_state {
     struct WireState {
         version: u32,
         journal: WireJournal,
-        direct_tables: BTreeMap<String, WireTable>,
-        data_packages: BTreeMap<String, BTreeMap<String, WireTable>>,
-        memory_domains: BTreeMap<String, WireDomain>,
+        direct_tables: BTreeMap<SafeName, WireTable>,
+        data_packages: BTreeMap<SafeName, BTreeMap<SafeName, WireTable>>,
+        memory_domains: BTreeMap<SafeName, WireDomain>,
     }
 
     // The writing side borrows from the state (a checkpoint of a large stack is not
@@ -405,7 +409,7 @@ pub mod checkpoint_state {
         fp: Option<StatFp>,
     }
 
-    struct DomainsOut<'a>(&'a BTreeMap<String, DomainEntry>);
+    struct DomainsOut<'a>(&'a BTreeMap<SafeName, DomainEntry>);
 
     impl Serialize for DomainsOut<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -431,11 +435,11 @@ pub mod checkpoint_state {
 
     fn tables_from_wire(
         slot: SlotRef<'_>,
-        m: BTreeMap<String, WireTable>,
-    ) -> BTreeMap<String, TableEntry> {
+        m: BTreeMap<SafeName, WireTable>,
+    ) -> BTreeMap<SafeName, TableEntry> {
         m.into_iter()
             .map(|(id, t)| {
-                let mut e = TableEntry::new(t.name, Md5Sum::from(t.md5), t.size, t.strategy)
+                let mut e = TableEntry::new(t.name, t.md5, t.size, t.strategy)
                     .with_paths((slot, &id), &t.ref_path, &t.shared_path);
                 e.ref_fp = t.ref_fp;
                 e.shared_fp = t.shared_fp;
@@ -461,12 +465,22 @@ pub mod checkpoint_state {
         .serialize(s)
     }
 
+    /// A checkpoint's state, refused (naming what is wrong) unless it passes
+    /// `SyncState::check_paths`, the rule of a state file recovery trusts.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<SyncState>, D::Error> {
-        if d.is_human_readable() {
-            return SyncState::deserialize(d).map(Box::new);
-        }
-        let w = WireState::deserialize(d)?;
-        Ok(Box::new(SyncState {
+        let state = if d.is_human_readable() {
+            SyncState::deserialize(d)?
+        } else {
+            from_wire(WireState::deserialize(d)?)
+        };
+        state.check_paths().map_err(|why| {
+            D::Error::custom(format!("checkpoint holds a state stack never writes: {why}"))
+        })?;
+        Ok(Box::new(state))
+    }
+
+    fn from_wire(w: WireState) -> SyncState {
+        SyncState {
             version: w.version,
             journal: JournalPos {
                 txn: w.journal.txn,
@@ -495,7 +509,7 @@ pub mod checkpoint_state {
                     (slug, entry)
                 })
                 .collect(),
-        }))
+        }
     }
 }
 

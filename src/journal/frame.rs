@@ -366,7 +366,9 @@ fn frame_at(
         return Err("checksum mismatch".to_string().into());
     }
     let written_whole = |reason: String| BadFrame {
-        reason: format!("checksum valid but {reason} (written by a newer stack?)"),
+        reason: format!(
+            "checksum valid but {reason} (not written by stack, or by a newer stack?)"
+        ),
         checksummed: true,
     };
     let (records, used) = decode_payload(payload, each)
@@ -424,6 +426,34 @@ impl Sink for Collect {
         } else {
             self.records.truncate(self.kept);
         }
+    }
+}
+
+/// Counts the records of the valid frames, holding none of them (a reader that
+/// only checks a journal: every record that decodes is one stack writes).
+#[derive(Debug, Default)]
+pub struct Count {
+    /// Records of the valid frames so far, and of the frame being read.
+    kept: u64,
+    reading: u64,
+}
+
+impl Count {
+    /// How many records the valid frames hold.
+    pub fn records(&self) -> u64 {
+        self.kept
+    }
+}
+
+impl Sink for Count {
+    fn record(&mut self, _offset: u64, _record: Record) {
+        self.reading += 1;
+    }
+    fn frame(&mut self, valid: bool) {
+        if valid {
+            self.kept += self.reading;
+        }
+        self.reading = 0;
     }
 }
 

@@ -1,8 +1,9 @@
 //! The state value (contract §3): what `sync_state.json` says, and its serde.
 //!
 //! Owns: [`SyncState`] and its entries, their JSON text (written and parsed here;
-//! the file itself is read and replaced by `replay::state`) and the rule a state
-//! must pass to be trusted ([`SyncState::check_paths`]). Pure data, no I/O.
+//! the file itself is read and replaced by `replay::state`) and the rule a state's
+//! paths must pass to be trusted ([`SyncState::check_paths`]; its ids, names, slugs
+//! and md5s are proved when they are parsed, `model::name`). Pure data, no I/O.
 //! Invariant kept: the text of a state is exactly what it was before it was parsed
 //! (`state_file_text_round_trips_exactly`), and an entry holds no paths of its own
 //! unless a state names paths other than the layout's.
@@ -19,7 +20,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::layout;
-use crate::md5x::parse_hex;
+pub use crate::model::name::{Md5Sum, SafeName};
 use crate::model::slot::SlotRef;
 
 /// The version of the in-memory model, which journal checkpoints carry.
@@ -126,110 +127,6 @@ pub struct JournalEnd {
     pub ino: u64,
 }
 
-/// An md5 as the state holds it: 16 bytes when it is 32 lowercase hex digits, as
-/// every md5 the engine records is (manifests are validated so); any other text,
-/// from a state file edited by hand, kept as it is, so that it round-trips and
-/// `verify` reports it. In the file it is always the text.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub enum Md5Sum {
-    Hex([u8; 16]),
-    Text(Box<str>),
-}
-
-impl Md5Sum {
-    /// The md5 that `text` spells.
-    pub fn new(text: &str) -> Md5Sum {
-        match parse_hex(text) {
-            Some(b) => Md5Sum::Hex(b),
-            None => Md5Sum::Text(text.into()),
-        }
-    }
-
-    /// `f` of the md5's text (32 lowercase hex digits for the engine's md5s),
-    /// written on the stack.
-    pub fn with_str<R>(&self, f: impl FnOnce(&str) -> R) -> R {
-        match self {
-            Md5Sum::Hex(b) => f(crate::md5x::hex_into(b, &mut [0u8; 32])),
-            Md5Sum::Text(t) => f(t),
-        }
-    }
-
-    /// Whether `text` spells this md5 (exactly: the engine's md5s are lowercase).
-    pub fn is(&self, text: &str) -> bool {
-        match self {
-            Md5Sum::Hex(b) => parse_hex(text).as_ref() == Some(b),
-            Md5Sum::Text(t) => **t == *text,
-        }
-    }
-}
-
-impl From<String> for Md5Sum {
-    fn from(text: String) -> Md5Sum {
-        match parse_hex(&text) {
-            Some(b) => Md5Sum::Hex(b),
-            None => Md5Sum::Text(text.into_boxed_str()),
-        }
-    }
-}
-
-impl From<&str> for Md5Sum {
-    fn from(text: &str) -> Md5Sum {
-        Md5Sum::new(text)
-    }
-}
-
-impl PartialEq<str> for Md5Sum {
-    fn eq(&self, other: &str) -> bool {
-        self.is(other)
-    }
-}
-
-impl PartialEq<&str> for Md5Sum {
-    fn eq(&self, other: &&str) -> bool {
-        self.is(other)
-    }
-}
-
-impl std::fmt::Display for Md5Sum {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.with_str(|s| f.write_str(s))
-    }
-}
-
-impl std::fmt::Debug for Md5Sum {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.with_str(|s| write!(f, "{s:?}"))
-    }
-}
-
-impl Serialize for Md5Sum {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        self.with_str(|t| s.serialize_str(t))
-    }
-}
-
-impl<'de> Deserialize<'de> for Md5Sum {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Md5Sum;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an md5 string")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Md5Sum, E> {
-                Ok(Md5Sum::new(v))
-            }
-            fn visit_string<E: serde::de::Error>(
-                self,
-                v: String,
-            ) -> std::result::Result<Md5Sum, E> {
-                Ok(Md5Sum::from(v))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
 /// One table reference (direct or in a package), held without its paths: they
 /// are the ones the layout builds from its slot, its id and its name
 /// (`data/<slot>/<name>.parquet`, `data/_shared/<id>.parquet`), which the map that
@@ -239,7 +136,7 @@ impl<'de> Deserialize<'de> for Md5Sum {
 /// checkpoint holds them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableEntry {
-    pub name: String,
+    pub name: SafeName,
     pub md5: Md5Sum,
     pub size: Option<u64>,
     pub strategy: Strategy,
@@ -260,7 +157,7 @@ struct OddPaths {
 
 impl TableEntry {
     /// An entry with the layout's paths and no fingerprints.
-    pub fn new(name: String, md5: Md5Sum, size: Option<u64>, strategy: Strategy) -> TableEntry {
+    pub fn new(name: SafeName, md5: Md5Sum, size: Option<u64>, strategy: Strategy) -> TableEntry {
         TableEntry {
             name,
             md5,
@@ -397,7 +294,7 @@ impl Serialize for EntryOut<'_> {
 #[derive(Deserialize)]
 #[serde(rename = "TableEntry", expecting = "struct TableEntry")]
 struct EntryIn<'a> {
-    name: String,
+    name: SafeName,
     md5: Md5Sum,
     #[serde(default)]
     size: Option<u64>,
@@ -435,7 +332,7 @@ impl EntryIn<'_> {
 }
 
 /// One slot's table map, written with its entries' paths (relative).
-pub(crate) struct TablesOut<'a>(pub SlotRef<'a>, pub &'a BTreeMap<String, TableEntry>);
+pub(crate) struct TablesOut<'a>(pub SlotRef<'a>, pub &'a BTreeMap<SafeName, TableEntry>);
 
 impl Serialize for TablesOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -444,7 +341,7 @@ impl Serialize for TablesOut<'_> {
 }
 
 /// One slot's table map, written with its entries' paths under a root.
-struct TablesAt<'a>(&'a str, SlotRef<'a>, &'a BTreeMap<String, TableEntry>);
+struct TablesAt<'a>(&'a str, SlotRef<'a>, &'a BTreeMap<SafeName, TableEntry>);
 
 impl Serialize for TablesAt<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -462,7 +359,7 @@ impl Serialize for TablesAt<'_> {
 pub(crate) struct TablesSeed<'s>(pub SlotRef<'s>, pub &'s str);
 
 impl<'de> serde::de::DeserializeSeed<'de> for TablesSeed<'_> {
-    type Value = BTreeMap<String, TableEntry>;
+    type Value = BTreeMap<SafeName, TableEntry>;
     fn deserialize<D: serde::Deserializer<'de>>(
         self,
         d: D,
@@ -472,7 +369,7 @@ impl<'de> serde::de::DeserializeSeed<'de> for TablesSeed<'_> {
 }
 
 impl<'de> serde::de::Visitor<'de> for TablesSeed<'_> {
-    type Value = BTreeMap<String, TableEntry>;
+    type Value = BTreeMap<SafeName, TableEntry>;
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a map of table ids to entries")
     }
@@ -481,7 +378,7 @@ impl<'de> serde::de::Visitor<'de> for TablesSeed<'_> {
         mut map: A,
     ) -> std::result::Result<Self::Value, A::Error> {
         let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
-        while let Some(id) = map.next_key::<String>()? {
+        while let Some(id) = map.next_key::<SafeName>()? {
             let e: EntryIn<'de> = map.next_value()?;
             let e = e.at(self.0, &id, self.1);
             out.push((id, e));
@@ -492,7 +389,7 @@ impl<'de> serde::de::Visitor<'de> for TablesSeed<'_> {
 }
 
 fn ser_direct<S: serde::Serializer>(
-    m: &BTreeMap<String, TableEntry>,
+    m: &BTreeMap<SafeName, TableEntry>,
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     TablesOut(SlotRef::Direct, m).serialize(s)
@@ -525,7 +422,7 @@ fn ser_packages<S: serde::Serializer>(m: &Packages, s: S) -> std::result::Result
     PackagesOut(m).serialize(s)
 }
 
-type Packages = BTreeMap<String, BTreeMap<String, TableEntry>>;
+type Packages = BTreeMap<SafeName, BTreeMap<SafeName, TableEntry>>;
 
 /// Reads the packages' table maps of a file whose paths are under a root.
 struct PackagesSeed<'s>(&'s str);
@@ -550,7 +447,7 @@ impl<'de> serde::de::Visitor<'de> for PackagesSeed<'_> {
         mut map: A,
     ) -> std::result::Result<Packages, A::Error> {
         let mut out = BTreeMap::new();
-        while let Some(slug) = map.next_key::<String>()? {
+        while let Some(slug) = map.next_key::<SafeName>()? {
             let tables = map.next_value_seed(TablesSeed(SlotRef::Package(&slug), self.0))?;
             out.insert(slug, tables);
         }
@@ -561,7 +458,7 @@ impl<'de> serde::de::Visitor<'de> for PackagesSeed<'_> {
 /// One memory domain in the stack.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainEntry {
-    pub md5: String,
+    pub md5: Md5Sum,
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fp: Option<StatFp>,
@@ -577,10 +474,10 @@ pub struct SyncState {
     pub version: u32,
     pub journal: JournalPos,
     #[serde(serialize_with = "ser_direct")]
-    pub direct_tables: BTreeMap<String, TableEntry>,
+    pub direct_tables: BTreeMap<SafeName, TableEntry>,
     #[serde(serialize_with = "ser_packages")]
-    pub data_packages: BTreeMap<String, BTreeMap<String, TableEntry>>,
-    pub memory_domains: BTreeMap<String, DomainEntry>,
+    pub data_packages: BTreeMap<SafeName, BTreeMap<SafeName, TableEntry>>,
+    pub memory_domains: BTreeMap<SafeName, DomainEntry>,
 }
 
 impl<'de> Deserialize<'de> for SyncState {
@@ -603,15 +500,15 @@ impl Default for SyncState {
 
 impl SyncState {
     /// Every table entry with its slot, direct tables first, in a stable order.
-    pub fn entries(&self) -> impl Iterator<Item = (SlotRef<'_>, &str, &TableEntry)> {
+    pub fn entries(&self) -> impl Iterator<Item = (SlotRef<'_>, &SafeName, &TableEntry)> {
         let direct = self
             .direct_tables
             .iter()
-            .map(|(id, e)| (SlotRef::Direct, id.as_str(), e));
+            .map(|(id, e)| (SlotRef::Direct, id, e));
         let pkgs = self.data_packages.iter().flat_map(|(slug, tables)| {
             tables
                 .iter()
-                .map(move |(id, e)| (SlotRef::Package(slug), id.as_str(), e))
+                .map(move |(id, e)| (SlotRef::Package(slug), id, e))
         });
         direct.chain(pkgs)
     }
@@ -638,25 +535,18 @@ impl SyncState {
         s
     }
 
-    /// Check that every id, name and slug is one safe path component and every
-    /// path is the one the layout builds from them: a state file edited by hand (or
-    /// written by something else) must never point the engine outside the directory.
-    /// Recovery asks it of the state file it trusts or adopts, and of every
-    /// journal checkpoint (`Event::check_paths`, asked by
-    /// `replay::project::check_records`). (`verify` audits a state file as it
-    /// finds it, without this check: it reports an entry that could lead outside
-    /// the directory and keeps away from its files on its own.)
+    /// Check that every path is the one the layout builds from the entry's place
+    /// (its ids, names and slugs are [`SafeName`]s, proved safe when the state was
+    /// read): a state file edited by hand (or written by something else) must never
+    /// point the engine outside the directory. Recovery asks it of the state file
+    /// it trusts or adopts, and the journal's decoder of every checkpoint
+    /// (`journal::event::checkpoint_state`). (`verify` audits a state file as it
+    /// finds it, without this check: it reports an entry whose paths could lead
+    /// outside the directory and keeps away from its files on its own.)
     pub fn check_paths(&self) -> std::result::Result<(), String> {
-        use crate::layout::is_safe_component;
         // Read by every command: an entry holds its paths only if they are not
         // the layout's, so no path is built or compared here.
-        let check = |slot: SlotRef<'_>, id: &str, e: &TableEntry| {
-            if !is_safe_component(id) || !is_safe_component(&e.name) {
-                return Err(format!(
-                    "table {id:?} named {:?} is not a safe path component",
-                    e.name
-                ));
-            }
+        for (slot, id, e) in self.entries() {
             if !e.has_own_paths() {
                 return Err(format!(
                     "table {id}: paths {} / {} are not the engine's",
@@ -664,23 +554,9 @@ impl SyncState {
                     e.shared_path(id)
                 ));
             }
-            Ok(())
-        };
-        for (id, e) in &self.direct_tables {
-            check(SlotRef::Direct, id, e)?;
-        }
-        for (slug, tables) in &self.data_packages {
-            if !is_safe_component(slug) {
-                return Err(format!(
-                    "package slug {slug:?} is not a safe path component"
-                ));
-            }
-            for (id, e) in tables {
-                check(SlotRef::Package(slug), id, e)?;
-            }
         }
         for (slug, d) in &self.memory_domains {
-            if !is_safe_component(slug) || d.path != layout::bundle_rel(slug) {
+            if d.path != layout::bundle_rel(slug) {
                 return Err(format!(
                     "memory domain {slug:?}: path {} is not the engine's",
                     d.path
@@ -720,9 +596,9 @@ struct Sections<'a> {
     #[serde(default, borrow)]
     direct_tables: Option<&'a serde_json::value::RawValue>,
     #[serde(default, borrow)]
-    data_packages: BTreeMap<String, &'a serde_json::value::RawValue>,
+    data_packages: BTreeMap<SafeName, &'a serde_json::value::RawValue>,
     #[serde(default)]
-    memory_domains: BTreeMap<String, DomainEntry>,
+    memory_domains: BTreeMap<SafeName, DomainEntry>,
 }
 
 /// Parse a state file (either format), its paths made relative; the root and
@@ -778,7 +654,7 @@ pub fn parse_state_file(bytes: &[u8]) -> serde_json::Result<StateFile> {
     let data_packages = maps
         .iter()
         .filter_map(|(slot, _)| match slot {
-            SlotRef::Package(slug) => Some(slug.to_string()),
+            SlotRef::Package(slug) => Some((*slug).clone()),
             SlotRef::Direct => None,
         })
         .zip(parsed)
@@ -799,7 +675,7 @@ pub fn parse_state_file(bytes: &[u8]) -> serde_json::Result<StateFile> {
 }
 
 /// The domains' paths under `prefix`, made relative (others kept as they are).
-fn relative_domains(domains: &mut BTreeMap<String, DomainEntry>, prefix: &str) {
+fn relative_domains(domains: &mut BTreeMap<SafeName, DomainEntry>, prefix: &str) {
     if prefix.is_empty() {
         return;
     }
@@ -812,7 +688,7 @@ fn relative_domains(domains: &mut BTreeMap<String, DomainEntry>, prefix: &str) {
 
 /// The entries read before the file named its root (a file whose keys were
 /// reordered by hand), their paths under `prefix` made relative.
-fn relative_entries(map: &mut BTreeMap<String, TableEntry>, slot: SlotRef<'_>, prefix: &str) {
+fn relative_entries(map: &mut BTreeMap<SafeName, TableEntry>, slot: SlotRef<'_>, prefix: &str) {
     for (id, e) in map.iter_mut() {
         let Some(o) = &e.odd else { continue };
         if let (Some(r), Some(s)) = (

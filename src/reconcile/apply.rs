@@ -17,9 +17,9 @@
 //!   `.stack/quarantine/<txn>/` first, durably; a redo finds it gone and the steps
 //!   that travelled in it then run as any other.
 //! - Nothing temporary is ever created inside `data/` or `memory/`.
-//! - No step runs on a name or path that could leave the directory: each event is
-//!   checked (`Event::check_paths`, the rule the journal's readers refuse a journal
-//!   by) before it is applied, whatever wrote the journal.
+//! - No step runs on a name or path that could leave the directory: an event's
+//!   names and md5s are `SafeName`s and `Md5Sum`s and its paths were checked when
+//!   it was decoded (`journal::event`), whatever wrote the journal.
 //! - `Committed` is appended only after `sync_fs` made every applied step durable, so a
 //!   durable `Committed` implies a durable applied tree.
 
@@ -364,16 +364,6 @@ impl<'a> Applier<'a> {
 
     /// Apply one event (no-op for events that are not apply steps).
     pub fn apply(&self, seq: u64, ev: &Event) -> Result<()> {
-        // The backstop under validation and the journal's readers
-        // (`replay::project::check_records`): whatever wrote the journal, no step
-        // runs on a name or path that could leave the directory.
-        ev.check_paths().map_err(|message| {
-            crate::Error::Internal(format!(
-                "refusing journal event {} of {}: {message}",
-                ev.kind(),
-                self.layout.journal().display()
-            ))
-        })?;
         let l = self.layout;
         {
             // (The folder's name is built only when something was placed.)
@@ -504,9 +494,9 @@ impl<'a> Applier<'a> {
                 self.forget_dirs();
                 self.to_trash(seq, &l.join(&layout::domain_dir_rel(slug)))
             }
-            Event::RemoveDir { slug } => {
+            Event::RemoveDir { slot } => {
                 self.forget_dirs();
-                let dir = l.data().join(slug);
+                let dir = l.join(&layout::slot_dir_rel(slot));
                 match self.fs.remove_dir(&dir) {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -517,7 +507,7 @@ impl<'a> Applier<'a> {
                 }
             }
             Event::RemoveStray { rel } => {
-                // (Under data/ or memory/: checked above, as every event's names.)
+                // (Under data/ or memory/: its decoder checked, as every event's names.)
                 // gc is best effort: a stray the user's permissions keep in place
                 // is reported and skipped, never a step recovery must repeat.
                 match self.to_quarantine(rel) {

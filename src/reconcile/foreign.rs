@@ -40,7 +40,7 @@ impl<'s> Held<'s> {
             if e.has_own_paths() {
                 let slug = match slot {
                     SlotRef::Direct => None,
-                    SlotRef::Package(slug) => Some(slug),
+                    SlotRef::Package(slug) => Some(slug.as_str()),
                 };
                 held.refs.insert((slug, e.name.as_str()));
                 held.ids.insert(id);

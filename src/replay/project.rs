@@ -1,143 +1,25 @@
 //! The projection: folding the journal into a [`SyncState`].
 //!
-//! Owns: the meaning of each event for the state file, and which records may be
-//! folded at all ([`check_records`]). Architecture invariant: the state is a
-//! function of the journal's records alone; a transaction changes it only if its
-//! `Committed` record is in the journal (recovery appends that record for a
-//! transaction past its `Prepared` commit point once it has rolled it forward).
+//! Owns: the meaning of each event for the state file. Architecture invariant:
+//! the state is a function of the journal's records alone; a transaction changes
+//! it only if its `Committed` record is in the journal (recovery appends that
+//! record for a transaction past its `Prepared` commit point once it has rolled it
+//! forward).
 //!
-//! Every record must pass [`Event::check_paths`]: an event names its files by ids,
-//! names and slugs that validation proved to be single safe path components (never
-//! paths), and a `Checkpoint` record *is* a state, paths included, so it must pass
-//! the rule a `sync_state.json` must pass before recovery trusts or adopts it
-//! ([`SyncState::check_paths`]: every id, name and slug one safe path component,
-//! every path the layout's for its entry). The engine writes no other records; one
-//! that fails the check (a `MakeRef` named `../../x`, a checkpoint naming an
-//! absolute path) was not written by stack, and folding it would send heal, verify,
-//! recovery and the next pull's plan to paths outside the directory (or to a step
-//! apply refuses, after its commit point). Such a journal is corrupt (exit 4), like
-//! a frame whose checksum is valid but whose payload does not decode, and it is
-//! refused before anything is folded, cut, rewritten or acted on. A checkpoint path
-//! that is only odd (inside the directory, but not the layout's for its entry) is
-//! refused too, as the state file's rule refuses it: stack never checkpoints one.
-//! The journal's byte format (`journal::frame`) reads any record, so the format
-//! round-trips and `journal show` lists the records before it reports the refusal;
-//! every reader that acts on the records or vouches for them asks
-//! [`check_journal`] (recovery, opening the journal for writing, asks
-//! [`check_records`] through `Journal::open_checked`, before a torn tail is cut).
+//! Every record folded here names its files by ids, names and slugs that are
+//! single safe path components (`model::name::SafeName`, proved when the record
+//! was decoded), and a `Checkpoint`'s state passed the rule a `sync_state.json`
+//! must pass before recovery trusts or adopts it (`SyncState::check_paths`, asked
+//! by its decoder). A record stack never writes (a `MakeRef` named `../../x`, a
+//! checkpoint naming an absolute path) does not decode: the journal's scan ends
+//! there as corrupt (exit 4), and every reader refuses it before anything is
+//! folded, cut, rewritten or acted on (`journal::check_end`).
 
 use std::collections::{BTreeMap, HashSet};
 
-use crate::error::{Error, Result};
-use crate::journal::event::{Event, Record, Slot, SlotRef};
-use crate::journal::Scan;
-use crate::layout::{self, Layout};
-use crate::replay::state::{
-    DomainEntry, JournalPos, Md5Sum, Pulled, StatFp, SyncState, TableEntry,
-};
-
-/// Refuse a journal holding a record the projection must not fold: one that fails
-/// [`Event::check_paths`] (see the module docs), a `Checkpoint` whose state fails
-/// [`SyncState::check_paths`] included. The error is [`Error::JournalCorrupt`]
-/// naming the first such record (its frame's byte offset, its number, its seq and
-/// transaction) and the value that is wrong. Reads nothing but `scan`, and
-/// allocates only the error: it runs over the whole journal before every fold.
-pub fn check_records(layout: &Layout, scan: &Scan) -> Result<()> {
-    for (i, (offset, r)) in scan.records.iter().enumerate() {
-        check_record(layout, *offset, i as u64, r)?;
-    }
-    Ok(())
-}
-
-/// [`check_records`] for one record: the `index`-th of the journal, in the frame at
-/// byte `offset`.
-fn check_record(layout: &Layout, offset: u64, index: u64, r: &Record) -> Result<()> {
-    if let Err(why) = r.event.check_paths() {
-        let what = match r.event {
-            Event::Checkpoint { .. } => "holds a state stack never writes",
-            _ => "is not one stack writes",
-        };
-        return Err(Error::JournalCorrupt {
-            path: layout.journal(),
-            offset,
-            record: index,
-            reason: format!(
-                "{} seq {} (transaction {}) has a valid checksum but {what}: {why}",
-                r.event.kind(),
-                r.seq,
-                r.txn
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// [`check_records`] as the records are read (`journal::frame::scan_with`), for a
-/// reader that only checks them and need not hold them all: each record is checked
-/// and dropped, and the first refusal kept, counted once its frame proves valid.
-pub struct RecordCheck<'a> {
-    layout: &'a Layout,
-    /// Records of the valid frames so far, and of the frame being read.
-    kept: u64,
-    reading: u64,
-    /// The first refusal among the valid frames' records, and in the frame being read.
-    refused: Option<Error>,
-    pending: Option<Error>,
-}
-
-impl<'a> RecordCheck<'a> {
-    pub fn new(layout: &'a Layout) -> Self {
-        RecordCheck {
-            layout,
-            kept: 0,
-            reading: 0,
-            refused: None,
-            pending: None,
-        }
-    }
-
-    /// How many records the valid frames hold.
-    pub fn records(&self) -> u64 {
-        self.kept
-    }
-
-    /// What [`check_records`] says of the records of the valid frames.
-    pub fn result(self) -> Result<()> {
-        match self.refused {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-}
-
-impl crate::journal::frame::Sink for RecordCheck<'_> {
-    fn record(&mut self, offset: u64, record: Record) {
-        if self.refused.is_none() && self.pending.is_none() {
-            let index = self.kept + self.reading;
-            self.pending = check_record(self.layout, offset, index, &record).err();
-        }
-        self.reading += 1;
-    }
-
-    fn frame(&mut self, valid: bool) {
-        if valid {
-            self.kept += self.reading;
-            if self.refused.is_none() {
-                self.refused = self.pending.take();
-            }
-        }
-        self.reading = 0;
-        self.pending = None;
-    }
-}
-
-/// The whole check of a scanned journal before its records are acted on or
-/// vouched for: its end (`journal::check_end`: corruption, unknown version; a torn
-/// tail is fine) and its records ([`check_records`]).
-pub fn check_journal(layout: &Layout, scan: &Scan) -> Result<()> {
-    crate::journal::check_end(layout, scan)?;
-    check_records(layout, scan)
-}
+use crate::journal::event::{Event, Record, SafeName, Slot, SlotRef};
+use crate::layout;
+use crate::replay::state::{DomainEntry, JournalPos, Pulled, StatFp, SyncState, TableEntry};
 
 /// The last transaction, if it neither committed nor aborted.
 #[derive(Debug, Clone, PartialEq)]
@@ -156,8 +38,8 @@ pub struct Projection {
     pub pending: Option<Pending>,
 }
 
-/// Fold records into the committed state. A checkpoint's state is taken as it is:
-/// callers fold only records that [`check_records`] accepted.
+/// Fold records into the committed state. A checkpoint's state is taken as it is
+/// (its decoder held it to the state file's rule).
 pub fn project(records: &[Record]) -> Projection {
     let mut state = SyncState::default();
     let mut open: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
@@ -232,7 +114,7 @@ pub fn apply_event_owned(state: &mut SyncState, ev: Event) {
             size,
             strategy,
         } => {
-            let entry = TableEntry::new(name, Md5Sum::from(md5), size, strategy);
+            let entry = TableEntry::new(name, md5, size, strategy);
             match slot {
                 Slot::Direct => {
                     state.direct_tables.insert(table_id, entry);
@@ -339,7 +221,7 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
 #[derive(Default)]
 pub struct TxnFold {
     /// The ids of the tables whose shared file was put.
-    stale: HashSet<String>,
+    stale: HashSet<SafeName>,
 }
 
 impl TxnFold {

@@ -19,8 +19,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::fs::Fs;
 use crate::layout::Layout;
 pub use crate::model::state::{
-    parse_state, parse_state_file, DomainEntry, JournalEnd, JournalPos, Md5Sum, Pulled, StatFp,
-    StateFile, Strategy, SyncState, TableEntry, STATE_FILE_VERSION, STATE_VERSION,
+    parse_state, parse_state_file, DomainEntry, JournalEnd, JournalPos, Md5Sum, Pulled, SafeName,
+    StatFp, StateFile, Strategy, SyncState, TableEntry, STATE_FILE_VERSION, STATE_VERSION,
 };
 use crate::model::state::{state_file_from_reader, FileOut};
 
