@@ -211,9 +211,9 @@ pub fn verify_dir(dir: &Path, contents: bool) -> Result<Verified> {
             let records = match crate::journal::scan_file(&fs, &layout)? {
                 Some(scan) => {
                     // The valid prefix before a torn tail is audited; a corrupt
-                    // journal (a record stack never writes included, which could
-                    // send the audit outside `dir`) is exit 4.
-                    crate::journal::check_end(&layout, &scan)?;
+                    // journal (a record stack never writes included: its names or
+                    // paths could send the audit outside `dir`) is exit 4.
+                    crate::replay::project::check_journal(&layout, &scan)?;
                     scan.records.into_iter().map(|(_, r)| r).collect()
                 }
                 None => Vec::new(),

@@ -474,7 +474,7 @@ fn journal_show(dir: &Path, json: bool) -> Result<i32> {
     };
     if json {
         // One JSON object on stdout: a corrupt journal is an error report only.
-        journal::check_end(&layout, &scan)?;
+        replay::project::check_journal(&layout, &scan)?;
         let records: Vec<_> = scan
             .records
             .iter()
@@ -492,7 +492,7 @@ fn journal_show(dir: &Path, json: bool) -> Result<i32> {
             );
         }
     }
-    journal::check_end(&layout, &scan)?;
+    replay::project::check_journal(&layout, &scan)?;
     Ok(0)
 }
 

@@ -20,7 +20,7 @@ fn arb_name() -> impl Strategy<Value = String> {
 fn arb_event() -> impl Strategy<Value = Event> {
     prop_oneof![
         (arb_name(), 0u8..5).prop_map(|(m, l)| Event::Begin {
-            manifest_md5: m,
+            manifest_md5: m.try_into().unwrap(),
             link: [
                 LinkMode::Auto,
                 LinkMode::Symlink,
@@ -29,8 +29,8 @@ fn arb_event() -> impl Strategy<Value = Event> {
                 LinkMode::Reflink
             ][l as usize],
         }),
-        (arb_name(), arb_name()).prop_map(|(md5, url)| Event::Stage { md5, url }),
-        (arb_name(), arb_name()).prop_map(|(table_id, md5)| Event::PutShared { table_id, md5 }),
+        (arb_name(), arb_name()).prop_map(|(md5, url)| Event::Stage { md5.try_into().unwrap(), url }),
+        (arb_name(), arb_name()).prop_map(|(table_id, md5)| Event::PutShared { table_id.try_into().unwrap(), md5.try_into().unwrap() }),
         (
             proptest::option::of(arb_name()),
             arb_name(),
@@ -39,13 +39,13 @@ fn arb_event() -> impl Strategy<Value = Event> {
         )
             .prop_map(|(slug, table_id, name, size)| Event::MakeRef {
                 slot: slug.map_or(Slot::Direct, Slot::Package),
-                table_id,
-                md5: name.clone(),
-                name,
+                table_id.try_into().unwrap(),
+                md5: name.try_into().unwrap(),
+                name.try_into().unwrap(),
                 size,
                 strategy: LinkStrategy::Copy,
             }),
-        arb_name().prop_map(|slug| Event::RemoveBundle { slug }),
+        arb_name().prop_map(|slug| Event::RemoveBundle { slug.try_into().unwrap() }),
         Just(Event::Prepared),
         proptest::collection::vec((arb_name(), any::<(u64, i64, u64)>()), 0..3).prop_map(|f| {
             Event::Committed {

@@ -12,6 +12,8 @@
 //! their own (`checked`): a checksum-valid record naming anything else was not
 //! written by stack and does not decode, so the journal's scan ends there as
 //! corrupt (`journal::frame`), and its readers refuse it before folding anything.
+//! A checkpoint's paths are held to the state file's rule by those readers
+//! (`replay::project::check_records`).
 //!
 //! Compatibility: records are encoded with bincode, variants by their position.
 //! Any change to that encoding (a new variant, a changed field) is a new journal
@@ -91,9 +93,10 @@ pub enum Event {
     /// The transaction was rolled back before its commit point; nothing visible changed.
     Aborted { reason: String },
     /// The whole projection at this point; compaction starts a journal with it.
-    /// Encoded in the journal through [`checkpoint_state`] (see there why); a
-    /// state that fails `SyncState::check_paths` (the state file's rule) does not
-    /// decode.
+    /// Encoded in the journal through [`checkpoint_state`] (see there why). Its
+    /// names and md5s are proved when it decodes; one whose paths fail
+    /// `SyncState::check_paths` (the state file's rule) makes the journal corrupt
+    /// for every reader that acts on it (`replay::project::check_records`).
     Checkpoint {
         #[serde(with = "checkpoint_state")]
         state: Box<SyncState>,
@@ -207,8 +210,7 @@ impl Event {
 /// a placed folder `data/_shared`, `data/_direct` or `data/<slug>` and its staged
 /// folder one `reconcile::place` makes; a stray of `gc` a relative path under
 /// `data/` or `memory/` without `.` or `..`; a `RemoveDir`'s folder `_direct` or a
-/// safe slug. (Ids, names, slugs and md5s are [`SafeName`]s and [`Md5Sum`]s, a
-/// checkpoint's state is held to `SyncState::check_paths` by [`checkpoint_state`].)
+/// safe slug. (Ids, names, slugs and md5s are [`SafeName`]s and [`Md5Sum`]s.)
 mod checked {
     use serde::de::Error;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -351,8 +353,6 @@ pub mod checkpoint_state {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use serde::de::Error;
-
     use crate::model::name::{Md5Sum, SafeName};
     use crate::model::slot::SlotRef;
     use crate::model::state::{
@@ -465,18 +465,11 @@ pub mod checkpoint_state {
         .serialize(s)
     }
 
-    /// A checkpoint's state, refused (naming what is wrong) unless it passes
-    /// `SyncState::check_paths`, the rule of a state file recovery trusts.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<SyncState>, D::Error> {
-        let state = if d.is_human_readable() {
-            SyncState::deserialize(d)?
-        } else {
-            from_wire(WireState::deserialize(d)?)
-        };
-        state.check_paths().map_err(|why| {
-            D::Error::custom(format!("checkpoint holds a state stack never writes: {why}"))
-        })?;
-        Ok(Box::new(state))
+        if d.is_human_readable() {
+            return SyncState::deserialize(d).map(Box::new);
+        }
+        WireState::deserialize(d).map(|w| Box::new(from_wire(w)))
     }
 
     fn from_wire(w: WireState) -> SyncState {
@@ -527,8 +520,8 @@ mod tests {
 
     fn entry(with_optionals: bool, slot: SlotRef<'_>) -> TableEntry {
         let mut e = TableEntry::new(
-            "orders".into(),
-            "0123456789abcdef0123456789abcdef".into(),
+            "orders".try_into().unwrap(),
+            "0123456789abcdef0123456789abcdef".try_into().unwrap(),
             with_optionals.then_some(10),
             Strategy::Copy,
         )
@@ -545,15 +538,15 @@ mod tests {
     fn state(with_optionals: bool) -> SyncState {
         let mut s = SyncState::default();
         s.direct_tables
-            .insert("tbl_a".into(), entry(with_optionals, SlotRef::Direct));
-        s.data_packages.entry("sales".into()).or_default().insert(
-            "tbl_a".into(),
-            entry(with_optionals, SlotRef::Package("sales")),
+            .insert("tbl_a".try_into().unwrap(), entry(with_optionals, SlotRef::Direct));
+        s.data_packages.entry("sales".try_into().unwrap()).or_default().insert(
+            "tbl_a".try_into().unwrap(),
+            entry(with_optionals, SlotRef::Package(&"sales".try_into().unwrap())),
         );
         s.memory_domains.insert(
-            "ops".into(),
+            "ops".try_into().unwrap(),
             DomainEntry {
-                md5: "d41d8cd98f00b204e9800998ecf8427e".into(),
+                md5: "d41d8cd98f00b204e9800998ecf8427e".try_into().unwrap(),
                 path: "memory/ops/bundle.md".into(),
                 fp: with_optionals.then_some(FP),
             },
@@ -571,152 +564,108 @@ mod tests {
         }
     }
 
-    /// What the engine writes passes; a name, slug, md5, folder or stray that could
-    /// lead anywhere else is refused, naming the value.
+    /// `ev` as JSON with `field` (of its variant) set to `value`, decoded again.
+    fn with_field(ev: &Event, field: &str, value: &str) -> Result<Event, String> {
+        let mut v = serde_json::to_value(ev).unwrap();
+        let fields = v.as_object_mut().unwrap().values_mut().next().unwrap();
+        fields[field] = serde_json::json!(value);
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+
+    /// What the engine writes decodes; a name, slug, md5, folder or stray that
+    /// could lead anywhere else does not, and the refusal names the value. (The
+    /// journal's bincode runs the same decoders: `tests/journal_format`.)
     #[test]
-    fn check_paths_accepts_what_stack_writes_only() {
-        let md5 = "0123456789ABCDEF0123456789abcdef";
-        let make_ref = |slot: Slot, id: &str, name: &str| Event::MakeRef {
-            slot,
-            table_id: id.into(),
-            name: name.into(),
-            md5: "not an md5: never a path".into(),
+    fn decoding_accepts_what_stack_writes_only() {
+        let md5 = "0123456789abcdef0123456789abcdef";
+        let name = |s: &str| SafeName::parse(s).unwrap();
+        let make_ref = Event::MakeRef {
+            slot: Slot::Package(name("p1")),
+            table_id: name("tbl_a"),
+            name: name("a.b-c_d"),
+            md5: Md5Sum::parse(md5).unwrap(),
             size: None,
             strategy: Strategy::Symlink,
         };
-        let good = [
-            make_ref(Slot::Direct, "tbl_a", "a.b-c_d"),
-            make_ref(Slot::Package("p1".into()), "tbl_a", "a"),
-            Event::PutShared {
-                table_id: "tbl_a".into(),
-                md5: md5.into(),
-            },
-            Event::PutBundle {
-                slug: "ops".into(),
-                md5: md5.into(),
-            },
-            Event::RemoveDir {
-                slug: "_direct".into(),
-            },
-            Event::RemoveDir { slug: "p1".into() },
-            Event::Place {
-                staged: "place-0".into(),
-                rel: "data/_shared".into(),
-            },
-            Event::Place {
-                staged: "place-12".into(),
-                rel: "data/p1".into(),
-            },
-            Event::RemoveStray {
-                rel: "data/p1/x y.txt".into(),
-            },
-            Event::RemoveStray {
-                rel: "memory/old".into(),
-            },
-            Event::Stage {
-                md5: "any".into(),
-                url: "../../x".into(),
-            },
-            Event::Committed {
-                fingerprints: vec![("/etc/passwd".into(), FP)],
-            },
-            checkpoint(SyncState {
-                data_packages: Default::default(),
-                ..state(true)
-            })
-            .event,
+        let put_shared = Event::PutShared {
+            table_id: name("tbl_a"),
+            md5: Md5Sum::parse(md5).unwrap(),
+        };
+        let put_bundle = Event::PutBundle {
+            slug: name("ops"),
+            md5: Md5Sum::parse(md5).unwrap(),
+        };
+        let remove_dir = Event::RemoveDir {
+            slot: Slot::Package(name("p1")),
+        };
+        let place = Event::Place {
+            staged: "place-0".into(),
+            rel: "data/_shared".into(),
+        };
+        let stray = Event::RemoveStray {
+            rel: "data/p1/x y.txt".into(),
+        };
+        let good: [(&Event, &str, &str); 12] = [
+            (&make_ref, "name", "a.b-c_d"),
+            (&make_ref, "table_id", "tbl_a"),
+            (&put_shared, "md5", md5),
+            (&put_bundle, "slug", "ops"),
+            (&remove_dir, "slug", "_direct"),
+            (&remove_dir, "slug", "p1"),
+            (&place, "staged", "place-12"),
+            (&place, "rel", "data/p1"),
+            (&place, "rel", "data/_direct"),
+            (&stray, "rel", "memory/old"),
+            (&stray, "rel", "data/p1/x y.txt"),
+            (&stray, "rel", "data/_shared/x.parquet"),
         ];
-        for ev in good {
-            assert_eq!(ev.check_paths(), Ok(()), "{ev:?}");
+        for (ev, field, value) in good {
+            let back = with_field(ev, field, value).unwrap_or_else(|e| panic!("{ev:?}: {e}"));
+            let back = serde_json::to_value(&back).unwrap();
+            let fields = back.as_object().unwrap().values().next().unwrap();
+            assert_eq!(fields[field], serde_json::json!(value), "{ev:?}");
         }
-        let bad = [
+        let unsafe_component = |v: &str| format!("{v:?} is not a safe path component");
+        let bad: [(&Event, &str, &str, String); 14] = [
+            (&make_ref, "name", "../x", unsafe_component("../x")),
+            (&make_ref, "table_id", "", unsafe_component("")),
+            (&put_shared, "table_id", ".", unsafe_component(".")),
+            (&put_bundle, "slug", "..", unsafe_component("..")),
+            (&remove_dir, "slug", "_shared/..", unsafe_component("_shared/..")),
             (
-                make_ref(Slot::Direct, "tbl_a", "../x"),
-                r#"name "../x" is not a safe path component"#,
+                &put_shared,
+                "md5",
+                "0123456789abcdef0123456789abcde/",
+                r#"md5 "0123456789abcdef0123456789abcde/" is not 32 lowercase hex digits"#.into(),
             ),
             (
-                make_ref(Slot::Package("a/b".into()), "tbl_a", "a"),
-                r#"slug "a/b" is not a safe path component"#,
+                &put_bundle,
+                "md5",
+                "0123456789ABCDEF0123456789abcdef",
+                r#"md5 "0123456789ABCDEF0123456789abcdef" is not 32 lowercase hex digits"#.into(),
+            ),
+            (&place, "rel", "memory/x", r#"folder "memory/x" is not one stack places"#.into()),
+            (&place, "rel", "data/../x", r#"folder "data/../x" is not one stack places"#.into()),
+            (&place, "rel", "data", r#"folder "data" is not one stack places"#.into()),
+            (&place, "staged", "../x", r#"staged folder "../x" is not one stack makes"#.into()),
+            (&place, "staged", "other", r#"staged folder "other" is not one stack makes"#.into()),
+            (
+                &stray,
+                "rel",
+                "memory/../../x",
+                r#"stray "memory/../../x" is not a path under data/ or memory/"#.into(),
             ),
             (
-                Event::RemoveRef {
-                    slot: Slot::Direct,
-                    table_id: "".into(),
-                    name: "a".into(),
-                },
-                r#"table id "" is not a safe path component"#,
-            ),
-            (
-                Event::PutShared {
-                    table_id: "tbl_a".into(),
-                    md5: "0123456789abcdef0123456789abcde/".into(),
-                },
-                r#"md5 "0123456789abcdef0123456789abcde/" is not 32 hex digits"#,
-            ),
-            (
-                Event::PutBundle {
-                    slug: "ops".into(),
-                    md5: "0123456789abcdef0123456789abcdefg".into(),
-                },
-                r#"md5 "0123456789abcdef0123456789abcdefg" is not 32 hex digits"#,
-            ),
-            (
-                Event::RemoveShared {
-                    table_id: ".".into(),
-                },
-                r#"table id "." is not a safe path component"#,
-            ),
-            (
-                Event::RemoveBundle { slug: "..".into() },
-                r#"slug ".." is not a safe path component"#,
-            ),
-            (
-                Event::RemoveDir {
-                    slug: "_shared/..".into(),
-                },
-                r#"slug "_shared/.." is not a safe path component"#,
-            ),
-            (
-                Event::RemoveStray {
-                    rel: "/etc/passwd".into(),
-                },
-                r#"stray "/etc/passwd" is not a path under data/ or memory/"#,
-            ),
-            (
-                Event::RemoveStray {
-                    rel: "memory/../../x".into(),
-                },
-                r#"stray "memory/../../x" is not a path under data/ or memory/"#,
-            ),
-            (
-                Event::RemoveStray {
-                    rel: ".stack/journal".into(),
-                },
-                r#"stray ".stack/journal" is not a path under data/ or memory/"#,
+                &stray,
+                "rel",
+                ".stack/journal",
+                r#"stray ".stack/journal" is not a path under data/ or memory/"#.into(),
             ),
         ];
-        for (ev, why) in bad {
-            assert_eq!(ev.check_paths(), Err(why.to_string()), "{ev:?}");
+        for (ev, field, value, why) in bad {
+            let e = with_field(ev, field, value).expect_err(value);
+            assert!(e.contains(&why), "{field} {value:?}: {e}");
         }
-        // A placed folder and its staged folder are ones `reconcile::place` makes.
-        for (staged, rel) in [
-            ("place-0", "memory/x"),
-            ("place-0", "data/../x"),
-            ("place-0", "data"),
-            ("../x", "data/_shared"),
-            ("other", "data/_shared"),
-        ] {
-            let ev = Event::Place {
-                staged: staged.into(),
-                rel: rel.into(),
-            };
-            assert!(ev.check_paths().is_err(), "{staged} {rel}");
-        }
-        // A checkpoint: the state file's rule (the sample's package entry has the
-        // direct table's paths).
-        let s = state(true);
-        assert!(s.check_paths().is_err());
-        assert_eq!(checkpoint(s.clone()).event.check_paths(), s.check_paths());
     }
 
     /// A checkpoint whose state has absent optional fields decodes (under bincode,
@@ -884,8 +833,8 @@ mod tests {
             };
             let new_entry = |slot: SlotRef<'_>, r: &(&str, &str, &str, &str, &str, &str)| {
                 let mut e = TableEntry::new(
-                    r.2.into(),
-                    r.3.into(),
+                    r.2.try_into().unwrap(),
+                    r.3.try_into().unwrap(),
                     with_optionals.then_some(10),
                     Strategy::Copy,
                 )
@@ -895,7 +844,7 @@ mod tests {
                 e
             };
             let domain = DomainEntry {
-                md5: "d41d8cd98f00b204e9800998ecf8427e".into(),
+                md5: "d41d8cd98f00b204e9800998ecf8427e".try_into().unwrap(),
                 path: "memory/ops/bundle.md".into(),
                 fp: with_optionals.then_some(FP),
             };
@@ -925,16 +874,16 @@ mod tests {
                 if r.0.is_empty() {
                     old.direct_tables.insert(r.1.into(), old_entry(r));
                     new.direct_tables
-                        .insert(r.1.into(), new_entry(SlotRef::Direct, r));
+                        .insert(r.1.try_into().unwrap(), new_entry(SlotRef::Direct, r));
                 } else {
                     old.data_packages
                         .entry(r.0.into())
                         .or_default()
                         .insert(r.1.into(), old_entry(r));
                     new.data_packages
-                        .entry(r.0.into())
+                        .entry(r.0.try_into().unwrap())
                         .or_default()
-                        .insert(r.1.into(), new_entry(SlotRef::Package(r.0), r));
+                        .insert(r.1.try_into().unwrap(), new_entry(SlotRef::Package(r.0), r));
                 }
             }
             // The state file's text.

@@ -88,8 +88,14 @@ fn decode_payload(payload: &[u8], each: &mut dyn FnMut(Record)) -> Result<(usize
         each: &mut dyn FnMut(Record),
     ) -> Result<(usize, usize), String> {
         let config = bincode::config::standard().with_limit::<LIMIT>();
-        bincode::serde::seed_decode_from_slice(EachRecord(each), payload, config)
-            .map_err(|e| e.to_string())
+        bincode::serde::seed_decode_from_slice(EachRecord(each), payload, config).map_err(|e| {
+            match e {
+                // A decoder's own refusal (a value stack never writes, a variant
+                // this build does not know): its message, as it said it.
+                bincode::error::DecodeError::OtherString(why) => why,
+                e => e.to_string(),
+            }
+        })
     }
     macro_rules! dispatch {
         ($($i:literal)*) => {
@@ -429,34 +435,6 @@ impl Sink for Collect {
     }
 }
 
-/// Counts the records of the valid frames, holding none of them (a reader that
-/// only checks a journal: every record that decodes is one stack writes).
-#[derive(Debug, Default)]
-pub struct Count {
-    /// Records of the valid frames so far, and of the frame being read.
-    kept: u64,
-    reading: u64,
-}
-
-impl Count {
-    /// How many records the valid frames hold.
-    pub fn records(&self) -> u64 {
-        self.kept
-    }
-}
-
-impl Sink for Count {
-    fn record(&mut self, _offset: u64, _record: Record) {
-        self.reading += 1;
-    }
-    fn frame(&mut self, valid: bool) {
-        if valid {
-            self.kept += self.reading;
-        }
-        self.reading = 0;
-    }
-}
-
 /// Read a journal's bytes: the valid records, and how the valid prefix ends.
 ///
 /// The torn-tail rule: the first bad frame ends the valid prefix. If no valid frame
@@ -723,10 +701,10 @@ mod tests {
                 seq,
                 txn: 7,
                 event: Event::MakeRef {
-                    slot: crate::journal::event::Slot::Package(format!("pkg{seq}")),
-                    table_id: format!("tbl_{seq:06}"),
+                    slot: crate::journal::event::Slot::Package(format!("pkg{seq}").try_into().unwrap()),
+                    table_id: format!("tbl_{seq:06}").try_into().unwrap(),
                     name: "x".repeat(seq as usize % 40 + 1),
-                    md5: format!("{seq:032x}"),
+                    md5: format!("{seq:032x}").try_into().unwrap(),
                     size: Some(seq * 1000),
                     strategy: crate::model::state::Strategy::Copy,
                 },
@@ -837,7 +815,7 @@ mod tests {
             seq,
             txn: 1,
             event: Event::Stage {
-                md5: format!("{seq:032x}"),
+                md5: format!("{seq:032x}").try_into().unwrap(),
                 url: format!("tables/{seq}"),
             },
         };
@@ -870,7 +848,7 @@ mod tests {
             seq,
             txn: 1,
             event: Event::Stage {
-                md5: format!("{seq:032x}"),
+                md5: format!("{seq:032x}").try_into().unwrap(),
                 url: format!("tables/{seq}"),
             },
         };

@@ -41,10 +41,12 @@
 //! it; `stack journal verify` exits 4 naming the byte offset and record number. A frame
 //! whose checksum is valid but whose payload does not decode was written whole (by a
 //! newer format, or a bug): it is corruption too, wherever it is, never cut. So is a
-//! record stack would never write (a name, slug, md5 or path that could leave the
-//! directory, or a `Checkpoint` whose state fails `SyncState::check_paths`): its
-//! fields' decoders refuse it (`event`), naming the value, so it is a checksum-valid
-//! frame that does not decode. An I/O error while reading is reported as an I/O
+//! record stack would never write: one naming a name, slug, md5 or path that could
+//! leave the directory does not decode (its fields' decoders refuse it, naming the
+//! value, `event`); a `Checkpoint` whose state's paths fail `SyncState::check_paths`
+//! decodes, and the readers that act on the journal refuse it
+//! (`replay::project::check_records`; [`Journal::open_checked`] asks before it cuts
+//! anything). An I/O error while reading is reported as an I/O
 //! error, never taken for either.
 //!
 //! # Compaction
@@ -182,9 +184,19 @@ pub struct Opened {
 impl Journal {
     /// Open (creating if missing) the journal of `layout` for appending. A torn tail
     /// is copied to `journal.broken` and cut; corruption is an error.
-    /// A refused journal (corrupt, a record stack never writes included) is left
-    /// exactly as it was, torn tail included.
     pub fn open(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Opened> {
+        Journal::open_checked(fs, layout, |_| Ok(()))
+    }
+
+    /// [`Journal::open`], refusing the journal if `accept` refuses its records
+    /// (recovery's check of what they mean, `replay::project::check_records`). It is
+    /// asked after the scan and before anything is cut: a refused journal is left
+    /// exactly as it was, torn tail included.
+    pub fn open_checked(
+        fs: Arc<dyn Fs>,
+        layout: &Layout,
+        accept: impl FnOnce(&Scan) -> Result<()>,
+    ) -> Result<Opened> {
         let path = layout.journal();
         let private = layout.private();
         let mut created = false;
@@ -205,6 +217,7 @@ impl Journal {
             }
         };
         check_end(layout, &scan)?;
+        accept(&scan)?;
         let mut torn = None;
         if let End::TornTail { offset, reason } = &scan.end {
             let bytes = fs.read(&path).at("read", &path)?;

@@ -812,8 +812,8 @@ mod tests {
         shared_path: &str,
     ) -> TableEntry {
         TableEntry::new(
-            name.to_string(),
-            Md5Sum::new("0123456789abcdef0123456789abcdef"),
+            name.try_into().unwrap(),
+            Md5Sum::parse("0123456789abcdef0123456789abcdef").unwrap(),
             None,
             Strategy::Symlink,
         )
@@ -829,14 +829,14 @@ mod tests {
         let mut s = SyncState::default();
         if let Some((name, r, sh)) = direct {
             let e = entry_at((SlotRef::Direct, "tbl_a"), name, r, sh);
-            s.direct_tables.insert("tbl_a".to_string(), e);
+            s.direct_tables.insert("tbl_a".try_into().unwrap(), e);
         }
         if let Some((slug, (name, r, sh))) = pkg {
             let e = entry_at((SlotRef::Package(slug), "tbl_a"), name, r, sh);
             s.data_packages
-                .entry(slug.to_string())
+                .entry(slug.try_into().unwrap())
                 .or_default()
-                .insert("tbl_a".to_string(), e);
+                .insert("tbl_a".try_into().unwrap(), e);
         }
         s
     }
@@ -858,20 +858,20 @@ mod tests {
             );
             assert!(e.has_own_paths());
             s.data_packages
-                .entry(slug.clone())
+                .entry(slug.try_into().unwrap())
                 .or_default()
-                .insert(id.clone(), e);
+                .insert(id.try_into().unwrap(), e);
             if i % 7 == 0 {
                 // The package's paths, named by a direct table: kept as they are.
                 let e = entry_at((SlotRef::Direct, &id), &name, &ref_path, &shared_path);
                 assert!(!e.has_own_paths());
-                s.direct_tables.insert(id, e);
+                s.direct_tables.insert(id.try_into().unwrap(), e);
             }
         }
         s.memory_domains.insert(
-            "m".to_string(),
+            "m".try_into().unwrap(),
             DomainEntry {
-                md5: "0123456789abcdef0123456789abcdef".to_string(),
+                md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
                 path: "memory/m/bundle.md".to_string(),
                 fp: None,
             },
@@ -941,7 +941,7 @@ mod tests {
             let m = Md5Sum::new(odd);
             assert!(matches!(m, Md5Sum::Text(_)), "{odd:?}");
             assert!(m.is(odd) && format!("{m}") == odd);
-            assert_eq!(Md5Sum::from(odd.to_string()), m);
+            assert_eq!(Md5Sum::from(odd.try_into().unwrap()), m);
         }
     }
 

@@ -825,8 +825,8 @@ mod tests {
             record(
                 2,
                 Event::PutShared {
-                    table_id: "t1".into(),
-                    md5: "0123456789abcdef0123456789abcdef".into(),
+                    table_id: "t1".try_into().unwrap(),
+                    md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
                 },
             ),
         ];
@@ -916,10 +916,10 @@ mod tests {
         records.push(record(
             2,
             Event::MakeRef {
-                slot: crate::journal::event::Slot::Package("pkg".into()),
-                table_id: "t1".into(),
-                name: "n".into(),
-                md5: "0123456789abcdef0123456789abcdef".into(),
+                slot: crate::journal::event::Slot::Package("pkg".try_into().unwrap()),
+                table_id: "t1".try_into().unwrap(),
+                name: "n".try_into().unwrap(),
+                md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
                 size: None,
                 strategy: Strategy::Symlink,
             },

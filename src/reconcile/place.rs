@@ -284,17 +284,17 @@ mod tests {
 
     fn put(id: &str, md5: &str) -> Event {
         Event::PutShared {
-            table_id: id.into(),
-            md5: md5.into(),
+            table_id: id.try_into().unwrap(),
+            md5: md5.try_into().unwrap(),
         }
     }
 
     fn link(slug: &str, id: &str, strategy: Strategy) -> Event {
         Event::MakeRef {
-            slot: Slot::Package(slug.into()),
-            table_id: id.into(),
-            name: format!("n_{id}"),
-            md5: "m".into(),
+            slot: Slot::Package(slug.try_into().unwrap()),
+            table_id: id.try_into().unwrap(),
+            name: format!("n_{id}").try_into().unwrap(),
+            md5: "m".try_into().unwrap(),
             size: None,
             strategy,
         }
@@ -302,7 +302,7 @@ mod tests {
 
     fn stage(md5: &str) -> StageItem {
         StageItem {
-            md5: md5.into(),
+            md5: md5.try_into().unwrap(),
             url: String::new(),
             item: Item::Table { id: md5.into() },
             size: None,
@@ -357,9 +357,9 @@ mod tests {
         q.ops.insert(
             0,
             Event::RemoveRef {
-                slot: Slot::Package("p".into()),
-                table_id: "t0".into(),
-                name: "n_t1".into(),
+                slot: Slot::Package("p".try_into().unwrap()),
+                table_id: "t0".try_into().unwrap(),
+                name: "n_t1".try_into().unwrap(),
             },
         );
         let rels: Vec<String> = plan(&q, &absent)

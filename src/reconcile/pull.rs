@@ -457,7 +457,7 @@ pub fn status(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport
         None => {
             let records = match crate::journal::scan_file(fs, &cfg.layout)? {
                 Some(scan) => {
-                    crate::journal::check_end(&cfg.layout, &scan)?;
+                    crate::replay::project::check_journal(&cfg.layout, &scan)?;
                     scan.records.into_iter().map(|(_, r)| r).collect()
                 }
                 None => Vec::new(),

@@ -10,10 +10,11 @@
 //! Neither a state file nor a journal steers recovery to paths stack does not
 //! write: the state file is trusted (fast path) or adopted (journal missing) only
 //! if it passes `SyncState::check_paths` (its names and md5s were proved when it was
-//! parsed); a journal holding a record stack never writes (a name, slug or path
-//! that could leave the directory, a checkpoint that fails `SyncState::check_paths`)
-//! does not decode and is refused as corrupt (exit 4) before anything is folded,
-//! cut or rewritten, and so is appending to it after the fast path.
+//! parsed); a journal holding a record that names a name, slug or path that could
+//! leave the directory (it does not decode), or a checkpoint that fails
+//! `SyncState::check_paths` (`replay::project::check_records`), is refused as
+//! corrupt (exit 4) before anything is folded, cut or rewritten, and so is
+//! appending to it after the fast path.
 
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ use crate::journal::event::Event;
 use crate::journal::Journal;
 use crate::layout::Layout;
 use crate::reconcile::apply::{clean_leftovers, finish, has_leftovers, Applier};
-use crate::replay::project::project;
+use crate::replay::project::{check_records, project, RecordCheck};
 use crate::replay::state::{read_state, read_state_file, write_state, SyncState};
 
 /// A directory after recovery: its journal open for writing and its state.
@@ -56,10 +57,10 @@ pub struct Checked {
 }
 
 /// Read the journal file and check it: `Ok(None)` if there is none, an error if
-/// [`check_end`](crate::journal::check_end) of its whole scan would refuse it (the
-/// same checks, with the same errors).
+/// [`check_journal`](crate::replay::project::check_journal) of its whole scan would
+/// refuse it (the same checks, in the same order, with the same errors).
 ///
-/// Each record is counted as it is decoded and dropped (`frame::Count`), and the
+/// Each record is checked as it is decoded and dropped ([`RecordCheck`]), and the
 /// file is read a frame at a time (`journal::frame::scan_read`): neither a large
 /// journal's records nor its bytes are ever all held (at 100k tables, 350,000
 /// records in 34 MB; the check before an append runs while the state, the
@@ -73,11 +74,12 @@ pub fn check_journal_file(fs: &dyn Fs, layout: &Layout) -> Result<Option<Checked
     };
     // Only sizes the frames' buffers: 0 (unknown) costs a few reallocations.
     let size = fs.metadata(&path).map_or(0, |m| m.len);
-    let mut count = crate::journal::frame::Count::default();
+    let mut check = RecordCheck::new(layout);
     let (valid_len, end) =
-        crate::journal::frame::scan_read(file, size, &mut count).at("read", &path)?;
+        crate::journal::frame::scan_read(file, size, &mut check).at("read", &path)?;
     crate::journal::check_end_of(layout, &end)?;
-    let records = count.records();
+    let records = check.records();
+    check.result()?;
     Ok(Some(Checked {
         records,
         valid_len,
@@ -357,7 +359,7 @@ pub fn recover(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
 /// before anything in the directory changes.
 pub fn replay(fs: Arc<dyn Fs>, layout: &Layout) -> Result<Recovered> {
     // A record stack never writes is refused before anything is cut.
-    let opened = Journal::open(fs.clone(), layout)?;
+    let opened = Journal::open_checked(fs.clone(), layout, |scan| check_records(layout, scan))?;
     let mut journal = opened.journal;
     let mut notes = Vec::new();
     if let Some((offset, cut, reason)) = &opened.torn {

@@ -1,25 +1,135 @@
 //! The projection: folding the journal into a [`SyncState`].
 //!
-//! Owns: the meaning of each event for the state file. Architecture invariant:
-//! the state is a function of the journal's records alone; a transaction changes
-//! it only if its `Committed` record is in the journal (recovery appends that
-//! record for a transaction past its `Prepared` commit point once it has rolled it
-//! forward).
+//! Owns: the meaning of each event for the state file, and which records may be
+//! folded at all ([`check_records`]). Architecture invariant: the state is a
+//! function of the journal's records alone; a transaction changes it only if its
+//! `Committed` record is in the journal (recovery appends that record for a
+//! transaction past its `Prepared` commit point once it has rolled it forward).
 //!
 //! Every record folded here names its files by ids, names and slugs that are
 //! single safe path components (`model::name::SafeName`, proved when the record
-//! was decoded), and a `Checkpoint`'s state passed the rule a `sync_state.json`
-//! must pass before recovery trusts or adopts it (`SyncState::check_paths`, asked
-//! by its decoder). A record stack never writes (a `MakeRef` named `../../x`, a
-//! checkpoint naming an absolute path) does not decode: the journal's scan ends
-//! there as corrupt (exit 4), and every reader refuses it before anything is
-//! folded, cut, rewritten or acted on (`journal::check_end`).
+//! was decoded: a record naming anything else does not decode, and the journal's
+//! scan ends there as corrupt). A `Checkpoint` record *is* a state, paths
+//! included, so it must also pass the rule a `sync_state.json` must pass before
+//! recovery trusts or adopts it ([`SyncState::check_paths`]: every path the
+//! layout's for its entry). The engine writes no other checkpoint; one that fails
+//! the check (naming an absolute path) was not written by stack, and folding it
+//! would send heal, verify, recovery and the next pull's plan to paths outside the
+//! directory. Such a journal is corrupt (exit 4), like a frame whose checksum is
+//! valid but whose payload does not decode, and it is refused before anything is
+//! folded, cut, rewritten or acted on. The journal's byte format (`journal::frame`)
+//! reads such a checkpoint, so `journal show` lists the records before it reports
+//! the refusal; every reader that acts on the records or vouches for them asks
+//! [`check_journal`] (recovery, opening the journal for writing, asks
+//! [`check_records`] through `Journal::open_checked`, before a torn tail is cut).
 
 use std::collections::{BTreeMap, HashSet};
 
+use crate::error::{Error, Result};
 use crate::journal::event::{Event, Record, SafeName, Slot, SlotRef};
-use crate::layout;
+use crate::journal::Scan;
+use crate::layout::{self, Layout};
 use crate::replay::state::{DomainEntry, JournalPos, Pulled, StatFp, SyncState, TableEntry};
+
+/// Refuse a journal holding a record the projection must not fold: a `Checkpoint`
+/// whose state fails [`SyncState::check_paths`] (see the module docs; every other
+/// record stack never writes does not even decode). The error is [`Error::JournalCorrupt`]
+/// naming the first such record (its frame's byte offset, its number, its seq and
+/// transaction) and the value that is wrong. Reads nothing but `scan`, and
+/// allocates only the error: it runs over the whole journal before every fold.
+pub fn check_records(layout: &Layout, scan: &Scan) -> Result<()> {
+    for (i, (offset, r)) in scan.records.iter().enumerate() {
+        check_record(layout, *offset, i as u64, r)?;
+    }
+    Ok(())
+}
+
+/// [`check_records`] for one record: the `index`-th of the journal, in the frame at
+/// byte `offset`.
+fn check_record(layout: &Layout, offset: u64, index: u64, r: &Record) -> Result<()> {
+    let Event::Checkpoint { state } = &r.event else {
+        return Ok(());
+    };
+    state.check_paths().map_err(|why| Error::JournalCorrupt {
+        path: layout.journal(),
+        offset,
+        record: index,
+        reason: format!(
+            "{} seq {} (transaction {}) has a valid checksum but holds a state stack \
+             never writes: {why}",
+            r.event.kind(),
+            r.seq,
+            r.txn
+        ),
+    })
+}
+
+/// [`check_records`] as the records are read (`journal::frame::scan_with`), for a
+/// reader that only checks them and need not hold them all: each record is checked
+/// and dropped, and the first refusal kept, counted once its frame proves valid.
+pub struct RecordCheck<'a> {
+    layout: &'a Layout,
+    /// Records of the valid frames so far, and of the frame being read.
+    kept: u64,
+    reading: u64,
+    /// The first refusal among the valid frames' records, and in the frame being read.
+    refused: Option<Error>,
+    pending: Option<Error>,
+}
+
+impl<'a> RecordCheck<'a> {
+    pub fn new(layout: &'a Layout) -> Self {
+        RecordCheck {
+            layout,
+            kept: 0,
+            reading: 0,
+            refused: None,
+            pending: None,
+        }
+    }
+
+    /// How many records the valid frames hold.
+    pub fn records(&self) -> u64 {
+        self.kept
+    }
+
+    /// What [`check_records`] says of the records of the valid frames.
+    pub fn result(self) -> Result<()> {
+        match self.refused {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl crate::journal::frame::Sink for RecordCheck<'_> {
+    fn record(&mut self, offset: u64, record: Record) {
+        if self.refused.is_none() && self.pending.is_none() {
+            let index = self.kept + self.reading;
+            self.pending = check_record(self.layout, offset, index, &record).err();
+        }
+        self.reading += 1;
+    }
+
+    fn frame(&mut self, valid: bool) {
+        if valid {
+            self.kept += self.reading;
+            if self.refused.is_none() {
+                self.refused = self.pending.take();
+            }
+        }
+        self.reading = 0;
+        self.pending = None;
+    }
+}
+
+/// The whole check of a scanned journal before its records are acted on or
+/// vouched for: its end (`journal::check_end`: corruption, unknown version; a torn
+/// tail is fine) and its records ([`check_records`]).
+pub fn check_journal(layout: &Layout, scan: &Scan) -> Result<()> {
+    crate::journal::check_end(layout, scan)?;
+    check_records(layout, scan)
+}
 
 /// The last transaction, if it neither committed nor aborted.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,8 +148,8 @@ pub struct Projection {
     pub pending: Option<Pending>,
 }
 
-/// Fold records into the committed state. A checkpoint's state is taken as it is
-/// (its decoder held it to the state file's rule).
+/// Fold records into the committed state. A checkpoint's state is taken as it is:
+/// callers fold only records that [`check_records`] accepted.
 pub fn project(records: &[Record]) -> Projection {
     let mut state = SyncState::default();
     let mut open: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
@@ -335,8 +445,8 @@ mod tests {
 
     fn entry(slot: SlotRef<'_>, id: &str, shared_path: Option<&str>) -> TableEntry {
         let e = TableEntry::new(
-            format!("n_{id}"),
-            Md5Sum::new("0123456789abcdef0123456789abcdef"),
+            format!("n_{id}").try_into().unwrap(),
+            Md5Sum::parse("0123456789abcdef0123456789abcdef").unwrap(),
             None,
             Strategy::Symlink,
         );
@@ -372,34 +482,34 @@ mod tests {
         let mut state = SyncState::default();
         state
             .direct_tables
-            .insert("t1".into(), entry(SlotRef::Direct, "t1", None));
-        let p1 = state.data_packages.entry("p1".into()).or_default();
-        p1.insert("t1".into(), entry(SlotRef::Package("p1"), "t1", None));
-        p1.insert("t2".into(), entry(SlotRef::Package("p1"), "t2", None));
+            .insert("t1".try_into().unwrap(), entry(SlotRef::Direct, "t1", None));
+        let p1 = state.data_packages.entry("p1".try_into().unwrap()).or_default();
+        p1.insert("t1".try_into().unwrap(), entry(SlotRef::Package(&"p1".try_into().unwrap()), "t1", None));
+        p1.insert("t2".try_into().unwrap(), entry(SlotRef::Package(&"p1".try_into().unwrap()), "t2", None));
         // An odd entry whose shared path names t1's file, and one naming no table's.
         p1.insert(
-            "t9".into(),
+            "t9".try_into().unwrap(),
             entry(
-                SlotRef::Package("p1"),
+                SlotRef::Package(&"p1".try_into().unwrap()),
                 "t9",
                 Some("data/_shared/t1.parquet"),
             ),
         );
         p1.insert(
-            "t8".into(),
-            entry(SlotRef::Package("p1"), "t8", Some("data/_other/t8.parquet")),
+            "t8".try_into().unwrap(),
+            entry(SlotRef::Package(&"p1".try_into().unwrap()), "t8", Some("data/_other/t8.parquet")),
         );
         assert!(!state.data_packages["p1"]["t9"].has_own_paths());
 
         let put = |id: &str| Event::PutShared {
-            table_id: id.to_string(),
-            md5: "0123456789abcdef0123456789abcdef".to_string(),
+            table_id: id.try_into().unwrap(),
+            md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
         };
         let make = |slot: &str, id: &str| Event::MakeRef {
-            slot: Slot::Package(slot.to_string()),
-            table_id: id.to_string(),
-            name: format!("n_{id}"),
-            md5: "0123456789abcdef0123456789abcdef".to_string(),
+            slot: Slot::Package(slot.try_into().unwrap()),
+            table_id: id.try_into().unwrap(),
+            name: format!("n_{id}").try_into().unwrap(),
+            md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
             size: None,
             strategy: Strategy::Symlink,
         };
@@ -434,7 +544,7 @@ mod tests {
         assert_eq!(folded, owned);
         // References keep their fingerprints; those made here have none yet.
         for (slot, id, e) in folded.entries() {
-            let made = slot == SlotRef::Package("p2");
+            let made = slot == SlotRef::Package(&"p2".try_into().unwrap());
             assert_eq!(e.ref_fp, (!made).then_some(FP), "{slot:?} {id}");
         }
     }

@@ -302,11 +302,11 @@ fn a_checkpoint_pointing_outside_the_directory_is_corruption_and_nothing_changes
             (e, format!("{} are not the engine's", victim.display()))
         } else {
             let mut e = e;
-            e.name = "../../../victim".into();
+            e.name = "../../../victim".try_into().unwrap();
             let why = r#"named "../../../victim" is not a safe path component"#.to_string();
             (e, why)
         };
-        st.direct_tables.insert("tbl_a".into(), e);
+        st.direct_tables.insert("tbl_a".try_into().unwrap(), e);
         let mut journal = Journal::open(Arc::new(RealFs), &layout).unwrap().journal;
         journal.compact(&st).unwrap();
         let seq = journal.last_seq() - 1; // the checkpoint, then the request
@@ -361,8 +361,8 @@ fn an_event_naming_a_path_outside_the_directory_is_corruption_and_nothing_change
         txn,
         Event::MakeRef {
             slot: Slot::Direct,
-            table_id: "tbl_a".into(),
-            name: "../../../victim".into(),
+            table_id: "tbl_a".try_into().unwrap(),
+            name: "../../../victim".try_into().unwrap(),
             md5: md5_hex(content),
             size: Some(content.len() as u64),
             strategy: Strategy::Copy,
