@@ -867,7 +867,7 @@ mod tests {
                     at: None,
                     pulled: None,
                 },
-                memory_domains: BTreeMap::from([("ops".to_string(), domain)]),
+                memory_domains: BTreeMap::from([("ops".try_into().unwrap(), domain)]),
                 ..SyncState::default()
             };
             for r in &rows {
@@ -883,7 +883,10 @@ mod tests {
                     new.data_packages
                         .entry(r.0.try_into().unwrap())
                         .or_default()
-                        .insert(r.1.try_into().unwrap(), new_entry(SlotRef::Package(r.0), r));
+                        .insert(
+                            r.1.try_into().unwrap(),
+                            new_entry(SlotRef::Package(&r.0.try_into().unwrap()), r),
+                        );
                 }
             }
             // The state file's text.

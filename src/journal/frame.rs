@@ -703,7 +703,7 @@ mod tests {
                 event: Event::MakeRef {
                     slot: crate::journal::event::Slot::Package(format!("pkg{seq}").try_into().unwrap()),
                     table_id: format!("tbl_{seq:06}").try_into().unwrap(),
-                    name: "x".repeat(seq as usize % 40 + 1),
+                    name: "x".repeat(seq as usize % 40 + 1).try_into().unwrap(),
                     md5: format!("{seq:032x}").try_into().unwrap(),
                     size: Some(seq * 1000),
                     strategy: crate::model::state::Strategy::Copy,
