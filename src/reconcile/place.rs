@@ -282,10 +282,15 @@ mod tests {
     use crate::reconcile::origin::Item;
     use crate::reconcile::plan::StageItem;
 
-    fn put(id: &str, md5: &str) -> Event {
+    /// The md5 spelt with one hex digit.
+    fn md5(digit: &str) -> crate::model::name::Md5Sum {
+        digit.repeat(32).try_into().unwrap()
+    }
+
+    fn put(id: &str, digit: &str) -> Event {
         Event::PutShared {
             table_id: id.try_into().unwrap(),
-            md5: md5.try_into().unwrap(),
+            md5: md5(digit),
         }
     }
 
@@ -294,17 +299,17 @@ mod tests {
             slot: Slot::Package(slug.try_into().unwrap()),
             table_id: id.try_into().unwrap(),
             name: format!("n_{id}").try_into().unwrap(),
-            md5: "m".try_into().unwrap(),
+            md5: md5("c"),
             size: None,
             strategy,
         }
     }
 
-    fn stage(md5: &str) -> StageItem {
+    fn stage(digit: &str) -> StageItem {
         StageItem {
-            md5: md5.try_into().unwrap(),
+            md5: md5(digit),
             url: String::new(),
-            item: Item::Table { id: md5.into() },
+            item: Item::Table { id: digit.into() },
             size: None,
         }
     }
