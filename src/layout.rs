@@ -96,6 +96,12 @@ pub fn is_shared_rel(path: &str, table_id: &str) -> bool {
     is_joined(path, &[SHARED_DIR, "/", table_id, TABLE_EXT])
 }
 
+/// Whether `name` is a folder `reconcile::place` builds in `.stack/staging/`
+/// (`place-<k>`).
+pub fn is_place_folder(name: &str) -> bool {
+    name.starts_with(PLACE_PREFIX) && is_safe_component(name)
+}
+
 /// Whether `rel` is a folder a pull may build out of sight and place whole: the
 /// shared files' folder, or a slot's folder ([`slot_dir_rel`] of a safe slug).
 pub fn is_placeable_dir_rel(rel: &str) -> bool {

@@ -40,7 +40,8 @@ fn arb_event() -> impl Strategy<Value = Event> {
             ][l as usize],
         }),
         (arb_journal_md5(), arb_text()).prop_map(|(md5, url)| Event::Stage { md5, url }),
-        (arb_name(), arb_journal_md5()).prop_map(|(table_id, md5)| Event::PutShared { table_id, md5 }),
+        (arb_name(), arb_journal_md5())
+            .prop_map(|(table_id, md5)| Event::PutShared { table_id, md5 }),
         (
             proptest::option::of(arb_name()),
             (arb_name(), arb_name(), arb_journal_md5()),

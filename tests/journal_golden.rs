@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use stack::fs::sim::{Crash, SimFs};
 use stack::fs::{Fs, RealFs};
-use stack::journal::frame::{self, FORMAT_VERSION, HEADER_LEN};
 use stack::journal::event::Md5Sum;
+use stack::journal::frame::{self, FORMAT_VERSION, HEADER_LEN};
 use stack::journal::{scan_file, End, Event, Journal, LinkMode, Record, Slot};
 use stack::layout::Layout;
 use stack::replay::state::{JournalEnd, StatFp, Strategy};

@@ -216,7 +216,7 @@ mod checked {
     use serde::{Deserialize, Deserializer, Serializer};
 
     use crate::layout;
-    use crate::model::name::{is_safe_component, SafeName};
+    use crate::model::name::SafeName;
     use crate::model::slot::{Slot, SlotRef};
 
     fn refuse_unless<'de, D: Deserializer<'de>>(
@@ -233,11 +233,9 @@ mod checked {
     }
 
     pub fn staged_folder<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        refuse_unless(
-            d,
-            |v| v.starts_with(layout::PLACE_PREFIX) && is_safe_component(v),
-            |v| format!("staged folder {v:?} is not one stack makes"),
-        )
+        refuse_unless(d, layout::is_place_folder, |v| {
+            format!("staged folder {v:?} is not one stack makes")
+        })
     }
 
     pub fn placed_folder<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -439,8 +437,11 @@ pub mod checkpoint_state {
     ) -> BTreeMap<SafeName, TableEntry> {
         m.into_iter()
             .map(|(id, t)| {
-                let mut e = TableEntry::new(t.name, t.md5, t.size, t.strategy)
-                    .with_paths((slot, &id), &t.ref_path, &t.shared_path);
+                let mut e = TableEntry::new(t.name, t.md5, t.size, t.strategy).with_paths(
+                    (slot, &id),
+                    &t.ref_path,
+                    &t.shared_path,
+                );
                 e.ref_fp = t.ref_fp;
                 e.shared_fp = t.shared_fp;
                 (id, e)
@@ -537,12 +538,20 @@ mod tests {
 
     fn state(with_optionals: bool) -> SyncState {
         let mut s = SyncState::default();
-        s.direct_tables
-            .insert("tbl_a".try_into().unwrap(), entry(with_optionals, SlotRef::Direct));
-        s.data_packages.entry("sales".try_into().unwrap()).or_default().insert(
+        s.direct_tables.insert(
             "tbl_a".try_into().unwrap(),
-            entry(with_optionals, SlotRef::Package(&"sales".try_into().unwrap())),
+            entry(with_optionals, SlotRef::Direct),
         );
+        s.data_packages
+            .entry("sales".try_into().unwrap())
+            .or_default()
+            .insert(
+                "tbl_a".try_into().unwrap(),
+                entry(
+                    with_optionals,
+                    SlotRef::Package(&"sales".try_into().unwrap()),
+                ),
+            );
         s.memory_domains.insert(
             "ops".try_into().unwrap(),
             DomainEntry {
@@ -631,7 +640,12 @@ mod tests {
             (&make_ref, "table_id", "", unsafe_component("")),
             (&put_shared, "table_id", ".", unsafe_component(".")),
             (&put_bundle, "slug", "..", unsafe_component("..")),
-            (&remove_dir, "slug", "_shared/..", unsafe_component("_shared/..")),
+            (
+                &remove_dir,
+                "slug",
+                "_shared/..",
+                unsafe_component("_shared/.."),
+            ),
             (
                 &put_shared,
                 "md5",
@@ -644,11 +658,36 @@ mod tests {
                 "0123456789ABCDEF0123456789abcdef",
                 r#"md5 "0123456789ABCDEF0123456789abcdef" is not 32 lowercase hex digits"#.into(),
             ),
-            (&place, "rel", "memory/x", r#"folder "memory/x" is not one stack places"#.into()),
-            (&place, "rel", "data/../x", r#"folder "data/../x" is not one stack places"#.into()),
-            (&place, "rel", "data", r#"folder "data" is not one stack places"#.into()),
-            (&place, "staged", "../x", r#"staged folder "../x" is not one stack makes"#.into()),
-            (&place, "staged", "other", r#"staged folder "other" is not one stack makes"#.into()),
+            (
+                &place,
+                "rel",
+                "memory/x",
+                r#"folder "memory/x" is not one stack places"#.into(),
+            ),
+            (
+                &place,
+                "rel",
+                "data/../x",
+                r#"folder "data/../x" is not one stack places"#.into(),
+            ),
+            (
+                &place,
+                "rel",
+                "data",
+                r#"folder "data" is not one stack places"#.into(),
+            ),
+            (
+                &place,
+                "staged",
+                "../x",
+                r#"staged folder "../x" is not one stack makes"#.into(),
+            ),
+            (
+                &place,
+                "staged",
+                "other",
+                r#"staged folder "other" is not one stack makes"#.into(),
+            ),
             (
                 &stray,
                 "rel",

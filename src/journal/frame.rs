@@ -372,9 +372,7 @@ fn frame_at(
         return Err("checksum mismatch".to_string().into());
     }
     let written_whole = |reason: String| BadFrame {
-        reason: format!(
-            "checksum valid but {reason} (not written by stack, or by a newer stack?)"
-        ),
+        reason: format!("checksum valid but {reason} (not written by stack, or by a newer stack?)"),
         checksummed: true,
     };
     let (records, used) = decode_payload(payload, each)
@@ -701,7 +699,9 @@ mod tests {
                 seq,
                 txn: 7,
                 event: Event::MakeRef {
-                    slot: crate::journal::event::Slot::Package(format!("pkg{seq}").try_into().unwrap()),
+                    slot: crate::journal::event::Slot::Package(
+                        format!("pkg{seq}").try_into().unwrap(),
+                    ),
                     table_id: format!("tbl_{seq:06}").try_into().unwrap(),
                     name: "x".repeat(seq as usize % 40 + 1).try_into().unwrap(),
                     md5: format!("{seq:032x}").try_into().unwrap(),

@@ -265,7 +265,17 @@ mod tests {
             assert_eq!(back, n);
         }
         for bad in [
-            "", ".", "..", "../x", "a/b", "/abs", "-x", "_x", "a\\b", "x y", "é",
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/abs",
+            "-x",
+            "_x",
+            "a\\b",
+            "x y",
+            "é",
             &"x".repeat(129),
         ] {
             assert_eq!(SafeName::parse(bad), Err(UnsafeName(bad.to_string())));
@@ -282,8 +292,14 @@ mod tests {
     fn an_md5_is_32_lowercase_hex_digits_and_encodes_as_its_text() {
         let hex = "0123456789abcdef0123456789abcdef";
         let m = Md5Sum::parse(hex).unwrap();
-        assert!(m.is(hex) && m == hex && m.to_string() == hex && &*m == hex);
-        assert_eq!(Md5Sum::of_digest(&[0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef]), m);
+        assert!(m.is(hex) && m == hex && format!("{m}") == hex && &*m == hex);
+        assert_eq!(
+            Md5Sum::of_digest(&[
+                0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+                0xcd, 0xef
+            ]),
+            m
+        );
         assert_eq!(serde_json::to_string(&m).unwrap(), format!("{hex:?}"));
         for bad in [
             "",
@@ -315,7 +331,10 @@ mod tests {
         let bytes = bincode::serde::encode_to_vec("../x".to_string(), cfg).unwrap();
         match bincode::serde::decode_from_slice::<SafeName, _>(&bytes, cfg).unwrap_err() {
             bincode::error::DecodeError::OtherString(why) => {
-                assert!(why.starts_with(r#""../x" is not a safe path component"#), "{why}")
+                assert!(
+                    why.starts_with(r#""../x" is not a safe path component"#),
+                    "{why}"
+                )
             }
             e => panic!("{e}"),
         }

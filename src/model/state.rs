@@ -965,13 +965,15 @@ mod tests {
         for (text, why) in cases {
             let e = parse_state(text.as_bytes()).unwrap_err().to_string();
             assert!(e.contains(why), "{text}: {e}");
-            let e = state_file_from_reader(text.as_bytes()).unwrap_err().to_string();
+            let e = state_file_from_reader(text.as_bytes())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(why), "{text}: {e}");
         }
     }
 
     #[test]
-    fn check_paths_accepts_the_engines_paths_only() {
+    fn the_state_files_rule_accepts_the_engines_paths_only() {
         let shared = "data/_shared/tbl_a.parquet";
         let good_direct = ("a", "data/_direct/a.parquet", shared);
         let good_pkg = ("a", "data/p1/a.parquet", shared);

@@ -617,7 +617,9 @@ mod tests {
         let v1 = desired(serde_json::json!({"direct_tables": [table("tbl_a", "a", 'a')]}));
         let (_, s1) = check(&SyncState::default(), &v1, LinkMode::Copy);
         let mut damage = Damage::default();
-        damage.refs.insert((Slot::Direct, "tbl_a".try_into().unwrap()));
+        damage
+            .refs
+            .insert((Slot::Direct, "tbl_a".try_into().unwrap()));
         let p = plan(&s1, v1.clone(), LinkMode::Copy, Strategy::Copy, &damage);
         assert_eq!(kinds(&p), ["make_ref"]);
         assert!(p.stage.is_empty());

@@ -793,7 +793,7 @@ fn begin(journal: &mut Journal, p: &Plan, manifest_md5: Md5Sum, link: LinkMode) 
         journal.append(
             txn,
             Event::Stage {
-                md5: item.md5.clone(),
+                md5: item.md5,
                 url: item.url.clone(),
             },
         );

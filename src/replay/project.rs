@@ -483,9 +483,18 @@ mod tests {
         state
             .direct_tables
             .insert("t1".try_into().unwrap(), entry(SlotRef::Direct, "t1", None));
-        let p1 = state.data_packages.entry("p1".try_into().unwrap()).or_default();
-        p1.insert("t1".try_into().unwrap(), entry(SlotRef::Package(&"p1".try_into().unwrap()), "t1", None));
-        p1.insert("t2".try_into().unwrap(), entry(SlotRef::Package(&"p1".try_into().unwrap()), "t2", None));
+        let p1 = state
+            .data_packages
+            .entry("p1".try_into().unwrap())
+            .or_default();
+        p1.insert(
+            "t1".try_into().unwrap(),
+            entry(SlotRef::Package(&"p1".try_into().unwrap()), "t1", None),
+        );
+        p1.insert(
+            "t2".try_into().unwrap(),
+            entry(SlotRef::Package(&"p1".try_into().unwrap()), "t2", None),
+        );
         // An odd entry whose shared path names t1's file, and one naming no table's.
         p1.insert(
             "t9".try_into().unwrap(),
@@ -497,7 +506,11 @@ mod tests {
         );
         p1.insert(
             "t8".try_into().unwrap(),
-            entry(SlotRef::Package(&"p1".try_into().unwrap()), "t8", Some("data/_other/t8.parquet")),
+            entry(
+                SlotRef::Package(&"p1".try_into().unwrap()),
+                "t8",
+                Some("data/_other/t8.parquet"),
+            ),
         );
         assert!(!state.data_packages["p1"]["t9"].has_own_paths());
 

@@ -171,7 +171,10 @@ mod tests {
         let mut s = SyncState::default();
         let direct = entry(SlotRef::Direct, "data/_direct/a.parquet");
         s.direct_tables.insert("tbl_a".try_into().unwrap(), direct);
-        let pkg = entry(SlotRef::Package(&"p1".try_into().unwrap()), "data/p1/a.parquet");
+        let pkg = entry(
+            SlotRef::Package(&"p1".try_into().unwrap()),
+            "data/p1/a.parquet",
+        );
         s.data_packages
             .entry("p1".try_into().unwrap())
             .or_default()

@@ -390,7 +390,13 @@ fn an_event_naming_a_path_outside_the_directory_is_corruption_and_nothing_change
     // The frame the batch went into: the journal's end before it.
     let before = scan_file(&RealFs, &layout).unwrap().unwrap();
     let (offset, record) = (
-        before.records.iter().rev().find(|(_, r)| r.txn == txn).unwrap().0,
+        before
+            .records
+            .iter()
+            .rev()
+            .find(|(_, r)| r.txn == txn)
+            .unwrap()
+            .0,
         before.records.iter().filter(|(_, r)| r.txn != txn).count(),
     );
     forge_journal(&layout.journal(), placeholder, "../../../victim");

@@ -444,14 +444,18 @@ fn verify_reports_an_entry_pointing_outside_the_directory_and_never_reads_there(
         let rows = got(&r);
         assert_eq!(rows.len(), 1, "{rows:?}");
         let (inv, kind, path, message) = &rows[0];
-        assert_eq!((*inv, kind.as_str(), path.as_str()), (3, "unsafe_state", "sync_state.json"));
+        assert_eq!(
+            (*inv, kind.as_str(), path.as_str()),
+            (3, "unsafe_state", "sync_state.json")
+        );
         assert!(message.contains(entry_why), "{message}");
         assert!(r.stderr.contains("journal's projection"), "{}", r.stderr);
     }
     let r = stack(&["verify", "--dir", dir.to_str().unwrap()]);
     assert_eq!(r.code, 4, "{r:?}");
     assert!(
-        r.stderr.contains("stack: invariant 3 (unsafe_state): sync_state.json: ")
+        r.stderr
+            .contains("stack: invariant 3 (unsafe_state): sync_state.json: ")
             && r.stderr.contains(entry_why),
         "{r:?}"
     );

@@ -17,8 +17,8 @@ use stack::fs::Fs;
 use stack::journal::event::{Event, LinkMode, Record, Slot};
 use stack::journal::frame::{self, End};
 use stack::journal::Journal;
-use stack::model::name::is_safe_component;
 use stack::layout::{self, Layout};
+use stack::model::name::is_safe_component;
 use stack::reconcile::manifest::{validate, Desired, Manifest, SlotRef};
 use stack::reconcile::origin::{self, Fetched, LocalOrigin, Origin, Request};
 use stack::reconcile::pull::{default_hash, pull, PullConfig, Wanted};
@@ -683,7 +683,11 @@ pub fn check_stack(sim: &SimFs, when: &str) -> SyncState {
     assert!(violations.is_empty(), "{when}: {violations:#?}");
     for (slug, d) in &on_disk.memory_domains {
         let got = origin::md5_file(sim, &layout.join(&d.path)).expect("bundle reads");
-        assert_eq!(got, d.md5.as_str(), "{when}: bundle of {slug} has other content");
+        assert_eq!(
+            got,
+            d.md5.as_str(),
+            "{when}: bundle of {slug} has other content"
+        );
     }
     // Nothing but the engine's own folders at the top.
     for e in sim.read_dir(Path::new(ROOT)).expect("list root") {

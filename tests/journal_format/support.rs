@@ -211,7 +211,11 @@ pub fn sample_state() -> SyncState {
     let mut pkg = BTreeMap::new();
     pkg.insert(
         "tbl_c".try_into().unwrap(),
-        table("gamma", false, (SlotRef::Package(&"sales".try_into().unwrap()), "tbl_c")),
+        table(
+            "gamma",
+            false,
+            (SlotRef::Package(&"sales".try_into().unwrap()), "tbl_c"),
+        ),
     );
     state.data_packages.insert("sales".try_into().unwrap(), pkg);
     assert!(state.entries().all(|(_, _, e)| !e.has_own_paths()));
@@ -301,7 +305,12 @@ pub fn sample_batches() -> Vec<Vec<(u64, Event)>> {
                     md5,
                 },
             ),
-            (3, Event::RemoveBundle { slug: "ops".try_into().unwrap() }),
+            (
+                3,
+                Event::RemoveBundle {
+                    slug: "ops".try_into().unwrap(),
+                },
+            ),
             (
                 3,
                 Event::RemoveDir {

@@ -26,7 +26,9 @@ fn state_naming(name: &str, shared: &str) -> SyncState {
         &format!("data/_direct/{name}.parquet"),
         shared,
     );
-    state.direct_tables.insert("tbl_a".try_into().unwrap(), entry);
+    state
+        .direct_tables
+        .insert("tbl_a".try_into().unwrap(), entry);
     state
 }
 
@@ -341,8 +343,7 @@ fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
             },
             "data/QQQQQQQQQQQQQQQQQQQQ",
             "data/../../victim.parquet",
-            r#"stray "data/../../victim.parquet" is not a path under data/ or memory/"#
-                .to_string(),
+            r#"stray "data/../../victim.parquet" is not a path under data/ or memory/"#.to_string(),
         ),
     ];
     // Committed, past its commit point only, or neither.
