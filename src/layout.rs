@@ -136,6 +136,21 @@ pub fn bundle_rel(slug: &str) -> String {
     format!("memory/{slug}/bundle.md")
 }
 
+/// The slug whose [`bundle_rel`] `rel` is, if it is one's.
+pub fn bundle_slug_of(rel: &str) -> Option<&str> {
+    rel.strip_prefix("memory/")?.strip_suffix("/bundle.md")
+}
+
+/// `data/<rest>`: a path under the data folder (`rest` as listed there).
+pub fn data_rel(rest: &str) -> String {
+    format!("data/{rest}")
+}
+
+/// What follows `data/` in `rel`, if `rel` is under the data folder.
+pub fn under_data(rel: &str) -> Option<&str> {
+    rel.strip_prefix("data/")
+}
+
 /// `memory/<slug>`
 pub fn domain_dir_rel(slug: &str) -> String {
     format!("memory/{slug}")
@@ -158,6 +173,13 @@ impl Layout {
     }
     pub fn join(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
+    }
+    /// `path` (under the directory) relative to it, as reports name it.
+    pub fn rel(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned()
     }
     pub fn state_file(&self) -> PathBuf {
         self.root.join(STATE_FILE)

@@ -329,7 +329,7 @@ impl<'a> Tables<'a> {
 
     /// Is `rel` the reference path of an entry with the engine's own paths?
     fn is_own_ref(&self, rel: &str) -> bool {
-        let Some(rest) = rel.strip_prefix("data/") else {
+        let Some(rest) = layout::under_data(rel) else {
             return false;
         };
         // `<sub>/<name>.parquet`, where either may hold a `/`: try every split.
@@ -767,7 +767,7 @@ fn audit_listings(
             continue;
         }
         if sub.kind != Kind::Dir {
-            let rel = format!("data/{}", sub.name);
+            let rel = layout::data_rel(&sub.name);
             out.push(v(
                 3,
                 "untracked",
@@ -786,7 +786,7 @@ fn audit_listings(
                 known |= walk_to(names, at, &f.name, name_of);
             }
             if !known {
-                let rel = format!("data/{}/{}", sub.name, f.name);
+                let rel = layout::data_rel(&format!("{}/{}", sub.name, f.name));
                 out.push(v(3, "untracked", &rel, "no state entry holds this file"));
             }
         }

@@ -181,7 +181,7 @@ impl Event {
             Event::PutBundle { slug, md5 } => {
                 format!("{} = {md5}", crate::layout::bundle_rel(slug))
             }
-            Event::RemoveBundle { slug } => format!("memory/{slug}/"),
+            Event::RemoveBundle { slug } => format!("{}/", crate::layout::domain_dir_rel(slug)),
             Event::RemoveDir { slot } => format!("{}/", crate::layout::slot_dir_rel(slot)),
             Event::Prepared => "commit point".to_string(),
             Event::Committed { fingerprints } => format!("{} fingerprints", fingerprints.len()),

@@ -136,11 +136,8 @@ pub struct Md5Sum([u8; 32]);
 impl Md5Sum {
     /// `text` as an md5, if it is 32 lowercase hex digits.
     pub fn parse(text: &str) -> Result<Md5Sum, BadMd5> {
-        let b = text.as_bytes();
-        match <[u8; 32]>::try_from(b) {
-            Ok(hex) if hex.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) => {
-                Ok(Md5Sum(hex))
-            }
+        match <[u8; 32]>::try_from(text.as_bytes()) {
+            Ok(hex) if crate::md5x::is_md5_hex(text) => Ok(Md5Sum(hex)),
             _ => Err(BadMd5(text.to_string())),
         }
     }
