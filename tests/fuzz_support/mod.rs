@@ -228,8 +228,8 @@ pub fn check_journal_bytes(bytes: &[u8]) {
 /// ends a writer may not fix, and otherwise returns the same records and leaves a
 /// file that is the valid prefix and that appends cleanly. Recovery's open
 /// (`Journal::open_checked` asking `check_records`) also refuses a journal whose
-/// records name what stack never writes (most decoded events here), as corrupt,
-/// with nothing cut.
+/// checkpoint names paths stack never writes, as corrupt, with nothing cut (a
+/// record naming an unsafe name or md5 does not even decode: the scan ends there).
 fn check_writer_agrees(bytes: &[u8], scan: &frame::Scan) {
     let layout = Layout::new(ROOT);
     let refuse = matches!(scan.end, End::Corrupt { .. } | End::UnknownVersion { .. });
