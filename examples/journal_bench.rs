@@ -40,9 +40,11 @@ fn env_count(name: &str, default: u64) -> u64 {
 fn make_ref(i: u64) -> Event {
     Event::MakeRef {
         slot: Slot::Direct,
-        table_id: format!("tbl_{i:08}"),
-        name: format!("table_{i}"),
-        md5: format!("{:032x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        table_id: format!("tbl_{i:08}").try_into().unwrap(),
+        name: format!("table_{i}").try_into().unwrap(),
+        md5: format!("{:032x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .try_into()
+            .unwrap(),
         size: Some(16 * 1024),
         strategy: Strategy::Hardlink,
     }

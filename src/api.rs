@@ -195,12 +195,14 @@ pub fn verify_dir(dir: &Path, contents: bool) -> Result<Verified> {
     let fs = RealFs;
     let layout = Layout::new(dir);
     let mut notes = Vec::new();
+    let mut refused = None;
     let from_file = match crate::replay::state::read_state(&fs, &layout) {
         Ok(s) => s,
         Err(Error::State { message, .. }) => {
             notes.push(format!(
                 "sync_state.json: {message}; checking the journal's projection instead"
             ));
+            refused = refused_state(&fs, &layout);
             None
         }
         Err(e) => return Err(e),
@@ -210,10 +212,10 @@ pub fn verify_dir(dir: &Path, contents: bool) -> Result<Verified> {
         None => {
             let records = match crate::journal::scan_file(&fs, &layout)? {
                 Some(scan) => {
-                    // The valid prefix of a damaged journal is still audited, but
-                    // never a checkpoint of a state stack does not write (its paths
-                    // could send the audit outside `dir`): exit 4.
-                    crate::replay::project::check_records(&layout, &scan)?;
+                    // The valid prefix before a torn tail is audited; a corrupt
+                    // journal (a record stack never writes included: its names or
+                    // paths could send the audit outside `dir`) is exit 4.
+                    crate::replay::project::check_journal(&layout, &scan)?;
                     scan.records.into_iter().map(|(_, r)| r).collect()
                 }
                 None => Vec::new(),
@@ -226,8 +228,28 @@ pub fn verify_dir(dir: &Path, contents: bool) -> Result<Verified> {
     } else {
         Contents::FingerprintMd5
     };
-    let violations = audit(&fs, &layout, &state, mode)?;
+    let mut violations = audit(&fs, &layout, &state, mode)?;
+    violations.extend(refused);
     Ok(Verified { violations, notes })
+}
+
+/// The state file as a violation, if it is JSON that holds what stack never
+/// writes (an id, name or slug that is not one safe path component, an md5 that
+/// is not one, a field of another type: a hand edit, which could point the
+/// engine outside the directory): it is refused when it is read, naming the value
+/// and its place, and `verify` reports it (exit 4) beside the audit of the
+/// journal's projection. A file that is not JSON at all is only a note.
+fn refused_state(fs: &dyn Fs, layout: &Layout) -> Option<Violation> {
+    let bytes = fs.read(&layout.state_file()).ok()?;
+    match crate::replay::state::parse_state(&bytes) {
+        Err(e) if e.classify() == serde_json::error::Category::Data => Some(Violation {
+            invariant: 3,
+            kind: "unsafe_state",
+            path: crate::layout::STATE_FILE.to_string(),
+            message: format!("{e}: not a state stack writes; its entries are not checked"),
+        }),
+        _ => None,
+    }
 }
 
 /// What [`journal_replay`] did.

@@ -2,11 +2,12 @@
 //! and slugs into paths.
 //!
 //! Invariant kept: every path built here is `<dir>` joined with components that
-//! manifest validation proved to be single safe path components, so no path can
-//! leave the local directory.
+//! are single safe path components (a `model::name::SafeName` or an `Md5Sum`,
+//! validated where they were read), so no path can leave the local directory.
 
 use std::path::{Path, PathBuf};
 
+use crate::model::name::is_safe_component;
 use crate::model::slot::{Slot, SlotRef};
 
 /// The state file, relative to the local directory.
@@ -95,24 +96,10 @@ pub fn is_shared_rel(path: &str, table_id: &str) -> bool {
     is_joined(path, &[SHARED_DIR, "/", table_id, TABLE_EXT])
 }
 
-/// Is `s` one safe path component (a table id or name, a slug): `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`, not `.`/`..`?
-pub fn is_safe_component(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
-
-/// [`is_safe_component`] as a check: `Err` says that `value`, the `what` of
-/// something, is not one safe path component.
-pub fn check_component(what: &str, value: &str) -> Result<(), String> {
-    if is_safe_component(value) {
-        Ok(())
-    } else {
-        Err(format!("{what} {value:?} is not a safe path component"))
-    }
+/// Whether `name` is a folder `reconcile::place` builds in `.stack/staging/`
+/// (`place-<k>`).
+pub fn is_place_folder(name: &str) -> bool {
+    name.starts_with(PLACE_PREFIX) && is_safe_component(name)
 }
 
 /// Whether `rel` is a folder a pull may build out of sight and place whole: the
@@ -149,6 +136,21 @@ pub fn bundle_rel(slug: &str) -> String {
     format!("memory/{slug}/bundle.md")
 }
 
+/// The slug whose [`bundle_rel`] `rel` is, if it is one's.
+pub fn bundle_slug_of(rel: &str) -> Option<&str> {
+    rel.strip_prefix("memory/")?.strip_suffix("/bundle.md")
+}
+
+/// `data/<rest>`: a path under the data folder (`rest` as listed there).
+pub fn data_rel(rest: &str) -> String {
+    format!("data/{rest}")
+}
+
+/// What follows `data/` in `rel`, if `rel` is under the data folder.
+pub fn under_data(rel: &str) -> Option<&str> {
+    rel.strip_prefix("data/")
+}
+
 /// `memory/<slug>`
 pub fn domain_dir_rel(slug: &str) -> String {
     format!("memory/{slug}")
@@ -171,6 +173,13 @@ impl Layout {
     }
     pub fn join(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
+    }
+    /// `path` (under the directory) relative to it, as reports name it.
+    pub fn rel(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned()
     }
     pub fn state_file(&self) -> PathBuf {
         self.root.join(STATE_FILE)

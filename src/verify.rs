@@ -12,13 +12,13 @@
 //! that one whose reference path is another entry's reference is checked for
 //! content too, probed by itself.
 //!
-//! Nothing outside the directory is read, whatever the state says (a
-//! `sync_state.json` edited by hand reaches the audit unchecked): an entry whose
-//! slot, id or name is not one safe path component, or whose paths (when not the
-//! engine's) are absolute or hold `..`, and a memory domain whose slug is not one
-//! safe component or whose path is absolute or holds `..`, are reported
-//! (`unsafe_path`, naming the entry and what is wrong, where `bad_path` or
-//! `missing_domain` would be) and never probed or hashed.
+//! Nothing outside the directory is read, whatever the state says. Its slots, ids,
+//! names and slugs are `SafeName`s (a state file naming anything else is refused
+//! when it is parsed), but a `sync_state.json` edited by hand reaches the audit
+//! with its paths unchecked: an entry whose paths (when not the engine's) are
+//! absolute or hold `..`, and a memory domain whose path is absolute or holds
+//! `..`, are reported (`unsafe_path`, naming the entry and what is wrong, where
+//! `bad_path` or `missing_domain` would be) and never probed or hashed.
 //!
 //! Probes: each shared file once, each reference once, a folder at a time
 //! (`Fs::symlink_metadata_in` / `Fs::metadata_in` from one folder descriptor,
@@ -52,9 +52,8 @@ use serde::Serialize;
 use crate::error::{IoContext, Result};
 use crate::fs::{Fs, Kind, Meta, NameBatch, RealFs};
 use crate::journal::event::SlotRef;
-use crate::layout::is_safe_component;
 use crate::layout::{self, Layout};
-use crate::replay::state::{DomainEntry, StatFp, SyncState, TableEntry};
+use crate::replay::state::{DomainEntry, SafeName, StatFp, SyncState, TableEntry};
 
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -177,37 +176,19 @@ fn walk_to<'s, T>(names: &[T], at: &mut usize, name: &str, stem: impl Fn(&T) -> 
 /// ([`unsafe_entry`]), in `Tables::shared_of`.
 const BAD: u32 = u32::MAX;
 
-/// `slot`'s folder under `data/` is one safe component (`_direct`, or the slug).
-fn safe_slot(slot: SlotRef<'_>) -> bool {
-    match slot {
-        SlotRef::Direct => true,
-        SlotRef::Package(slug) => is_safe_component(slug),
-    }
-}
-
 /// Why the audit must not look at the files of the entry of `id` in `slot`, if it
-/// must not: a slug, id or name that is not one safe path component (the
-/// engine's paths are built from them), or a path of its own (not the engine's)
-/// that is absolute or holds `..` (`layout::is_engine_path`).
+/// must not: a path of its own (not the engine's, which are built from safe
+/// names) that is absolute or holds `..` (`layout::is_engine_path`).
 fn unsafe_entry(slot: SlotRef<'_>, id: &str, e: &TableEntry) -> Option<String> {
-    let unsafe_name = |what: &str, v: &str| layout::check_component(what, v).err();
+    if e.has_own_paths() {
+        return None;
+    }
     let outside = |what: &str, p: &str| {
         (!layout::is_engine_path(p))
             .then(|| format!("{what} {p:?} could lead outside the directory"))
     };
-    let problem = match slot {
-        SlotRef::Direct => None,
-        SlotRef::Package(slug) => unsafe_name("package slug", slug),
-    }
-    .or_else(|| unsafe_name("table id", id))
-    .or_else(|| unsafe_name("name", &e.name))
-    .or_else(|| {
-        if e.has_own_paths() {
-            return None;
-        }
-        outside("ref_path", &e.ref_path(slot))
-            .or_else(|| outside("shared_path", &e.shared_path(id)))
-    })?;
+    let problem = outside("ref_path", &e.ref_path(slot))
+        .or_else(|| outside("shared_path", &e.shared_path(id)))?;
     let entry = match slot {
         SlotRef::Direct => format!("direct table {id:?}"),
         SlotRef::Package(slug) => format!("table {id:?} of package {slug:?}"),
@@ -220,13 +201,10 @@ fn unsafe_entry(slot: SlotRef<'_>, id: &str, e: &TableEntry) -> Option<String> {
 /// Why the audit must not look at the bundle of the memory domain `slug`, if it
 /// must not (see [`unsafe_entry`]).
 fn unsafe_domain(slug: &str, d: &DomainEntry) -> Option<String> {
-    let problem = if !is_safe_component(slug) {
-        format!("slug {slug:?} is not a safe path component")
-    } else if !layout::is_engine_path(&d.path) {
-        format!("path {:?} could lead outside the directory", d.path)
-    } else {
+    if layout::is_engine_path(&d.path) {
         return None;
-    };
+    }
+    let problem = format!("path {:?} could lead outside the directory", d.path);
     Some(format!(
         "state entry of memory domain {slug:?}: {problem}; its bundle is not checked"
     ))
@@ -238,7 +216,7 @@ struct SlotView<'a> {
     slot: SlotRef<'a>,
     /// Its folder under `data/`: `_direct` or the slug.
     sub: &'a str,
-    tables: &'a BTreeMap<String, TableEntry>,
+    tables: &'a BTreeMap<SafeName, TableEntry>,
     start: u32,
     /// Its entries with the engine's own paths, sorted by file name
     /// (`<name>.parquet`): its folder's listing is walked along it.
@@ -286,15 +264,10 @@ impl<'a> Tables<'a> {
         for (slot, sub, tables) in direct.chain(packages) {
             let start = ents.len() as u32;
             let mut by_name = Vec::new();
-            let slot_ok = safe_slot(slot);
             for (id, e) in tables {
                 let o = ents.len() as u32;
                 ents.push(e);
-                if slot_ok
-                    && e.has_own_paths()
-                    && is_safe_component(id)
-                    && is_safe_component(&e.name)
-                {
+                if e.has_own_paths() {
                     by_id.push((id, o));
                     by_name.push(o);
                     shared_of.push(0);
@@ -356,7 +329,7 @@ impl<'a> Tables<'a> {
 
     /// Is `rel` the reference path of an entry with the engine's own paths?
     fn is_own_ref(&self, rel: &str) -> bool {
-        let Some(rest) = rel.strip_prefix("data/") else {
+        let Some(rest) = layout::under_data(rel) else {
             return false;
         };
         // `<sub>/<name>.parquet`, where either may hold a `/`: try every split.
@@ -794,7 +767,7 @@ fn audit_listings(
             continue;
         }
         if sub.kind != Kind::Dir {
-            let rel = format!("data/{}", sub.name);
+            let rel = layout::data_rel(&sub.name);
             out.push(v(
                 3,
                 "untracked",
@@ -813,7 +786,7 @@ fn audit_listings(
                 known |= walk_to(names, at, &f.name, name_of);
             }
             if !known {
-                let rel = format!("data/{}/{}", sub.name, f.name);
+                let rel = layout::data_rel(&format!("{}/{}", sub.name, f.name));
                 out.push(v(3, "untracked", &rel, "no state entry holds this file"));
             }
         }
@@ -825,7 +798,7 @@ fn audit_listings(
         .map(|e| e.name)
         .collect();
     for slug in &on_disk {
-        if !state.memory_domains.contains_key(slug) {
+        if !state.memory_domains.contains_key(slug.as_str()) {
             out.push(v(
                 4,
                 "unexpected_domain",

@@ -7,6 +7,9 @@
 #[path = "cli/support.rs"]
 mod support;
 
+#[path = "support/forge.rs"]
+mod forge;
+
 #[path = "cli/manifest.rs"]
 mod manifest;
 

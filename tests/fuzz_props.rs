@@ -6,20 +6,30 @@ mod fuzz_support;
 
 use fuzz_support::*;
 use proptest::prelude::*;
-use stack::journal::event::{Event, LinkMode, Record, Slot};
+use stack::journal::event::{Event, LinkMode, Md5Sum, Record, SafeName, Slot};
 use stack::replay::state::{StatFp, Strategy as LinkStrategy};
 
 // ---------------------------------------------------------------------------
 // Journal bytes
 // ---------------------------------------------------------------------------
 
-fn arb_name() -> impl Strategy<Value = String> {
-    prop_oneof!["[a-z_]{1,8}", Just("tbl_a".to_string()), ".{0,12}",]
+/// A safe name (any other does not decode: the mutations reach those).
+fn arb_name() -> impl Strategy<Value = SafeName> {
+    prop_oneof!["[a-z][a-z0-9_]{0,7}", Just("tbl_a".to_string())]
+        .prop_map(|s| SafeName::parse(s).expect("a safe name"))
+}
+
+fn arb_journal_md5() -> impl Strategy<Value = Md5Sum> {
+    "[0-9a-f]{32}".prop_map(|s| Md5Sum::parse(&s).expect("an md5"))
+}
+
+fn arb_text() -> impl Strategy<Value = String> {
+    prop_oneof!["[a-z_]{1,8}", ".{0,12}",]
 }
 
 fn arb_event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        (arb_name(), 0u8..5).prop_map(|(m, l)| Event::Begin {
+        (arb_journal_md5(), 0u8..5).prop_map(|(m, l)| Event::Begin {
             manifest_md5: m,
             link: [
                 LinkMode::Auto,
@@ -29,25 +39,25 @@ fn arb_event() -> impl Strategy<Value = Event> {
                 LinkMode::Reflink
             ][l as usize],
         }),
-        (arb_name(), arb_name()).prop_map(|(md5, url)| Event::Stage { md5, url }),
-        (arb_name(), arb_name()).prop_map(|(table_id, md5)| Event::PutShared { table_id, md5 }),
+        (arb_journal_md5(), arb_text()).prop_map(|(md5, url)| Event::Stage { md5, url }),
+        (arb_name(), arb_journal_md5())
+            .prop_map(|(table_id, md5)| Event::PutShared { table_id, md5 }),
         (
             proptest::option::of(arb_name()),
-            arb_name(),
-            arb_name(),
+            (arb_name(), arb_name(), arb_journal_md5()),
             any::<Option<u64>>()
         )
-            .prop_map(|(slug, table_id, name, size)| Event::MakeRef {
+            .prop_map(|(slug, (table_id, name, md5), size)| Event::MakeRef {
                 slot: slug.map_or(Slot::Direct, Slot::Package),
                 table_id,
-                md5: name.clone(),
                 name,
+                md5,
                 size,
                 strategy: LinkStrategy::Copy,
             }),
         arb_name().prop_map(|slug| Event::RemoveBundle { slug }),
         Just(Event::Prepared),
-        proptest::collection::vec((arb_name(), any::<(u64, i64, u64)>()), 0..3).prop_map(|f| {
+        proptest::collection::vec((arb_text(), any::<(u64, i64, u64)>()), 0..3).prop_map(|f| {
             Event::Committed {
                 fingerprints: f
                     .into_iter()
@@ -64,7 +74,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
                     .collect(),
             }
         }),
-        arb_name().prop_map(|reason| Event::Aborted { reason }),
+        arb_text().prop_map(|reason| Event::Aborted { reason }),
     ]
 }
 

@@ -11,6 +11,9 @@
 #[path = "journal_format/support.rs"]
 mod support;
 
+#[path = "support/forge.rs"]
+mod forge;
+
 #[path = "journal_format/round_trip.rs"]
 mod round_trip;
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use stack::fs::sim::{Crash, SimFs};
 use stack::fs::{Fs, RealFs};
+use stack::journal::event::Md5Sum;
 use stack::journal::frame::{self, FORMAT_VERSION, HEADER_LEN};
 use stack::journal::{scan_file, End, Event, Journal, LinkMode, Record, Slot};
 use stack::layout::Layout;
@@ -44,45 +45,45 @@ fn records() -> Vec<Record> {
         }"#,
     )
     .expect("the fixture is a state file");
-    let md5 = "0123456789abcdef0123456789abcdef".to_string();
+    let md5 = Md5Sum::parse("0123456789abcdef0123456789abcdef").unwrap();
     let events = vec![
         Event::Begin {
-            manifest_md5: md5.clone(),
+            manifest_md5: md5,
             link: LinkMode::Hardlink,
         },
         Event::Stage {
-            md5: md5.clone(),
+            md5,
             url: "https://h/t1".to_string(),
         },
         Event::PutShared {
-            table_id: "t1".to_string(),
-            md5: md5.clone(),
+            table_id: "t1".try_into().unwrap(),
+            md5,
         },
         Event::MakeRef {
-            slot: Slot::Package("sales".to_string()),
-            table_id: "t1".to_string(),
-            name: "orders".to_string(),
-            md5: md5.clone(),
+            slot: Slot::Package("sales".try_into().unwrap()),
+            table_id: "t1".try_into().unwrap(),
+            name: "orders".try_into().unwrap(),
+            md5,
             size: Some(300),
             strategy: Strategy::Symlink,
         },
         Event::RemoveRef {
             slot: Slot::Direct,
-            table_id: "t2".to_string(),
-            name: "fx".to_string(),
+            table_id: "t2".try_into().unwrap(),
+            name: "fx".try_into().unwrap(),
         },
         Event::RemoveShared {
-            table_id: "t3".to_string(),
+            table_id: "t3".try_into().unwrap(),
         },
         Event::PutBundle {
-            slug: "fin".to_string(),
-            md5: md5.clone(),
+            slug: "fin".try_into().unwrap(),
+            md5,
         },
         Event::RemoveBundle {
-            slug: "ops".to_string(),
+            slug: "ops".try_into().unwrap(),
         },
         Event::RemoveDir {
-            slug: "old".to_string(),
+            slot: Slot::Package("old".try_into().unwrap()),
         },
         Event::Prepared,
         Event::Committed {
@@ -105,7 +106,7 @@ fn records() -> Vec<Record> {
             rel: "data/x.tmp".to_string(),
         },
         Event::Request {
-            key: md5,
+            key: md5.to_string(),
             skipped_direct: 1,
             skipped_packages: 2,
         },

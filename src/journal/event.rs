@@ -1,17 +1,19 @@
 //! The events of the journal: the single list of everything the engine can do.
 //!
-//! Owns: [`Event`] and [`Record`] (their slots and link modes are the model's), and
-//! the rule of what an event may name ([`Event::check_paths`]). A new kind of
+//! Owns: [`Event`] and [`Record`] (their names, md5s, slots and link modes are the
+//! model's), and the decoders of the fields that name paths. A new kind of
 //! mutation is a new variant here first; the applier (`reconcile::apply`), the
 //! projection (`replay::project`) and `journal show` all match on this enum
 //! exhaustively, so nothing can be done that the journal cannot say.
 //!
 //! Invariant kept: no event stack acts on names a path outside the local directory.
-//! Events hold ids, names, slugs and md5s, never paths (`layout` builds those), and
-//! [`Event::check_paths`] says whether each is one that validation could have let
-//! through; a checksum-valid record that fails it was not written by stack. The
-//! journal's readers refuse such a journal as corrupt before folding anything
-//! (`replay::project::check_records`), and the applier re-checks each event it runs.
+//! Events hold ids, names, slugs and md5s ([`SafeName`], [`Md5Sum`]), never paths
+//! (`layout` builds those), and the few path fields are decoded through checks of
+//! their own (`checked`): a checksum-valid record naming anything else was not
+//! written by stack and does not decode, so the journal's scan ends there as
+//! corrupt (`journal::frame`), and its readers refuse it before folding anything.
+//! A checkpoint's paths are held to the state file's rule by those readers
+//! (`replay::project::check_records`).
 //!
 //! Compatibility: records are encoded with bincode, variants by their position.
 //! Any change to that encoding (a new variant, a changed field) is a new journal
@@ -22,6 +24,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::name::{Md5Sum, SafeName};
 pub use crate::model::slot::{LinkMode, Slot, SlotRef};
 use crate::model::state::{StatFp, Strategy, SyncState};
 
@@ -36,47 +39,51 @@ pub struct Record {
 }
 
 /// Everything the engine can do or declare. Paths are never stored: they are
-/// derived from ids, names and slugs that validation proved to be safe single
-/// path components, so a journal cannot point outside the local directory; a
-/// record holding one that is not (hand-made, with a valid checksum) fails
-/// [`Event::check_paths`] and is refused. (A `Checkpoint`'s state names paths, as
-/// `sync_state.json` does, and `gc`'s `RemoveStray` a path under `data/` or
-/// `memory/`: the same check holds them to the rules those must pass.)
+/// derived from ids, names and slugs that are safe single path components
+/// ([`SafeName`]), so a journal cannot point outside the local directory; a
+/// record holding one that is not (hand-made, with a valid checksum) does not
+/// decode. (A `Checkpoint`'s state names paths, as `sync_state.json` does, `gc`'s
+/// `RemoveStray` a path under `data/` or `memory/`, and `Place` a folder: their
+/// decoders hold them to the rules those must pass.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// A pull starts. `manifest_md5` identifies the manifest it pulls.
     Begin {
-        manifest_md5: String,
+        manifest_md5: Md5Sum,
         link: LinkMode,
     },
     /// Intent to download `url` into `.stack/staging/<md5>` (invisible until applied).
-    Stage { md5: String, url: String },
+    Stage { md5: Md5Sum, url: String },
     /// Apply: place staged `<md5>` as `data/_shared/<table_id>.parquet`, read-only.
-    PutShared { table_id: String, md5: String },
+    PutShared { table_id: SafeName, md5: Md5Sum },
     /// Apply: (re)make the reference of `table_id` in `slot` as `name`, and record
     /// its state entry.
     MakeRef {
         slot: Slot,
-        table_id: String,
-        name: String,
-        md5: String,
+        table_id: SafeName,
+        name: SafeName,
+        md5: Md5Sum,
         size: Option<u64>,
         strategy: Strategy,
     },
     /// Apply: move the reference of `table_id` in `slot` to the trash; drop its entry.
     RemoveRef {
         slot: Slot,
-        table_id: String,
-        name: String,
+        table_id: SafeName,
+        name: SafeName,
     },
     /// Apply: move `data/_shared/<table_id>.parquet` to the trash.
-    RemoveShared { table_id: String },
+    RemoveShared { table_id: SafeName },
     /// Apply: place staged `<md5>` as `memory/<slug>/bundle.md`; record the domain.
-    PutBundle { slug: String, md5: String },
+    PutBundle { slug: SafeName, md5: Md5Sum },
     /// Apply: move `memory/<slug>/` to the trash; drop the domain.
-    RemoveBundle { slug: String },
-    /// Apply: remove the folder `data/<slug>/` if it is empty.
-    RemoveDir { slug: String },
+    RemoveBundle { slug: SafeName },
+    /// Apply: remove the folder of `slot` (`data/_direct/` or `data/<slug>/`) if it
+    /// is empty. Encoded as the folder's name (`_direct` or the slug).
+    RemoveDir {
+        #[serde(rename = "slug", with = "checked::slot_folder")]
+        slot: Slot,
+    },
     /// The commit point: every event of the plan is in the journal and durable.
     /// From here recovery rolls forward.
     Prepared,
@@ -86,10 +93,10 @@ pub enum Event {
     /// The transaction was rolled back before its commit point; nothing visible changed.
     Aborted { reason: String },
     /// The whole projection at this point; compaction starts a journal with it.
-    /// Encoded in the journal through [`checkpoint_state`] (see there why). Any
-    /// state decodes; one that fails `SyncState::check_paths` (the state file's
-    /// rule, asked by [`Event::check_paths`]) makes the journal corrupt for every
-    /// reader that acts on it (`replay::project::check_records`).
+    /// Encoded in the journal through [`checkpoint_state`] (see there why). Its
+    /// names and md5s are proved when it decodes; one whose paths fail
+    /// `SyncState::check_paths` (the state file's rule) makes the journal corrupt
+    /// for every reader that acts on it (`replay::project::check_records`).
     Checkpoint {
         #[serde(with = "checkpoint_state")]
         state: Box<SyncState>,
@@ -97,7 +104,10 @@ pub enum Event {
     /// `stack gc`: move `rel` (a file or folder under `data/` or `memory/` that no
     /// state entry holds) to `.stack/quarantine/<txn>/<rel>`, where it stays until
     /// `gc --force` deletes it.
-    RemoveStray { rel: String },
+    RemoveStray {
+        #[serde(deserialize_with = "checked::stray")]
+        rel: String,
+    },
     /// What a pull was asked for (the no-op fast path's key, see
     /// `replay::state::Pulled`): md5 of its manifest's bytes, origin and link mode,
     /// and how many direct and package tables it skipped. In the commit batch of a
@@ -114,7 +124,12 @@ pub enum Event {
     /// exist when the pull was planned; if `rel` exists by now, move its entries in
     /// one by one. The steps whose files travelled inside it (see
     /// `reconcile::place`) follow as usual. New in format version 2, as `Request`.
-    Place { staged: String, rel: String },
+    Place {
+        #[serde(deserialize_with = "checked::staged_folder")]
+        staged: String,
+        #[serde(deserialize_with = "checked::placed_folder")]
+        rel: String,
+    },
 }
 
 impl Event {
@@ -166,8 +181,8 @@ impl Event {
             Event::PutBundle { slug, md5 } => {
                 format!("{} = {md5}", crate::layout::bundle_rel(slug))
             }
-            Event::RemoveBundle { slug } => format!("memory/{slug}/"),
-            Event::RemoveDir { slug } => format!("data/{slug}/"),
+            Event::RemoveBundle { slug } => format!("{}/", crate::layout::domain_dir_rel(slug)),
+            Event::RemoveDir { slot } => format!("{}/", crate::layout::slot_dir_rel(slot)),
             Event::Prepared => "commit point".to_string(),
             Event::Committed { fingerprints } => format!("{} fingerprints", fingerprints.len()),
             Event::Aborted { reason } => reason.clone(),
@@ -190,81 +205,68 @@ impl Event {
     }
 }
 
-impl Event {
-    /// Is every id, name, slug, md5 and path this event holds one stack could have
-    /// written? Ids, names and slugs must each be one safe path component (manifest
-    /// validation's rule); an md5 that names a staged file 32 hex digits; a placed
-    /// folder `data/_shared`, `data/_direct` or `data/<slug>` and its staged folder
-    /// one `reconcile::place` makes; a stray of `gc` a relative path under `data/`
-    /// or `memory/` without `.` or `..`; a checkpoint's state must pass
-    /// `SyncState::check_paths`. Everything else (a `Stage` URL, an abort reason,
-    /// the paths of `Committed` fingerprints, which only match entries) names no
-    /// path. `Err` says which value is wrong and why.
-    ///
-    /// Asked of every record a reader acts on (`replay::project::check_records`, a
-    /// whole journal on every pull that changes something): it allocates nothing
-    /// unless it refuses.
-    pub fn check_paths(&self) -> Result<(), String> {
-        use crate::layout::is_safe_component;
-        let safe = crate::layout::check_component;
-        let md5 = |v: &str| {
-            if crate::md5x::is_md5_hex(v) {
-                Ok(())
-            } else {
-                Err(format!("md5 {v:?} is not 32 hex digits"))
+/// The decoders of the event fields that name paths, which refuse (naming the
+/// value) what stack never writes, so that a record holding one does not decode:
+/// a placed folder `data/_shared`, `data/_direct` or `data/<slug>` and its staged
+/// folder one `reconcile::place` makes; a stray of `gc` a relative path under
+/// `data/` or `memory/` without `.` or `..`; a `RemoveDir`'s folder `_direct` or a
+/// safe slug. (Ids, names, slugs and md5s are [`SafeName`]s and [`Md5Sum`]s.)
+mod checked {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::layout;
+    use crate::model::name::SafeName;
+    use crate::model::slot::{Slot, SlotRef};
+
+    fn refuse_unless<'de, D: Deserializer<'de>>(
+        d: D,
+        ok: impl FnOnce(&str) -> bool,
+        why: impl FnOnce(&str) -> String,
+    ) -> Result<String, D::Error> {
+        let v = String::deserialize(d)?;
+        if ok(&v) {
+            Ok(v)
+        } else {
+            Err(D::Error::custom(why(&v)))
+        }
+    }
+
+    pub fn staged_folder<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        refuse_unless(d, layout::is_place_folder, |v| {
+            format!("staged folder {v:?} is not one stack makes")
+        })
+    }
+
+    pub fn placed_folder<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        refuse_unless(d, layout::is_placeable_dir_rel, |v| {
+            format!("folder {v:?} is not one stack places")
+        })
+    }
+
+    pub fn stray<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        refuse_unless(d, layout::is_stray_rel, |v| {
+            format!("stray {v:?} is not a path under data/ or memory/")
+        })
+    }
+
+    /// A slot as its folder's name under `data/` (the bytes of the `String` the
+    /// field was).
+    pub mod slot_folder {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(slot: &Slot, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(layout::slot_folder(SlotRef::of(slot)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Slot, D::Error> {
+            let folder = String::deserialize(d)?;
+            if folder == layout::DIRECT_DIR {
+                return Ok(Slot::Direct);
             }
-        };
-        let slot = |s: &Slot| match s {
-            Slot::Direct => Ok(()),
-            Slot::Package(slug) => safe("slug", slug),
-        };
-        match self {
-            Event::PutShared { table_id, md5: m } => safe("table id", table_id).and(md5(m)),
-            Event::MakeRef {
-                slot: s,
-                table_id,
-                name,
-                ..
-            }
-            | Event::RemoveRef {
-                slot: s,
-                table_id,
-                name,
-            } => slot(s)
-                .and(safe("table id", table_id))
-                .and(safe("name", name)),
-            Event::RemoveShared { table_id } => safe("table id", table_id),
-            Event::PutBundle { slug, md5: m } => safe("slug", slug).and(md5(m)),
-            Event::RemoveBundle { slug } => safe("slug", slug),
-            Event::RemoveDir { slug } if slug == crate::layout::DIRECT_DIR => Ok(()),
-            Event::RemoveDir { slug } => safe("slug", slug),
-            Event::Place { staged, rel } => {
-                if !crate::layout::is_placeable_dir_rel(rel) {
-                    Err(format!("folder {rel:?} is not one stack places"))
-                } else if !(staged.starts_with(crate::layout::PLACE_PREFIX)
-                    && is_safe_component(staged))
-                {
-                    Err(format!("staged folder {staged:?} is not one stack makes"))
-                } else {
-                    Ok(())
-                }
-            }
-            Event::RemoveStray { rel } => {
-                if crate::layout::is_stray_rel(rel) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "stray {rel:?} is not a path under data/ or memory/"
-                    ))
-                }
-            }
-            Event::Checkpoint { state } => state.check_paths(),
-            Event::Begin { .. }
-            | Event::Stage { .. }
-            | Event::Prepared
-            | Event::Committed { .. }
-            | Event::Aborted { .. }
-            | Event::Request { .. } => Ok(()),
+            SafeName::parse(folder)
+                .map(Slot::Package)
+                .map_err(D::Error::custom)
         }
     }
 }
@@ -349,16 +351,16 @@ pub mod checkpoint_state {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+    use crate::model::name::{Md5Sum, SafeName};
     use crate::model::slot::SlotRef;
     use crate::model::state::{
-        DomainEntry, JournalPos, Md5Sum, PackagesOut, StatFp, Strategy, SyncState, TableEntry,
-        TablesOut,
+        DomainEntry, JournalPos, PackagesOut, StatFp, Strategy, SyncState, TableEntry, TablesOut,
     };
 
     #[derive(Deserialize)]
     struct WireTable {
-        name: String,
-        md5: String,
+        name: SafeName,
+        md5: Md5Sum,
         size: Option<u64>,
         ref_path: String,
         shared_path: String,
@@ -369,7 +371,7 @@ pub mod checkpoint_state {
 
     #[derive(Deserialize)]
     struct WireDomain {
-        md5: String,
+        md5: Md5Sum,
         path: String,
         fp: Option<StatFp>,
     }
@@ -386,9 +388,9 @@ pub mod checkpoint_state {
     struct WireState {
         version: u32,
         journal: WireJournal,
-        direct_tables: BTreeMap<String, WireTable>,
-        data_packages: BTreeMap<String, BTreeMap<String, WireTable>>,
-        memory_domains: BTreeMap<String, WireDomain>,
+        direct_tables: BTreeMap<SafeName, WireTable>,
+        data_packages: BTreeMap<SafeName, BTreeMap<SafeName, WireTable>>,
+        memory_domains: BTreeMap<SafeName, WireDomain>,
     }
 
     // The writing side borrows from the state (a checkpoint of a large stack is not
@@ -405,7 +407,7 @@ pub mod checkpoint_state {
         fp: Option<StatFp>,
     }
 
-    struct DomainsOut<'a>(&'a BTreeMap<String, DomainEntry>);
+    struct DomainsOut<'a>(&'a BTreeMap<SafeName, DomainEntry>);
 
     impl Serialize for DomainsOut<'_> {
         fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -431,12 +433,15 @@ pub mod checkpoint_state {
 
     fn tables_from_wire(
         slot: SlotRef<'_>,
-        m: BTreeMap<String, WireTable>,
-    ) -> BTreeMap<String, TableEntry> {
+        m: BTreeMap<SafeName, WireTable>,
+    ) -> BTreeMap<SafeName, TableEntry> {
         m.into_iter()
             .map(|(id, t)| {
-                let mut e = TableEntry::new(t.name, Md5Sum::from(t.md5), t.size, t.strategy)
-                    .with_paths((slot, &id), &t.ref_path, &t.shared_path);
+                let mut e = TableEntry::new(t.name, t.md5, t.size, t.strategy).with_paths(
+                    (slot, &id),
+                    &t.ref_path,
+                    &t.shared_path,
+                );
                 e.ref_fp = t.ref_fp;
                 e.shared_fp = t.shared_fp;
                 (id, e)
@@ -465,8 +470,11 @@ pub mod checkpoint_state {
         if d.is_human_readable() {
             return SyncState::deserialize(d).map(Box::new);
         }
-        let w = WireState::deserialize(d)?;
-        Ok(Box::new(SyncState {
+        WireState::deserialize(d).map(|w| Box::new(from_wire(w)))
+    }
+
+    fn from_wire(w: WireState) -> SyncState {
+        SyncState {
             version: w.version,
             journal: JournalPos {
                 txn: w.journal.txn,
@@ -495,7 +503,7 @@ pub mod checkpoint_state {
                     (slug, entry)
                 })
                 .collect(),
-        }))
+        }
     }
 }
 
@@ -513,8 +521,8 @@ mod tests {
 
     fn entry(with_optionals: bool, slot: SlotRef<'_>) -> TableEntry {
         let mut e = TableEntry::new(
-            "orders".into(),
-            "0123456789abcdef0123456789abcdef".into(),
+            "orders".try_into().unwrap(),
+            "0123456789abcdef0123456789abcdef".try_into().unwrap(),
             with_optionals.then_some(10),
             Strategy::Copy,
         )
@@ -530,16 +538,24 @@ mod tests {
 
     fn state(with_optionals: bool) -> SyncState {
         let mut s = SyncState::default();
-        s.direct_tables
-            .insert("tbl_a".into(), entry(with_optionals, SlotRef::Direct));
-        s.data_packages.entry("sales".into()).or_default().insert(
-            "tbl_a".into(),
-            entry(with_optionals, SlotRef::Package("sales")),
+        s.direct_tables.insert(
+            "tbl_a".try_into().unwrap(),
+            entry(with_optionals, SlotRef::Direct),
         );
+        s.data_packages
+            .entry("sales".try_into().unwrap())
+            .or_default()
+            .insert(
+                "tbl_a".try_into().unwrap(),
+                entry(
+                    with_optionals,
+                    SlotRef::Package(&"sales".try_into().unwrap()),
+                ),
+            );
         s.memory_domains.insert(
-            "ops".into(),
+            "ops".try_into().unwrap(),
             DomainEntry {
-                md5: "d41d8cd98f00b204e9800998ecf8427e".into(),
+                md5: "d41d8cd98f00b204e9800998ecf8427e".try_into().unwrap(),
                 path: "memory/ops/bundle.md".into(),
                 fp: with_optionals.then_some(FP),
             },
@@ -557,152 +573,138 @@ mod tests {
         }
     }
 
-    /// What the engine writes passes; a name, slug, md5, folder or stray that could
-    /// lead anywhere else is refused, naming the value.
+    /// `ev` as JSON with `field` (of its variant) set to `value`, decoded again.
+    fn with_field(ev: &Event, field: &str, value: &str) -> Result<Event, String> {
+        let mut v = serde_json::to_value(ev).unwrap();
+        let fields = v.as_object_mut().unwrap().values_mut().next().unwrap();
+        fields[field] = serde_json::json!(value);
+        serde_json::from_value(v).map_err(|e| e.to_string())
+    }
+
+    /// What the engine writes decodes; a name, slug, md5, folder or stray that
+    /// could lead anywhere else does not, and the refusal names the value. (The
+    /// journal's bincode runs the same decoders: `tests/journal_format`.)
     #[test]
-    fn check_paths_accepts_what_stack_writes_only() {
-        let md5 = "0123456789ABCDEF0123456789abcdef";
-        let make_ref = |slot: Slot, id: &str, name: &str| Event::MakeRef {
-            slot,
-            table_id: id.into(),
-            name: name.into(),
-            md5: "not an md5: never a path".into(),
+    fn decoding_accepts_what_stack_writes_only() {
+        let md5 = "0123456789abcdef0123456789abcdef";
+        let name = |s: &str| SafeName::parse(s).unwrap();
+        let make_ref = Event::MakeRef {
+            slot: Slot::Package(name("p1")),
+            table_id: name("tbl_a"),
+            name: name("a.b-c_d"),
+            md5: Md5Sum::parse(md5).unwrap(),
             size: None,
             strategy: Strategy::Symlink,
         };
-        let good = [
-            make_ref(Slot::Direct, "tbl_a", "a.b-c_d"),
-            make_ref(Slot::Package("p1".into()), "tbl_a", "a"),
-            Event::PutShared {
-                table_id: "tbl_a".into(),
-                md5: md5.into(),
-            },
-            Event::PutBundle {
-                slug: "ops".into(),
-                md5: md5.into(),
-            },
-            Event::RemoveDir {
-                slug: "_direct".into(),
-            },
-            Event::RemoveDir { slug: "p1".into() },
-            Event::Place {
-                staged: "place-0".into(),
-                rel: "data/_shared".into(),
-            },
-            Event::Place {
-                staged: "place-12".into(),
-                rel: "data/p1".into(),
-            },
-            Event::RemoveStray {
-                rel: "data/p1/x y.txt".into(),
-            },
-            Event::RemoveStray {
-                rel: "memory/old".into(),
-            },
-            Event::Stage {
-                md5: "any".into(),
-                url: "../../x".into(),
-            },
-            Event::Committed {
-                fingerprints: vec![("/etc/passwd".into(), FP)],
-            },
-            checkpoint(SyncState {
-                data_packages: Default::default(),
-                ..state(true)
-            })
-            .event,
+        let put_shared = Event::PutShared {
+            table_id: name("tbl_a"),
+            md5: Md5Sum::parse(md5).unwrap(),
+        };
+        let put_bundle = Event::PutBundle {
+            slug: name("ops"),
+            md5: Md5Sum::parse(md5).unwrap(),
+        };
+        let remove_dir = Event::RemoveDir {
+            slot: Slot::Package(name("p1")),
+        };
+        let place = Event::Place {
+            staged: "place-0".into(),
+            rel: "data/_shared".into(),
+        };
+        let stray = Event::RemoveStray {
+            rel: "data/p1/x y.txt".into(),
+        };
+        let good: [(&Event, &str, &str); 12] = [
+            (&make_ref, "name", "a.b-c_d"),
+            (&make_ref, "table_id", "tbl_a"),
+            (&put_shared, "md5", md5),
+            (&put_bundle, "slug", "ops"),
+            (&remove_dir, "slug", "_direct"),
+            (&remove_dir, "slug", "p1"),
+            (&place, "staged", "place-12"),
+            (&place, "rel", "data/p1"),
+            (&place, "rel", "data/_direct"),
+            (&stray, "rel", "memory/old"),
+            (&stray, "rel", "data/p1/x y.txt"),
+            (&stray, "rel", "data/_shared/x.parquet"),
         ];
-        for ev in good {
-            assert_eq!(ev.check_paths(), Ok(()), "{ev:?}");
+        for (ev, field, value) in good {
+            let back = with_field(ev, field, value).unwrap_or_else(|e| panic!("{ev:?}: {e}"));
+            let back = serde_json::to_value(&back).unwrap();
+            let fields = back.as_object().unwrap().values().next().unwrap();
+            assert_eq!(fields[field], serde_json::json!(value), "{ev:?}");
         }
-        let bad = [
+        let unsafe_component = |v: &str| format!("{v:?} is not a safe path component");
+        let bad: [(&Event, &str, &str, String); 14] = [
+            (&make_ref, "name", "../x", unsafe_component("../x")),
+            (&make_ref, "table_id", "", unsafe_component("")),
+            (&put_shared, "table_id", ".", unsafe_component(".")),
+            (&put_bundle, "slug", "..", unsafe_component("..")),
             (
-                make_ref(Slot::Direct, "tbl_a", "../x"),
-                r#"name "../x" is not a safe path component"#,
+                &remove_dir,
+                "slug",
+                "_shared/..",
+                unsafe_component("_shared/.."),
             ),
             (
-                make_ref(Slot::Package("a/b".into()), "tbl_a", "a"),
-                r#"slug "a/b" is not a safe path component"#,
+                &put_shared,
+                "md5",
+                "0123456789abcdef0123456789abcde/",
+                r#"md5 "0123456789abcdef0123456789abcde/" is not 32 lowercase hex digits"#.into(),
             ),
             (
-                Event::RemoveRef {
-                    slot: Slot::Direct,
-                    table_id: "".into(),
-                    name: "a".into(),
-                },
-                r#"table id "" is not a safe path component"#,
+                &put_bundle,
+                "md5",
+                "0123456789ABCDEF0123456789abcdef",
+                r#"md5 "0123456789ABCDEF0123456789abcdef" is not 32 lowercase hex digits"#.into(),
             ),
             (
-                Event::PutShared {
-                    table_id: "tbl_a".into(),
-                    md5: "0123456789abcdef0123456789abcde/".into(),
-                },
-                r#"md5 "0123456789abcdef0123456789abcde/" is not 32 hex digits"#,
+                &place,
+                "rel",
+                "memory/x",
+                r#"folder "memory/x" is not one stack places"#.into(),
             ),
             (
-                Event::PutBundle {
-                    slug: "ops".into(),
-                    md5: "0123456789abcdef0123456789abcdefg".into(),
-                },
-                r#"md5 "0123456789abcdef0123456789abcdefg" is not 32 hex digits"#,
+                &place,
+                "rel",
+                "data/../x",
+                r#"folder "data/../x" is not one stack places"#.into(),
             ),
             (
-                Event::RemoveShared {
-                    table_id: ".".into(),
-                },
-                r#"table id "." is not a safe path component"#,
+                &place,
+                "rel",
+                "data",
+                r#"folder "data" is not one stack places"#.into(),
             ),
             (
-                Event::RemoveBundle { slug: "..".into() },
-                r#"slug ".." is not a safe path component"#,
+                &place,
+                "staged",
+                "../x",
+                r#"staged folder "../x" is not one stack makes"#.into(),
             ),
             (
-                Event::RemoveDir {
-                    slug: "_shared/..".into(),
-                },
-                r#"slug "_shared/.." is not a safe path component"#,
+                &place,
+                "staged",
+                "other",
+                r#"staged folder "other" is not one stack makes"#.into(),
             ),
             (
-                Event::RemoveStray {
-                    rel: "/etc/passwd".into(),
-                },
-                r#"stray "/etc/passwd" is not a path under data/ or memory/"#,
+                &stray,
+                "rel",
+                "memory/../../x",
+                r#"stray "memory/../../x" is not a path under data/ or memory/"#.into(),
             ),
             (
-                Event::RemoveStray {
-                    rel: "memory/../../x".into(),
-                },
-                r#"stray "memory/../../x" is not a path under data/ or memory/"#,
-            ),
-            (
-                Event::RemoveStray {
-                    rel: ".stack/journal".into(),
-                },
-                r#"stray ".stack/journal" is not a path under data/ or memory/"#,
+                &stray,
+                "rel",
+                ".stack/journal",
+                r#"stray ".stack/journal" is not a path under data/ or memory/"#.into(),
             ),
         ];
-        for (ev, why) in bad {
-            assert_eq!(ev.check_paths(), Err(why.to_string()), "{ev:?}");
+        for (ev, field, value, why) in bad {
+            let e = with_field(ev, field, value).expect_err(value);
+            assert!(e.contains(&why), "{field} {value:?}: {e}");
         }
-        // A placed folder and its staged folder are ones `reconcile::place` makes.
-        for (staged, rel) in [
-            ("place-0", "memory/x"),
-            ("place-0", "data/../x"),
-            ("place-0", "data"),
-            ("../x", "data/_shared"),
-            ("other", "data/_shared"),
-        ] {
-            let ev = Event::Place {
-                staged: staged.into(),
-                rel: rel.into(),
-            };
-            assert!(ev.check_paths().is_err(), "{staged} {rel}");
-        }
-        // A checkpoint: the state file's rule (the sample's package entry has the
-        // direct table's paths).
-        let s = state(true);
-        assert!(s.check_paths().is_err());
-        assert_eq!(checkpoint(s.clone()).event.check_paths(), s.check_paths());
     }
 
     /// A checkpoint whose state has absent optional fields decodes (under bincode,
@@ -836,7 +838,7 @@ mod tests {
                 "sales",
                 "tbl_a",
                 "orders",
-                "0123456789ABCDEF0123456789abcdef",
+                "00112233445566778899aabbccddeeff",
                 "data/_direct/orders.parquet",
                 "data/_shared/tbl_a.parquet",
             ),
@@ -844,7 +846,7 @@ mod tests {
                 "sales",
                 "tbl_b",
                 "b",
-                "not hex",
+                "ffeeddccbbaa99887766554433221100",
                 "data/sales/b.parquet",
                 "data/_shared/tbl_b.parquet",
             ),
@@ -852,7 +854,7 @@ mod tests {
                 "sales",
                 "tbl_c",
                 "c",
-                "",
+                "d41d8cd98f00b204e9800998ecf8427e",
                 "data/sales/c.parquet",
                 "data/_shared/other.parquet",
             ),
@@ -870,8 +872,8 @@ mod tests {
             };
             let new_entry = |slot: SlotRef<'_>, r: &(&str, &str, &str, &str, &str, &str)| {
                 let mut e = TableEntry::new(
-                    r.2.into(),
-                    r.3.into(),
+                    r.2.try_into().unwrap(),
+                    r.3.try_into().unwrap(),
                     with_optionals.then_some(10),
                     Strategy::Copy,
                 )
@@ -881,7 +883,7 @@ mod tests {
                 e
             };
             let domain = DomainEntry {
-                md5: "d41d8cd98f00b204e9800998ecf8427e".into(),
+                md5: "d41d8cd98f00b204e9800998ecf8427e".try_into().unwrap(),
                 path: "memory/ops/bundle.md".into(),
                 fp: with_optionals.then_some(FP),
             };
@@ -904,23 +906,26 @@ mod tests {
                     at: None,
                     pulled: None,
                 },
-                memory_domains: BTreeMap::from([("ops".to_string(), domain)]),
+                memory_domains: BTreeMap::from([("ops".try_into().unwrap(), domain)]),
                 ..SyncState::default()
             };
             for r in &rows {
                 if r.0.is_empty() {
                     old.direct_tables.insert(r.1.into(), old_entry(r));
                     new.direct_tables
-                        .insert(r.1.into(), new_entry(SlotRef::Direct, r));
+                        .insert(r.1.try_into().unwrap(), new_entry(SlotRef::Direct, r));
                 } else {
                     old.data_packages
                         .entry(r.0.into())
                         .or_default()
                         .insert(r.1.into(), old_entry(r));
                     new.data_packages
-                        .entry(r.0.into())
+                        .entry(r.0.try_into().unwrap())
                         .or_default()
-                        .insert(r.1.into(), new_entry(SlotRef::Package(r.0), r));
+                        .insert(
+                            r.1.try_into().unwrap(),
+                            new_entry(SlotRef::Package(&r.0.try_into().unwrap()), r),
+                        );
                 }
             }
             // The state file's text.

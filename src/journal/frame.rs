@@ -88,8 +88,14 @@ fn decode_payload(payload: &[u8], each: &mut dyn FnMut(Record)) -> Result<(usize
         each: &mut dyn FnMut(Record),
     ) -> Result<(usize, usize), String> {
         let config = bincode::config::standard().with_limit::<LIMIT>();
-        bincode::serde::seed_decode_from_slice(EachRecord(each), payload, config)
-            .map_err(|e| e.to_string())
+        bincode::serde::seed_decode_from_slice(EachRecord(each), payload, config).map_err(|e| {
+            match e {
+                // A decoder's own refusal (a value stack never writes, a variant
+                // this build does not know): its message, as it said it.
+                bincode::error::DecodeError::OtherString(why) => why,
+                e => e.to_string(),
+            }
+        })
     }
     macro_rules! dispatch {
         ($($i:literal)*) => {
@@ -366,7 +372,7 @@ fn frame_at(
         return Err("checksum mismatch".to_string().into());
     }
     let written_whole = |reason: String| BadFrame {
-        reason: format!("checksum valid but {reason} (written by a newer stack?)"),
+        reason: format!("checksum valid but {reason} (not written by stack, or by a newer stack?)"),
         checksummed: true,
     };
     let (records, used) = decode_payload(payload, each)
@@ -693,10 +699,12 @@ mod tests {
                 seq,
                 txn: 7,
                 event: Event::MakeRef {
-                    slot: crate::journal::event::Slot::Package(format!("pkg{seq}")),
-                    table_id: format!("tbl_{seq:06}"),
-                    name: "x".repeat(seq as usize % 40 + 1),
-                    md5: format!("{seq:032x}"),
+                    slot: crate::journal::event::Slot::Package(
+                        format!("pkg{seq}").try_into().unwrap(),
+                    ),
+                    table_id: format!("tbl_{seq:06}").try_into().unwrap(),
+                    name: "x".repeat(seq as usize % 40 + 1).try_into().unwrap(),
+                    md5: format!("{seq:032x}").try_into().unwrap(),
                     size: Some(seq * 1000),
                     strategy: crate::model::state::Strategy::Copy,
                 },
@@ -807,7 +815,7 @@ mod tests {
             seq,
             txn: 1,
             event: Event::Stage {
-                md5: format!("{seq:032x}"),
+                md5: format!("{seq:032x}").try_into().unwrap(),
                 url: format!("tables/{seq}"),
             },
         };
@@ -840,7 +848,7 @@ mod tests {
             seq,
             txn: 1,
             event: Event::Stage {
-                md5: format!("{seq:032x}"),
+                md5: format!("{seq:032x}").try_into().unwrap(),
                 url: format!("tables/{seq}"),
             },
         };

@@ -41,11 +41,12 @@
 //! it; `stack journal verify` exits 4 naming the byte offset and record number. A frame
 //! whose checksum is valid but whose payload does not decode was written whole (by a
 //! newer format, or a bug): it is corruption too, wherever it is, never cut. So is a
-//! record stack would never write (one that fails `Event::check_paths`: a name,
-//! slug or path that could leave the directory, or a `Checkpoint` whose state fails
-//! `SyncState::check_paths`): this module reads it, and the readers that act on the
-//! journal refuse it (`replay::project::check_records`; [`Journal::open_checked`]
-//! asks before it cuts anything). An I/O error while reading is reported as an I/O
+//! record stack would never write: one naming a name, slug, md5 or path that could
+//! leave the directory does not decode (its fields' decoders refuse it, naming the
+//! value, `event`); a `Checkpoint` whose state's paths fail `SyncState::check_paths`
+//! decodes, and the readers that act on the journal refuse it
+//! (`replay::project::check_records`; [`Journal::open_checked`] asks before it cuts
+//! anything). An I/O error while reading is reported as an I/O
 //! error, never taken for either.
 //!
 //! # Compaction

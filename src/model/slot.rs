@@ -7,13 +7,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::name::SafeName;
+
 /// Where a table reference lives: a direct table or a package's table.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Slot {
     /// `data/_direct/<name>.parquet`.
     Direct,
     /// `data/<slug>/<name>.parquet`.
-    Package(String),
+    Package(SafeName),
 }
 
 /// Where a reference lives: [`Slot`], borrowing the package's slug (from a
@@ -21,7 +23,7 @@ pub enum Slot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SlotRef<'m> {
     Direct,
-    Package(&'m str),
+    Package(&'m SafeName),
 }
 
 impl<'m> SlotRef<'m> {
@@ -29,7 +31,7 @@ impl<'m> SlotRef<'m> {
     pub fn to_slot(self) -> Slot {
         match self {
             SlotRef::Direct => Slot::Direct,
-            SlotRef::Package(slug) => Slot::Package(slug.to_string()),
+            SlotRef::Package(slug) => Slot::Package(slug.clone()),
         }
     }
 

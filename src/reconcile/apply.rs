@@ -25,9 +25,9 @@
 //!   `.stack/quarantine/<txn>/` first, durably; a redo finds it gone and the steps
 //!   that travelled in it then run as any other.
 //! - Nothing temporary is ever created inside `data/` or `memory/`.
-//! - No step runs on a name or path that could leave the directory: each event is
-//!   checked (`Event::check_paths`, the rule the journal's readers refuse a journal
-//!   by) before it is applied, whatever wrote the journal.
+//! - No step runs on a name or path that could leave the directory: an event's
+//!   names and md5s are `SafeName`s and `Md5Sum`s and its paths were checked when
+//!   it was decoded (`journal::event`), whatever wrote the journal.
 //! - `Committed` is appended only after `sync_fs` made every applied step durable, so a
 //!   durable `Committed` implies a durable applied tree.
 
@@ -477,16 +477,6 @@ impl<'a> Applier<'a> {
 
     /// Apply one event (no-op for events that are not apply steps).
     pub fn apply(&self, seq: u64, ev: &Event) -> Result<()> {
-        // The backstop under validation and the journal's readers
-        // (`replay::project::check_records`): whatever wrote the journal, no step
-        // runs on a name or path that could leave the directory.
-        ev.check_paths().map_err(|message| {
-            crate::Error::Internal(format!(
-                "refusing journal event {} of {}: {message}",
-                ev.kind(),
-                self.layout.journal().display()
-            ))
-        })?;
         let l = self.layout;
         {
             // (The folder's name is built only when something was placed.)
@@ -617,9 +607,9 @@ impl<'a> Applier<'a> {
                 self.forget_dirs();
                 self.to_trash(seq, &l.join(&layout::domain_dir_rel(slug)))
             }
-            Event::RemoveDir { slug } => {
+            Event::RemoveDir { slot } => {
                 self.forget_dirs();
-                let dir = l.data().join(slug);
+                let dir = l.join(&layout::slot_dir_rel(slot));
                 match self.fs.remove_dir(&dir) {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -630,7 +620,7 @@ impl<'a> Applier<'a> {
                 }
             }
             Event::RemoveStray { rel } => {
-                // (Under data/ or memory/: checked above, as every event's names.)
+                // (Under data/ or memory/: its decoder checked, as every event's names.)
                 // A pull's stray stands where its put goes: not moved, the pull
                 // fails (and rolls back) rather than overwrite it. gc is best
                 // effort: a stray the user's permissions keep in place is
@@ -1004,8 +994,8 @@ mod tests {
             record(
                 2,
                 Event::PutShared {
-                    table_id: "t1".into(),
-                    md5: "0123456789abcdef0123456789abcdef".into(),
+                    table_id: "t1".try_into().unwrap(),
+                    md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
                 },
             ),
         ];
@@ -1100,10 +1090,10 @@ mod tests {
         records.push(record(
             2,
             Event::MakeRef {
-                slot: crate::journal::event::Slot::Package("pkg".into()),
-                table_id: "t1".into(),
-                name: "n".into(),
-                md5: "0123456789abcdef0123456789abcdef".into(),
+                slot: crate::journal::event::Slot::Package("pkg".try_into().unwrap()),
+                table_id: "t1".try_into().unwrap(),
+                name: "n".try_into().unwrap(),
+                md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
                 size: None,
                 strategy: Strategy::Symlink,
             },

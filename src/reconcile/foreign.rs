@@ -41,7 +41,7 @@ impl<'s> Held<'s> {
             if e.has_own_paths() {
                 let slug = match slot {
                     SlotRef::Direct => None,
-                    SlotRef::Package(slug) => Some(slug),
+                    SlotRef::Package(slug) => Some(slug.as_str()),
                 };
                 held.refs.insert((slug, e.name.as_str()));
                 held.ids.insert(id);
@@ -58,19 +58,17 @@ impl<'s> Held<'s> {
         if self.odd.contains(rel) {
             return true;
         }
-        if let Some(rest) = rel.strip_prefix("memory/") {
-            return rest
-                .strip_suffix("/bundle.md")
-                .is_some_and(|slug| self.state.memory_domains.contains_key(slug));
+        if let Some(slug) = layout::bundle_slug_of(rel) {
+            return self.state.memory_domains.contains_key(slug);
         }
-        let Some((folder, file)) = rel.strip_prefix("data/").and_then(|r| r.split_once('/')) else {
+        let Some((folder, file)) = layout::under_data(rel).and_then(|r| r.split_once('/')) else {
             return false;
         };
         let Some(stem) = file.strip_suffix(layout::TABLE_EXT) else {
             return false;
         };
         match folder {
-            "_shared" => self.ids.contains(stem),
+            layout::SHARED_FOLDER => self.ids.contains(stem),
             layout::DIRECT_DIR => self.refs.contains(&(None, stem)),
             slug => self.refs.contains(&(Some(slug), stem)),
         }

@@ -114,7 +114,7 @@ pub fn gc(
                 for e in entries {
                     let p = q.join(&e.name);
                     fs.remove_tree(&p).at("remove", &p)?;
-                    report.deleted.push(format!(".stack/quarantine/{}", e.name));
+                    report.deleted.push(layout.rel(&p));
                 }
                 crate::fs::not_found_ok(fs.remove_dir(&q)).at("rmdir", &q)?;
             }
@@ -137,7 +137,7 @@ fn remove_partials(fs: &dyn Fs, layout: &Layout) -> Result<Vec<String>> {
             for e in entries.into_iter().filter(|e| e.name.ends_with(".part")) {
                 let p = staging.join(&e.name);
                 crate::fs::not_found_ok(fs.remove_file(&p)).at("remove", &p)?;
-                removed.push(format!(".stack/staging/{}", e.name));
+                removed.push(layout.rel(&p));
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

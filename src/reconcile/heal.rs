@@ -14,7 +14,7 @@ use crate::fs::{Fs, Kind, Meta, NameBatch};
 use crate::journal::event::{Slot, SlotRef};
 use crate::layout::{self, Layout};
 use crate::reconcile::plan::Damage;
-use crate::replay::state::{Md5Sum, StatFp, Strategy, SyncState, TableEntry};
+use crate::replay::state::{Md5Sum, SafeName, StatFp, Strategy, SyncState, TableEntry};
 
 /// How content is hashed (the library API lets a caller inject it).
 pub type HashFn<'a> = &'a (dyn Fn(&Path) -> io::Result<String> + Sync);
@@ -240,7 +240,7 @@ fn settle<'a>(
         .collect();
     let hashed_checks = crate::par::map_balanced(&to_hash, crate::par::threads(), |&i| {
         let (path, md5) = target(i);
-        md5.with_str(|md5| hashed(&path, md5, hash))
+        hashed(&path, md5, hash)
     })?;
     let mut hashed_checks = hashed_checks.into_iter();
     Ok(probes
@@ -255,8 +255,8 @@ fn settle<'a>(
 /// One file to check: a shared file (`slug` unused; the first entry of its id)
 /// or a reference (`slug`: its package, or `None` for a direct table).
 struct TableAt<'a> {
-    slug: Option<&'a str>,
-    id: &'a str,
+    slug: Option<&'a SafeName>,
+    id: &'a SafeName,
     e: &'a TableEntry,
     loc: TableLoc<'a>,
 }
@@ -319,12 +319,12 @@ pub fn find_damage(
             Check::Ok => {}
             Check::Refresh => d.refresh.push(at.loc.rel()),
             Check::Damaged => {
-                d.shared.insert(at.id.to_string());
+                d.shared.insert(at.id.clone());
             }
         }
     }
     // Each slot with its folder, named once.
-    let mut slots: Vec<(Option<&str>, &BTreeMap<String, TableEntry>, String)> = Vec::new();
+    let mut slots: Vec<(Option<&SafeName>, &BTreeMap<SafeName, TableEntry>, String)> = Vec::new();
     if !state.direct_tables.is_empty() {
         slots.push((None, &state.direct_tables, String::new()));
     }
@@ -332,7 +332,7 @@ pub fn find_damage(
         state
             .data_packages
             .iter()
-            .map(|(slug, t)| (Some(slug.as_str()), t, String::new())),
+            .map(|(slug, t)| (Some(slug), t, String::new())),
     );
     for (slug, _, dir) in &mut slots {
         layout::push_slot_dir_rel(dir, slug.map_or(SlotRef::Direct, SlotRef::Package));
@@ -363,10 +363,8 @@ pub fn find_damage(
             Check::Ok => {}
             Check::Refresh => d.refresh.push(r.loc.rel()),
             Check::Damaged => {
-                let slot = r
-                    .slug
-                    .map_or(Slot::Direct, |s| Slot::Package(s.to_string()));
-                d.refs.insert((slot, r.id.to_string()));
+                let slot = r.slug.map_or(Slot::Direct, |s| Slot::Package(s.clone()));
+                d.refs.insert((slot, r.id.clone()));
             }
         }
     }

@@ -2,8 +2,9 @@
 //!
 //! Owns: [`Manifest`] as the server sends it, and [`Desired`], the validated stack
 //! that planning works from. Invariant kept: every rule of contract §1 is checked
-//! here, before anything is touched, and every id, name and slug that reaches the
-//! rest of the engine is one safe path component.
+//! here, before anything is touched; every id, name and slug is a `SafeName`,
+//! refused (naming the value) when the manifest is parsed, and every md5 an
+//! `Md5Sum` once validated.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -11,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::layout::is_safe_component;
+use crate::model::name::{Md5Sum, SafeName};
 use crate::reconcile::origin::Origin;
 
 /// A streaming check, without building a JSON tree, that the manifest and every
@@ -157,8 +158,8 @@ mod shape {
 /// A table as the manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
-    pub id: String,
-    pub name: String,
+    pub id: SafeName,
+    pub name: SafeName,
     pub md5: String,
     /// `"local"` (the usual value) is shared, not allocated per table.
     #[serde(
@@ -178,7 +179,7 @@ pub struct Table {
 pub struct Package {
     #[serde(default)]
     pub id: String,
-    pub slug: String,
+    pub slug: SafeName,
     #[serde(default)]
     pub name: String,
     #[serde(default, deserialize_with = "null_as_empty")]
@@ -188,7 +189,7 @@ pub struct Package {
 /// A memory domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Domain {
-    pub slug: String,
+    pub slug: SafeName,
     pub md5: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle_url: Option<String>,
@@ -239,22 +240,18 @@ impl Manifest {
 
 pub use crate::journal::event::SlotRef;
 
-/// An md5 as 32 lowercase hex digits: borrowed from the manifest when it is
-/// written so there, else lowered into a copy.
-pub type Md5<'m> = Cow<'m, str>;
-
 /// One reference the manifest wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WantRef<'m> {
-    pub name: &'m str,
-    pub md5: Md5<'m>,
+    pub name: &'m SafeName,
+    pub md5: Md5Sum,
     pub size: Option<u64>,
 }
 
 /// One table's content the manifest wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WantTable<'m> {
-    pub md5: Md5<'m>,
+    pub md5: Md5Sum,
     pub url: &'m str,
     pub size: Option<u64>,
 }
@@ -262,7 +259,7 @@ pub struct WantTable<'m> {
 /// One memory domain the manifest wants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WantDomain {
-    pub md5: String,
+    pub md5: Md5Sum,
     pub url: String,
 }
 
@@ -274,52 +271,42 @@ pub struct Skipped {
 }
 
 /// A validated manifest: the stack to materialize. It borrows its ids, names,
-/// slugs, URLs and (lowercase) md5s from the manifest instead of copying them: a
-/// large stack's strings are held once while it is planned.
+/// slugs and URLs from the manifest instead of copying them: a large stack's
+/// strings are held once while it is planned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired<'m> {
     /// (slot, table id) → the reference.
-    pub refs: BTreeMap<(SlotRef<'m>, &'m str), WantRef<'m>>,
+    pub refs: BTreeMap<(SlotRef<'m>, &'m SafeName), WantRef<'m>>,
     /// table id → its content.
-    pub tables: BTreeMap<&'m str, WantTable<'m>>,
+    pub tables: BTreeMap<&'m SafeName, WantTable<'m>>,
     /// domain slug → the bundle.
-    pub domains: BTreeMap<String, WantDomain>,
+    pub domains: BTreeMap<SafeName, WantDomain>,
     pub skipped: Skipped,
 }
 
 /// md5 of the manifest's canonical JSON: the identity a journal's `Begin` records.
 /// Computed only when a pull has something to do.
-pub fn digest(manifest: &Manifest) -> String {
+pub fn digest(manifest: &Manifest) -> Md5Sum {
     use md5::Digest;
-    crate::reconcile::origin::hex(&md5::Md5::digest(serde_json::to_vec(manifest).expect(
-        "a parsed manifest serializes: its maps have string keys, its numbers are finite",
-    )))
+    Md5Sum::of_digest(
+        &md5::Md5::digest(serde_json::to_vec(manifest).expect(
+            "a parsed manifest serializes: its maps have string keys, its numbers are finite",
+        ))
+        .into(),
+    )
 }
 
-fn check_component(what: impl FnOnce() -> String, value: &str) -> Result<()> {
-    if is_safe_component(value) {
-        Ok(())
+/// The md5 a manifest spells `md5` (32 hex digits, either case: it is lowered).
+fn check_md5(what: impl FnOnce() -> String, md5: &str) -> Result<Md5Sum> {
+    let lowered;
+    let text = if md5.bytes().any(|c| c.is_ascii_uppercase()) {
+        lowered = md5.to_ascii_lowercase();
+        &lowered
     } else {
-        let why = crate::layout::check_component(&what(), value).expect_err("it is not safe");
-        Err(Error::BadManifest(format!(
-            "{why} ([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})"
-        )))
-    }
-}
-
-fn check_md5<'m>(what: impl FnOnce() -> String, md5: &'m str) -> Result<Md5<'m>> {
-    if crate::md5x::is_md5_hex(md5) {
-        Ok(if md5.bytes().any(|c| c.is_ascii_uppercase()) {
-            Cow::Owned(md5.to_ascii_lowercase())
-        } else {
-            Cow::Borrowed(md5)
-        })
-    } else {
-        Err(Error::BadManifest(format!(
-            "{}: md5 {md5:?} is not 32 hex digits",
-            what()
-        )))
-    }
+        md5
+    };
+    Md5Sum::parse(text)
+        .map_err(|_| Error::BadManifest(format!("{}: md5 {md5:?} is not 32 hex digits", what())))
 }
 
 fn is_local(t: &Table) -> bool {
@@ -347,7 +334,7 @@ pub fn validate<'m>(manifest: &'m Manifest, origin: &dyn Origin) -> Result<Desir
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Where<'a> {
     Direct,
-    Package(&'a str),
+    Package(&'a SafeName),
 }
 impl std::fmt::Display for Where<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -399,10 +386,8 @@ fn add_table<'a>(
     t: &'a Table,
 ) -> Result<()> {
     let Seen { other_md5, names } = seen;
-    check_component(|| format!("{at}: table id"), &t.id)?;
-    check_component(|| format!("{at}: table {} name", t.id), &t.name)?;
     let md5 = check_md5(|| format!("{at}: table {}", t.id), &t.md5)?;
-    let listed_local = d.tables.get(t.id.as_str()).map(|w| &*w.md5);
+    let listed_local = d.tables.get(&t.id).map(|w| w.md5.as_str());
     if let Some(prev) = listed_local.or_else(|| other_md5.get(t.id.as_str()).copied()) {
         if !prev.eq_ignore_ascii_case(&md5) {
             return Err(Error::BadManifest(format!(
@@ -450,7 +435,7 @@ fn add_table<'a>(
         d.tables.insert(
             &t.id,
             WantTable {
-                md5: md5.clone(),
+                md5,
                 url,
                 size: t.size,
             },
@@ -485,7 +470,6 @@ fn add_packages<'a>(
     let mut slugs = BTreeSet::new();
     for p in &manifest.data_packages {
         // A safe component starts with [A-Za-z0-9], so no slug can be `_direct`/`_shared`.
-        check_component(|| "data package slug".to_string(), &p.slug)?;
         if !slugs.insert(p.slug.as_str()) {
             return Err(Error::BadManifest(format!(
                 "two data packages have the slug {:?}",
@@ -503,8 +487,7 @@ fn add_packages<'a>(
 /// Every memory domain: slug safe and unique, md5 well formed, URL resolvable.
 fn add_domains(manifest: &Manifest, d: &mut Desired<'_>, origin: &dyn Origin) -> Result<()> {
     for dom in &manifest.memory_domains {
-        check_component(|| "memory domain slug".to_string(), &dom.slug)?;
-        let md5 = check_md5(|| format!("memory domain {}", dom.slug), &dom.md5)?.into_owned();
+        let md5 = check_md5(|| format!("memory domain {}", dom.slug), &dom.md5)?;
         let url = dom
             .bundle_url
             .clone()

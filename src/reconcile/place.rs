@@ -282,29 +282,34 @@ mod tests {
     use crate::reconcile::origin::Item;
     use crate::reconcile::plan::StageItem;
 
-    fn put(id: &str, md5: &str) -> Event {
+    /// The md5 spelt with one hex digit.
+    fn md5(digit: &str) -> crate::model::name::Md5Sum {
+        digit.repeat(32).try_into().unwrap()
+    }
+
+    fn put(id: &str, digit: &str) -> Event {
         Event::PutShared {
-            table_id: id.into(),
-            md5: md5.into(),
+            table_id: id.try_into().unwrap(),
+            md5: md5(digit),
         }
     }
 
     fn link(slug: &str, id: &str, strategy: Strategy) -> Event {
         Event::MakeRef {
-            slot: Slot::Package(slug.into()),
-            table_id: id.into(),
-            name: format!("n_{id}"),
-            md5: "m".into(),
+            slot: Slot::Package(slug.try_into().unwrap()),
+            table_id: id.try_into().unwrap(),
+            name: format!("n_{id}").try_into().unwrap(),
+            md5: md5("c"),
             size: None,
             strategy,
         }
     }
 
-    fn stage(md5: &str) -> StageItem {
+    fn stage(digit: &str) -> StageItem {
         StageItem {
-            md5: md5.into(),
+            md5: md5(digit),
             url: String::new(),
-            item: Item::Table { id: md5.into() },
+            item: Item::Table { id: digit.into() },
             size: None,
         }
     }
@@ -357,9 +362,9 @@ mod tests {
         q.ops.insert(
             0,
             Event::RemoveRef {
-                slot: Slot::Package("p".into()),
-                table_id: "t0".into(),
-                name: "n_t1".into(),
+                slot: Slot::Package("p".try_into().unwrap()),
+                table_id: "t0".try_into().unwrap(),
+                name: "n_t1".try_into().unwrap(),
             },
         );
         let rels: Vec<String> = plan(&q, &absent)

@@ -16,10 +16,10 @@ use serde::Serialize;
 use crate::journal::event::{Event, LinkMode, Slot};
 use crate::reconcile::manifest::{Desired, SlotRef, WantDomain, WantRef, WantTable};
 use crate::reconcile::origin::Item;
-use crate::replay::state::{Md5Sum, Strategy, SyncState};
+use crate::replay::state::{Md5Sum, SafeName, Strategy, SyncState};
 
 /// The wanted references, by slot and table id.
-type Refs<'m> = BTreeMap<(SlotRef<'m>, &'m str), WantRef<'m>>;
+type Refs<'m> = BTreeMap<(SlotRef<'m>, &'m SafeName), WantRef<'m>>;
 
 /// Report counts of one section (contract §5).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -52,11 +52,11 @@ impl Tally {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Damage {
     /// Table ids whose shared file is missing or has the wrong content.
-    pub shared: BTreeSet<String>,
+    pub shared: BTreeSet<SafeName>,
     /// References that are missing or wrong.
-    pub refs: BTreeSet<(Slot, String)>,
+    pub refs: BTreeSet<(Slot, SafeName)>,
     /// Domains whose bundle is missing or changed.
-    pub domains: BTreeSet<String>,
+    pub domains: BTreeSet<SafeName>,
     /// Relative paths whose stat changed but whose content is right: only their
     /// fingerprints need recording.
     pub refresh: Vec<String>,
@@ -65,7 +65,7 @@ pub struct Damage {
 /// One download to stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageItem {
-    pub md5: String,
+    pub md5: Md5Sum,
     pub url: String,
     pub item: Item,
     pub size: Option<u64>,
@@ -115,7 +115,7 @@ pub fn resolve_strategy(mode: LinkMode, caps: Caps) -> Strategy {
 
 /// The current md5 of each table id (one per id: the state came from valid
 /// manifests).
-fn current_md5s(state: &SyncState) -> BTreeMap<&str, &Md5Sum> {
+fn current_md5s(state: &SyncState) -> BTreeMap<&SafeName, &Md5Sum> {
     let mut current = BTreeMap::new();
     for (_, id, e) in state.entries() {
         current.insert(id, &e.md5);
@@ -125,14 +125,14 @@ fn current_md5s(state: &SyncState) -> BTreeMap<&str, &Md5Sum> {
 
 /// The ids whose shared file must be (re)placed: new or changed content, or damaged.
 fn shared_to_put<'m>(
-    current_md5: &BTreeMap<&str, &Md5Sum>,
-    tables: &BTreeMap<&'m str, WantTable<'m>>,
+    current_md5: &BTreeMap<&SafeName, &Md5Sum>,
+    tables: &BTreeMap<&'m SafeName, WantTable<'m>>,
     damage: &Damage,
-) -> BTreeSet<&'m str> {
+) -> BTreeSet<&'m SafeName> {
     tables
         .iter()
         .filter(|&(&id, want)| {
-            current_md5.get(id).is_none_or(|m| !m.is(&want.md5)) || damage.shared.contains(id)
+            current_md5.get(id).is_none_or(|m| **m != want.md5) || damage.shared.contains(id)
         })
         .map(|(&id, _)| id)
         .collect()
@@ -143,23 +143,23 @@ fn shared_to_put<'m>(
 /// reference whose shared file is re-placed is not counted).
 fn decide_ref(
     state: &SyncState,
-    (slot, id): (SlotRef<'_>, &str),
+    (slot, id): (SlotRef<'_>, &SafeName),
     want: &WantRef<'_>,
     (mode, strategy): (LinkMode, Strategy),
     damage: &Damage,
-    put_shared: &BTreeSet<&str>,
+    put_shared: &BTreeSet<&SafeName>,
     counts: &mut Counts,
 ) -> Option<Strategy> {
     let Some(e) = state_entry(state, slot, id) else {
         counts.added += 1;
         return Some(strategy);
     };
-    let changed = !e.md5.is(&want.md5) || e.name != want.name;
+    let changed = e.md5 != want.md5 || e.name != *want.name;
     let content_moved = put_shared.contains(id) && e.strategy != Strategy::Symlink;
     let restrategy = mode != LinkMode::Auto && e.strategy != strategy;
     // A damaged reference (rare): looked up with an owned key only if there is any.
     let ref_damaged =
-        !damage.refs.is_empty() && damage.refs.contains(&(slot.to_slot(), id.to_string()));
+        !damage.refs.is_empty() && damage.refs.contains(&(slot.to_slot(), id.clone()));
     let damaged = ref_damaged || damage.shared.contains(id);
     let mut use_strategy = strategy;
     if mode == LinkMode::Auto {
@@ -187,8 +187,8 @@ fn decide_ref(
 /// the ids whose shared file is (re)placed. Made once per pull, for
 /// [`makes_refs`] and then [`plan_from`].
 pub struct Basis<'s, 'm> {
-    current_md5: BTreeMap<&'s str, &'s Md5Sum>,
-    put_shared: BTreeSet<&'m str>,
+    current_md5: BTreeMap<&'s SafeName, &'s Md5Sum>,
+    put_shared: BTreeSet<&'m SafeName>,
 }
 
 impl<'s, 'm> Basis<'s, 'm> {
@@ -281,7 +281,7 @@ pub fn plan_from<'s, 'm>(
 
     // The tables whose shared file is placed, with their content: `put_shared`'s
     // ids are some of `tables`' keys, both sorted, so one walk pairs them.
-    let put: Vec<(&str, &WantTable<'_>)> = {
+    let put: Vec<(&SafeName, &WantTable<'_>)> = {
         let mut wanted = tables.iter();
         put_shared
             .iter()
@@ -292,12 +292,12 @@ pub fn plan_from<'s, 'm>(
 
     // Staging: one download per distinct md5 (a set by hash: the md5s come in no
     // useful order, and a large ordered set of them is a cache miss per level).
-    let mut staged: HashSet<&str> = HashSet::with_capacity(put.len() + domains.len());
+    let mut staged: HashSet<Md5Sum> = HashSet::with_capacity(put.len() + domains.len());
     p.stage.reserve_exact(put.len() + domains.len());
     stage_tables(&put, &mut staged, &mut p.stage);
 
     // Shared files leaving the stack.
-    let removed_shared: Vec<&str> = current_md5
+    let removed_shared: Vec<&SafeName> = current_md5
         .keys()
         .copied()
         .filter(|id| !tables.contains_key(id))
@@ -316,8 +316,8 @@ pub fn plan_from<'s, 'm>(
     p.ops.extend(removals);
     for (id, want) in put {
         p.ops.push(Event::PutShared {
-            table_id: id.to_string(),
-            md5: want.md5.to_string(),
+            table_id: id.clone(),
+            md5: want.md5,
         });
     }
     // Consumed: each node of the set is freed once its references are events.
@@ -325,9 +325,9 @@ pub fn plan_from<'s, 'm>(
         if let Some(strategy) = decided {
             p.ops.push(Event::MakeRef {
                 slot: slot.to_slot(),
-                table_id: id.to_string(),
-                name: want.name.to_string(),
-                md5: want.md5.into_owned(),
+                table_id: id.clone(),
+                name: want.name.clone(),
+                md5: want.md5,
                 size: want.size,
                 strategy,
             });
@@ -335,15 +335,15 @@ pub fn plan_from<'s, 'm>(
     }
     for id in removed_shared {
         p.ops.push(Event::RemoveShared {
-            table_id: id.to_string(),
+            table_id: id.clone(),
         });
     }
 
     plan_domains(state, &domains, damage, &mut p, &mut staged);
 
-    for f in folders_gone {
+    for slot in folders_gone {
         p.ops.push(Event::RemoveDir {
-            slug: f.to_string(),
+            slot: slot.to_slot(),
         });
     }
     p
@@ -358,7 +358,7 @@ fn decide_refs(
     refs: &Refs<'_>,
     how: (LinkMode, Strategy),
     damage: &Damage,
-    put_shared: &BTreeSet<&str>,
+    put_shared: &BTreeSet<&SafeName>,
     tally: &mut Tally,
 ) -> (Vec<Option<Strategy>>, usize) {
     let mut makes: Vec<Option<Strategy>> = Vec::with_capacity(refs.len());
@@ -376,15 +376,15 @@ fn decide_refs(
 }
 
 /// One staged download per table of `put` whose md5 is not staged yet.
-fn stage_tables<'t>(
-    put: &[(&str, &'t WantTable<'_>)],
-    staged: &mut HashSet<&'t str>,
+fn stage_tables(
+    put: &[(&SafeName, &WantTable<'_>)],
+    staged: &mut HashSet<Md5Sum>,
     stage: &mut Vec<StageItem>,
 ) {
     for &(id, want) in put {
-        if staged.insert(&want.md5) {
+        if staged.insert(want.md5) {
             stage.push(StageItem {
-                md5: want.md5.to_string(),
+                md5: want.md5,
                 url: want.url.to_string(),
                 item: Item::Table { id: id.to_string() },
                 size: want.size,
@@ -403,15 +403,15 @@ fn ref_removals(state: &SyncState, refs: &Refs<'_>, tally: &mut Tally) -> Vec<Ev
                 tally.of(slot).removed += 1;
                 removals.push(Event::RemoveRef {
                     slot: slot.to_slot(),
-                    table_id: id.to_string(),
+                    table_id: id.clone(),
                     name: e.name.clone(),
                 });
             }
-            Some(want) if want.name != e.name => {
+            Some(want) if *want.name != e.name => {
                 // Same table, new file name: move the reference.
                 removals.push(Event::RemoveRef {
                     slot: slot.to_slot(),
-                    table_id: id.to_string(),
+                    table_id: id.clone(),
                     name: e.name.clone(),
                 });
             }
@@ -421,24 +421,25 @@ fn ref_removals(state: &SyncState, refs: &Refs<'_>, tally: &mut Tally) -> Vec<Ev
     removals
 }
 
-/// The folders of packages (and of direct tables) that end up with no reference.
-fn folders_gone<'a>(state: &'a SyncState, refs: &Refs<'a>) -> Vec<&'a str> {
-    let mut folders_left: BTreeSet<&str> = BTreeSet::new();
+/// The slots (packages, and the direct tables) whose folders end up with no
+/// reference.
+fn folders_gone<'a>(state: &'a SyncState, refs: &Refs<'a>) -> Vec<SlotRef<'a>> {
+    let mut folders_left: BTreeSet<SlotRef<'a>> = BTreeSet::new();
     // The references are sorted by slot: one insert per run of a slot.
     let mut last_slot = None;
     for (slot, _) in refs.keys() {
         if last_slot != Some(slot) {
             last_slot = Some(slot);
-            folders_left.insert(crate::layout::slot_folder(*slot));
+            folders_left.insert(*slot);
         }
     }
-    let mut folders_before: BTreeSet<&str> = BTreeSet::new();
+    let mut folders_before: BTreeSet<SlotRef<'a>> = BTreeSet::new();
     if !state.direct_tables.is_empty() {
-        folders_before.insert(crate::layout::DIRECT_DIR);
+        folders_before.insert(SlotRef::Direct);
     }
     for (slug, tables) in &state.data_packages {
         if !tables.is_empty() {
-            folders_before.insert(slug);
+            folders_before.insert(SlotRef::Package(slug));
         }
     }
     folders_before.difference(&folders_left).copied().collect()
@@ -446,12 +447,12 @@ fn folders_gone<'a>(state: &'a SyncState, refs: &Refs<'a>) -> Vec<&'a str> {
 
 /// Memory domains: a bundle put (and staged, once per md5) for each domain that is
 /// new, changed or damaged, removed for each one leaving the stack.
-fn plan_domains<'d>(
+fn plan_domains(
     state: &SyncState,
-    domains: &'d BTreeMap<String, WantDomain>,
+    domains: &BTreeMap<SafeName, WantDomain>,
     damage: &Damage,
     p: &mut Plan,
-    staged: &mut HashSet<&'d str>,
+    staged: &mut HashSet<Md5Sum>,
 ) {
     for (slug, want) in domains {
         let put = match state.memory_domains.get(slug) {
@@ -469,17 +470,19 @@ fn plan_domains<'d>(
             }
         };
         if put {
-            if staged.insert(&want.md5) {
+            if staged.insert(want.md5) {
                 p.stage.push(StageItem {
-                    md5: want.md5.clone(),
+                    md5: want.md5,
                     url: want.url.clone(),
-                    item: Item::Bundle { slug: slug.clone() },
+                    item: Item::Bundle {
+                        slug: slug.to_string(),
+                    },
                     size: None,
                 });
             }
             p.ops.push(Event::PutBundle {
                 slug: slug.clone(),
-                md5: want.md5.clone(),
+                md5: want.md5,
             });
         }
     }
@@ -614,12 +617,14 @@ mod tests {
         let v1 = desired(serde_json::json!({"direct_tables": [table("tbl_a", "a", 'a')]}));
         let (_, s1) = check(&SyncState::default(), &v1, LinkMode::Copy);
         let mut damage = Damage::default();
-        damage.refs.insert((Slot::Direct, "tbl_a".to_string()));
+        damage
+            .refs
+            .insert((Slot::Direct, "tbl_a".try_into().unwrap()));
         let p = plan(&s1, v1.clone(), LinkMode::Copy, Strategy::Copy, &damage);
         assert_eq!(kinds(&p), ["make_ref"]);
         assert!(p.stage.is_empty());
         let mut damage = Damage::default();
-        damage.shared.insert("tbl_a".to_string());
+        damage.shared.insert("tbl_a".try_into().unwrap());
         let p = plan(&s1, v1.clone(), LinkMode::Copy, Strategy::Copy, &damage);
         assert_eq!(kinds(&p), ["put_shared", "make_ref"]);
         assert_eq!(p.stage.len(), 1);

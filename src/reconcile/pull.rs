@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result, Warnings};
 use crate::fs::{not_found_ok, Fs};
-use crate::journal::event::{Event, LinkMode, Record};
+use crate::journal::event::{Event, LinkMode, Md5Sum, Record};
 use crate::journal::lock;
 use crate::journal::Journal;
 use crate::layout::Layout;
@@ -114,12 +114,12 @@ impl<'a> Wanted<'a> {
     /// says of the manifest file; the `Begin` record keeps it), and `key`, the
     /// no-op key (`Pulled::key`), is the md5 of that md5, the origin and the link
     /// mode. `None` for a parsed manifest, whose bytes are unknown.
-    pub fn key(&self, link: LinkMode) -> Option<(String, String)> {
+    pub fn key(&self, link: LinkMode) -> Option<(String, Md5Sum)> {
         use md5::Digest;
         let Wanted::Raw { bytes, origin } = self else {
             return None;
         };
-        let md5 = crate::reconcile::origin::hex(&md5::Md5::digest(bytes));
+        let md5 = Md5Sum::of_digest(&md5::Md5::digest(bytes).into());
         let mut h = md5::Md5::new();
         h.update(b"stack pull key 2\0");
         h.update(origin.as_bytes());
@@ -402,8 +402,8 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
     }
     // A package folder the plan empties and removes is one of its folders too.
     for ev in &p.ops {
-        if let Event::RemoveDir { slug } = ev {
-            folders.insert(format!("data/{slug}"));
+        if let Event::RemoveDir { slot } = ev {
+            folders.insert(crate::layout::slot_dir_rel(slot));
         }
     }
     Ok(Preflight {
@@ -510,7 +510,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
         wanted.drop_bytes();
     }
     let mut checked = match &early {
-        Some(m) => Some(validated(m, cfg, raw_md5.as_deref())?),
+        Some(m) => Some(validated(m, cfg, raw_md5)?),
         None => None,
     };
     let _lock = lock::acquire_with(
@@ -532,7 +532,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
     } = match checked.take() {
         Some(v) => v,
         // The state file changed between the peek and the lock (rare): validate now.
-        None => validated(late.insert(wanted.parse()?), cfg, raw_md5.as_deref())?,
+        None => validated(late.insert(wanted.parse()?), cfg, raw_md5)?,
     };
     let mut rec = match fast {
         Some(rec) => *rec,
@@ -590,7 +590,7 @@ pub fn pull(mut wanted: Wanted<'_>, cfg: &PullConfig<'_>) -> Result<SyncReport> 
 fn key_and_peek(
     wanted: &Wanted<'_>,
     cfg: &PullConfig<'_>,
-) -> Result<(Option<String>, Option<String>, Option<Peeked>)> {
+) -> Result<(Option<String>, Option<Md5Sum>, Option<Peeked>)> {
     let (keyed, peeked) = std::thread::scope(|s| {
         let key = s.spawn(|| wanted.key(cfg.link));
         let peeked = match wanted {
@@ -620,7 +620,7 @@ fn is_same(state: &SyncState, key: Option<&str>) -> bool {
 /// the manifest (kept to plan again after a full recovery).
 struct Validated<'m> {
     desired: Desired<'m>,
-    md5: String,
+    md5: Md5Sum,
     manifest: &'m Manifest,
 }
 
@@ -629,13 +629,10 @@ struct Validated<'m> {
 fn validated<'m>(
     manifest: &'m Manifest,
     cfg: &PullConfig<'_>,
-    raw_md5: Option<&str>,
+    raw_md5: Option<Md5Sum>,
 ) -> Result<Validated<'m>> {
     let desired = validate(manifest, cfg.origin)?;
-    let md5 = raw_md5.map_or_else(
-        || crate::reconcile::manifest::digest(manifest),
-        str::to_string,
-    );
+    let md5 = raw_md5.unwrap_or_else(|| crate::reconcile::manifest::digest(manifest));
     Ok(Validated {
         desired,
         md5,
@@ -728,7 +725,7 @@ fn stage(
     journal: &mut Journal,
     p: &mut Plan,
     state: &SyncState,
-    manifest_md5: String,
+    manifest_md5: Md5Sum,
 ) -> Result<(u64, u64, Staged)> {
     let (fs, layout) = (cfg.fs.as_ref(), &cfg.layout);
     // Folders the stack gains whole are built out of sight and placed whole.
@@ -783,14 +780,14 @@ fn stage(
 }
 
 /// A new transaction: its `Begin` and one `Stage` per download, one journal batch.
-fn begin(journal: &mut Journal, p: &Plan, manifest_md5: String, link: LinkMode) -> Result<u64> {
+fn begin(journal: &mut Journal, p: &Plan, manifest_md5: Md5Sum, link: LinkMode) -> Result<u64> {
     let txn = journal.new_txn();
     journal.append(txn, Event::Begin { manifest_md5, link });
     for item in &p.stage {
         journal.append(
             txn,
             Event::Stage {
-                md5: item.md5.clone(),
+                md5: item.md5,
                 url: item.url.clone(),
             },
         );

@@ -9,11 +9,12 @@
 //!
 //! Neither a state file nor a journal steers recovery to paths stack does not
 //! write: the state file is trusted (fast path) or adopted (journal missing) only
-//! if it passes `SyncState::check_paths`; a journal holding an event that fails
-//! `Event::check_paths` (a name, slug or path that could leave the directory, a
-//! checkpoint that fails `SyncState::check_paths`) is refused as corrupt (exit 4,
-//! `replay::project::check_records`) before anything is folded, cut or
-//! rewritten, and so is appending to it after the fast path.
+//! if it passes `SyncState::check_paths` (its names and md5s were proved when it was
+//! parsed); a journal holding a record that names a name, slug or path that could
+//! leave the directory (it does not decode), or a checkpoint that fails
+//! `SyncState::check_paths` (`replay::project::check_records`), is refused as
+//! corrupt (exit 4) before anything is folded, cut or rewritten, and so is
+//! appending to it after the fast path.
 
 use std::sync::Arc;
 

@@ -189,9 +189,9 @@ fn request(item: &StageItem) -> Request<'_> {
 /// or a bundle's md5 is only a version tag).
 fn mismatch(item: &StageItem, got: String, bundles: BundleCheck) -> Option<Error> {
     let trust = matches!(item.item, Item::Bundle { .. }) && bundles == BundleCheck::TrustServer;
-    (got != item.md5 && !trust).then(|| Error::Checksum {
+    (item.md5 != got && !trust).then(|| Error::Checksum {
         what: format!("{} from {}", item.item.describe(), item.url),
-        expected: item.md5.clone(),
+        expected: item.md5.to_string(),
         actual: got,
     })
 }

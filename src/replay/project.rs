@@ -6,39 +6,34 @@
 //! `Committed` record is in the journal (recovery appends that record for a
 //! transaction past its `Prepared` commit point once it has rolled it forward).
 //!
-//! Every record must pass [`Event::check_paths`]: an event names its files by ids,
-//! names and slugs that validation proved to be single safe path components (never
-//! paths), and a `Checkpoint` record *is* a state, paths included, so it must pass
-//! the rule a `sync_state.json` must pass before recovery trusts or adopts it
-//! ([`SyncState::check_paths`]: every id, name and slug one safe path component,
-//! every path the layout's for its entry). The engine writes no other records; one
-//! that fails the check (a `MakeRef` named `../../x`, a checkpoint naming an
-//! absolute path) was not written by stack, and folding it would send heal, verify,
-//! recovery and the next pull's plan to paths outside the directory (or to a step
-//! apply refuses, after its commit point). Such a journal is corrupt (exit 4), like
-//! a frame whose checksum is valid but whose payload does not decode, and it is
-//! refused before anything is folded, cut, rewritten or acted on. A checkpoint path
-//! that is only odd (inside the directory, but not the layout's for its entry) is
-//! refused too, as the state file's rule refuses it: stack never checkpoints one.
-//! The journal's byte format (`journal::frame`) reads any record, so the format
-//! round-trips and `journal show` lists the records before it reports the refusal;
-//! every reader that acts on the records or vouches for them asks
+//! Every record folded here names its files by ids, names and slugs that are
+//! single safe path components (`model::name::SafeName`, proved when the record
+//! was decoded: a record naming anything else does not decode, and the journal's
+//! scan ends there as corrupt). A `Checkpoint` record *is* a state, paths
+//! included, so it must also pass the rule a `sync_state.json` must pass before
+//! recovery trusts or adopts it ([`SyncState::check_paths`]: every path the
+//! layout's for its entry). The engine writes no other checkpoint; one that fails
+//! the check (naming an absolute path) was not written by stack, and folding it
+//! would send heal, verify, recovery and the next pull's plan to paths outside the
+//! directory. Such a journal is corrupt (exit 4), like a frame whose checksum is
+//! valid but whose payload does not decode, and it is refused before anything is
+//! folded, cut, rewritten or acted on. The journal's byte format (`journal::frame`)
+//! reads such a checkpoint, so `journal show` lists the records before it reports
+//! the refusal; every reader that acts on the records or vouches for them asks
 //! [`check_journal`] (recovery, opening the journal for writing, asks
 //! [`check_records`] through `Journal::open_checked`, before a torn tail is cut).
 
 use std::collections::{BTreeMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::journal::event::{Event, Record, Slot, SlotRef};
+use crate::journal::event::{Event, Record, SafeName, Slot, SlotRef};
 use crate::journal::Scan;
 use crate::layout::{self, Layout};
-use crate::replay::state::{
-    DomainEntry, JournalPos, Md5Sum, Pulled, StatFp, SyncState, TableEntry,
-};
+use crate::replay::state::{DomainEntry, JournalPos, Pulled, StatFp, SyncState, TableEntry};
 
-/// Refuse a journal holding a record the projection must not fold: one that fails
-/// [`Event::check_paths`] (see the module docs), a `Checkpoint` whose state fails
-/// [`SyncState::check_paths`] included. The error is [`Error::JournalCorrupt`]
+/// Refuse a journal holding a record the projection must not fold: a `Checkpoint`
+/// whose state fails [`SyncState::check_paths`] (see the module docs; every other
+/// record stack never writes does not even decode). The error is [`Error::JournalCorrupt`]
 /// naming the first such record (its frame's byte offset, its number, its seq and
 /// transaction) and the value that is wrong. Reads nothing but `scan`, and
 /// allocates only the error: it runs over the whole journal before every fold.
@@ -52,24 +47,21 @@ pub fn check_records(layout: &Layout, scan: &Scan) -> Result<()> {
 /// [`check_records`] for one record: the `index`-th of the journal, in the frame at
 /// byte `offset`.
 fn check_record(layout: &Layout, offset: u64, index: u64, r: &Record) -> Result<()> {
-    if let Err(why) = r.event.check_paths() {
-        let what = match r.event {
-            Event::Checkpoint { .. } => "holds a state stack never writes",
-            _ => "is not one stack writes",
-        };
-        return Err(Error::JournalCorrupt {
-            path: layout.journal(),
-            offset,
-            record: index,
-            reason: format!(
-                "{} seq {} (transaction {}) has a valid checksum but {what}: {why}",
-                r.event.kind(),
-                r.seq,
-                r.txn
-            ),
-        });
-    }
-    Ok(())
+    let Event::Checkpoint { state } = &r.event else {
+        return Ok(());
+    };
+    state.check_paths().map_err(|why| Error::JournalCorrupt {
+        path: layout.journal(),
+        offset,
+        record: index,
+        reason: format!(
+            "{} seq {} (transaction {}) has a valid checksum but holds a state stack \
+             never writes: {why}",
+            r.event.kind(),
+            r.seq,
+            r.txn
+        ),
+    })
 }
 
 /// [`check_records`] as the records are read (`journal::frame::scan_with`), for a
@@ -232,7 +224,7 @@ pub fn apply_event_owned(state: &mut SyncState, ev: Event) {
             size,
             strategy,
         } => {
-            let entry = TableEntry::new(name, Md5Sum::from(md5), size, strategy);
+            let entry = TableEntry::new(name, md5, size, strategy);
             match slot {
                 Slot::Direct => {
                     state.direct_tables.insert(table_id, entry);
@@ -339,7 +331,7 @@ pub fn apply_event(state: &mut SyncState, ev: &Event) {
 #[derive(Default)]
 pub struct TxnFold {
     /// The ids of the tables whose shared file was put.
-    stale: HashSet<String>,
+    stale: HashSet<SafeName>,
 }
 
 impl TxnFold {
@@ -453,8 +445,8 @@ mod tests {
 
     fn entry(slot: SlotRef<'_>, id: &str, shared_path: Option<&str>) -> TableEntry {
         let e = TableEntry::new(
-            format!("n_{id}"),
-            Md5Sum::new("0123456789abcdef0123456789abcdef"),
+            format!("n_{id}").try_into().unwrap(),
+            Md5Sum::parse("0123456789abcdef0123456789abcdef").unwrap(),
             None,
             Strategy::Symlink,
         );
@@ -490,34 +482,47 @@ mod tests {
         let mut state = SyncState::default();
         state
             .direct_tables
-            .insert("t1".into(), entry(SlotRef::Direct, "t1", None));
-        let p1 = state.data_packages.entry("p1".into()).or_default();
-        p1.insert("t1".into(), entry(SlotRef::Package("p1"), "t1", None));
-        p1.insert("t2".into(), entry(SlotRef::Package("p1"), "t2", None));
+            .insert("t1".try_into().unwrap(), entry(SlotRef::Direct, "t1", None));
+        let p1 = state
+            .data_packages
+            .entry("p1".try_into().unwrap())
+            .or_default();
+        p1.insert(
+            "t1".try_into().unwrap(),
+            entry(SlotRef::Package(&"p1".try_into().unwrap()), "t1", None),
+        );
+        p1.insert(
+            "t2".try_into().unwrap(),
+            entry(SlotRef::Package(&"p1".try_into().unwrap()), "t2", None),
+        );
         // An odd entry whose shared path names t1's file, and one naming no table's.
         p1.insert(
-            "t9".into(),
+            "t9".try_into().unwrap(),
             entry(
-                SlotRef::Package("p1"),
+                SlotRef::Package(&"p1".try_into().unwrap()),
                 "t9",
                 Some("data/_shared/t1.parquet"),
             ),
         );
         p1.insert(
-            "t8".into(),
-            entry(SlotRef::Package("p1"), "t8", Some("data/_other/t8.parquet")),
+            "t8".try_into().unwrap(),
+            entry(
+                SlotRef::Package(&"p1".try_into().unwrap()),
+                "t8",
+                Some("data/_other/t8.parquet"),
+            ),
         );
         assert!(!state.data_packages["p1"]["t9"].has_own_paths());
 
         let put = |id: &str| Event::PutShared {
-            table_id: id.to_string(),
-            md5: "0123456789abcdef0123456789abcdef".to_string(),
+            table_id: id.try_into().unwrap(),
+            md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
         };
         let make = |slot: &str, id: &str| Event::MakeRef {
-            slot: Slot::Package(slot.to_string()),
-            table_id: id.to_string(),
-            name: format!("n_{id}"),
-            md5: "0123456789abcdef0123456789abcdef".to_string(),
+            slot: Slot::Package(slot.try_into().unwrap()),
+            table_id: id.try_into().unwrap(),
+            name: format!("n_{id}").try_into().unwrap(),
+            md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
             size: None,
             strategy: Strategy::Symlink,
         };
@@ -552,7 +557,7 @@ mod tests {
         assert_eq!(folded, owned);
         // References keep their fingerprints; those made here have none yet.
         for (slot, id, e) in folded.entries() {
-            let made = slot == SlotRef::Package("p2");
+            let made = slot == SlotRef::Package(&"p2".try_into().unwrap());
             assert_eq!(e.ref_fp, (!made).then_some(FP), "{slot:?} {id}");
         }
     }

@@ -19,8 +19,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::fs::Fs;
 use crate::layout::Layout;
 pub use crate::model::state::{
-    parse_state, parse_state_file, DomainEntry, JournalEnd, JournalPos, Md5Sum, Pulled, StatFp,
-    StateFile, Strategy, SyncState, TableEntry, STATE_FILE_VERSION, STATE_VERSION,
+    parse_state, parse_state_file, DomainEntry, JournalEnd, JournalPos, Md5Sum, Pulled, SafeName,
+    StatFp, StateFile, Strategy, SyncState, TableEntry, STATE_FILE_VERSION, STATE_VERSION,
 };
 use crate::model::state::{state_file_from_reader, FileOut};
 
@@ -161,8 +161,8 @@ mod tests {
     fn sample() -> SyncState {
         let entry = |slot: SlotRef<'_>, r: &str| {
             TableEntry::new(
-                "a".to_string(),
-                Md5Sum::new("0123456789abcdef0123456789abcdef"),
+                "a".try_into().unwrap(),
+                Md5Sum::parse("0123456789abcdef0123456789abcdef").unwrap(),
                 None,
                 Strategy::Symlink,
             )
@@ -170,18 +170,21 @@ mod tests {
         };
         let mut s = SyncState::default();
         let direct = entry(SlotRef::Direct, "data/_direct/a.parquet");
-        s.direct_tables.insert("tbl_a".to_string(), direct);
-        let pkg = entry(SlotRef::Package("p1"), "data/p1/a.parquet");
+        s.direct_tables.insert("tbl_a".try_into().unwrap(), direct);
+        let pkg = entry(
+            SlotRef::Package(&"p1".try_into().unwrap()),
+            "data/p1/a.parquet",
+        );
         s.data_packages
-            .entry("p1".to_string())
+            .entry("p1".try_into().unwrap())
             .or_default()
-            .insert("tbl_a".to_string(), pkg);
+            .insert("tbl_a".try_into().unwrap(), pkg);
         s.journal.txn = 3;
         s.journal.seq = 9;
         s.memory_domains.insert(
-            "m".to_string(),
+            "m".try_into().unwrap(),
             DomainEntry {
-                md5: "0123456789abcdef0123456789abcdef".to_string(),
+                md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
                 path: "memory/m/bundle.md".to_string(),
                 fp: None,
             },

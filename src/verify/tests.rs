@@ -827,14 +827,15 @@ impl Fs for Watching {
     audit_only_reads!();
 }
 
-/// A state file edited by hand reaches the audit unchecked: entries whose slug, id
-/// or name is not one safe path component (their paths built from them leave the
-/// directory), one whose own shared path is absolute (with a reference that is
-/// another entry's, which the content check would otherwise probe with it), and
-/// memory domains with an unsafe slug or a path outside are each reported as
-/// `unsafe_path` where `bad_path` / `missing_domain` would be, in every mode, and
-/// nothing outside the directory is stat-ed, listed, read or hashed (through any
-/// of them, the audit could otherwise stat and hash a victim file).
+/// A state file edited by hand reaches the audit with its paths unchecked: an
+/// entry whose own shared path is absolute (with a reference that is another
+/// entry's, which the content check would otherwise probe with it) and a memory
+/// domain whose path is outside are each reported as `unsafe_path` where
+/// `bad_path` / `missing_domain` would be, in every mode, and nothing outside the
+/// directory is stat-ed, listed, read or hashed (through either, the audit could
+/// otherwise stat and hash a victim file). A slug, id or name that is not one
+/// safe path component never reaches the audit: the state holding it is refused
+/// when it is read, naming the value.
 #[test]
 fn unsafe_entries_are_reported_and_nothing_outside_is_read() {
     let tmp = tempfile::tempdir().unwrap();
@@ -845,14 +846,56 @@ fn unsafe_entries_are_reported_and_nothing_outside_is_read() {
     let victim = victim.to_str().unwrap();
     write(root, "data/_shared/ok.parquet", "OK");
     write(root, "data/_direct/ok.parquet", "OK");
+    let unsafe_names = [
+        (
+            json!({"../../../victim": entry(root, "v", &h("V"), "data/_direct/v.parquet",
+                                            "data/_shared/../../../victim.parquet", "copy", false)}),
+            json!({}),
+            json!({}),
+            "../../../victim",
+        ),
+        (
+            json!({"t1": entry(root, "../../../victim", &h("V"), "data/_direct/../../../victim.parquet",
+                               "data/_shared/t1.parquet", "copy", false)}),
+            json!({}),
+            json!({}),
+            "../../../victim",
+        ),
+        (
+            json!({}),
+            json!({"../..": {"t4": {"name": "victim", "md5": h("V"),
+                                    "ref_path": "data/../../victim.parquet",
+                                    "shared_path": "data/_shared/t4.parquet", "strategy": "copy"}}}),
+            json!({}),
+            "../..",
+        ),
+        (
+            json!({}),
+            json!({}),
+            json!({"../x": {"md5": h("# x"), "path": "memory/../x/bundle.md"}}),
+            "../x",
+        ),
+    ];
+    for (direct, packages, domains, value) in unsafe_names {
+        let text = json!({
+            "version": 1,
+            "direct_tables": direct,
+            "data_packages": packages,
+            "memory_domains": domains,
+        })
+        .to_string();
+        let e = crate::model::state::parse_state(text.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{value:?} is not a safe path component")),
+            "{text}: {e}"
+        );
+    }
     let st = state(
         json!({
-            "../../../victim": entry(root, "v", &h("V"), "data/_direct/v.parquet",
-                                     "data/_shared/../../../victim.parquet", "copy", false),
             "ok": entry(root, "ok", &h("OK"), "data/_direct/ok.parquet",
                         "data/_shared/ok.parquet", "copy", true),
-            "t1": entry(root, "../../../victim", &h("V"), "data/_direct/../../../victim.parquet",
-                        "data/_shared/t1.parquet", "copy", false),
             // Not the engine's paths; its reference is ok's, its shared file the
             // victim (with fingerprints, which the content check compares).
             "t2": {"name": "t2", "md5": h("V"), "ref_path": "data/_direct/ok.parquet",
@@ -860,14 +903,8 @@ fn unsafe_entries_are_reported_and_nothing_outside_is_read() {
                    "ref_fp": fp(root, "data/_direct/ok.parquet"),
                    "shared_fp": fp(tmp.path(), "victim.parquet")},
         }),
+        json!({}),
         json!({
-            "../..": {
-                "t4": {"name": "victim", "md5": h("V"), "ref_path": "data/../../victim.parquet",
-                       "shared_path": "data/_shared/t4.parquet", "strategy": "copy"},
-            },
-        }),
-        json!({
-            "../x": {"md5": h("# x"), "path": "memory/../x/bundle.md"},
             "m": {"md5": h("V"), "path": "../victim.parquet"},
         }),
     );
@@ -895,29 +932,9 @@ fn unsafe_entries_are_reported_and_nothing_outside_is_read() {
     };
     let want = vec![
         entry_row(
-            "data/_direct/v.parquet",
-            r#"direct table "../../../victim""#,
-            r#"table id "../../../victim" is not a safe path component"#,
-        ),
-        entry_row(
-            "data/_direct/../../../victim.parquet",
-            r#"direct table "t1""#,
-            r#"name "../../../victim" is not a safe path component"#,
-        ),
-        entry_row(
             "data/_direct/ok.parquet",
             r#"direct table "t2""#,
             &format!("shared_path {victim:?} could lead outside the directory"),
-        ),
-        entry_row(
-            "data/../../victim.parquet",
-            r#"table "t4" of package "../..""#,
-            r#"package slug "../.." is not a safe path component"#,
-        ),
-        domain_row(
-            "memory/../x/bundle.md",
-            "../x",
-            r#"slug "../x" is not a safe path component"#,
         ),
         domain_row(
             "../victim.parquet",

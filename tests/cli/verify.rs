@@ -358,12 +358,15 @@ fn a_pull_that_adds_a_reference_to_a_known_table_is_followed_by_a_noop() {
     }
 }
 
-/// `verify` audits `sync_state.json` as it finds it, hand edits included. An entry
-/// whose name is not one safe path component (its reference path, built from it,
-/// leaves the directory) and a memory domain whose path leaves it are reported as
-/// `unsafe_path` (exit 4), naming the entry and what is wrong, and their files are
-/// never looked at (following them, the audit would stat and hash the victim, find
-/// it intact and say nothing of the entry).
+/// `verify` audits `sync_state.json` as it finds it, hand edits included. A
+/// memory domain whose path leaves the directory is reported as `unsafe_path`
+/// (exit 4), naming the entry and what is wrong, and its file is never looked
+/// at. An entry whose name is not one safe path component (its reference path,
+/// built from it, would leave the directory) is refused when the state file is
+/// read: `verify` reports the file (`unsafe_state`, exit 4, naming the value)
+/// and audits the journal's projection instead. Either way the victim is never
+/// looked at (following it, the audit would stat and hash it, find it intact and
+/// say nothing of the entry).
 #[test]
 fn verify_reports_an_entry_pointing_outside_the_directory_and_never_reads_there() {
     let (_o, l) = pulled("copy");
@@ -371,23 +374,9 @@ fn verify_reports_an_entry_pointing_outside_the_directory_and_never_reads_there(
     let content = b"table a, version 1\n";
     let victim = l.tmp.path().join("victim.parquet");
     std::fs::write(&victim, content).unwrap();
-    let mut st = state(&dir);
-    let e = &mut st["direct_tables"]["tbl_a"];
-    e["name"] = json!("../../../victim");
-    e["ref_path"] = json!("data/_direct/../../../victim.parquet");
-    st["memory_domains"]["finance"]["path"] = json!("../victim.parquet");
-    std::fs::write(
-        dir.join("sync_state.json"),
-        serde_json::to_vec_pretty(&st).unwrap(),
-    )
-    .unwrap();
-    let before = snapshot(&dir);
-    let entry_why = r#"state entry of direct table "tbl_a": name "../../../victim" is not a safe path component; its files are not checked"#;
-    let domain_why = r#"state entry of memory domain "finance": path "../victim.parquet" could lead outside the directory; its bundle is not checked"#;
-    for contents in [false, true] {
-        let r = verify(&dir, contents);
-        assert_eq!(r.code, 4, "{r:?}");
-        let got: Vec<(u64, String, String, String)> = r.json()["violations"]
+    let pulled_state = state(&dir);
+    let got = |r: &Run| -> Vec<(u64, String, String, String)> {
+        r.json()["violations"]
             .as_array()
             .unwrap()
             .iter()
@@ -399,27 +388,30 @@ fn verify_reports_an_entry_pointing_outside_the_directory_and_never_reads_there(
                     v["message"].as_str().unwrap().to_string(),
                 )
             })
-            .collect();
-        let want = |inv: u64, kind: &str, path: &str, msg: &str| {
-            (inv, kind.to_string(), path.to_string(), msg.to_string())
-        };
+            .collect()
+    };
+
+    // A memory domain pointing outside: reported, never read.
+    let mut st = pulled_state.clone();
+    st["memory_domains"]["finance"]["path"] = json!("../victim.parquet");
+    std::fs::write(
+        dir.join("sync_state.json"),
+        serde_json::to_vec_pretty(&st).unwrap(),
+    )
+    .unwrap();
+    let before = snapshot(&dir);
+    let domain_why = r#"state entry of memory domain "finance": path "../victim.parquet" could lead outside the directory; its bundle is not checked"#;
+    for contents in [false, true] {
+        let r = verify(&dir, contents);
+        assert_eq!(r.code, 4, "{r:?}");
         assert_eq!(
-            got,
-            vec![
-                want(
-                    2,
-                    "unsafe_path",
-                    "data/_direct/../../../victim.parquet",
-                    entry_why
-                ),
-                want(
-                    3,
-                    "untracked",
-                    "data/_direct/a.parquet",
-                    "no state entry holds this file"
-                ),
-                want(4, "unsafe_path", "../victim.parquet", domain_why),
-            ],
+            got(&r),
+            vec![(
+                4,
+                "unsafe_path".to_string(),
+                "../victim.parquet".to_string(),
+                domain_why.to_string()
+            )],
             "contents {contents}"
         );
     }
@@ -428,8 +420,43 @@ fn verify_reports_an_entry_pointing_outside_the_directory_and_never_reads_there(
     assert_eq!(r.code, 4, "{r:?}");
     assert!(
         r.stderr.contains(&format!(
-            "stack: invariant 2 (unsafe_path): data/_direct/../../../victim.parquet: {entry_why}"
+            "stack: invariant 4 (unsafe_path): ../victim.parquet: {domain_why}"
         )),
+        "{r:?}"
+    );
+    assert_same(&before, &snapshot(&dir), "verify");
+
+    // An entry named `../../../victim`: the state file is refused, naming it.
+    let mut st = pulled_state;
+    let e = &mut st["direct_tables"]["tbl_a"];
+    e["name"] = json!("../../../victim");
+    e["ref_path"] = json!("data/_direct/../../../victim.parquet");
+    std::fs::write(
+        dir.join("sync_state.json"),
+        serde_json::to_vec_pretty(&st).unwrap(),
+    )
+    .unwrap();
+    let before = snapshot(&dir);
+    let entry_why = r#""../../../victim" is not a safe path component"#;
+    for contents in [false, true] {
+        let r = verify(&dir, contents);
+        assert_eq!(r.code, 4, "{r:?}");
+        let rows = got(&r);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let (inv, kind, path, message) = &rows[0];
+        assert_eq!(
+            (*inv, kind.as_str(), path.as_str()),
+            (3, "unsafe_state", "sync_state.json")
+        );
+        assert!(message.contains(entry_why), "{message}");
+        assert!(r.stderr.contains("journal's projection"), "{}", r.stderr);
+    }
+    let r = stack(&["verify", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("stack: invariant 3 (unsafe_state): sync_state.json: ")
+            && r.stderr.contains(entry_why),
         "{r:?}"
     );
     assert_same(&before, &snapshot(&dir), "verify");

@@ -17,8 +17,8 @@ use stack::fs::Fs;
 use stack::journal::event::{Event, LinkMode, Record, Slot};
 use stack::journal::frame::{self, End};
 use stack::journal::Journal;
-use stack::layout::is_safe_component;
 use stack::layout::{self, Layout};
+use stack::model::name::is_safe_component;
 use stack::reconcile::manifest::{validate, Desired, Manifest, SlotRef};
 use stack::reconcile::origin::{self, Fetched, LocalOrigin, Origin, Request};
 use stack::reconcile::pull::{default_hash, pull, PullConfig, Wanted};
@@ -228,8 +228,8 @@ pub fn check_journal_bytes(bytes: &[u8]) {
 /// ends a writer may not fix, and otherwise returns the same records and leaves a
 /// file that is the valid prefix and that appends cleanly. Recovery's open
 /// (`Journal::open_checked` asking `check_records`) also refuses a journal whose
-/// records name what stack never writes (most decoded events here), as corrupt,
-/// with nothing cut.
+/// checkpoint names paths stack never writes, as corrupt, with nothing cut (a
+/// record naming an unsafe name or md5 does not even decode: the scan ends there).
 fn check_writer_agrees(bytes: &[u8], scan: &frame::Scan) {
     let layout = Layout::new(ROOT);
     let refuse = matches!(scan.end, End::Corrupt { .. } | End::UnknownVersion { .. });
@@ -569,13 +569,13 @@ pub fn view_of_state(s: &SyncState) -> View {
         .entries()
         .map(|(slot, id, e)| {
             let key = (slot.to_slot(), id.to_string());
-            (key, (e.name.clone(), e.md5.to_string()))
+            (key, (e.name.to_string(), e.md5.to_string()))
         })
         .collect();
     let doms = s
         .memory_domains
         .iter()
-        .map(|(k, d)| (k.clone(), d.md5.clone()))
+        .map(|(k, d)| (k.to_string(), d.md5.to_string()))
         .collect();
     (refs, doms)
 }
@@ -592,7 +592,7 @@ pub fn view_of_desired(d: &Desired) -> View {
     let doms = d
         .domains
         .iter()
-        .map(|(k, w)| (k.clone(), w.md5.clone()))
+        .map(|(k, w)| (k.to_string(), w.md5.to_string()))
         .collect();
     (refs, doms)
 }
@@ -683,7 +683,11 @@ pub fn check_stack(sim: &SimFs, when: &str) -> SyncState {
     assert!(violations.is_empty(), "{when}: {violations:#?}");
     for (slug, d) in &on_disk.memory_domains {
         let got = origin::md5_file(sim, &layout.join(&d.path)).expect("bundle reads");
-        assert_eq!(got, d.md5, "{when}: bundle of {slug} has other content");
+        assert_eq!(
+            got,
+            d.md5.as_str(),
+            "{when}: bundle of {slug} has other content"
+        );
     }
     // Nothing but the engine's own folders at the top.
     for e in sim.read_dir(Path::new(ROOT)).expect("list root") {

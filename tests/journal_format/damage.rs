@@ -64,7 +64,7 @@ fn truncation_at_every_offset_keeps_exactly_the_whole_batches() {
 fn open_cuts_a_torn_tail_at_every_offset_saves_it_and_appends_after() {
     let (_dir, _layout, bytes, records, spans) = sample_journal();
     let extra = Event::RemoveDir {
-        slug: "after".into(),
+        slot: Slot::Package("after".try_into().unwrap()),
     };
     for cut in 0..=bytes.len() {
         let (_d, layout) = temp_layout();

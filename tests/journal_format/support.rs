@@ -7,7 +7,7 @@ pub use proptest::option;
 pub use proptest::prelude::*;
 pub use proptest::strategy::Union;
 pub use stack::fs::{Fs, RealFs};
-pub use stack::journal::event::SlotRef;
+pub use stack::journal::event::{Md5Sum, SafeName, SlotRef};
 pub use stack::journal::frame::{self, HEADER_LEN, MAGIC};
 pub use stack::journal::{check_end, scan_file, End, Event, Journal, LinkMode, Record, Slot};
 pub use stack::layout::Layout;
@@ -174,8 +174,8 @@ pub fn table(
     place: (SlotRef<'_>, &str),
 ) -> stack::replay::state::TableEntry {
     let mut e = stack::replay::state::TableEntry::new(
-        name.to_string(),
-        format!("{:032x}", name.len()).into(),
+        name.try_into().unwrap(),
+        Md5Sum::parse(&format!("{:032x}", name.len())).unwrap(),
         with_optionals.then_some(4096),
         RefStrategy::Hardlink,
     )
@@ -201,24 +201,28 @@ pub fn sample_state() -> SyncState {
         ..SyncState::default()
     };
     state.direct_tables.insert(
-        "tbl_a".into(),
+        "tbl_a".try_into().unwrap(),
         table("alpha", true, (SlotRef::Direct, "tbl_a")),
     );
     state.direct_tables.insert(
-        "tbl_b".into(),
+        "tbl_b".try_into().unwrap(),
         table("beta", false, (SlotRef::Direct, "tbl_b")),
     );
     let mut pkg = BTreeMap::new();
     pkg.insert(
-        "tbl_c".into(),
-        table("gamma", false, (SlotRef::Package("sales"), "tbl_c")),
+        "tbl_c".try_into().unwrap(),
+        table(
+            "gamma",
+            false,
+            (SlotRef::Package(&"sales".try_into().unwrap()), "tbl_c"),
+        ),
     );
-    state.data_packages.insert("sales".into(), pkg);
+    state.data_packages.insert("sales".try_into().unwrap(), pkg);
     assert!(state.entries().all(|(_, _, e)| !e.has_own_paths()));
     state.memory_domains.insert(
-        "ops".into(),
+        "ops".try_into().unwrap(),
         DomainEntry {
-            md5: "d41d8cd98f00b204e9800998ecf8427e".into(),
+            md5: "d41d8cd98f00b204e9800998ecf8427e".try_into().unwrap(),
             path: "memory/ops/bundle.md".into(),
             fp: None,
         },
@@ -228,20 +232,20 @@ pub fn sample_state() -> SyncState {
 
 /// Five batches covering every event variant.
 pub fn sample_batches() -> Vec<Vec<(u64, Event)>> {
-    let md5 = "0123456789abcdef0123456789abcdef".to_string();
+    let md5 = Md5Sum::parse("0123456789abcdef0123456789abcdef").unwrap();
     vec![
         vec![
             (
                 1,
                 Event::Begin {
-                    manifest_md5: md5.clone(),
+                    manifest_md5: md5,
                     link: LinkMode::Auto,
                 },
             ),
             (
                 1,
                 Event::Stage {
-                    md5: md5.clone(),
+                    md5,
                     url: "https://example.com/t.parquet".into(),
                 },
             ),
@@ -250,17 +254,17 @@ pub fn sample_batches() -> Vec<Vec<(u64, Event)>> {
             (
                 1,
                 Event::PutShared {
-                    table_id: "tbl_a".into(),
-                    md5: md5.clone(),
+                    table_id: "tbl_a".try_into().unwrap(),
+                    md5,
                 },
             ),
             (
                 1,
                 Event::MakeRef {
-                    slot: Slot::Package("sales".into()),
-                    table_id: "tbl_a".into(),
-                    name: "orders".into(),
-                    md5: md5.clone(),
+                    slot: Slot::Package("sales".try_into().unwrap()),
+                    table_id: "tbl_a".try_into().unwrap(),
+                    name: "orders".try_into().unwrap(),
+                    md5,
                     size: Some(123),
                     strategy: RefStrategy::Symlink,
                 },
@@ -284,28 +288,33 @@ pub fn sample_batches() -> Vec<Vec<(u64, Event)>> {
                 3,
                 Event::RemoveRef {
                     slot: Slot::Direct,
-                    table_id: "tbl_a".into(),
-                    name: "orders".into(),
+                    table_id: "tbl_a".try_into().unwrap(),
+                    name: "orders".try_into().unwrap(),
                 },
             ),
             (
                 3,
                 Event::RemoveShared {
-                    table_id: "tbl_a".into(),
+                    table_id: "tbl_a".try_into().unwrap(),
                 },
             ),
             (
                 3,
                 Event::PutBundle {
-                    slug: "ops".into(),
+                    slug: "ops".try_into().unwrap(),
                     md5,
                 },
             ),
-            (3, Event::RemoveBundle { slug: "ops".into() }),
+            (
+                3,
+                Event::RemoveBundle {
+                    slug: "ops".try_into().unwrap(),
+                },
+            ),
             (
                 3,
                 Event::RemoveDir {
-                    slug: "sales".into(),
+                    slot: Slot::Package("sales".try_into().unwrap()),
                 },
             ),
             (
@@ -343,6 +352,16 @@ pub fn arb_text() -> impl Strategy<Value = String> {
     "\\PC{0,12}"
 }
 
+/// Any safe name (an id, a name, a slug): anything else does not decode.
+pub fn arb_name() -> impl Strategy<Value = SafeName> {
+    "[A-Za-z0-9][A-Za-z0-9._-]{0,12}".prop_map(|s| SafeName::parse(s).expect("a safe name"))
+}
+
+/// Any md5 the engine records: anything else does not decode.
+pub fn arb_md5() -> impl Strategy<Value = Md5Sum> {
+    "[0-9a-f]{32}".prop_map(|s| Md5Sum::parse(&s).expect("an md5"))
+}
+
 pub fn arb_fp() -> impl Strategy<Value = StatFp> {
     (any::<u64>(), any::<i64>(), any::<u64>()).prop_map(|(size, mtime_ns, ino)| StatFp {
         size,
@@ -371,7 +390,7 @@ pub fn arb_link_mode() -> impl Strategy<Value = LinkMode> {
 }
 
 pub fn arb_slot() -> impl Strategy<Value = Slot> {
-    prop_oneof![Just(Slot::Direct), arb_text().prop_map(Slot::Package)]
+    prop_oneof![Just(Slot::Direct), arb_name().prop_map(Slot::Package)]
 }
 
 /// A table entry before it has a place: its paths are the layout's for the place
@@ -380,13 +399,13 @@ pub type RawEntry = (stack::replay::state::TableEntry, Option<(String, String)>)
 
 pub fn arb_table_entry() -> impl Strategy<Value = RawEntry> {
     (
-        (arb_text(), arb_text(), option::of(any::<u64>())),
+        (arb_name(), arb_md5(), option::of(any::<u64>())),
         (option::of((arb_text(), arb_text())), arb_ref_strategy()),
         (option::of(arb_fp()), option::of(arb_fp())),
     )
         .prop_map(
             |((name, md5, size), (paths, strategy), (ref_fp, shared_fp))| {
-                let mut e = stack::replay::state::TableEntry::new(name, md5.into(), size, strategy);
+                let mut e = stack::replay::state::TableEntry::new(name, md5, size, strategy);
                 e.ref_fp = ref_fp;
                 e.shared_fp = shared_fp;
                 (e, paths)
@@ -397,8 +416,8 @@ pub fn arb_table_entry() -> impl Strategy<Value = RawEntry> {
 /// The entries of one slot, each given its paths there.
 pub fn place(
     slot: SlotRef<'_>,
-    raw: BTreeMap<String, RawEntry>,
-) -> BTreeMap<String, stack::replay::state::TableEntry> {
+    raw: BTreeMap<SafeName, RawEntry>,
+) -> BTreeMap<SafeName, stack::replay::state::TableEntry> {
     raw.into_iter()
         .map(|(id, (e, paths))| {
             let e = match paths {
@@ -411,7 +430,7 @@ pub fn place(
 }
 
 pub fn arb_domain() -> impl Strategy<Value = DomainEntry> {
-    (arb_text(), arb_text(), option::of(arb_fp())).prop_map(|(md5, path, fp)| DomainEntry {
+    (arb_md5(), arb_text(), option::of(arb_fp())).prop_map(|(md5, path, fp)| DomainEntry {
         md5,
         path,
         fp,
@@ -421,13 +440,13 @@ pub fn arb_domain() -> impl Strategy<Value = DomainEntry> {
 pub fn arb_state() -> impl Strategy<Value = SyncState> {
     (
         (any::<u32>(), any::<u64>(), any::<u64>()),
-        btree_map(arb_text(), arb_table_entry(), 0..3),
+        btree_map(arb_name(), arb_table_entry(), 0..3),
         btree_map(
-            arb_text(),
-            btree_map(arb_text(), arb_table_entry(), 0..3),
+            arb_name(),
+            btree_map(arb_name(), arb_table_entry(), 0..3),
             0..3,
         ),
-        btree_map(arb_text(), arb_domain(), 0..3),
+        btree_map(arb_name(), arb_domain(), 0..3),
     )
         .prop_map(
             |((version, txn, seq), direct_tables, data_packages, memory_domains)| SyncState {
@@ -454,10 +473,10 @@ pub fn arb_state() -> impl Strategy<Value = SyncState> {
 /// Any event, every variant reachable.
 pub fn arb_event() -> impl Strategy<Value = Event> {
     Union::new(vec![
-        (arb_text(), arb_link_mode())
+        (arb_md5(), arb_link_mode())
             .prop_map(|(manifest_md5, link)| Event::Begin { manifest_md5, link })
             .boxed(),
-        (arb_text(), arb_text())
+        (arb_md5(), arb_text())
             .prop_map(|(md5, url)| Event::Stage { md5, url })
             .boxed(),
         (arb_text(), any::<u64>(), any::<u64>())
@@ -467,12 +486,12 @@ pub fn arb_event() -> impl Strategy<Value = Event> {
                 skipped_packages,
             })
             .boxed(),
-        (arb_text(), arb_text())
+        (arb_name(), arb_md5())
             .prop_map(|(table_id, md5)| Event::PutShared { table_id, md5 })
             .boxed(),
         (
             arb_slot(),
-            (arb_text(), arb_text(), arb_text()),
+            (arb_name(), arb_name(), arb_md5()),
             option::of(any::<u64>()),
             arb_ref_strategy(),
         )
@@ -487,24 +506,24 @@ pub fn arb_event() -> impl Strategy<Value = Event> {
                 },
             )
             .boxed(),
-        (arb_slot(), arb_text(), arb_text())
+        (arb_slot(), arb_name(), arb_name())
             .prop_map(|(slot, table_id, name)| Event::RemoveRef {
                 slot,
                 table_id,
                 name,
             })
             .boxed(),
-        arb_text()
+        arb_name()
             .prop_map(|table_id| Event::RemoveShared { table_id })
             .boxed(),
-        (arb_text(), arb_text())
+        (arb_name(), arb_md5())
             .prop_map(|(slug, md5)| Event::PutBundle { slug, md5 })
             .boxed(),
-        arb_text()
+        arb_name()
             .prop_map(|slug| Event::RemoveBundle { slug })
             .boxed(),
-        arb_text()
-            .prop_map(|slug| Event::RemoveDir { slug })
+        arb_slot()
+            .prop_map(|slot| Event::RemoveDir { slot })
             .boxed(),
         Just(Event::Prepared).boxed(),
         vec((arb_text(), arb_fp()), 0..4)

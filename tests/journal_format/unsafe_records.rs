@@ -1,6 +1,11 @@
 //! Records stack never writes (checkpoints and events naming paths outside the
-//! directory): refused as corruption everywhere, and nothing is touched.
+//! directory): refused as corruption everywhere, and nothing is touched. A name,
+//! slug or md5 that is not one stack writes does not even decode (the typed
+//! events cannot hold one: such records are forged, `forge_journal`); a
+//! checkpoint whose paths are not the layout's decodes and is refused by what
+//! reads it.
 
+use super::forge::forge_journal;
 use super::support::*;
 
 // Checkpoints holding a state stack never writes.
@@ -11,8 +16,8 @@ use super::support::*;
 fn state_naming(name: &str, shared: &str) -> SyncState {
     let mut state = SyncState::default();
     let entry = stack::replay::state::TableEntry::new(
-        name.to_string(),
-        "0123456789abcdef0123456789abcdef".into(),
+        name.try_into().unwrap(),
+        "0123456789abcdef0123456789abcdef".try_into().unwrap(),
         Some(3),
         RefStrategy::Copy,
     )
@@ -21,7 +26,9 @@ fn state_naming(name: &str, shared: &str) -> SyncState {
         &format!("data/_direct/{name}.parquet"),
         shared,
     );
-    state.direct_tables.insert("tbl_a".into(), entry);
+    state
+        .direct_tables
+        .insert("tbl_a".try_into().unwrap(), entry);
     state
 }
 
@@ -59,9 +66,9 @@ fn dir_with_batch(events: Vec<Event>) -> (tempfile::TempDir, Layout, u64) {
             1,
             Event::MakeRef {
                 slot: Slot::Direct,
-                table_id: "tbl_a".into(),
-                name: "a".into(),
-                md5,
+                table_id: "tbl_a".try_into().unwrap(),
+                name: "a".try_into().unwrap(),
+                md5: md5.try_into().unwrap(),
                 size: Some(3),
                 strategy: RefStrategy::Copy,
             },
@@ -101,32 +108,26 @@ fn dir_with_checkpoint(state: &SyncState) -> (tempfile::TempDir, Layout, u64) {
     }])
 }
 
-/// A checkpoint is a whole state, paths included. One that fails the state file's
-/// own rule (`SyncState::check_paths`: absolute or `..` paths, unsafe names, paths
-/// that are not the layout's) was not written by stack: replay, recovery and the
-/// check before an append refuse the journal as corruption (exit 4), naming the
-/// record and what is wrong, and change nothing in the directory (the torn tail
-/// after it is not cut, no `journal.broken`, the state file is not rewritten).
-/// The byte format still reads the record (`journal show` lists it).
+/// A checkpoint is a whole state, paths included. One whose paths fail the state
+/// file's own rule (`SyncState::check_paths`: absolute or `..` paths, paths that
+/// are not the layout's) was not written by stack: replay, recovery and the check
+/// before an append refuse the journal as corruption (exit 4), naming the record
+/// and what is wrong, and change nothing in the directory (the torn tail after it
+/// is not cut, no `journal.broken`, the state file is not rewritten). The byte
+/// format still reads the record (`journal show` lists it). One naming an unsafe
+/// name or slug does not decode at all: the same refusal, at its frame, naming
+/// the value.
 #[test]
 fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
     use stack::reconcile::recover::replay;
     let outside = tempfile::tempdir().unwrap();
     let victim = outside.path().join("victim.parquet");
     let victim = victim.to_str().unwrap();
-    let mut slug = SyncState::default();
-    slug.data_packages.insert(
-        "..".into(),
-        state_naming("a", "data/_shared/tbl_a.parquet")
-            .direct_tables
-            .into_iter()
-            .collect(),
-    );
     let mut domain = SyncState::default();
     domain.memory_domains.insert(
-        "ops".into(),
+        "ops".try_into().unwrap(),
         DomainEntry {
-            md5: "d41d8cd98f00b204e9800998ecf8427e".into(),
+            md5: "d41d8cd98f00b204e9800998ecf8427e".try_into().unwrap(),
             path: "memory/../../ops.md".into(),
             fp: None,
         },
@@ -141,21 +142,6 @@ fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
             "../ shared path",
             state_naming("a", "data/_shared/../../victim.parquet"),
             "data/_shared/../../victim.parquet are not the engine's".to_string(),
-        ),
-        (
-            "../ name",
-            state_naming("../../victim", "data/_shared/tbl_a.parquet"),
-            r#"named "../../victim" is not a safe path component"#.to_string(),
-        ),
-        (
-            "absolute name",
-            state_naming("/victim", "data/_shared/tbl_a.parquet"),
-            r#"named "/victim" is not a safe path component"#.to_string(),
-        ),
-        (
-            ".. package slug",
-            slug,
-            r#"package slug ".." is not a safe path component"#.to_string(),
         ),
         (
             "memory domain outside memory/",
@@ -175,8 +161,35 @@ fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
         refused_everywhere(
             &layout,
             what,
-            (at, 4),
+            (at, Some(4)),
             &["checkpoint seq 4 (transaction 2)".to_string(), why],
+        );
+    }
+
+    // Names that are not safe: the checkpoint is written with a safe name of the
+    // same length, which is then replaced by the unsafe one.
+    for (what, placeholder, value) in [
+        ("../ name", "QQQQQQQQQQQQ", "../../victim"),
+        ("absolute name", "QQQQQQQ", "/victim"),
+        (".. package slug", "QQ", ".."),
+    ] {
+        let state = if what.contains("slug") {
+            let mut s = SyncState::default();
+            s.data_packages.insert(
+                placeholder.try_into().unwrap(),
+                state_naming("a", "data/_shared/tbl_a.parquet").direct_tables,
+            );
+            s
+        } else {
+            state_naming(placeholder, "data/_shared/tbl_a.parquet")
+        };
+        let (_dir, layout, at) = dir_with_checkpoint(&state);
+        forge_journal(&layout.journal(), placeholder, value);
+        refused_everywhere(
+            &layout,
+            what,
+            (at, None),
+            &[format!("{value:?} is not a safe path component")],
         );
     }
 
@@ -196,112 +209,140 @@ fn checkpoint_with_unsafe_paths_is_corruption_and_nothing_is_touched() {
 // Events naming what stack never writes.
 // ---------------------------------------------------------------------------
 
-/// Events name their files by ids, names and slugs (never paths) that validation
-/// proved safe. A checksum-valid record holding one that is not (hand-made: a
+/// Events name their files by ids, names and slugs (never paths) that are safe
+/// path components. A checksum-valid record holding one that is not (hand-made: a
 /// `MakeRef` named `../../../victim`, a `..` slug, an md5 that is a path, a placed
-/// folder or a stray outside `data/`) was not written by stack: replay, recovery
-/// and the check before an append refuse the journal as corruption (exit 4),
-/// naming the record, its seq and transaction and the value, whether its
-/// transaction committed, reached its commit point or neither, and change nothing
-/// (the torn tail after it is not cut, the state file not rewritten). Before, a
-/// committed one was folded (heal then stat-ed and hashed the victim, and the next
-/// pull planned a removal apply refused, after its commit point: every later
-/// command failed), and a prepared one failed apply's check (exit 1) after the torn
-/// tail was cut.
+/// folder or a stray outside `data/`) was not written by stack and does not
+/// decode: replay, recovery and the check before an append refuse the journal as
+/// corruption (exit 4), naming its frame and the value, whether its transaction
+/// committed, reached its commit point or neither, and change nothing (the torn
+/// tail after it is not cut, the state file not rewritten). Folded instead, a
+/// committed one would send heal to stat and hash the victim, and the next pull
+/// would plan a removal outside the directory.
 #[test]
 fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
     use stack::reconcile::recover::replay;
-    let md5 = || "0123456789abcdef0123456789abcdef".to_string();
-    let make_ref = |slot: Slot, table_id: &str, name: &str| Event::MakeRef {
+    let md5 = || Md5Sum::parse("0123456789abcdef0123456789abcdef").unwrap();
+    let name = |s: &str| SafeName::parse(s).unwrap();
+    let make_ref = |slot: Slot, table_id: &str, ref_name: &str| Event::MakeRef {
         slot,
-        table_id: table_id.into(),
-        name: name.into(),
+        table_id: name(table_id),
+        name: name(ref_name),
         md5: md5(),
         size: Some(3),
         strategy: RefStrategy::Copy,
     };
-    let unsafe_component =
-        |what: &str, v: &str| format!("{what} {v:?} is not a safe path component");
-    let cases: Vec<(Event, String)> = vec![
+    let unsafe_component = |v: &str| format!("{v:?} is not a safe path component");
+    // (the event with a placeholder, the placeholder, the value it is replaced
+    // with, what the refusal says)
+    let cases: Vec<(Event, &str, &str, String)> = vec![
         (
-            make_ref(Slot::Direct, "tbl_a", "../../../victim"),
-            unsafe_component("name", "../../../victim"),
+            make_ref(Slot::Direct, "tbl_a", "QQQQQQQQQQQQQQQ"),
+            "QQQQQQQQQQQQQQQ",
+            "../../../victim",
+            unsafe_component("../../../victim"),
         ),
         (
-            make_ref(Slot::Direct, "tbl_a", "/victim"),
-            unsafe_component("name", "/victim"),
+            make_ref(Slot::Direct, "tbl_a", "QQQQQQQ"),
+            "QQQQQQQ",
+            "/victim",
+            unsafe_component("/victim"),
         ),
         (
-            make_ref(Slot::Package("..".into()), "tbl_a", "a"),
-            unsafe_component("slug", ".."),
+            make_ref(Slot::Package(name("QQ")), "tbl_a", "a"),
+            "QQ",
+            "..",
+            unsafe_component(".."),
         ),
         (
-            make_ref(Slot::Direct, "../../victim", "a"),
-            unsafe_component("table id", "../../victim"),
+            make_ref(Slot::Direct, "QQQQQQQQQQQQ", "a"),
+            "QQQQQQQQQQQQ",
+            "../../victim",
+            unsafe_component("../../victim"),
         ),
         (
             Event::RemoveRef {
-                slot: Slot::Package("../..".into()),
-                table_id: "tbl_a".into(),
-                name: "a".into(),
+                slot: Slot::Package(name("QQQQQ")),
+                table_id: name("tbl_a"),
+                name: name("a"),
             },
-            unsafe_component("slug", "../.."),
+            "QQQQQ",
+            "../..",
+            unsafe_component("../.."),
         ),
         (
             Event::PutShared {
-                table_id: "../victim".into(),
+                table_id: name("QQQQQQQQQ"),
                 md5: md5(),
             },
-            unsafe_component("table id", "../victim"),
+            "QQQQQQQQQ",
+            "../victim",
+            unsafe_component("../victim"),
         ),
         (
             Event::PutShared {
-                table_id: "tbl_a".into(),
-                md5: "../../../../victim".into(),
+                table_id: name("tbl_a"),
+                md5: Md5Sum::parse("ffffffffffffffffffffffffffffffff").unwrap(),
             },
-            r#"md5 "../../../../victim" is not 32 hex digits"#.to_string(),
+            "ffffffffffffffffffffffffffffffff",
+            "../../../../victim",
+            r#"md5 "../../../../victim" is not 32 lowercase hex digits"#.to_string(),
         ),
         (
             Event::RemoveShared {
-                table_id: "..".into(),
+                table_id: name("QQ"),
             },
-            unsafe_component("table id", ".."),
+            "QQ",
+            "..",
+            unsafe_component(".."),
         ),
         (
             Event::PutBundle {
-                slug: "../..".into(),
+                slug: name("QQQQQ"),
                 md5: md5(),
             },
-            unsafe_component("slug", "../.."),
+            "QQQQQ",
+            "../..",
+            unsafe_component("../.."),
         ),
         (
-            Event::RemoveBundle { slug: "/".into() },
-            unsafe_component("slug", "/"),
+            Event::RemoveBundle { slug: name("Q") },
+            "Q",
+            "/",
+            unsafe_component("/"),
         ),
         (
             Event::RemoveDir {
-                slug: "../..".into(),
+                slot: Slot::Package(name("QQQQQ")),
             },
-            unsafe_component("slug", "../.."),
+            "QQQQQ",
+            "../..",
+            unsafe_component("../.."),
         ),
         (
             Event::Place {
                 staged: "place-0".into(),
-                rel: "data/../..".into(),
+                rel: "data/QQQQQ".into(),
             },
+            "data/QQQQQ",
+            "data/../..",
             r#"folder "data/../.." is not one stack places"#.to_string(),
         ),
         (
             Event::Place {
-                staged: "../../x".into(),
+                staged: "place-Q".into(),
                 rel: "data/_shared".into(),
             },
+            "place-Q",
+            "../../x",
             r#"staged folder "../../x" is not one stack makes"#.to_string(),
         ),
         (
             Event::RemoveStray {
-                rel: "data/../../victim.parquet".into(),
+                rel: "data/QQQQQQQQQQQQQQQQQQQQ".into(),
             },
+            "data/QQQQQQQQQQQQQQQQQQQQ",
+            "data/../../victim.parquet",
             r#"stray "data/../../victim.parquet" is not a path under data/ or memory/"#.to_string(),
         ),
     ];
@@ -316,26 +357,16 @@ fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
         &[Event::Prepared],
         &[],
     ];
-    for (event, why) in cases {
+    for (event, placeholder, value, why) in cases {
         for tail in tails {
-            let what = format!("{} then {} more", event.kind(), tail.len());
+            let what = format!("{} {value:?} then {} more", event.kind(), tail.len());
             let mut events = vec![event.clone()];
             events.extend(tail.iter().cloned());
             let (tmp, layout, at) = dir_with_batch(events);
+            forge_journal(&layout.journal(), placeholder, value);
             let victim = tmp.path().join("victim.parquet");
             std::fs::write(&victim, b"abc").unwrap();
-            refused_everywhere(
-                &layout,
-                &what,
-                (at, 4 + tail.len()),
-                &[
-                    format!(
-                        "{} seq 4 (transaction 2) has a valid checksum",
-                        event.kind()
-                    ),
-                    why.clone(),
-                ],
-            );
+            refused_everywhere(&layout, &what, (at, None), std::slice::from_ref(&why));
             assert_eq!(std::fs::read(&victim).unwrap(), b"abc", "{what}");
         }
     }
@@ -343,7 +374,7 @@ fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
     // The same journal with events stack writes replays, cutting the torn tail:
     // the refusals above are the events'.
     let (_tmp, layout, _) = dir_with_batch(vec![
-        make_ref(Slot::Package("p1".into()), "tbl_b", "b"),
+        make_ref(Slot::Package(name("p1")), "tbl_b", "b"),
         Event::RemoveStray {
             rel: "data/p9/x.parquet".into(),
         },
@@ -361,15 +392,16 @@ fn event_naming_a_path_outside_is_corruption_and_nothing_is_touched() {
     assert_eq!(rec.state.data_packages["p1"].len(), 1);
 }
 
-/// `layout`'s journal, whose record 3 at byte `at` is refused: its bytes still scan
-/// (`records` records, a torn tail after them), and `check_journal`, `replay`,
-/// `recover` and `journal_is_clean` each refuse it as `JournalCorrupt` at that
-/// record, with a message holding every one of `needles`; the directory is left
-/// byte for byte as it was.
+/// `layout`'s journal, whose record 3 at byte `at` is refused: when its frame
+/// decodes (`records`: how many records the bytes then hold), its bytes still scan
+/// (a torn tail after them), else (`None`) the scan ends there as corrupt; either
+/// way `check_journal`, `replay`, `recover` and `journal_is_clean` each refuse it
+/// as `JournalCorrupt` at that record, with a message holding every one of
+/// `needles`; the directory is left byte for byte as it was.
 fn refused_everywhere(
     layout: &Layout,
     what: &str,
-    (at, records): (u64, usize),
+    (at, records): (u64, Option<usize>),
     needles: &[String],
 ) {
     use stack::reconcile::recover::{journal_is_clean, recover, replay};
@@ -392,10 +424,23 @@ fn refused_everywhere(
             );
         }
     };
-    // The byte format keeps the records; what they mean is refused.
     let scan = scan_file(&RealFs, layout).unwrap().unwrap();
-    assert!(matches!(scan.end, End::TornTail { .. }), "{what}");
-    assert_eq!(scan.records.len(), records, "{what}");
+    match records {
+        // The byte format keeps the records; what they mean is refused.
+        Some(records) => {
+            assert!(matches!(scan.end, End::TornTail { .. }), "{what}");
+            assert_eq!(scan.records.len(), records, "{what}");
+        }
+        // The record does not decode: its checksum-valid frame is corruption.
+        None => {
+            assert!(
+                matches!(scan.end, End::Corrupt { offset, record: 3, .. } if offset == at),
+                "{what}: {:?}",
+                scan.end
+            );
+            assert_eq!(scan.records.len(), 3, "{what}");
+        }
+    }
     refused(check_journal(layout, &scan).unwrap_err());
     refused(replay(real_fs(), layout).err().expect("replay refuses"));
     refused(recover(real_fs(), layout).err().expect("recover refuses"));

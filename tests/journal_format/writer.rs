@@ -319,10 +319,10 @@ fn creating_the_journal_makes_the_names_leading_to_it_durable() {
 fn auto_compaction_bound_holds_across_reopens() {
     let (_tmp, layout) = temp_layout();
     let event = |i: u64| Event::MakeRef {
-        slot: Slot::Package("pkg".to_string()),
-        table_id: format!("tbl_{i:08}"),
-        name: format!("name_{i:08}"),
-        md5: "0123456789abcdef0123456789abcdef".to_string(),
+        slot: Slot::Package("pkg".try_into().unwrap()),
+        table_id: format!("tbl_{i:08}").try_into().unwrap(),
+        name: format!("name_{i:08}").try_into().unwrap(),
+        md5: "0123456789abcdef0123456789abcdef".try_into().unwrap(),
         size: Some(i),
         strategy: RefStrategy::Symlink,
     };
