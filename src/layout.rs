@@ -151,6 +151,17 @@ pub fn under_data(rel: &str) -> Option<&str> {
     rel.strip_prefix("data/")
 }
 
+/// What follows `memory/` in `rel`, if `rel` is under the memory folder.
+pub fn under_memory(rel: &str) -> Option<&str> {
+    rel.strip_prefix("memory/")
+}
+
+/// Whether `rel` is one of the two top folders a stack's files live in
+/// (`data`, `memory`).
+pub fn is_top_dir(rel: &str) -> bool {
+    rel == "data" || rel == "memory"
+}
+
 /// `memory/<slug>`
 pub fn domain_dir_rel(slug: &str) -> String {
     format!("memory/{slug}")

@@ -301,23 +301,20 @@ impl Undoer<'_> {
             return true;
         }
         let inside = |prefix: &str| self.held.iter().any(|p| p.starts_with(prefix));
-        match rel {
-            "data" | "memory" => {
-                let prefix = format!("{rel}/");
-                !inside(&prefix) && placed.iter().any(|p| p.starts_with(&prefix))
-            }
-            // `data/_shared` outlives its last table (it is placed when new);
-            // `data/_direct` goes with its last table (`RemoveDir`).
-            _ if rel == layout::SHARED_DIR => false,
-            _ if rel == "data/_direct" => old.direct_tables.is_empty(),
-            _ if rel.starts_with("data/") => {
-                let slug = &rel["data/".len()..];
-                !slug.contains('/') && !old.data_packages.contains_key(slug)
-            }
-            _ if rel.starts_with("memory/") => {
-                let slug = &rel["memory/".len()..];
-                !slug.contains('/') && !old.memory_domains.contains_key(slug)
-            }
+        if layout::is_top_dir(rel) {
+            let prefix = format!("{rel}/");
+            return !inside(&prefix) && placed.iter().any(|p| p.starts_with(&prefix));
+        }
+        // `data/_shared` outlives its last table (it is placed when new);
+        // `data/_direct` goes with its last table (`RemoveDir`).
+        if rel == layout::SHARED_DIR {
+            return false;
+        }
+        let one_folder = |slug: &str| !slug.contains('/');
+        match (layout::under_data(rel), layout::under_memory(rel)) {
+            (Some(layout::DIRECT_DIR), _) => old.direct_tables.is_empty(),
+            (Some(slug), _) => one_folder(slug) && !old.data_packages.contains_key(slug),
+            (_, Some(slug)) => one_folder(slug) && !old.memory_domains.contains_key(slug),
             _ => false,
         }
     }
