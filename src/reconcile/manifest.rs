@@ -231,10 +231,21 @@ where
 impl Manifest {
     /// Parse manifest JSON; a parse error is a bad manifest (exit 2).
     pub fn from_json(bytes: &[u8]) -> Result<Manifest> {
-        let bad = |e: String| Error::BadManifest(format!("not a valid manifest: {e}"));
         // Contract §1 manifests, tables, packages and domains are objects.
-        shape::check(bytes).map_err(bad)?;
-        serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))
+        shape::check(bytes).map_err(Error::BadManifest)?;
+        serde_json::from_slice(bytes).map_err(|_| Error::BadManifest(where_invalid(bytes)))
+    }
+}
+
+/// Why `bytes` is not a manifest, naming the entry: parsed again with the
+/// path tracked (`data_packages[0].tables[1].name: "../x" is not a safe path
+/// component …`), which only a refused manifest pays for.
+fn where_invalid(bytes: &[u8]) -> String {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, Manifest>(de) {
+        Err(e) if e.path().iter().next().is_some() => format!("{}: {}", e.path(), e.inner()),
+        Err(e) => e.into_inner().to_string(),
+        Ok(_) => "not a valid manifest".to_string(),
     }
 }
 

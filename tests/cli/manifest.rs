@@ -56,16 +56,33 @@ fn unsafe_components_are_refused_and_named() {
         let quoted = format!("{v:?}");
         let mut m = base();
         m["direct_tables"][0]["id"] = json!(v);
-        cases.push((format!("direct table id {v:?}"), m, quoted.clone()));
+        let at = |path: &str| format!("{path}: {quoted}");
+        cases.push((
+            format!("direct table id {v:?}"),
+            m,
+            at("direct_tables[0].id"),
+        ));
         let mut m = base();
         m["data_packages"][0]["tables"][1]["name"] = json!(v);
-        cases.push((format!("package table name {v:?}"), m, quoted.clone()));
+        cases.push((
+            format!("package table name {v:?}"),
+            m,
+            at("data_packages[0].tables[1].name"),
+        ));
         let mut m = base();
         m["data_packages"][1]["slug"] = json!(v);
-        cases.push((format!("package slug {v:?}"), m, quoted.clone()));
+        cases.push((
+            format!("package slug {v:?}"),
+            m,
+            at("data_packages[1].slug"),
+        ));
         let mut m = base();
         m["memory_domains"][0]["slug"] = json!(v);
-        cases.push((format!("domain slug {v:?}"), m, quoted.clone()));
+        cases.push((
+            format!("domain slug {v:?}"),
+            m,
+            at("memory_domains[0].slug"),
+        ));
     }
     refuse_all(cases);
 }
