@@ -260,30 +260,6 @@ impl<'a> Applier<'a> {
         ));
     }
 
-    /// Does `path` hold content `md5` as a file of its own (not a symlink to
-    /// one: a reference whose link mode changed is not the step's file)?
-    fn holds(&self, path: &Path, md5: &str) -> Result<bool> {
-        match self.fs.symlink_metadata(path) {
-            Ok(m) if m.kind == Kind::File => {}
-            Ok(_) => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e).at("stat", path),
-        }
-        match crate::reconcile::origin::md5_file(self.fs, path) {
-            Ok(h) => Ok(h == md5),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e).at("read", path),
-        }
-    }
-
-    /// Are `a` and `b` names of one inode?
-    fn same_file(&self, a: &Path, b: &Path) -> bool {
-        match (self.fs.symlink_metadata(a), self.fs.symlink_metadata(b)) {
-            (Ok(x), Ok(y)) => x.ino == y.ino && x.dev == y.dev,
-            _ => false,
-        }
-    }
-
     /// Move `rel`, which no state entry holds (a user's file, perhaps), to
     /// `.stack/quarantine/<txn>/<rel>`: out of the stack's folders, never
     /// destroyed (`gc --force` deletes it, explicitly). Gone already: moved before
@@ -294,11 +270,11 @@ impl<'a> Applier<'a> {
     /// `Ok(true)`: moved; `Ok(false)`: nothing was there.
     fn to_quarantine(&self, rel: &str) -> Result<bool> {
         let src = self.layout.join(rel);
-        if !self.entry_exists(&src)? {
+        if !entry_exists(self.fs, &src)? {
             return Ok(false);
         }
         let dst = quarantined(self.layout, self.txn, rel);
-        if self.entry_exists(&dst)? {
+        if entry_exists(self.fs, &dst)? {
             let taken = io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("{} holds an earlier file of that name", dst.display()),
@@ -311,15 +287,6 @@ impl<'a> Applier<'a> {
         match self.fs.rename_noreplace(&src, &dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             r => r.at("rename", &src).map(|()| true),
-        }
-    }
-
-    /// Is there an entry named `path` (a dangling symlink included)?
-    fn entry_exists(&self, path: &Path) -> Result<bool> {
-        match self.fs.symlink_metadata(path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e).at("stat", path),
         }
     }
 
@@ -432,7 +399,7 @@ impl<'a> Applier<'a> {
         let mut moved = false;
         for entry in &entries {
             let to = dst.join(&entry.name);
-            if !self.entry_exists(&to)? {
+            if !entry_exists(self.fs, &to)? {
                 continue;
             }
             let in_the_way = format!("{rel}/{}", entry.name);
@@ -511,7 +478,7 @@ impl<'a> Applier<'a> {
                     // (a no-replace rename done as link and unlink, cut between).
                     let ran = || {
                         Ok(!self.fs.exists(&staged).at("stat", &staged)?
-                            || self.same_file(&dst, &staged))
+                            || same_file(self.fs, &dst, &staged))
                     };
                     return match self.rename_into(seq, &staged, &dst, &ran)? {
                         Err(e)
@@ -536,7 +503,7 @@ impl<'a> Applier<'a> {
                 // filesystem. Where links are refused, copy.
                 self.link_or_copy(Strategy::Hardlink, &staged, &tmp, &staged)?;
                 self.fs.set_readonly(&tmp, true).at("chmod", &tmp)?;
-                let own = || Ok(self.same_file(&dst, &staged) || self.holds(&dst, md5)?);
+                let own = || Ok(same_file(self.fs, &dst, &staged) || holds(self.fs, &dst, md5)?);
                 self.rename_into(seq, &tmp, &dst, &own)?.at("rename", &dst)
             }
             Event::MakeRef {
@@ -575,11 +542,11 @@ impl<'a> Applier<'a> {
                         .fs
                         .read_link(&dst)
                         .is_ok_and(|t| t == layout::symlink_target(table_id))),
-                    Strategy::Hardlink => Ok(self.same_file(&dst, &shared)),
+                    Strategy::Hardlink => Ok(same_file(self.fs, &dst, &shared)),
                     // A copy of its own, not a hard link to the shared file
                     // (a reference whose link mode changed).
                     Strategy::Copy | Strategy::Reflink => {
-                        Ok(!self.same_file(&dst, &shared) && self.holds(&dst, md5)?)
+                        Ok(!same_file(self.fs, &dst, &shared) && holds(self.fs, &dst, md5)?)
                     }
                 };
                 self.rename_into(seq, &tmp, &dst, &own)?.at("rename", &dst)
@@ -600,7 +567,7 @@ impl<'a> Applier<'a> {
                 self.ensure_dir(&dir)?;
                 let tmp = self.tmp_path(seq)?;
                 self.fs.copy_file(&staged, &tmp, false).at("copy", &tmp)?;
-                self.rename_into(seq, &tmp, &dst, &|| self.holds(&dst, md5))?
+                self.rename_into(seq, &tmp, &dst, &|| holds(self.fs, &dst, md5))?
                     .at("rename", &dst)
             }
             Event::RemoveBundle { slug } => {
@@ -747,6 +714,39 @@ fn keeps_appearing(dst: &Path) -> io::Error {
 /// Where transaction `txn` keeps the stray `rel` (see `Applier::to_quarantine`).
 pub fn quarantined(layout: &Layout, txn: u64, rel: &str) -> std::path::PathBuf {
     layout.quarantine().join(txn.to_string()).join(rel)
+}
+
+/// Does `path` hold content `md5` as a file of its own (not a symlink to
+/// one: a reference whose link mode changed is not the step's file)?
+pub(super) fn holds(fs: &dyn Fs, path: &Path, md5: &str) -> Result<bool> {
+    match fs.symlink_metadata(path) {
+        Ok(m) if m.kind == Kind::File => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).at("stat", path),
+    }
+    match crate::reconcile::origin::md5_file(fs, path) {
+        Ok(h) => Ok(h == md5),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).at("read", path),
+    }
+}
+
+/// Are `a` and `b` names of one inode?
+pub(super) fn same_file(fs: &dyn Fs, a: &Path, b: &Path) -> bool {
+    match (fs.symlink_metadata(a), fs.symlink_metadata(b)) {
+        (Ok(x), Ok(y)) => x.ino == y.ino && x.dev == y.dev,
+        _ => false,
+    }
+}
+
+/// Is there an entry named `path` (a dangling symlink included)?
+pub(super) fn entry_exists(fs: &dyn Fs, path: &Path) -> Result<bool> {
+    match fs.symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).at("stat", path),
+    }
 }
 
 /// The kinds of step whose consecutive runs may be applied in parallel.

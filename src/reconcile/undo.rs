@@ -31,7 +31,7 @@ use crate::error::{IoContext, Result, Warnings};
 use crate::fs::{Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::layout::{self, Layout};
-use crate::reconcile::apply::quarantined;
+use crate::reconcile::apply::{entry_exists, holds, quarantined, same_file};
 use crate::replay::state::{Strategy, SyncState};
 
 /// Put the old stack `old` back after transaction `txn` applied some of
@@ -63,7 +63,7 @@ pub fn undo(
     for r in records.iter().rev() {
         let rel = match &r.event {
             Event::PutShared { table_id, md5 } => {
-                let own = |p: &Path| u.holds(p, md5);
+                let own = |p: &Path| holds(u.fs, p, md5);
                 u.unput(r.seq, &layout::shared_rel(table_id), &own)?
             }
             Event::MakeRef {
@@ -79,12 +79,12 @@ pub fn undo(
                     Strategy::Symlink => Ok(fs
                         .read_link(p)
                         .is_ok_and(|t| t == layout::symlink_target(table_id))),
-                    _ => Ok(u.same_file(p, &shared) || u.holds(p, md5)?),
+                    _ => Ok(same_file(u.fs, p, &shared) || holds(u.fs, p, md5)?),
                 };
                 u.unput(r.seq, &layout::ref_rel(slot, name), &own)?
             }
             Event::PutBundle { slug, md5 } => {
-                let own = |p: &Path| u.holds(p, md5);
+                let own = |p: &Path| holds(u.fs, p, md5);
                 u.unput(r.seq, &layout::bundle_rel(slug), &own)?
             }
             Event::RemoveRef { slot, name, .. } => {
@@ -173,7 +173,7 @@ impl Undoer<'_> {
     fn unput(&self, seq: u64, rel: &str, own: &dyn Fn(&Path) -> Result<bool>) -> Result<String> {
         let path = self.layout.join(rel);
         let kept = self.kept(seq);
-        let there = self.entry_exists(&path)?;
+        let there = entry_exists(self.fs, &path)?;
         if self.exists(&kept)? {
             if there && !own(&path)? {
                 self.aside(rel)?;
@@ -194,38 +194,6 @@ impl Undoer<'_> {
             }
         }
         self.unquarantine(rel)
-    }
-
-    /// Is there an entry named `path` (a dangling symlink included)?
-    fn entry_exists(&self, path: &Path) -> Result<bool> {
-        match self.fs.symlink_metadata(path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e).at("stat", path),
-        }
-    }
-
-    /// Does `path` hold content `md5` as a file of its own?
-    fn holds(&self, path: &Path, md5: &str) -> Result<bool> {
-        match self.fs.symlink_metadata(path) {
-            Ok(m) if m.kind == Kind::File => {}
-            Ok(_) => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e).at("stat", path),
-        }
-        match crate::reconcile::origin::md5_file(self.fs, path) {
-            Ok(h) => Ok(h == md5),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e).at("read", path),
-        }
-    }
-
-    /// Are `a` and `b` names of one inode?
-    fn same_file(&self, a: &Path, b: &Path) -> bool {
-        match (self.fs.symlink_metadata(a), self.fs.symlink_metadata(b)) {
-            (Ok(x), Ok(y)) => x.ino == y.ino && x.dev == y.dev,
-            _ => false,
-        }
     }
 
     /// Move `rel`, a file stack did not write, to `.stack/quarantine/<txn>/<rel>`
@@ -262,8 +230,8 @@ impl Undoer<'_> {
     fn unquarantine(&self, rel: &str) -> Result<String> {
         let from = quarantined(self.layout, self.txn, rel);
         let to = self.layout.join(rel);
-        if self.entry_exists(&from)? {
-            if self.entry_exists(&to)? {
+        if entry_exists(self.fs, &from)? {
+            if entry_exists(self.fs, &to)? {
                 self.warnings.push(format!(
                     "{rel} was not written by stack; it stays in {} (something else holds its name)",
                     from.strip_prefix(&self.layout.root).unwrap_or(&from).display()
