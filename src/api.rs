@@ -208,7 +208,10 @@ pub fn verify_dir(dir: &Path, contents: bool) -> Result<Verified> {
         Err(e) => return Err(e),
     };
     let state = match from_file {
-        Some(s) => s,
+        Some(s) => {
+            refused = refused.or(corrupt_journal(&fs, &layout)?);
+            s
+        }
         None => {
             let records = match crate::journal::scan_file(&fs, &layout)? {
                 Some(scan) => {
@@ -231,6 +234,27 @@ pub fn verify_dir(dir: &Path, contents: bool) -> Result<Verified> {
     let mut violations = audit(&fs, &layout, &state, mode)?;
     violations.extend(refused);
     Ok(Verified { violations, notes })
+}
+
+/// The journal as a violation, if it is corrupt, when the audit reads the state
+/// file: the stack may look whole, but the journal is what the next command folds
+/// and what recovery needs (invariant 6), and every mutating command refuses it
+/// (exit 4) until it is repaired. A torn tail is not corruption: the next writer
+/// cuts it.
+fn corrupt_journal(fs: &dyn Fs, layout: &Layout) -> Result<Option<Violation>> {
+    let Some(scan) = crate::journal::scan_file(fs, layout)? else {
+        return Ok(None);
+    };
+    match crate::replay::project::check_journal(layout, &scan) {
+        Ok(()) => Ok(None),
+        Err(e @ Error::JournalCorrupt { .. }) => Ok(Some(Violation {
+            invariant: 6,
+            kind: "journal_corrupt",
+            path: layout.rel(&layout.journal()),
+            message: e.to_string(),
+        })),
+        Err(e) => Err(e),
+    }
 }
 
 /// The state file as a violation, if it is JSON that holds what stack never

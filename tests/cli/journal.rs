@@ -121,6 +121,23 @@ fn a_flipped_byte_in_the_middle_is_corruption_and_nothing_rewrites_it() {
     }
     let r = stack(&["journal", "show", "--json", "--dir", dir.to_str().unwrap()]);
     r.json_error(4);
+    // `verify` audits the stack, and names the corrupt journal beside it (exit 4),
+    // though the state file it audits is intact.
+    let r = stack(&["verify", "--json", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 4, "{r:?}");
+    let found = &r.json()["violations"];
+    assert!(
+        found
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["kind"] == "journal_corrupt"
+                && v["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("byte offset {mid}"))),
+        "{found}"
+    );
     assert_eq!(std::fs::read(&jpath).unwrap(), bytes, "journal rewritten");
     assert_same(
         &no_lock(&before),
