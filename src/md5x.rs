@@ -444,9 +444,7 @@ impl LockStep {
             if taken.is_empty() {
                 continue;
             }
-            for w in 0..4 {
-                s.states[w][l] = new_states[w][l];
-            }
+            set_lane(&mut s.states, l, lane_of(&new_states, l));
             s.lanes[l].hashed += taken.len() as u64;
             taken.clear();
             s.spare.push(std::mem::take(taken));
@@ -487,10 +485,7 @@ impl Lane<'_> {
     pub fn digest(&self) -> [u8; 16] {
         let mut s = self.group.quiet(self.group.lock());
         let l = self.index;
-        let mut state = [[0u32; 1]; 4];
-        for w in 0..4 {
-            state[w][0] = s.states[w][l];
-        }
+        let mut state = lane_of(&s.states, l);
         let lane = &mut s.lanes[l];
         lane.finished = true;
         let whole = lane.pending.len() / 64 * 64;
@@ -500,11 +495,8 @@ impl Lane<'_> {
         lane.hashed += whole as u64;
         lane.pending.drain(..whole);
         let len = lane.hashed + lane.pending.len() as u64;
-        let state = state.map(|w| w[0]);
-        for (w, v) in state.iter().enumerate() {
-            s.states[w][l] = *v;
-        }
-        finish(state, &s.lanes[l].pending, len)
+        set_lane(&mut s.states, l, state);
+        finish(state.map(|w| w[0]), &s.lanes[l].pending, len)
     }
 
     /// Start this stream over, as if it had seen nothing.
@@ -530,6 +522,18 @@ impl Drop for Lane<'_> {
     }
 }
 
+/// Lane `l` of `states`, as the state of one stream.
+fn lane_of(states: &[[u32; LANES]; 4], l: usize) -> [[u32; 1]; 4] {
+    states.map(|w| [w[l]])
+}
+
+/// Set lane `l` of `states` to the state of one stream.
+fn set_lane(states: &mut [[u32; LANES]; 4], l: usize, one: [[u32; 1]; 4]) {
+    for (w, v) in states.iter_mut().zip(one) {
+        w[l] = v[0];
+    }
+}
+
 /// One 64-byte block as sixteen one-lane words.
 fn block_words(block: &[u8]) -> [[u32; 1]; 16] {
     std::array::from_fn(|w| [word(block, w)])
@@ -537,22 +541,17 @@ fn block_words(block: &[u8]) -> [[u32; 1]; 16] {
 
 /// Hash the whole blocks of `work[l]` into lane `l` of `states`, in lock step;
 /// a lane with fewer blocks than the longest keeps its state for the steps it
-/// has none, and a lane without work comes out undefined. One busy lane is hashed on its own (eight lanes cost more than one
-/// when seven idle).
+/// has none, and a lane without work comes out undefined. One busy lane is
+/// hashed on its own (eight lanes cost more than one when seven idle).
 fn compress_masked(states: &mut [[u32; LANES]; 4], work: &[Vec<u8>; LANES]) {
     let blocks: [usize; LANES] = std::array::from_fn(|l| work[l].len() / 64);
     let busy: Vec<usize> = (0..LANES).filter(|&l| blocks[l] > 0).collect();
     if let [l] = busy[..] {
-        let mut one = [[0u32; 1]; 4];
-        for w in 0..4 {
-            one[w][0] = states[w][l];
-        }
+        let mut one = lane_of(states, l);
         for block in work[l].chunks_exact(64) {
             compress(&mut one, &block_words(block));
         }
-        for w in 0..4 {
-            states[w][l] = one[w][0];
-        }
+        set_lane(states, l, one);
         return;
     }
     // Lanes not busy come out of this with garbage: `LockStep::pass` writes back

@@ -9,7 +9,9 @@
 //! and how many requests are in flight ([`super::congestion::Window`]: it starts small,
 //! grows while the server keeps up, halves when it signals overload, and never
 //! exceeds [`HttpOptions::jobs`]). Connections are kept alive and reused (one pool
-//! per proxy route, sized to the cap), so a file costs one round trip, not three.
+//! per proxy route, sized to the cap), so a file costs one round trip, not three;
+//! the connections of the first window are opened while the manifest is on its way
+//! ([`super::preconnect`], direct connections only).
 //! Proxies and trusted CAs come from the environment ([`netenv`]).
 //!
 //! Invariants kept:
@@ -49,10 +51,13 @@ use std::time::Duration;
 
 use md5::{Digest, Md5};
 use ureq::http::{HeaderMap, Response, Uri};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{Connector, RustlsConnector, TcpConnector};
 
-use super::congestion::Window;
+use super::congestion::{Window, INITIAL_WINDOW};
 use super::netenv::{self, Proxies};
 use super::origin::{hex, origin_relative, Fetched, Origin, Request};
+use super::preconnect::{Provide, Trigger, Warm};
 use crate::error::{Error, IoContext, Result};
 use crate::fs::{FileWrite, Fs};
 use crate::md5x::{Lane, LockStep};
@@ -358,7 +363,7 @@ impl HttpOrigin {
             }
         }
         let roots = netenv::trust_roots()?;
-        let agent = |proxy: Option<&ureq::Proxy>| -> ureq::Agent {
+        let config = |proxy: Option<&ureq::Proxy>| -> ureq::config::Config {
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_connect(Some(opts.connect_timeout))
@@ -384,14 +389,25 @@ impl HttpOrigin {
                         .build(),
                 )
                 .build()
-                .into()
         };
+        // Direct connections: ureq's TCP and TLS connectors, with warm sockets
+        // handed out before the first and the warm-up started after the last.
+        let warm = Warm::new(
+            INITIAL_WINDOW.min(opts.jobs).saturating_sub(1),
+            opts.connect_timeout,
+        );
+        let connector = Provide(Arc::clone(&warm))
+            .chain(TcpConnector::default())
+            .chain(RustlsConnector::default())
+            .chain(Trigger(warm));
+        let direct = ureq::Agent::with_parts(config(None), connector, DefaultResolver::default());
+        let proxied = |p: &ureq::Proxy| ureq::Agent::from(config(Some(p)));
         Ok(HttpOrigin {
             manifest_url: manifest_url.to_string(),
             base,
-            direct: agent(None),
-            via_http_proxy: opts.proxies.http.as_ref().map(|(_, p)| agent(Some(p))),
-            via_https_proxy: opts.proxies.https.as_ref().map(|(_, p)| agent(Some(p))),
+            direct,
+            via_http_proxy: opts.proxies.http.as_ref().map(|(_, p)| proxied(p)),
+            via_https_proxy: opts.proxies.https.as_ref().map(|(_, p)| proxied(p)),
             window: Window::new(opts.jobs),
             lanes: LockStep::new(),
             opts,
