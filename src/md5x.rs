@@ -11,6 +11,7 @@
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::fs::Fs;
 
@@ -305,6 +306,284 @@ pub fn digest_slices(data: &[&[u8]]) -> Vec<[u8; 16]> {
     out
 }
 
+/// Bytes a lane gathers before its writer starts a lock-step pass.
+const LANE_TRIGGER: usize = 256 * 1024;
+/// Bytes a lane holds at most: a writer whose lane is full waits for the pass
+/// under way, so memory stays bounded however far hashing falls behind.
+const LANE_CAP: usize = 1024 * 1024;
+
+/// Streams that arrive piecemeal and concurrently (downloads), hashed in lock
+/// step: up to eight at a time, one per lane.
+///
+/// A writer copies its bytes into its lane; once every lane holds
+/// [`LANE_TRIGGER`] bytes (or its own is full) and no pass is running, that
+/// writer hashes the blocks of the lanes in one pass, outside the lock, while the
+/// others keep appending. Downloads arrive in bursts, stream by stream, so the
+/// lanes buffer up to [`LANE_CAP`] each to even them out; a lane with fewer
+/// blocks than the others keeps its state for the steps it has none (masked), so
+/// a stalled stream never holds up the rest. The digests are plain MD5, checked
+/// against the `md-5` crate by the tests.
+#[derive(Debug, Default)]
+pub struct LockStep {
+    shared: Mutex<Shared>,
+    /// Signalled when a pass ends.
+    passed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    states: [[u32; LANES]; 4],
+    lanes: [LaneBuf; LANES],
+    /// A pass is hashing the blocks it took out of the lanes.
+    hashing: bool,
+    /// Emptied buffers, kept for the next pass.
+    spare: Vec<Vec<u8>>,
+}
+
+impl Shared {
+    /// Is a pass worth starting now that `lane` grew? When every stream still
+    /// arriving has [`LANE_TRIGGER`] bytes (every step of the pass fills every
+    /// busy lane), or when `lane` is full (its stream outruns the others).
+    fn due(&self, lane: usize) -> bool {
+        let even = self
+            .lanes
+            .iter()
+            .filter(|l| l.in_use && !l.finished)
+            .all(|l| l.pending.len() >= LANE_TRIGGER);
+        even || self.lanes[lane].pending.len() >= LANE_CAP
+    }
+}
+
+#[derive(Debug, Default)]
+struct LaneBuf {
+    in_use: bool,
+    /// Its stream asked for its digest and has not been written to since: it is
+    /// probably complete, and no pass waits for it to fill.
+    finished: bool,
+    /// Bytes not hashed yet.
+    pending: Vec<u8>,
+    /// Bytes hashed so far (whole blocks).
+    hashed: u64,
+}
+
+/// One stream of a [`LockStep`]; its lane is freed when it is dropped.
+#[derive(Debug)]
+pub struct Lane<'a> {
+    group: &'a LockStep,
+    index: usize,
+}
+
+impl LockStep {
+    /// A group with every lane free.
+    pub fn new() -> LockStep {
+        LockStep::default()
+    }
+
+    /// A free lane, reset to an empty stream; `None` when all eight are taken
+    /// (the caller hashes that stream on its own).
+    pub fn lane(&self) -> Option<Lane<'_>> {
+        let mut s = self.lock();
+        let index = s.lanes.iter().position(|l| !l.in_use)?;
+        s.lanes[index].in_use = true;
+        drop(s);
+        let mut lane = Lane { group: self, index };
+        lane.reset();
+        Some(lane)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait until no pass is running.
+    fn quiet<'g>(&'g self, mut s: MutexGuard<'g, Shared>) -> MutexGuard<'g, Shared> {
+        while s.hashing {
+            s = self.passed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s
+    }
+
+    /// Take whole blocks out of the lanes in use, hash them outside the lock,
+    /// and put the new states back. Only the thread that set `hashing` touches
+    /// the states of the lanes it took, and no lane it took is reset or freed
+    /// meanwhile (both wait for [`LockStep::quiet`]).
+    fn pass<'g>(&'g self, mut s: MutexGuard<'g, Shared>) -> MutexGuard<'g, Shared> {
+        s.hashing = true;
+        let Shared {
+            states,
+            lanes,
+            spare,
+            ..
+        } = &mut *s;
+        // When every stream still arriving has a good share of bytes, hash the
+        // blocks they all have (every step fills every busy lane) and leave the
+        // rest for later; else (a stream lags) hash everything, masked.
+        let even = lanes
+            .iter()
+            .filter(|l| l.in_use && !l.finished)
+            .map(|l| l.pending.len() / 64 * 64)
+            .min()
+            .filter(|&n| n >= LANE_TRIGGER / 2)
+            .unwrap_or(usize::MAX);
+        let mut work: [Vec<u8>; LANES] = Default::default();
+        for (lane, taken) in lanes.iter_mut().zip(&mut work) {
+            let whole = (lane.pending.len() / 64 * 64).min(even);
+            if !lane.in_use || whole == 0 {
+                continue;
+            }
+            let fresh = spare.pop().unwrap_or_default();
+            *taken = std::mem::replace(&mut lane.pending, fresh);
+            lane.pending.extend_from_slice(&taken[whole..]);
+            taken.truncate(whole);
+        }
+        let mut new_states = *states;
+        drop(s);
+        compress_masked(&mut new_states, &work);
+        let mut s = self.lock();
+        for (l, taken) in work.iter_mut().enumerate() {
+            if taken.is_empty() {
+                continue;
+            }
+            set_lane(&mut s.states, l, lane_of(&new_states, l));
+            s.lanes[l].hashed += taken.len() as u64;
+            taken.clear();
+            s.spare.push(std::mem::take(taken));
+        }
+        s.hashing = false;
+        self.passed.notify_all();
+        s
+    }
+}
+
+impl Lane<'_> {
+    /// Hash `data` after what this stream has seen so far.
+    pub fn update(&mut self, mut data: &[u8]) {
+        let group = self.group;
+        let mut s = group.lock();
+        while !data.is_empty() {
+            let room = LANE_CAP - s.lanes[self.index].pending.len();
+            if room == 0 {
+                s = if s.hashing {
+                    group.passed.wait(s).unwrap_or_else(|p| p.into_inner())
+                } else {
+                    group.pass(s)
+                };
+                continue;
+            }
+            let (now, rest) = data.split_at(room.min(data.len()));
+            let lane = &mut s.lanes[self.index];
+            lane.pending.extend_from_slice(now);
+            lane.finished = false;
+            data = rest;
+            if !s.hashing && s.due(self.index) {
+                s = group.pass(s);
+            }
+        }
+    }
+
+    /// The MD5 of everything this stream has seen (it can go on after).
+    pub fn digest(&self) -> [u8; 16] {
+        let mut s = self.group.quiet(self.group.lock());
+        let l = self.index;
+        let mut state = lane_of(&s.states, l);
+        let lane = &mut s.lanes[l];
+        lane.finished = true;
+        let whole = lane.pending.len() / 64 * 64;
+        for block in lane.pending[..whole].chunks_exact(64) {
+            compress(&mut state, &block_words(block));
+        }
+        lane.hashed += whole as u64;
+        lane.pending.drain(..whole);
+        let len = lane.hashed + lane.pending.len() as u64;
+        set_lane(&mut s.states, l, state);
+        finish(state.map(|w| w[0]), &s.lanes[l].pending, len)
+    }
+
+    /// Start this stream over, as if it had seen nothing.
+    pub fn reset(&mut self) {
+        let mut s = self.group.quiet(self.group.lock());
+        let l = self.index;
+        for (w, v) in INIT.iter().enumerate() {
+            s.states[w][l] = *v;
+        }
+        s.lanes[l] = LaneBuf {
+            in_use: true,
+            pending: std::mem::take(&mut s.lanes[l].pending),
+            ..LaneBuf::default()
+        };
+        s.lanes[l].pending.clear();
+    }
+}
+
+impl Drop for Lane<'_> {
+    fn drop(&mut self) {
+        let mut s = self.group.quiet(self.group.lock());
+        s.lanes[self.index] = LaneBuf::default();
+    }
+}
+
+/// Lane `l` of `states`, as the state of one stream.
+fn lane_of(states: &[[u32; LANES]; 4], l: usize) -> [[u32; 1]; 4] {
+    states.map(|w| [w[l]])
+}
+
+/// Set lane `l` of `states` to the state of one stream.
+fn set_lane(states: &mut [[u32; LANES]; 4], l: usize, one: [[u32; 1]; 4]) {
+    for (w, v) in states.iter_mut().zip(one) {
+        w[l] = v[0];
+    }
+}
+
+/// One 64-byte block as sixteen one-lane words.
+fn block_words(block: &[u8]) -> [[u32; 1]; 16] {
+    std::array::from_fn(|w| [word(block, w)])
+}
+
+/// Hash the whole blocks of `work[l]` into lane `l` of `states`, in lock step;
+/// a lane with fewer blocks than the longest keeps its state for the steps it
+/// has none, and a lane without work comes out undefined. One busy lane is
+/// hashed on its own (eight lanes cost more than one when seven idle).
+fn compress_masked(states: &mut [[u32; LANES]; 4], work: &[Vec<u8>; LANES]) {
+    let blocks: [usize; LANES] = std::array::from_fn(|l| work[l].len() / 64);
+    let busy: Vec<usize> = (0..LANES).filter(|&l| blocks[l] > 0).collect();
+    if let [l] = busy[..] {
+        let mut one = lane_of(states, l);
+        for block in work[l].chunks_exact(64) {
+            compress(&mut one, &block_words(block));
+        }
+        set_lane(states, l, one);
+        return;
+    }
+    // Lanes not busy come out of this with garbage: `LockStep::pass` writes back
+    // only the busy ones.
+    let most = busy.iter().map(|&l| blocks[l]).max().unwrap_or(0);
+    let least = busy.iter().map(|&l| blocks[l]).min().unwrap_or(0);
+    let mut m = [[0u32; LANES]; 16];
+    for k in 0..most {
+        for &l in &busy {
+            if k < blocks[l] {
+                let words = work[l][64 * k..64 * k + 64].chunks_exact(4);
+                for (slot, w) in m.iter_mut().zip(words) {
+                    slot[l] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                }
+            }
+        }
+        if k < least {
+            compress_lanes(states, &m);
+            continue;
+        }
+        let before = *states;
+        compress_lanes(states, &m);
+        for &l in &busy {
+            if k >= blocks[l] {
+                for (now, was) in states.iter_mut().zip(&before) {
+                    now[l] = was[l];
+                }
+            }
+        }
+    }
+}
+
 /// Lowercase hex of a digest.
 pub fn hex(bytes: &[u8]) -> String {
     let mut buf = vec![0u8; bytes.len() * 2];
@@ -498,6 +777,77 @@ mod tests {
                 assert_eq!(hex(&g), reference(s), "len {}", s.len());
             }
         }
+    }
+
+    /// Bytes from a xorshift generator seeded with `seed`.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lock_step_streams_from_many_threads_match_md5() {
+        let group = LockStep::new();
+        // Lengths around the block edges, the trigger and the cap; each stream
+        // written in chunks of its own uneven size, from its own thread, so that
+        // passes see lanes with unequal blocks and lanes with none.
+        let lens = [
+            0usize,
+            1,
+            63,
+            64,
+            LANE_TRIGGER - 1,
+            LANE_TRIGGER + 65,
+            LANE_CAP + 7,
+            3 * LANE_CAP + 1000,
+        ];
+        std::thread::scope(|sc| {
+            for (i, &len) in lens.iter().enumerate() {
+                let group = &group;
+                sc.spawn(move || {
+                    let data = noise(i as u64 + 1, len);
+                    let mut lane = group.lane().expect("eight lanes for eight streams");
+                    for chunk in data.chunks(1 + (i * 4099) % 70_000) {
+                        lane.update(chunk);
+                    }
+                    assert_eq!(hex(&lane.digest()), reference(&data), "length {len}");
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn lock_step_lanes_are_eight_reset_and_reused() {
+        let group = LockStep::new();
+        let lanes: Vec<Lane> = (0..LANES).map(|_| group.lane().unwrap()).collect();
+        assert!(group.lane().is_none(), "a ninth stream gets no lane");
+        drop(lanes);
+        let data = noise(7, 3 * LANE_TRIGGER + 5);
+        let mut a = group.lane().unwrap();
+        let mut b = group.lane().unwrap();
+        a.update(&data[..1000]);
+        b.update(&noise(8, LANE_TRIGGER));
+        // A digest along the way, and the stream goes on.
+        assert_eq!(hex(&a.digest()), reference(&data[..1000]));
+        a.update(&data[1000..]);
+        assert_eq!(hex(&a.digest()), reference(&data));
+        a.reset();
+        a.update(&data[..77]);
+        assert_eq!(hex(&a.digest()), reference(&data[..77]));
+        drop(a);
+        let fresh = group.lane().unwrap();
+        assert_eq!(hex(&fresh.digest()), reference(b""));
+        b.update(b"x");
+        let mut want = noise(8, LANE_TRIGGER);
+        want.push(b'x');
+        assert_eq!(hex(&b.digest()), reference(&want));
     }
 
     #[test]

@@ -136,6 +136,44 @@ fn default_pull_keeps_many_requests_in_flight_on_reused_connections() {
     );
 }
 
+#[test]
+fn connections_for_the_first_downloads_open_while_the_manifest_is_on_its_way() {
+    // Every answer takes 1.5 s. While the manifest's is pending, the pull opens the
+    // connections its first downloads will use (a download on a new connection
+    // pays its TCP handshake first), and no more connections than one window's.
+    let o = Origin::http(Limits {
+        delay: Duration::from_millis(1500),
+        ..Limits::default()
+    });
+    serve_stack(&o, 7, 1024);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let mut child = Command::new(BIN)
+        .args(["pull", "--manifest", &o.url("/manifest.json"), "--dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run stack");
+    let started = std::time::Instant::now();
+    while o.connections() == 0 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let early = o.connections();
+    // No file was asked for yet: the manifest had not arrived.
+    let files_asked = o.requests().iter().any(|r| r.path.starts_with("/api/"));
+    assert!(child.wait().unwrap().success());
+    assert!(!files_asked, "the manifest was answered too soon to tell");
+    assert!(
+        early >= 4,
+        "{early} connection(s) open while the manifest was pending"
+    );
+    assert!(o.connections() <= 8, "{} connections", o.connections());
+    assert_pulled(&pull(&o.url("/manifest.json"), &dir, &[], &[]), &dir);
+}
+
 // ---- 2. polite under limits ---------------------------------------------------
 
 fn overloaded_pull(limits: Limits, extra: &[&str]) -> (Origin, Output, tempfile::TempDir) {

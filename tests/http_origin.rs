@@ -126,6 +126,69 @@ fn full_fetch_streams_and_hashes() {
 }
 
 #[test]
+fn large_bodies_fetched_at_once_are_hashed_right() {
+    // Bodies of 1 MiB and more are hashed in lock step, eight lanes at a time:
+    // ten at once take every lane (the last two hash on their own), of unequal
+    // lengths, sent in pieces so that they arrive interleaved; one is not what
+    // the manifest says.
+    let s = Server::start();
+    let lens: Vec<usize> = (0..10).map(|i| (1 << 20) + i * 70_001).collect();
+    let datas: Vec<Vec<u8>> = lens.iter().map(|&n| body(n, 40 + n as u64)).collect();
+    for (i, data) in datas.iter().enumerate() {
+        let mode = Mode::Slow {
+            chunk: 200_000 + i * 10_000,
+            delay: Duration::from_millis(2),
+        };
+        s.route(&format!("/big/{i}"), data, mode);
+    }
+    let o = origin(&s, opts());
+    let tmp = tempfile::tempdir().unwrap();
+    std::thread::scope(|sc| {
+        for (i, data) in datas.iter().enumerate() {
+            let (o, tmp) = (&o, tmp.path());
+            sc.spawn(move || {
+                let part = tmp.join(format!("{i}.part"));
+                let url = format!("/big/{i}");
+                let f = fetch(o, &url, &md5_of(data), Some(data.len() as u64), &part).unwrap();
+                assert_eq!(f.md5, md5_of(data), "body {i}");
+                assert_eq!(std::fs::read(&part).unwrap(), *data);
+            });
+        }
+    });
+    // The lanes are free again, and a second round hashes right too.
+    let d = dir();
+    let url = "/big/3";
+    let f = fetch(&o, url, &md5_of(&datas[4]), None, &d.part).unwrap();
+    assert_eq!(f.md5, md5_of(&datas[3]), "the md5 of what arrived");
+}
+
+#[test]
+fn large_body_cut_short_resumes_in_its_lane() {
+    let s = Server::start();
+    let data = body(3 << 20, 11);
+    s.route(PATH, &data, Mode::DropFirst { after: 1_300_007 });
+    let d = dir();
+    let f = fetch(&origin(&s, opts()), PATH, &md5_of(&data), None, &d.part).unwrap();
+    assert_eq!(f.md5, md5_of(&data));
+    assert_eq!(std::fs::read(&d.part).unwrap(), data);
+    let reqs = s.requests_to(PATH);
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[1].header("range"), Some("bytes=1300007-"));
+}
+
+#[test]
+fn large_body_resent_whole_is_hashed_from_zero() {
+    let s = Server::start();
+    let data = body(2 << 20, 12);
+    s.route(PATH, &data, Mode::IgnoreRange);
+    let d = dir();
+    std::fs::write(&d.part, &data[..700_000]).unwrap();
+    let f = fetch(&origin(&s, opts()), PATH, &md5_of(&data), None, &d.part).unwrap();
+    assert_eq!(f.md5, md5_of(&data));
+    assert_eq!(std::fs::read(&d.part).unwrap(), data);
+}
+
+#[test]
 fn resume_from_partial_file_uses_range() {
     let s = Server::start();
     let data = body(200_000, 2);

@@ -9,15 +9,19 @@
 //! and how many requests are in flight ([`super::congestion::Window`]: it starts small,
 //! grows while the server keeps up, halves when it signals overload, and never
 //! exceeds [`HttpOptions::jobs`]). Connections are kept alive and reused (one pool
-//! per proxy route, sized to the cap), so a file costs one round trip, not three.
+//! per proxy route, sized to the cap), so a file costs one round trip, not three;
+//! the connections of the first window are opened while the manifest is on its way
+//! ([`super::preconnect`], direct connections only).
 //! Proxies and trusted CAs come from the environment ([`netenv`]).
 //!
 //! Invariants kept:
 //! - Nothing is written anywhere but the `part` path the engine hands to
 //!   [`Origin::fetch`], and only through the engine's [`Fs`]; nothing is synced.
 //! - Memory is bounded whatever the file size: bodies stream through one fixed
-//!   buffer, md5 is computed on the way (the manifest alone is read into memory,
-//!   capped at [`MAX_MANIFEST_BYTES`]).
+//!   buffer, md5 is computed on the way — a large body's bytes wait for it in a
+//!   lane of at most 1 MiB, where up to eight bodies are hashed in lock step
+//!   ([`crate::md5x::LockStep`]) — and the manifest alone is read into memory,
+//!   capped at [`MAX_MANIFEST_BYTES`].
 //! - The token (`STACK_TOKEN`) never leaves memory except as the
 //!   `Authorization: Bearer` header of a request to the manifest's own origin
 //!   (same scheme, host and port), also after a redirect that stays within it. It
@@ -47,12 +51,16 @@ use std::time::Duration;
 
 use md5::{Digest, Md5};
 use ureq::http::{HeaderMap, Response, Uri};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{Connector, RustlsConnector, TcpConnector};
 
-use super::congestion::Window;
+use super::congestion::{Window, INITIAL_WINDOW};
 use super::netenv::{self, Proxies};
 use super::origin::{hex, origin_relative, Fetched, Origin, Request};
+use super::preconnect::{Provide, Trigger, Warm};
 use crate::error::{Error, IoContext, Result};
 use crate::fs::{FileWrite, Fs};
+use crate::md5x::{Lane, LockStep};
 
 /// The environment variable holding the bearer token.
 pub const TOKEN_ENV: &str = "STACK_TOKEN";
@@ -62,6 +70,11 @@ pub const MAX_MANIFEST_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Size of the one buffer a download streams through.
 const BUF_SIZE: usize = 64 * 1024;
+
+/// A body at least this large is hashed in a lane of the origin's [`LockStep`];
+/// a smaller one on its own (its hashing is short, a lane's copy and lock are not
+/// free).
+const LANE_MIN_BYTES: u64 = 1024 * 1024;
 
 /// Requests in flight at most when the user does not say (`--jobs`). HTTP/1.1
 /// has one request per connection at a time, so on a link with a round trip each
@@ -224,6 +237,8 @@ pub struct HttpOrigin {
     via_http_proxy: Option<ureq::Agent>,
     via_https_proxy: Option<ureq::Agent>,
     window: Window,
+    /// Where large bodies are hashed, in lock step.
+    lanes: LockStep,
 }
 
 impl fmt::Debug for HttpOrigin {
@@ -262,23 +277,55 @@ impl Failure {
 
 /// A download's progress so far: `written` bytes are in `part` and `hasher` has
 /// seen exactly them; `inherited` says some of them predate this fetch.
-struct Partial {
+struct Partial<'o> {
     written: u64,
-    hasher: Md5,
+    hasher: BodyHash<'o>,
     inherited: bool,
 }
 
-impl Partial {
-    fn empty() -> Partial {
+/// The md5 of a download as its bytes arrive: on its own, or in a lane of the
+/// origin's [`LockStep`] when the body is large (hashing is most of a large
+/// download's CPU; concurrent bodies hashed in lock step cost a fraction).
+enum BodyHash<'o> {
+    One(Md5),
+    Lane(Lane<'o>),
+}
+
+impl BodyHash<'_> {
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            BodyHash::One(h) => h.update(bytes),
+            BodyHash::Lane(l) => l.update(bytes),
+        }
+    }
+}
+
+impl<'o> Partial<'o> {
+    fn empty() -> Partial<'o> {
         Partial {
             written: 0,
-            hasher: Md5::new(),
+            hasher: BodyHash::One(Md5::new()),
             inherited: false,
         }
     }
 
+    /// An empty download of a body of `len` bytes (if known): hashed in a lane
+    /// of `lanes` when it is large and a lane is free.
+    fn for_body(lanes: &'o LockStep, len: Option<u64>) -> Partial<'o> {
+        match len
+            .filter(|&n| n >= LANE_MIN_BYTES)
+            .and_then(|_| lanes.lane())
+        {
+            Some(lane) => Partial {
+                hasher: BodyHash::Lane(lane),
+                ..Partial::empty()
+            },
+            None => Partial::empty(),
+        }
+    }
+
     /// Hash what an interrupted pull left in `part` (nothing if it does not exist).
-    fn load(fs: &dyn Fs, part: &Path) -> Result<Partial> {
+    fn load(fs: &dyn Fs, part: &Path) -> Result<Partial<'o>> {
         match fs.metadata(part) {
             Ok(m) if m.len > 0 => {}
             Ok(_) => return Ok(Partial::empty()),
@@ -286,14 +333,20 @@ impl Partial {
             Err(e) => return Err(e).at("stat", part),
         }
         let r = fs.open_read(part).at("open", part)?;
-        let mut p = Partial::empty();
-        p.written = crate::reconcile::origin::hash_reader(r, &mut p.hasher).at("read", part)?;
-        p.inherited = p.written > 0;
-        Ok(p)
+        let mut md5 = Md5::new();
+        let written = crate::reconcile::origin::hash_reader(r, &mut md5).at("read", part)?;
+        Ok(Partial {
+            written,
+            hasher: BodyHash::One(md5),
+            inherited: written > 0,
+        })
     }
 
     fn md5(&self) -> String {
-        hex(&self.hasher.clone().finalize())
+        match &self.hasher {
+            BodyHash::One(h) => hex(&h.clone().finalize()),
+            BodyHash::Lane(l) => hex(&l.digest()),
+        }
     }
 }
 
@@ -310,7 +363,7 @@ impl HttpOrigin {
             }
         }
         let roots = netenv::trust_roots()?;
-        let agent = |proxy: Option<&ureq::Proxy>| -> ureq::Agent {
+        let config = |proxy: Option<&ureq::Proxy>| -> ureq::config::Config {
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_connect(Some(opts.connect_timeout))
@@ -336,15 +389,27 @@ impl HttpOrigin {
                         .build(),
                 )
                 .build()
-                .into()
         };
+        // Direct connections: ureq's TCP and TLS connectors, with warm sockets
+        // handed out before the first and the warm-up started after the last.
+        let warm = Warm::new(
+            INITIAL_WINDOW.min(opts.jobs).saturating_sub(1),
+            opts.connect_timeout,
+        );
+        let connector = Provide(Arc::clone(&warm))
+            .chain(TcpConnector::default())
+            .chain(RustlsConnector::default())
+            .chain(Trigger(warm));
+        let direct = ureq::Agent::with_parts(config(None), connector, DefaultResolver::default());
+        let proxied = |p: &ureq::Proxy| ureq::Agent::from(config(Some(p)));
         Ok(HttpOrigin {
             manifest_url: manifest_url.to_string(),
             base,
-            direct: agent(None),
-            via_http_proxy: opts.proxies.http.as_ref().map(|(_, p)| agent(Some(p))),
-            via_https_proxy: opts.proxies.https.as_ref().map(|(_, p)| agent(Some(p))),
+            direct,
+            via_http_proxy: opts.proxies.http.as_ref().map(|(_, p)| proxied(p)),
+            via_https_proxy: opts.proxies.https.as_ref().map(|(_, p)| proxied(p)),
             window: Window::new(opts.jobs),
+            lanes: LockStep::new(),
             opts,
         })
     }
@@ -628,12 +693,12 @@ impl HttpOrigin {
 
     /// One download attempt: request (with `Range` if bytes are already there),
     /// then stream into `part`. Returns the md5 of the whole file.
-    fn attempt(
-        &self,
+    fn attempt<'o>(
+        &'o self,
         fs: &dyn Fs,
         target: &Resolved,
         part: &Path,
-        st: &mut Partial,
+        st: &mut Partial<'o>,
         fetched: &mut u64,
     ) -> std::result::Result<String, Failure> {
         let range_from = (st.written > 0).then_some(st.written);
@@ -642,7 +707,7 @@ impl HttpOrigin {
         let mut w: Box<dyn FileWrite> = match (status, range_from) {
             (200, _) => {
                 // A full body: start over (also when the server ignored our Range).
-                *st = Partial::empty();
+                *st = Partial::for_body(&self.lanes, resp.body().content_length());
                 fs.create(part).at("create", part).map_err(Failure::Local)?
             }
             (206, Some(from)) => match content_range(resp.headers()) {

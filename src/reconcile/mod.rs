@@ -20,6 +20,7 @@ pub mod netenv;
 pub mod origin;
 pub mod place;
 pub mod plan;
+pub mod preconnect;
 pub mod pull;
 pub mod recover;
 pub mod room;

@@ -141,7 +141,11 @@ impl Drop for Server {
 fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
-    reader.read_line(&mut line)?;
+    if reader.read_line(&mut line)? == 0 {
+        // Closed before a request line (a connection the client opened ahead of
+        // need and did not use): not a request.
+        return Ok(());
+    }
     let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
     let mut headers = Vec::new();
     loop {
