@@ -31,7 +31,7 @@ use crate::error::{IoContext, Result, Warnings};
 use crate::fs::{Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::layout::{self, Layout};
-use crate::reconcile::apply::{entry_exists, holds, quarantined, same_file};
+use crate::reconcile::apply::{copy_of_staged, entry_exists, holds, same_file};
 use crate::replay::state::{Strategy, SyncState};
 
 /// Put the old stack `old` back after transaction `txn` applied some of
@@ -53,7 +53,9 @@ pub fn undo(
         txn,
         held: tracked(old),
         warnings,
+        left: Default::default(),
     };
+    let uses = crate::reconcile::place::consumers(records.iter().map(|r| &r.event));
     let reserve = layout.reserve();
     if fs.exists(&reserve).at("stat", &reserve)? {
         crate::reconcile::room::release(fs, layout)?;
@@ -63,8 +65,20 @@ pub fn undo(
     for r in records.iter().rev() {
         let rel = match &r.event {
             Event::PutShared { table_id, md5 } => {
-                let own = |p: &Path| holds(u.fs, p, md5);
-                u.unput(r.seq, &layout::shared_rel(table_id), &own)?
+                let rel = layout::shared_rel(table_id);
+                let staged = layout.staged(md5);
+                let own = |p: &Path| match copy_of_staged(fs, p, &staged)? {
+                    Some(own) => Ok(own),
+                    // Its only consumer moved the staged file (here, or
+                    // into a placed folder that then moved): the put ran, if
+                    // the staged file is not still waiting in a placed folder.
+                    None if uses[md5.as_str()] == 1 => {
+                        Ok(is_file(fs, p)? && !waits_in_placed(fs, layout, records, &rel)?)
+                    }
+                    // Spent by a cleanup: the content says.
+                    None => holds(fs, p, md5),
+                };
+                u.unput(r.seq, &rel, &own)?
             }
             Event::MakeRef {
                 slot,
@@ -75,16 +89,23 @@ pub fn undo(
                 ..
             } => {
                 let shared = layout.join(&layout::shared_rel(table_id));
+                // A copy of the shared file, or (a rerun of the rollback, the
+                // shared file's old version back) of the put's content.
                 let own = |p: &Path| match strategy {
                     Strategy::Symlink => Ok(fs
                         .read_link(p)
                         .is_ok_and(|t| t == layout::symlink_target(table_id))),
-                    _ => Ok(same_file(u.fs, p, &shared) || holds(u.fs, p, md5)?),
+                    _ => Ok(copy_of_staged(fs, p, &shared)? == Some(true) || holds(fs, p, md5)?),
                 };
                 u.unput(r.seq, &layout::ref_rel(slot, name), &own)?
             }
             Event::PutBundle { slug, md5 } => {
-                let own = |p: &Path| holds(u.fs, p, md5);
+                // A bundle's put copies its staged file, which stays.
+                let staged = layout.staged(md5);
+                let own = |p: &Path| match copy_of_staged(fs, p, &staged)? {
+                    Some(own) => Ok(own),
+                    None => holds(fs, p, md5),
+                };
                 u.unput(r.seq, &layout::bundle_rel(slug), &own)?
             }
             Event::RemoveRef { slot, name, .. } => {
@@ -121,6 +142,34 @@ pub fn undo(
     fs.sync_fs(root).at("syncfs", root)
 }
 
+/// Is `path` a file of its own (not a symlink, not a folder)?
+fn is_file(fs: &dyn Fs, path: &Path) -> Result<bool> {
+    match fs.symlink_metadata(path) {
+        Ok(m) => Ok(m.kind == Kind::File),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).at("stat", path),
+    }
+}
+
+/// Is the staged file of the shared file `rel` still inside a folder built
+/// out of sight (`reconcile::place`), so that its put has not run?
+fn waits_in_placed(fs: &dyn Fs, layout: &Layout, records: &[Record], rel: &str) -> Result<bool> {
+    let Some(name) = Path::new(rel).file_name() else {
+        return Ok(false);
+    };
+    for r in records {
+        if let Event::Place { staged, rel: to } = &r.event {
+            if to == layout::SHARED_DIR {
+                let entry = layout.staging().join(staged).join(name);
+                if entry_exists(fs, &entry)? {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Every relative path `state` holds (references, shared files, bundles).
 fn tracked(state: &SyncState) -> HashSet<String> {
     let mut out = HashSet::new();
@@ -141,26 +190,30 @@ struct Undoer<'a> {
     /// Every path the old state holds.
     held: HashSet<String>,
     warnings: &'a Warnings,
+    /// Names where a put's own file was left, the old state holding the name
+    /// and no old file kept for the put: a removal earlier in the transaction
+    /// kept it, and its undo moves the put's file away before the old one
+    /// comes back.
+    left: std::cell::RefCell<HashSet<String>>,
 }
 
 impl Undoer<'_> {
     fn kept(&self, seq: u64) -> PathBuf {
-        self.layout
-            .trash()
-            .join(self.txn.to_string())
-            .join(seq.to_string())
+        self.layout.kept(self.txn, seq)
     }
 
     fn exists(&self, p: &Path) -> Result<bool> {
         self.fs.exists(p).at("stat", p)
     }
 
-    /// Rename `from` to `to`, making `to`'s folder first.
+    /// Rename `from` to `to`, making `to`'s folder first; never over a file
+    /// at `to` (one that appeared there fails the rollback, which the next
+    /// command tries again).
     fn move_to(&self, from: &Path, to: &Path) -> Result<()> {
         if let Some(parent) = to.parent() {
             self.fs.create_dir_all(parent).at("mkdir", parent)?;
         }
-        self.fs.rename(from, to).at("rename", to)
+        self.fs.rename_noreplace(from, to).at("rename", to)
     }
 
     /// A put's name: the old file back if it kept one; else, if the old state
@@ -173,25 +226,26 @@ impl Undoer<'_> {
     fn unput(&self, seq: u64, rel: &str, own: &dyn Fn(&Path) -> Result<bool>) -> Result<String> {
         let path = self.layout.join(rel);
         let kept = self.kept(seq);
-        let there = entry_exists(self.fs, &path)?;
-        if self.exists(&kept)? {
-            if there && !own(&path)? {
-                self.aside(rel)?;
-            }
-            self.move_to(&kept, &path)?;
-        } else if there && !self.held.contains(rel) {
-            if own(&path)? {
-                let away = self
-                    .layout
-                    .trash()
-                    .join(self.txn.to_string())
-                    .join(format!("undo-{seq}"));
+        let back = self.exists(&kept)?;
+        if entry_exists(self.fs, &path)? {
+            // Moved away already (a rerun): what holds the name came after.
+            let away = self.layout.unput(self.txn, seq);
+            let own =
+                (!entry_exists(self.fs, &away)? || same_file(self.fs, &path, &away)) && own(&path)?;
+            if own && (back || !self.held.contains(rel)) {
                 self.move_to(&path, &away)?;
-            } else {
+            } else if own {
+                self.left.borrow_mut().insert(rel.to_string());
+            } else if back {
+                self.aside(rel)?;
+            } else if !self.held.contains(rel) {
                 self.warnings.push(format!(
                     "{rel} was not written by stack; left in place by the rollback"
                 ));
             }
+        }
+        if back {
+            self.move_to(&kept, &path)?;
         }
         self.unquarantine(rel)
     }
@@ -202,7 +256,7 @@ impl Undoer<'_> {
     /// again).
     fn aside(&self, rel: &str) -> Result<()> {
         let from = self.layout.join(rel);
-        let to = quarantined(self.layout, self.txn, rel);
+        let to = self.layout.quarantined(self.txn, rel);
         if let Some(parent) = to.parent() {
             self.fs.create_dir_all(parent).at("mkdir", parent)?;
         }
@@ -217,18 +271,29 @@ impl Undoer<'_> {
     }
 
     /// A removal: the removed file (or folder) back from the trash, if it went.
+    /// What holds its name now is a later put's file (to the trash), or was
+    /// made after the removal (to the quarantine, [`Self::aside`]).
     fn unremove(&self, seq: u64, rel: &str) -> Result<String> {
         let kept = self.kept(seq);
-        if self.exists(&kept)? {
-            self.move_to(&kept, &self.layout.join(rel))?;
+        if !self.exists(&kept)? {
+            return Ok(rel.to_string());
         }
+        let path = self.layout.join(rel);
+        if entry_exists(self.fs, &path)? && !same_file(self.fs, &path, &kept) {
+            if self.left.borrow().contains(rel) {
+                self.move_to(&path, &self.layout.unput(self.txn, seq))?;
+            } else {
+                self.aside(rel)?;
+            }
+        }
+        self.move_to(&kept, &path)?;
         Ok(rel.to_string())
     }
 
     /// A file a pull moved out of a name it put: back, unless something holds
     /// the name (then it stays in `.stack/quarantine/`, as `gc` would keep it).
     fn unquarantine(&self, rel: &str) -> Result<String> {
-        let from = quarantined(self.layout, self.txn, rel);
+        let from = self.layout.quarantined(self.txn, rel);
         let to = self.layout.join(rel);
         if entry_exists(self.fs, &from)? {
             if entry_exists(self.fs, &to)? {
@@ -247,7 +312,7 @@ impl Undoer<'_> {
     /// merge moved out of its entries' names (`Applier::merge`) goes back. The
     /// entries themselves were undone as the steps that travelled in it.
     fn unmerge(&self, rel: &str) -> Result<()> {
-        let kept = quarantined(self.layout, self.txn, rel);
+        let kept = self.layout.quarantined(self.txn, rel);
         let entries = match self.fs.read_dir(&kept) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
