@@ -10,13 +10,16 @@
 //!   atomically, content and all); anything else (a replacement, a redo finding the
 //!   name taken, a copy) is made under `.stack/tmp` and renamed into place; removals move
 //!   into `.stack/trash/<txn>/` and treat "not found" as done, and so does the old file a
-//!   put replaces (kept for a rollback, `replay::undo`); staged content stays
-//!   in `.stack/staging/` until `Committed` is durable.
+//!   put replaces (kept for a rollback, `reconcile::undo`); staged content stays
+//!   in `.stack/staging/` until `Committed` is durable. A redo recognises a step's
+//!   own file by the staged file it came from (inode or bytes), never by an md5 of
+//!   the bytes, which need not be the manifest's.
 //! - A user's bytes are never trashed or renamed over: what holds a put's name
 //!   goes to the trash only if the old stack holds that path (the committed
 //!   state the transaction started from, `Applier::old_state`); anything else
 //!   goes to `.stack/quarantine/<txn>/<path>`, durably before the put's rename,
-//!   and is reported. A put takes a name it made free by a rename that never
+//!   and is reported; so does what holds a removal's name when its redo finds the
+//!   old file kept already. Nothing is renamed over a kept file. A put takes a name it made free by a rename that never
 //!   replaces (`Fs::rename_noreplace`), so a file that appears in between is
 //!   moved aside too. A pull's `RemoveStray` that cannot move its file fails
 //!   the step (the pull rolls back); gc's is best effort. A folder built out of sight
@@ -281,7 +284,9 @@ impl<'a> Applier<'a> {
             return Ok(false);
         }
         let dst = self.layout.quarantined(self.txn, rel);
-        if entry_exists(self.fs, &dst)? {
+        // (The same inode there: a move cut between its link and its unlink,
+        // which the rename below finishes.)
+        if entry_exists(self.fs, &dst)? && !same_file(self.fs, &src, &dst) {
             let taken = io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("{} holds an earlier file of that name", dst.display()),

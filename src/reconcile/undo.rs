@@ -9,10 +9,12 @@
 //! - Every file the transaction removed or replaced is in `.stack/trash/<txn>/<seq>`
 //!   (`Applier::to_trash`, `Applier::make_room`) until `Committed` or `Aborted`;
 //!   undo renames it back to its name. A name the old state did not hold is moved
-//!   to the trash only if it holds the step's own file (the put ran): a user's
-//!   file there (the put never ran) is left in place, or moved to the quarantine
-//!   when the kept old file takes its name back, never trashed; a file moved to
-//!   `.stack/quarantine/` goes back where it was if its name is free.
+//!   to the trash only if it holds the step's own file (the put ran; known by
+//!   the staged file it came from, not by an md5 of the bytes): a user's file
+//!   there (the put never ran) is left in place, or moved to the quarantine
+//!   when a kept old file takes its name back, never trashed; a file moved to
+//!   `.stack/quarantine/` goes back where it was if its name is free. No rename
+//!   of a rollback replaces a file.
 //!   Undo therefore needs no new data blocks: renames and folder removals only.
 //! - Steps are undone in reverse order, each idempotent: a kept file already
 //!   renamed back is gone from the trash, a new file already moved away is gone.
