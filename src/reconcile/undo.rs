@@ -368,3 +368,104 @@ impl Undoer<'_> {
         crate::fs::not_found_ok(self.fs.remove_dir(&path)).at("rmdir", &path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::fs::sim::SimFs;
+    use crate::journal::event::Slot;
+    use crate::replay::state::TableEntry;
+
+    const MD5: &str = "0123456789abcdef0123456789abcdef";
+
+    fn write(fs: &SimFs, path: &Path, bytes: &[u8]) {
+        fs.create_dir_all(path.parent().unwrap()).unwrap();
+        fs.create(path).unwrap().write_all(bytes).unwrap();
+    }
+
+    fn record(seq: u64, event: Event) -> Record {
+        Record { seq, txn: 1, event }
+    }
+
+    fn remove_b() -> Record {
+        record(
+            1,
+            Event::RemoveRef {
+                slot: Slot::Package("p1".try_into().unwrap()),
+                table_id: "tbl_b".try_into().unwrap(),
+                name: "b".try_into().unwrap(),
+            },
+        )
+    }
+
+    /// The old stack: `p1/b`, a copy of table `tbl_b`.
+    fn old() -> SyncState {
+        let mut s = SyncState::default();
+        s.data_packages
+            .entry("p1".try_into().unwrap())
+            .or_default()
+            .insert(
+                "tbl_b".try_into().unwrap(),
+                TableEntry::new(
+                    "b".try_into().unwrap(),
+                    MD5.try_into().unwrap(),
+                    None,
+                    Strategy::Copy,
+                ),
+            );
+        s
+    }
+
+    /// A removal undone while a user's file holds the removed name: the
+    /// user's file goes to the quarantine (said in the warnings), the old
+    /// file back to its name.
+    #[test]
+    fn undoing_a_removal_moves_a_users_file_aside() {
+        let fs = SimFs::new();
+        let l = Layout::new("/d");
+        let b = l.join("data/p1/b.parquet");
+        write(&fs, &l.kept(1, 1), b"old b");
+        write(&fs, &b, b"the user's");
+        let warnings = Warnings::default();
+        undo(&fs, &l, &old(), 1, &[remove_b()], &warnings).unwrap();
+        assert_eq!(fs.read(&b).unwrap(), b"old b");
+        let kept = l.quarantined(1, "data/p1/b.parquet");
+        assert_eq!(fs.read(&kept).unwrap(), b"the user's");
+        let warnings = warnings.take();
+        assert!(
+            warnings.iter().any(|w| w.contains("data/p1/b.parquet")),
+            "{warnings:?}"
+        );
+    }
+
+    /// A removal, then a put of another table at the same name: the put's
+    /// file is stack's, so it goes to the trash (no warning, nothing
+    /// quarantined) when the old file comes back.
+    #[test]
+    fn undoing_a_removal_then_a_put_at_its_name_trashes_the_puts_file() {
+        let fs = SimFs::new();
+        let l = Layout::new("/d");
+        let b = l.join("data/p1/b.parquet");
+        write(&fs, &l.kept(1, 1), b"old b");
+        write(&fs, &l.join("data/_shared/tbl_x.parquet"), b"new x");
+        write(&fs, &b, b"new x");
+        let put = record(
+            2,
+            Event::MakeRef {
+                slot: Slot::Package("p1".try_into().unwrap()),
+                table_id: "tbl_x".try_into().unwrap(),
+                name: "b".try_into().unwrap(),
+                md5: MD5.try_into().unwrap(),
+                size: None,
+                strategy: Strategy::Copy,
+            },
+        );
+        let warnings = Warnings::default();
+        undo(&fs, &l, &old(), 1, &[remove_b(), put], &warnings).unwrap();
+        assert_eq!(fs.read(&b).unwrap(), b"old b");
+        assert!(!fs.exists(&l.quarantine()).unwrap());
+        assert_eq!(warnings.take(), Vec::<String>::new());
+    }
+}
