@@ -33,7 +33,7 @@ use crate::error::{IoContext, Result, Warnings};
 use crate::fs::{Fs, Kind};
 use crate::journal::event::{Event, Record};
 use crate::layout::{self, Layout};
-use crate::reconcile::apply::{copy_of_staged, entry_exists, holds, same_file};
+use crate::reconcile::apply::{copy_of_staged, entry_exists, holds, is_file, same_file};
 use crate::replay::state::{Strategy, SyncState};
 
 /// Put the old stack `old` back after transaction `txn` applied some of
@@ -142,15 +142,6 @@ pub fn undo(
     }
     let root = &layout.root;
     fs.sync_fs(root).at("syncfs", root)
-}
-
-/// Is `path` a file of its own (not a symlink, not a folder)?
-fn is_file(fs: &dyn Fs, path: &Path) -> Result<bool> {
-    match fs.symlink_metadata(path) {
-        Ok(m) => Ok(m.kind == Kind::File),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e).at("stat", path),
-    }
 }
 
 /// Is the staged file of the shared file `rel` still inside a folder built
