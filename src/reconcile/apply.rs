@@ -19,10 +19,11 @@
 //!   state the transaction started from, `Applier::old_state`); anything else
 //!   goes to `.stack/quarantine/<txn>/<path>`, durably before the put's rename,
 //!   and is reported; so does what holds a removal's name when its redo finds the
-//!   old file kept already. Nothing is renamed over a kept file. A put takes a name it made free by a rename that never
-//!   replaces (`Fs::rename_noreplace`), so a file that appears in between is
-//!   moved aside too. A pull's `RemoveStray` that cannot move its file fails
-//!   the step (the pull rolls back); gc's is best effort. A folder built out of sight
+//!   old file kept already. Nothing is renamed over a kept file. A put takes a
+//!   name it made free by a rename that never replaces (`Fs::rename_noreplace`),
+//!   so a file that appears in between is moved aside too. A pull's
+//!   `RemoveStray` that cannot move its file fails the step (the pull rolls
+//!   back); gc's is best effort. A folder built out of sight
 //!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
 //!   was taken meanwhile, whatever holds an entry's name there moved to
 //!   `.stack/quarantine/<txn>/` first, durably; a redo finds it gone and the steps

@@ -74,7 +74,7 @@ pub fn undo(
                     // Its only consumer moved the staged file (here, or
                     // into a placed folder that then moved): the put ran, if
                     // the staged file is not still waiting in a placed folder.
-                    None if uses[md5.as_str()] == 1 => {
+                    None if uses.get(md5.as_str()) == Some(&1) => {
                         Ok(is_file(fs, p)? && !waits_in_placed(fs, layout, records, &rel)?)
                     }
                     // Spent by a cleanup: the content says.
@@ -209,18 +209,22 @@ impl Undoer<'_> {
         self.fs.rename_noreplace(from, to).at("rename", to)
     }
 
-    /// A put's name: the old file back if it kept one; else, if the old state
-    /// did not hold the name, the new file moved to the trash — only if it is
-    /// the step's file (`own`: the put ran). Whatever else holds the name is
-    /// not stack's (the put never ran and a user made it, or made it after):
-    /// it is never trashed, but left in place, or moved to the quarantine when
-    /// the kept old file goes back over its name. Last, a file the put moved
-    /// out of the name (`Applier::make_room`) comes back if the name is free.
+    /// A put's name: the step's own file (`own`: the put ran) moved to the
+    /// trash, then the old file back if the put kept one. Its own file stays
+    /// when the old state holds the name and nothing was kept for the put: a
+    /// removal earlier in the transaction kept the old file, and its undo
+    /// moves this one ([`Self::unremove`]). Whatever else holds the name is not
+    /// stack's (the put never ran and a user made it, or made it after): it is
+    /// never trashed, but left in place, or moved to the quarantine when the
+    /// kept old file goes back to its name. Last, a file the put moved out of
+    /// the name (`Applier::make_room`) comes back if the name is free.
     fn unput(&self, seq: u64, rel: &str, own: &dyn Fn(&Path) -> Result<bool>) -> Result<String> {
         let path = self.layout.join(rel);
         let kept = self.kept(seq);
         let back = self.exists(&kept)?;
-        if entry_exists(self.fs, &path)? {
+        // (The kept file's own inode at the name: its move back was cut
+        // between link and unlink, and `move_to` finishes it.)
+        if entry_exists(self.fs, &path)? && !(back && same_file(self.fs, &path, &kept)) {
             // Moved away already (a rerun): what holds the name came after.
             let away = self.layout.unput(self.txn, seq);
             let own =
