@@ -223,8 +223,22 @@ impl Layout {
     pub fn tmp(&self) -> PathBuf {
         self.private().join("tmp")
     }
+    /// What transactions removed or replaced, until they end (`<txn>/`).
     pub fn trash(&self) -> PathBuf {
         self.private().join("trash")
+    }
+    /// Transaction `txn`'s part of the trash.
+    pub fn trash_of(&self, txn: u64) -> PathBuf {
+        self.trash().join(txn.to_string())
+    }
+    /// The old file step `seq` of transaction `txn` removed or replaced, kept
+    /// for a rollback (`reconcile::undo`).
+    pub fn kept(&self, txn: u64, seq: u64) -> PathBuf {
+        self.trash_of(txn).join(seq.to_string())
+    }
+    /// Step `seq`'s new file, moved out of its name by a rollback.
+    pub fn unput(&self, txn: u64, seq: u64) -> PathBuf {
+        self.trash_of(txn).join(format!("undo-{seq}"))
     }
     /// The room a transaction holds for what it writes after its commit point
     /// (`reconcile::room`).
@@ -234,12 +248,22 @@ impl Layout {
     /// Present (and durable) while transaction `txn` is being rolled back past its
     /// commit point (`reconcile::undo`): recovery then only rolls it back.
     pub fn rolling_back(&self, txn: u64) -> PathBuf {
-        self.trash().join(txn.to_string()).join("rolling-back")
+        self.trash_of(txn).join("rolling-back")
     }
-    /// Where `gc` keeps what no state entry held (`<txn>/<its relative path>`),
-    /// recoverable until `gc --force` deletes it.
+    /// Where stack keeps what it moved out of its folders and did not write
+    /// (`<txn>/<its relative path>`): a stray `gc` or a pull removed, a file in
+    /// a put's way, one a rollback moved aside. Recoverable until `gc --force`
+    /// deletes it.
     pub fn quarantine(&self) -> PathBuf {
         self.private().join("quarantine")
+    }
+    /// Transaction `txn`'s part of the quarantine.
+    pub fn quarantine_of(&self, txn: u64) -> PathBuf {
+        self.quarantine().join(txn.to_string())
+    }
+    /// Where transaction `txn` keeps `rel` in the quarantine.
+    pub fn quarantined(&self, txn: u64, rel: &str) -> PathBuf {
+        self.quarantine_of(txn).join(rel)
     }
     pub fn data(&self) -> PathBuf {
         self.root.join("data")

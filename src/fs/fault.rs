@@ -10,7 +10,8 @@
 //! command returns (a full disk) or once the fault clears (every fault).
 //!
 //! Invariant kept: the wrapper never changes what the inner filesystem does when
-//! no fault applies to an operation; reads are never faulted (a failing or
+//! no fault applies to an operation (nor, unless told it [`Lacks`] a
+//! capability, as some FUSE and network filesystems do); reads are never faulted (a failing or
 //! read-only disk still reads, which is what lets `status` and `verify` work).
 //!
 //! The space model of [`Fault::NoSpace`] is pessimistic on purpose: the bytes of
@@ -49,9 +50,21 @@ pub enum Fault {
     Denied { under: &'static str },
 }
 
+/// What the filesystem under the wrapper cannot do, as some network and FUSE
+/// filesystems cannot: a capability, not a fault (it never clears).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lacks {
+    /// `renameat2(RENAME_NOREPLACE)`: the seam's fallback runs instead, its
+    /// link and unlink through the wrapper.
+    pub rename_noreplace: bool,
+    /// Hard links: `link` fails with `EPERM`.
+    pub hard_links: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
     fault: Option<Fault>,
+    lacks: Lacks,
     /// Mutating operations seen (a file handle's writes and syncs included).
     ops: u64,
     /// Operations refused by the fault.
@@ -149,6 +162,12 @@ impl<F: Fs> FaultFs<F> {
     /// Arm `fault` (operation numbers count from the wrapper's creation).
     pub fn arm(&self, fault: Fault) {
         self.state().fault = Some(fault);
+    }
+
+    /// The filesystem cannot do what `lacks` says, from now on.
+    pub fn lacking(self, lacks: Lacks) -> Self {
+        self.state().lacks = lacks;
+        self
     }
 
     /// The fault is over: the disk has space again, is repaired, or writable.
@@ -357,11 +376,17 @@ impl<F: Fs> Fs for FaultFs<F> {
         Ok(())
     }
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.state().lacks.rename_noreplace {
+            return super::link_then_unlink(self, from, to);
+        }
         self.admit(Op::Allocates, &[from, to])?;
         self.inner.rename_noreplace(from, to)
     }
     fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
         self.admit(Op::Allocates, &[link])?;
+        if self.state().lacks.hard_links {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.inner.hard_link(original, link)?;
         if let Some(i) = self.ino_of(original) {
             if let Some((_, names)) = self.state().mine.get_mut(&i) {

@@ -224,7 +224,10 @@ pub trait Fs: Send + Sync {
     /// an instant before is never replaced. This default, for wrappers that do
     /// not pass the call on, gives the same promise: a file or symlink gets its
     /// new name by `link` (which never replaces) and loses its old one; a folder
-    /// by `rename`, which replaces nothing but an empty folder.
+    /// by `rename`, which replaces nothing but an empty folder. `to` already a
+    /// name of `from`'s inode finishes such a move (the link was made). Where
+    /// the filesystem has no hard links either, the promise is weaker: a check,
+    /// then a rename, and a file that appears between the two is replaced.
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
         link_then_unlink(self, from, to)
     }
@@ -316,22 +319,59 @@ pub trait Fs: Send + Sync {
     }
 }
 
-/// Treat "not found" as success: removal is idempotent (recovery may redo it).
 /// [`Fs::rename_noreplace`] where the kernel or the filesystem has no
 /// `RENAME_NOREPLACE`: a file or symlink is linked at `to` (`link` fails with
 /// EEXIST rather than replace) and unlinked from `from`; a folder is renamed
 /// (a folder's rename replaces only an empty folder, and no file).
+///
+/// `to` already a name of `from`'s inode is that link made and the unlink cut
+/// off (a crash between the two): only the unlink is left to do. A filesystem
+/// that has no hard links either (some FUSE filesystems: s3fs, rclone) gets a
+/// check, then a plain rename — racy: a file that appears at `to` between the
+/// two is replaced (`DURABILITY.md`, "Renames that never replace").
 fn link_then_unlink<F: Fs + ?Sized>(fs: &F, from: &Path, to: &Path) -> io::Result<()> {
     if fs.symlink_metadata(from)?.kind == Kind::Dir {
-        if fs.symlink_metadata(to).is_ok_and(|m| m.kind != Kind::Dir) {
-            return Err(io::Error::from(io::ErrorKind::AlreadyExists));
-        }
-        return fs.rename(from, to);
+        return check_then_rename(fs, from, to);
     }
-    fs.hard_link(from, to)?;
+    match fs.hard_link(from, to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && linked_already(fs, from, to) => {}
+        Err(e) if has_no_links(&e) => return check_then_rename(fs, from, to),
+        Err(e) => return Err(e),
+    }
     fs.remove_file(from)
 }
 
+/// Rename `from` to `to` unless an entry that is not a folder holds `to` (a
+/// folder's rename replaces only an empty folder, a file's never a folder).
+/// Atomic for a folder; for a file the check and the rename are two steps.
+fn check_then_rename<F: Fs + ?Sized>(fs: &F, from: &Path, to: &Path) -> io::Result<()> {
+    match fs.symlink_metadata(to) {
+        Ok(m) if m.kind != Kind::Dir => Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+        _ => fs.rename(from, to),
+    }
+}
+
+/// Are `from` and `to` two names of one inode (a no-replace rename by link and
+/// unlink, cut between the two)?
+fn linked_already<F: Fs + ?Sized>(fs: &F, from: &Path, to: &Path) -> bool {
+    from != to
+        && match (fs.symlink_metadata(from), fs.symlink_metadata(to)) {
+            (Ok(a), Ok(b)) => a.kind != Kind::Dir && a.ino == b.ino && a.dev == b.dev,
+            _ => false,
+        }
+}
+
+/// Does `e` say the filesystem makes no hard links at all?
+fn has_no_links(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Unsupported
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EPERM | libc::ENOSYS | libc::EOPNOTSUPP)
+        )
+}
+
+/// Treat "not found" as success: removal is idempotent (recovery may redo it).
 pub fn not_found_ok(r: io::Result<()>) -> io::Result<()> {
     match r {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -585,6 +625,12 @@ impl Fs for RealFs {
                 ) =>
             {
                 link_then_unlink(self, from, to)
+            }
+            // Two names of one inode: a fallback's link, cut before its unlink.
+            Err(e)
+                if e.kind() == io::ErrorKind::AlreadyExists && linked_already(self, from, to) =>
+            {
+                self.remove_file(from)
             }
             r => r,
         }
@@ -939,6 +985,13 @@ mod tests {
             rename(&RealFs, &d.join("dir"), &d.join("moved")).unwrap();
             RealFs.remove_dir(&d.join("moved")).unwrap();
             RealFs.remove_file(&b).unwrap();
+            // A move cut between its link and its unlink: finished.
+            write_one(&RealFs, &a, b"new", false).unwrap();
+            RealFs.hard_link(&a, &c).unwrap();
+            rename(&RealFs, &a, &c).unwrap();
+            assert!(!a.exists(), "{how}");
+            assert_eq!(std::fs::read(&c).unwrap(), b"new", "{how}");
+            RealFs.remove_file(&c).unwrap();
         }
     }
 }

@@ -10,16 +10,20 @@
 //!   atomically, content and all); anything else (a replacement, a redo finding the
 //!   name taken, a copy) is made under `.stack/tmp` and renamed into place; removals move
 //!   into `.stack/trash/<txn>/` and treat "not found" as done, and so does the old file a
-//!   put replaces (kept for a rollback, `replay::undo`); staged content stays
-//!   in `.stack/staging/` until `Committed` is durable.
+//!   put replaces (kept for a rollback, `reconcile::undo`); staged content stays
+//!   in `.stack/staging/` until `Committed` is durable. A redo recognises a step's
+//!   own file by the staged file it came from (inode or bytes), never by an md5 of
+//!   the bytes, which need not be the manifest's.
 //! - A user's bytes are never trashed or renamed over: what holds a put's name
 //!   goes to the trash only if the old stack holds that path (the committed
 //!   state the transaction started from, `Applier::old_state`); anything else
 //!   goes to `.stack/quarantine/<txn>/<path>`, durably before the put's rename,
-//!   and is reported. A put takes a name it made free by a rename that never
-//!   replaces (`Fs::rename_noreplace`), so a file that appears in between is
-//!   moved aside too. A pull's `RemoveStray` that cannot move its file fails
-//!   the step (the pull rolls back); gc's is best effort. A folder built out of sight
+//!   and is reported; so does what holds a removal's name when its redo finds the
+//!   old file kept already. Nothing is renamed over a kept file. A put takes a
+//!   name it made free by a rename that never replaces (`Fs::rename_noreplace`),
+//!   so a file that appears in between is moved aside too. A pull's
+//!   `RemoveStray` that cannot move its file fails the step (the pull rolls
+//!   back); gc's is best effort. A folder built out of sight
 //!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
 //!   was taken meanwhile, whatever holds an entry's name there moved to
 //!   `.stack/quarantine/<txn>/` first, durably; a redo finds it gone and the steps
@@ -158,27 +162,38 @@ impl<'a> Applier<'a> {
         Ok(p)
     }
 
+    /// Move the old stack's `path` to `.stack/trash/<txn>/<seq>`, where a
+    /// rollback finds it (`reconcile::undo`). Kept there already: the removal
+    /// ran (this is a redo), and what holds the name now was made after it —
+    /// a user's file, moved to the quarantine (durably, and said in the
+    /// warnings), never over the kept file; the same inode as the kept file
+    /// is a no-replace rename cut between its link and its unlink, finished.
     fn to_trash(&self, seq: u64, path: &Path) -> Result<()> {
-        if !self.fs.exists(path).at("stat", path)? {
+        if !entry_exists(self.fs, path)? {
             return Ok(());
         }
-        let dir = self.layout.trash().join(self.txn.to_string());
-        self.ensure_dir(&dir)?;
-        let dst = dir.join(seq.to_string());
-        match self.fs.rename(path, &dst) {
+        let dst = self.layout.kept(self.txn, seq);
+        if entry_exists(self.fs, &dst)? {
+            if same_file(self.fs, path, &dst) {
+                return not_found_ok(self.fs.remove_file(path)).at("remove", path);
+            }
+            return self.quarantine_in_the_way(&self.rel_of(path));
+        }
+        self.ensure_dir(&self.layout.trash_of(self.txn))?;
+        match self.fs.rename_noreplace(path, &dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r.at("rename", path),
         }
     }
 
-    /// Before a put takes the name `dst`: move what is there out of the way. The old stack's file goes to `.stack/trash/<txn>/<seq>`, where a
-    /// rollback finds it (`replay::undo`); anything else — a file the user made
-    /// at a name the old stack did not hold, or one made after the old file was
-    /// kept or removed — goes to the quarantine, durably, and the warnings say
-    /// so. Nothing to move when the name is free, or when `dst` already holds
-    /// this step's own file (`is_new`: a redo after the put; a power loss may
-    /// have kept the put and lost the move), or a folder (the put's rename
-    /// fails then, as it must).
+    /// Before a put takes the name `dst`: move what is there out of the way.
+    /// The old stack's file goes to `.stack/trash/<txn>/<seq>` ([`Self::to_trash`]);
+    /// anything else — a file the user made at a name the old stack did not
+    /// hold, or one made after the old file was kept or removed — goes to the
+    /// quarantine, durably, and the warnings say so. Nothing to move when the
+    /// name is free, or when `dst` already holds this step's own file
+    /// (`is_new`: a redo after the put; a power loss may have kept the put and
+    /// lost the move), or a folder (the put's rename fails then, as it must).
     fn make_room(&self, seq: u64, dst: &Path, is_new: &dyn Fn() -> Result<bool>) -> Result<Room> {
         match self.fs.symlink_metadata(dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Room::Free),
@@ -189,11 +204,7 @@ impl<'a> Applier<'a> {
         if is_new()? {
             return Ok(Room::Taken);
         }
-        let kept = self
-            .layout
-            .trash()
-            .join(self.txn.to_string())
-            .join(seq.to_string());
+        let kept = self.layout.kept(self.txn, seq);
         let rel = self.rel_of(dst);
         if !self.fs.exists(&kept).at("stat", &kept)? && self.held(&rel) {
             self.to_trash(seq, dst)?;
@@ -253,7 +264,7 @@ impl<'a> Applier<'a> {
     }
 
     fn warn_moved(&self, rel: &str) {
-        let kept = quarantined(self.layout, self.txn, rel);
+        let kept = self.layout.quarantined(self.txn, rel);
         self.warnings.push(crate::reconcile::foreign::moved(
             rel,
             kept.strip_prefix(&self.layout.root).unwrap_or(&kept),
@@ -273,8 +284,10 @@ impl<'a> Applier<'a> {
         if !entry_exists(self.fs, &src)? {
             return Ok(false);
         }
-        let dst = quarantined(self.layout, self.txn, rel);
-        if entry_exists(self.fs, &dst)? {
+        let dst = self.layout.quarantined(self.txn, rel);
+        // (The same inode there: a move cut between its link and its unlink,
+        // which the rename below finishes.)
+        if entry_exists(self.fs, &dst)? && !same_file(self.fs, &src, &dst) {
             let taken = io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("{} holds an earlier file of that name", dst.display()),
@@ -469,9 +482,12 @@ impl<'a> Applier<'a> {
                 if self.sole_consumers.contains(&seq) {
                     // Nothing else in this transaction needs the staged file: move it
                     // into place (atomically replacing an old version). A redo finds
-                    // it gone and `done_before` sees the content in place; its mode
-                    // is set again (a power loss can keep a rename and lose a chmod
-                    // made before it by an older engine).
+                    // it gone, so the put ran (here, or in a placed folder that then
+                    // moved) and what holds the name is its file — or a user's edit
+                    // of it, which heal judges, as any edit of a stack file: no md5
+                    // is checked (it need not be the bytes'). Its mode is set again
+                    // (a power loss can keep a rename and lose a chmod made before
+                    // it by an older engine).
                     self.ensure_dir(&l.shared_dir())?;
                     // The staged file still there: this put has not run, and what
                     // `dst` holds is not its file — unless it is the same inode
@@ -483,7 +499,8 @@ impl<'a> Applier<'a> {
                     return match self.rename_into(seq, &staged, &dst, &ran)? {
                         Err(e)
                             if e.kind() == io::ErrorKind::NotFound
-                                && self.done_before(&staged, &dst, md5)? =>
+                                && !self.fs.exists(&staged).at("stat", &staged)?
+                                && is_file(self.fs, &dst)? =>
                         {
                             self.fs.set_readonly(&dst, true).at("chmod", &dst)
                         }
@@ -503,7 +520,8 @@ impl<'a> Applier<'a> {
                 // filesystem. Where links are refused, copy.
                 self.link_or_copy(Strategy::Hardlink, &staged, &tmp, &staged)?;
                 self.fs.set_readonly(&tmp, true).at("chmod", &tmp)?;
-                let own = || Ok(same_file(self.fs, &dst, &staged) || holds(self.fs, &dst, md5)?);
+                // (The staged file is there: `done_before` said so.)
+                let own = || Ok(copy_of_staged(self.fs, &dst, &staged)? == Some(true));
                 self.rename_into(seq, &tmp, &dst, &own)?.at("rename", &dst)
             }
             Event::MakeRef {
@@ -511,7 +529,6 @@ impl<'a> Applier<'a> {
                 table_id,
                 name,
                 strategy,
-                md5,
                 ..
             } => {
                 let dst = l.join(&layout::ref_rel(slot, name));
@@ -545,9 +562,8 @@ impl<'a> Applier<'a> {
                     Strategy::Hardlink => Ok(same_file(self.fs, &dst, &shared)),
                     // A copy of its own, not a hard link to the shared file
                     // (a reference whose link mode changed).
-                    Strategy::Copy | Strategy::Reflink => {
-                        Ok(!same_file(self.fs, &dst, &shared) && holds(self.fs, &dst, md5)?)
-                    }
+                    Strategy::Copy | Strategy::Reflink => Ok(!same_file(self.fs, &dst, &shared)
+                        && copy_of_staged(self.fs, &dst, &shared)? == Some(true)),
                 };
                 self.rename_into(seq, &tmp, &dst, &own)?.at("rename", &dst)
             }
@@ -567,8 +583,8 @@ impl<'a> Applier<'a> {
                 self.ensure_dir(&dir)?;
                 let tmp = self.tmp_path(seq)?;
                 self.fs.copy_file(&staged, &tmp, false).at("copy", &tmp)?;
-                self.rename_into(seq, &tmp, &dst, &|| holds(self.fs, &dst, md5))?
-                    .at("rename", &dst)
+                let own = || Ok(copy_of_staged(self.fs, &dst, &staged)? == Some(true));
+                self.rename_into(seq, &tmp, &dst, &own)?.at("rename", &dst)
             }
             Event::RemoveBundle { slug } => {
                 self.forget_dirs();
@@ -711,11 +727,6 @@ fn keeps_appearing(dst: &Path) -> io::Error {
     )
 }
 
-/// Where transaction `txn` keeps the stray `rel` (see `Applier::to_quarantine`).
-pub fn quarantined(layout: &Layout, txn: u64, rel: &str) -> std::path::PathBuf {
-    layout.quarantine().join(txn.to_string()).join(rel)
-}
-
 /// Does `path` hold content `md5` as a file of its own (not a symlink to
 /// one: a reference whose link mode changed is not the step's file)?
 pub(super) fn holds(fs: &dyn Fs, path: &Path, md5: &str) -> Result<bool> {
@@ -730,6 +741,71 @@ pub(super) fn holds(fs: &dyn Fs, path: &Path, md5: &str) -> Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e).at("read", path),
     }
+}
+
+/// Is `path` a file of its own (not a symlink, not a folder)?
+pub(super) fn is_file(fs: &dyn Fs, path: &Path) -> Result<bool> {
+    match fs.symlink_metadata(path) {
+        Ok(m) => Ok(m.kind == Kind::File),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).at("stat", path),
+    }
+}
+
+/// Is `path` a file of its own holding what the staged file `staged` holds:
+/// that file moved or linked into place (one inode), or a copy of its bytes?
+/// Decided without a hash: a manifest's md5 need not be the md5 of the bytes
+/// (a hash the library's caller injected, a bundle under `TrustServer`).
+/// `None`: `staged` is gone, so only the caller can tell.
+pub(super) fn copy_of_staged(fs: &dyn Fs, path: &Path, staged: &Path) -> Result<Option<bool>> {
+    let file = match fs.symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(false)),
+        Err(e) => return Err(e).at("stat", path),
+    };
+    let from = match fs.symlink_metadata(staged) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).at("stat", staged),
+    };
+    if file.kind != Kind::File || from.kind != Kind::File {
+        return Ok(Some(false));
+    }
+    if file.ino == from.ino && file.dev == from.dev {
+        return Ok(Some(true));
+    }
+    same_bytes(fs, path, staged).map(Some)
+}
+
+/// Do the files `a` and `b` hold the same bytes (read side by side)?
+pub(super) fn same_bytes(fs: &dyn Fs, a: &Path, b: &Path) -> Result<bool> {
+    let open = |p: &Path| fs.open_read(p).at("read", p);
+    let (mut x, mut y) = (open(a)?, open(b)?);
+    let (mut bx, mut by) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = read_full(&mut x, &mut bx).at("read", a)?;
+        let m = read_full(&mut y, &mut by).at("read", b)?;
+        if bx[..n] != by[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Fill `buf` as far as `r` goes; the count read (short only at the end).
+fn read_full(r: &mut dyn io::Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Are `a` and `b` names of one inode?
@@ -1007,10 +1083,10 @@ mod tests {
         );
         assert!(!fs.exists(&staged).unwrap(), "the staged folder is gone");
         // Redone (a crash before `Committed`): the staged folder is gone, so the put
-        // runs as any other, finds its staged file gone and its content in place
-        // only if the md5 matches, which here it does not: the redo says so.
-        let err = Applier::new(&fs, &l, 1).apply_all(&records).unwrap_err();
-        assert!(err.to_string().contains("rename"), "{err}");
+        // runs as any other, finds its staged file gone, so moved: done, whatever
+        // the md5 (a tag here, not the md5 of the bytes).
+        Applier::new(&fs, &l, 1).apply_all(&records).unwrap();
+        assert_eq!(fs.read(&l.join("data/_shared/t1.parquet")).unwrap(), b"one");
     }
 
     /// A folder that appeared after planning holding a file of a staged entry's
@@ -1022,7 +1098,7 @@ mod tests {
     fn place_quarantines_what_holds_a_staged_name_at_every_crash_point() {
         let l = Layout::new("/d");
         let mine = l.join("data/pkg/n.parquet");
-        let kept = quarantined(&l, 1, "data/pkg/n.parquet");
+        let kept = l.quarantined(1, "data/pkg/n.parquet");
         let setup = || {
             let fs = SimFs::new();
             let staged = l.staging().join("place-0");

@@ -16,7 +16,7 @@ use crate::fs::Fs;
 use crate::journal::event::{Event, Record};
 use crate::journal::lock;
 use crate::layout::Layout;
-use crate::reconcile::apply::{finish, quarantined, Applier};
+use crate::reconcile::apply::{finish, Applier};
 use crate::reconcile::recover::replay;
 use crate::verify::{audit, Contents};
 
@@ -99,10 +99,10 @@ pub fn gc(
         // in what the report says was moved.
         report.moved = strays
             .into_iter()
-            .filter(|rel| fs.symlink_metadata(&quarantined(layout, txn, rel)).is_ok())
+            .filter(|rel| fs.symlink_metadata(&layout.quarantined(txn, rel)).is_ok())
             .collect();
         if !report.moved.is_empty() {
-            report.kept_in = Some(layout.quarantine().join(txn.to_string()));
+            report.kept_in = Some(layout.quarantine_of(txn));
         }
     }
     if sweep == Sweep::Delete {

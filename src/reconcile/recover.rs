@@ -273,10 +273,12 @@ fn roll_forward_or_back(
         // Kept for a rollback: the forward path consumes the state it folds.
         let base = old.clone();
         let mut applier = Applier::new(fs, layout, txn).old_state(&old);
-        let forward = applier.apply_all(&p.records).and_then(|()| {
-            for w in applier.take_warnings() {
-                warnings.push(w);
-            }
+        let applied = applier.apply_all(&p.records);
+        // What the steps moved aside is said whichever way the transaction ends.
+        for w in applier.take_warnings() {
+            warnings.push(w);
+        }
+        let forward = applied.and_then(|()| {
             finish(
                 fs,
                 layout,
