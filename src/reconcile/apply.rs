@@ -23,7 +23,10 @@
 //!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
 //!   was taken meanwhile, whatever holds an entry's name there moved to
 //!   `.stack/quarantine/<txn>/` first, durably; a redo finds it gone and the steps
-//!   that travelled in it then run as any other.
+//!   that travelled in it then run as any other. A memory domain's folder goes
+//!   to the trash holding its bundle alone: anything else in it is moved to the
+//!   quarantine first (by the pull's `RemoveStray` steps, and, for what appeared
+//!   since, by `RemoveBundle` itself).
 //! - Nothing temporary is ever created inside `data/` or `memory/`.
 //! - No step runs on a name or path that could leave the directory: an event's
 //!   names and md5s are `SafeName`s and `Md5Sum`s and its paths were checked when
@@ -288,6 +291,27 @@ impl<'a> Applier<'a> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             r => r.at("rename", &src).map(|()| true),
         }
+    }
+
+    /// Before a domain's folder `rel` goes to the trash whole: anything in it
+    /// but its bundle is a user's (the pull's `RemoveStray` steps moved what
+    /// was there when it planned; this is what appeared since) and goes to the
+    /// quarantine, durably, said in the warnings. The folder gone already: the
+    /// removal ran.
+    fn quarantine_users_files_in(&self, rel: &str) -> Result<()> {
+        let dir = self.layout.join(rel);
+        let entries = match self.fs.read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).at("list", &dir),
+        };
+        for e in &entries {
+            let entry = format!("{rel}/{}", e.name);
+            if layout::bundle_slug_of(&entry).is_none() {
+                self.quarantine_in_the_way(&entry)?;
+            }
+        }
+        Ok(())
     }
 
     /// Make `dst` a copy of `src` by `strategy`, falling back to a copy where the
@@ -572,6 +596,7 @@ impl<'a> Applier<'a> {
             }
             Event::RemoveBundle { slug } => {
                 self.forget_dirs();
+                self.quarantine_users_files_in(&layout::domain_dir_rel(slug))?;
                 self.to_trash(seq, &l.join(&layout::domain_dir_rel(slug)))
             }
             Event::RemoveDir { slot } => {
@@ -637,6 +662,9 @@ impl<'a> Applier<'a> {
                     | Event::PutShared { .. }
                     | Event::MakeRef { .. }
                     | Event::PutBundle { .. }
+                    | Event::RemoveRef { .. }
+                    | Event::RemoveShared { .. }
+                    | Event::RemoveBundle { .. }
             )
         });
         self.vacated = records

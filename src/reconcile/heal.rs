@@ -3,6 +3,10 @@
 //! Owns: the disk check a pull runs before planning. A file whose stat fingerprint
 //! (size, mtime, inode) is unchanged is trusted without reading it; one whose
 //! fingerprint changed is re-hashed, and only wrong content counts as damage.
+//! Invariant kept: a damaged file that holds bytes stack did not write (wrong
+//! content, a link to elsewhere, a file where stack made a link) is named in
+//! [`Damage::foreign`], so the pull moves those bytes to the quarantine before
+//! it re-makes or removes that name; never to the trash, which is deleted.
 //! Reads only: it never mutates anything.
 
 use std::collections::BTreeMap;
@@ -28,17 +32,25 @@ fn fp_now(fs: &dyn Fs, path: &Path) -> Result<Option<StatFp>> {
 }
 
 /// What is the state of one file the engine wrote?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Check {
     Ok,
     Refresh,
+    /// To re-make: nothing holds the name (or a folder does, which the pull
+    /// refuses), or stack's own bytes do.
     Damaged,
+    /// To re-make, and the name holds bytes stack did not write.
+    Foreign,
 }
 
-fn check_file(
+/// A bundle: any change of its fingerprint means fetch again (its manifest md5
+/// may be a version tag); the bytes there are stack's only if they still hash
+/// to `md5`.
+fn check_bundle(
     fs: &dyn Fs,
     path: &Path,
     recorded: Option<StatFp>,
-    md5: Option<&str>,
+    md5: &str,
     hash: HashFn<'_>,
 ) -> Result<Check> {
     let Some(now) = fp_now(fs, path)? else {
@@ -47,17 +59,17 @@ fn check_file(
     if recorded == Some(now) {
         return Ok(Check::Ok);
     }
-    let Some(md5) = md5 else {
-        return Ok(Check::Damaged);
-    };
-    hashed(path, md5, hash)
+    Ok(match hashed(path, md5, hash)? {
+        Check::Refresh => Check::Damaged,
+        c => c,
+    })
 }
 
 /// A file whose fingerprint changed: is its content still `md5`?
 fn hashed(path: &Path, md5: &str, hash: HashFn<'_>) -> Result<Check> {
     match hash(path) {
         Ok(h) if h == md5 => Ok(Check::Refresh),
-        Ok(_) => Ok(Check::Damaged),
+        Ok(_) => Ok(Check::Foreign),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Check::Damaged),
         Err(e) => Err(e).at("read", path),
     }
@@ -181,7 +193,8 @@ where
     })
 }
 
-/// [`check_file`]'s first half, from a stat already made.
+/// What a stat already made says of a file the engine wrote (its content
+/// decided later, when the fingerprint changed).
 fn probe_file(
     layout: &Layout,
     at: &impl Located,
@@ -220,9 +233,12 @@ fn probe_ref(
             let now = StatFp::of(&m);
             let wrong = e.ref_fp != Some(now)
                 && fs.read_link(&path()).at("readlink", &path())? != layout::symlink_target(id);
-            Ok(Probe::Done(if wrong { Check::Damaged } else { Check::Ok }))
+            Ok(Probe::Done(if wrong { Check::Foreign } else { Check::Ok }))
         }
-        Ok(_) => Ok(Probe::Done(Check::Damaged)),
+        // A folder: the pull refuses to put a file there (`pull::preflight`).
+        Ok(m) if m.kind == Kind::Dir => Ok(Probe::Done(Check::Damaged)),
+        // A file where stack made a symlink: the user's.
+        Ok(_) => Ok(Probe::Done(Check::Foreign)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Probe::Done(Check::Damaged)),
         Err(err) => Err(err).at("stat", &path()),
     }
@@ -318,8 +334,9 @@ pub fn find_damage(
         match check {
             Check::Ok => {}
             Check::Refresh => d.refresh.push(at.loc.rel()),
-            Check::Damaged => {
+            Check::Damaged | Check::Foreign => {
                 d.shared.insert(at.id.clone());
+                note_foreign(&mut d, check, &at.loc);
             }
         }
     }
@@ -362,21 +379,36 @@ pub fn find_damage(
         match check {
             Check::Ok => {}
             Check::Refresh => d.refresh.push(r.loc.rel()),
-            Check::Damaged => {
+            Check::Damaged | Check::Foreign => {
                 let slot = r.slug.map_or(Slot::Direct, |s| Slot::Package(s.clone()));
                 d.refs.insert((slot, r.id.clone()));
+                note_foreign(&mut d, check, &r.loc);
             }
         }
     }
     for (slug, dom) in &state.memory_domains {
         let path = layout.join(&dom.path);
-        // Bundles are small and their manifest md5 may be a version tag: any change
-        // means fetch again.
-        if !matches!(check_file(fs, &path, dom.fp, None, hash)?, Check::Ok) {
+        // Bundles are small: checked one by one.
+        let check = check_bundle(fs, &path, dom.fp, &dom.md5, hash)?;
+        if check != Check::Ok {
             d.domains.insert(slug.clone());
         }
+        if check == Check::Foreign && dom.path == layout::bundle_rel(slug) {
+            d.foreign.push(dom.path.clone());
+        }
     }
+    d.foreign.sort_unstable();
+    d.foreign.dedup();
     Ok(d)
+}
+
+/// A damaged file at the layout's own path holding bytes stack did not write
+/// goes into [`Damage::foreign`] (the pull's steps act on the layout's paths;
+/// an entry a hand-edited state gave paths of its own is re-made elsewhere).
+fn note_foreign(d: &mut Damage, check: Check, loc: &TableLoc<'_>) {
+    if check == Check::Foreign && matches!(loc, TableLoc::Own { .. }) {
+        d.foreign.push(loc.rel());
+    }
 }
 
 #[cfg(test)]

@@ -406,6 +406,20 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
             folders.insert(crate::layout::slot_dir_rel(slot));
         }
     }
+    // Damaged files holding a user's bytes (heal found them): never trashed.
+    foreign.extend(p.foreign.iter().cloned());
+    // A domain leaves with its folder: what else the user keeps there is moved
+    // out first.
+    for ev in &p.ops {
+        if let Event::RemoveBundle { slug } = ev {
+            let folder = BTreeSet::from([paths::domain_dir_rel(slug)]);
+            foreign.extend(crate::reconcile::foreign::in_folders(
+                fs, layout, &folder, state,
+            )?);
+        }
+    }
+    foreign.sort_unstable();
+    foreign.dedup();
     Ok(Preflight {
         absent,
         foreign,
@@ -417,8 +431,9 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
 struct Preflight {
     /// The folders the plan writes into that do not exist (relative).
     absent: BTreeSet<String>,
-    /// Files no state entry holds at paths the plan writes: a user's, moved
-    /// aside before the manifest's file takes the name.
+    /// Files no state entry holds at paths the plan writes or in a domain's
+    /// folder it removes, and damaged files holding bytes stack did not write
+    /// (`Plan::foreign`): a user's, moved aside to the quarantine first (sorted).
     foreign: Vec<String>,
     /// Every folder the plan writes into or removes (relative).
     folders: BTreeSet<String>,
