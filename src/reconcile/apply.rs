@@ -1141,6 +1141,72 @@ mod tests {
         assert!(!fs.exists(&kept).unwrap());
     }
 
+    /// A domain leaving the stack whose folder holds the user's files: the one
+    /// the pull saw when it planned goes by its `RemoveStray`, one that appeared
+    /// since by `RemoveBundle` itself, both to the quarantine (the second said
+    /// in the warnings); the folder goes to the trash holding the bundle alone.
+    /// A rollback puts the bundle and the first file back; the second stays in
+    /// the quarantine, where the warning said it went.
+    #[test]
+    fn a_domain_leaving_keeps_the_users_files_and_rolls_back() {
+        let fs = SimFs::new();
+        let l = Layout::new("/d");
+        write(&fs, &l.join("memory/ops/bundle.md"), b"stack's bundle");
+        write(&fs, &l.join("memory/ops/notes.md"), b"the user's notes");
+        write(&fs, &l.join("memory/ops/late.md"), b"made after planning");
+        let old: SyncState = serde_json::from_str(
+            r#"{"version": 1, "direct_tables": {}, "data_packages": {},
+              "memory_domains": {"ops": {"md5": "0123456789abcdef0123456789abcdef",
+                 "path": "memory/ops/bundle.md"}}}"#,
+        )
+        .unwrap();
+        let records = [
+            record(
+                1,
+                Event::RemoveStray {
+                    rel: "memory/ops/notes.md".into(),
+                },
+            ),
+            record(
+                2,
+                Event::RemoveBundle {
+                    slug: "ops".try_into().unwrap(),
+                },
+            ),
+        ];
+        let mut applier = Applier::new(&fs, &l, 1).old_state(&old);
+        applier.apply_all(&records).unwrap();
+        let warnings = applier.take_warnings();
+        assert!(!fs.exists(&l.join("memory/ops")).unwrap());
+        let kept = |rel: &str| fs.read(&quarantined(&l, 1, rel));
+        assert_eq!(kept("memory/ops/notes.md").unwrap(), b"the user's notes");
+        assert_eq!(kept("memory/ops/late.md").unwrap(), b"made after planning");
+        for rel in ["memory/ops/notes.md", "memory/ops/late.md"] {
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.contains(rel) && w.contains(".stack/quarantine/1/")),
+                "{rel}: {warnings:?}"
+            );
+        }
+        assert_eq!(
+            fs.read(&l.trash().join("1/2/bundle.md")).unwrap(),
+            b"stack's bundle"
+        );
+        let trashed = fs.read_dir(&l.trash().join("1/2")).unwrap();
+        assert_eq!(trashed.len(), 1, "{trashed:?}");
+        crate::reconcile::undo::undo(&fs, &l, &old, 1, &records, &Warnings::default()).unwrap();
+        assert_eq!(
+            fs.read(&l.join("memory/ops/bundle.md")).unwrap(),
+            b"stack's bundle"
+        );
+        assert_eq!(
+            fs.read(&l.join("memory/ops/notes.md")).unwrap(),
+            b"the user's notes"
+        );
+        assert_eq!(kept("memory/ops/late.md").unwrap(), b"made after planning");
+    }
+
     #[test]
     fn place_moves_the_folder_whole_when_its_name_is_free() {
         let fs = SimFs::new();

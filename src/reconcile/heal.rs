@@ -443,6 +443,62 @@ mod tests {
         assert_eq!(d.refresh, vec!["x.parquet".to_string()]);
     }
 
+    /// Damaged files holding bytes stack did not write are named in `foreign`:
+    /// a file where stack made a symlink, a copy with other content, a bundle
+    /// that no longer hashes to its md5. A missing file, or one whose content
+    /// is still stack's, is not.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
+    fn damage_names_the_files_holding_a_users_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let put = |rel: &str, bytes: &[u8]| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, bytes).unwrap();
+        };
+        let abc = "900150983cd24fb0d6963f7d28e17f72"; // md5("abc")
+        for id in ["a", "b", "c", "d"] {
+            put(&format!("data/_shared/tbl_{id}.parquet"), b"abc");
+        }
+        put("data/_direct/a.parquet", b"the user's a");
+        put("data/_direct/c.parquet", b"abc");
+        put("data/_direct/d.parquet", b"the user's d");
+        put("memory/ops/bundle.md", b"abc");
+        put("memory/fin/bundle.md", b"the user's edit");
+        let entry = |id: &str, strategy: &str| {
+            format!(
+                r#""tbl_{id}":{{"name":"{id}","md5":"{abc}","ref_path":"data/_direct/{id}.parquet","shared_path":"data/_shared/tbl_{id}.parquet","strategy":"{strategy}"}}"#
+            )
+        };
+        let text = format!(
+            r#"{{"version":1,"journal":{{"txn":1,"seq":1}},"direct_tables":{{{},{},{},{}}},"data_packages":{{}},"memory_domains":{{"ops":{{"md5":"{abc}","path":"memory/ops/bundle.md"}},"fin":{{"md5":"{abc}","path":"memory/fin/bundle.md"}}}}}}"#,
+            entry("a", "symlink"),
+            entry("b", "copy"),
+            entry("c", "copy"),
+            entry("d", "copy"),
+        );
+        let state = crate::replay::state::parse_state(text.as_bytes()).unwrap();
+        let hash = |p: &Path| crate::reconcile::origin::md5_file(&RealFs, p);
+        let d = find_damage(&RealFs, &Layout::new(root), &state, &hash).unwrap();
+        assert_eq!(
+            d.foreign,
+            vec![
+                "data/_direct/a.parquet".to_string(),
+                "data/_direct/d.parquet".to_string(),
+                "memory/fin/bundle.md".to_string(),
+            ]
+        );
+        let refs: Vec<&str> = d.refs.iter().map(|(_, id)| id.as_str()).collect();
+        assert_eq!(refs, ["tbl_a", "tbl_b", "tbl_d"]);
+        let domains: Vec<&str> = d.domains.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            domains,
+            ["fin", "ops"],
+            "a bundle without a fingerprint is fetched again"
+        );
+    }
+
     /// A batch that returns fewer results than names is an error for the missing
     /// ones (the shared `fs::one_per_name`), never a shift that pairs the results
     /// after it with other files: heal must not find an unreadable stack intact.
