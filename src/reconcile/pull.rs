@@ -410,13 +410,17 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
     foreign.extend(p.foreign.iter().cloned());
     // A domain leaves with its folder: what else the user keeps there is moved
     // out first.
-    for ev in &p.ops {
-        if let Event::RemoveBundle { slug } = ev {
-            let folder = BTreeSet::from([paths::domain_dir_rel(slug)]);
-            foreign.extend(crate::reconcile::foreign::in_folders(
-                fs, layout, &folder, state,
-            )?);
-        }
+    let dropped: BTreeSet<String> = p
+        .ops
+        .iter()
+        .filter_map(|ev| match ev {
+            Event::RemoveBundle { slug } => Some(paths::domain_dir_rel(slug)),
+            _ => None,
+        })
+        .collect();
+    if !dropped.is_empty() {
+        let found = crate::reconcile::foreign::in_folders(fs, layout, &dropped, state)?;
+        foreign.extend(found);
     }
     foreign.sort_unstable();
     foreign.dedup();
