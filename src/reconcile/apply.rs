@@ -297,21 +297,43 @@ impl<'a> Applier<'a> {
     /// but its bundle is a user's (the pull's `RemoveStray` steps moved what
     /// was there when it planned; this is what appeared since) and goes to the
     /// quarantine, durably, said in the warnings. The folder gone already: the
-    /// removal ran.
+    /// removal ran. An entry still there after that (a name that is not UTF-8
+    /// cannot be named to move it) fails the step: the folder is never trashed
+    /// with a user's file in it.
     fn quarantine_users_files_in(&self, rel: &str) -> Result<()> {
         let dir = self.layout.join(rel);
-        let entries = match self.fs.read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e).at("list", &dir),
+        let users = || -> Result<Option<Vec<String>>> {
+            match self.fs.read_dir(&dir) {
+                Ok(entries) => Ok(Some(
+                    entries
+                        .into_iter()
+                        .map(|e| format!("{rel}/{}", e.name))
+                        .filter(|entry| layout::bundle_slug_of(entry).is_none())
+                        .collect(),
+                )),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).at("list", &dir),
+            }
         };
-        for e in &entries {
-            let entry = format!("{rel}/{}", e.name);
-            if layout::bundle_slug_of(&entry).is_none() {
-                self.quarantine_in_the_way(&entry)?;
+        let Some(found) = users()? else {
+            return Ok(());
+        };
+        for entry in &found {
+            self.quarantine_in_the_way(entry)?;
+        }
+        match users()?.unwrap_or_default().first() {
+            None => Ok(()),
+            Some(left) => {
+                let stuck = io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{left} is not stack's and could not be moved out of the folder \
+                         (a name that is not UTF-8?); move it out and pull again"
+                    ),
+                );
+                Err(stuck).at("rename", &dir)
             }
         }
-        Ok(())
     }
 
     /// Make `dst` a copy of `src` by `strategy`, falling back to a copy where the

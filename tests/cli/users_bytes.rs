@@ -245,3 +245,22 @@ fn a_removal_keeps_the_users_bytes_at_a_tracked_name() {
     assert!(r.stderr.contains("data/p1/b.parquet"), "{r:?}");
     assert_verify_clean(&dir);
 }
+
+/// A file whose name is not UTF-8 in the folder of a domain leaving the stack
+/// cannot be named to move it: the pull fails (exit 1) and rolls back rather
+/// than trash the folder with it; the file and the domain stay.
+#[test]
+fn a_domain_folder_holding_a_file_stack_cannot_name_is_not_removed() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_o, l) = pulled("symlink");
+    let dir = l.dir();
+    let odd = dir
+        .join("memory/finance")
+        .join(std::ffi::OsStr::from_bytes(b"notes-\xff.md"));
+    std::fs::write(&odd, b"my precious notes").unwrap();
+    let o2 = Origin::new(&base_tables(), &[]);
+    let r = pull(&o2.manifest(), &dir, &[]);
+    r.code(1);
+    assert_eq!(std::fs::read(&odd).unwrap(), b"my precious notes", "{r:?}");
+    assert!(dir.join("memory/finance/bundle.md").exists(), "{r:?}");
+}
