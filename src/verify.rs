@@ -42,7 +42,7 @@
 //! (`error::is_crash_io`) reaches the caller whatever failed before it.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -791,20 +791,32 @@ fn audit_listings(
             }
         }
     }
-    // Invariant 4: memory/<slug>/ exists iff the domain is in the stack.
-    let on_disk: BTreeSet<String> = list(fs, &layout.memory())?
-        .into_iter()
-        .filter(|e| e.kind == Kind::Dir)
-        .map(|e| e.name)
-        .collect();
-    for slug in &on_disk {
-        if !state.memory_domains.contains_key(slug.as_str()) {
-            out.push(v(
+    // Invariant 4: memory/<slug>/ exists iff the domain is in the stack, and
+    // holds its bundle alone (stack creates nothing else under memory/).
+    for e in list(fs, &layout.memory())? {
+        let rel = layout::domain_dir_rel(&e.name);
+        if e.kind != Kind::Dir {
+            let why = "file directly under memory/ is not the engine's";
+            out.push(v(4, "untracked", &rel, why));
+            continue;
+        }
+        match state.memory_domains.get(e.name.as_str()) {
+            None => out.push(v(
                 4,
                 "unexpected_domain",
-                &layout::domain_dir_rel(slug),
+                &rel,
                 "memory domain is not in the stack",
-            ));
+            )),
+            // (An unsafe entry's bundle is reported below, its folder not listed.)
+            Some(d) if unsafe_domain(&e.name, d).is_none() => {
+                for f in list(fs, &layout.join(&rel))? {
+                    let file = format!("{rel}/{}", f.name);
+                    if file != d.path {
+                        out.push(v(4, "untracked", &file, "no state entry holds this file"));
+                    }
+                }
+            }
+            Some(_) => {}
         }
     }
     for (slug, d) in &state.memory_domains {

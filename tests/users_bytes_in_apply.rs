@@ -570,3 +570,110 @@ fn gcs_report_names_only_the_moves_that_happened() {
         rep.warnings
     );
 }
+
+/// A user's bytes a pull must move aside — `notes.md` in the folder of a
+/// memory domain the new manifest drops, or the user's own file replacing the
+/// reference `p1/a` (heal re-makes it) — under every persistent fault (EIO,
+/// EROFS, ENOSPC on metadata at every operation; each folder refusing writes
+/// in turn). Right after the pull, and after the next recovery once the fault
+/// cleared, the user's bytes are at their name or in the quarantine (never
+/// only in the trash), and the rest of the directory is the old stack or the
+/// new one. A fault-free pull moves them to the quarantine and says so.
+#[test]
+fn a_users_bytes_a_pull_moves_aside_survive_every_persistent_fault() {
+    let without_ops = || {
+        let mut m = new_stack();
+        m["memory_domains"] = serde_json::json!([]);
+        m
+    };
+    let cases: [(&str, Value); 2] = [
+        ("memory/ops/notes.md", without_ops()),
+        ("data/p1/a.parquet", new_stack()),
+    ];
+    let mut states = 0;
+    for (rel, new_manifest) in cases {
+        for link in [LinkMode::Symlink, LinkMode::Copy, LinkMode::Hardlink] {
+            let base = fresh(link);
+            let at = Path::new(ROOT).join(rel);
+            // The user's file replaces whatever is at the name (not in place:
+            // a hard link's inode is the shared file's too).
+            let _ = base.remove_file(&at);
+            base.write_file(&at, MINE).unwrap();
+            base.make_durable();
+            let strip = |fs: &SimFs| {
+                let mut v = view(fs).unwrap();
+                v.tree.remove(rel);
+                v
+            };
+            let old = strip(&base);
+            let clean = base.reboot(Crash::Process);
+            let counting = FaultFs::new(clean.clone());
+            let rep =
+                pull_with(Arc::new(counting.clone()), &TestOrigin, &new_manifest, link).unwrap();
+            let kept = format!("{ROOT}/.stack/quarantine/{}/{rel}", rep.txn);
+            assert_eq!(where_mine(&clean), vec![kept.clone()], "{rel} {link:?}");
+            assert!(
+                rep.warnings
+                    .iter()
+                    .any(|w| w.contains(rel) && w.contains(&kept[ROOT.len() + 1..])),
+                "{rel} {link:?}: {:?}",
+                rep.warnings
+            );
+            let new = strip(&clean);
+            let n = counting.ops();
+            let faults = (0..n)
+                .flat_map(|op| {
+                    [
+                        Fault::Io { op },
+                        Fault::ReadOnly { op },
+                        Fault::NoSpaceMeta { op },
+                    ]
+                })
+                .chain(
+                    [
+                        "/stack/.stack/quarantine",
+                        "/stack/.stack/trash",
+                        "/stack/data/p1",
+                        "/stack/data/_shared",
+                        "/stack/data/_direct",
+                        "/stack/memory",
+                    ]
+                    .map(|under| Fault::Denied { under }),
+                );
+            for fault in faults {
+                let sim = base.reboot(Crash::Process);
+                let ffs = FaultFs::new(sim.clone());
+                ffs.arm(fault);
+                let got = pull_with(Arc::new(ffs.clone()), &TestOrigin, &new_manifest, link);
+                let what = |when: &str, m: String| {
+                    format!("{rel} {link:?} {fault:?} {when}: {m} ({got:?})")
+                };
+                if let Err(m) = mine_kept(&sim, rel) {
+                    panic!("{}", what("right after the pull", m));
+                }
+                ffs.clear();
+                recover(Arc::new(ffs), &layout())
+                    .unwrap_or_else(|e| panic!("{}", what("recovery", e.to_string())));
+                if let Err(m) = mine_kept(&sim, rel) {
+                    panic!("{}", what("after recovery", m));
+                }
+                let v = strip(&sim);
+                assert!(
+                    v == old || v == new,
+                    "{}",
+                    what(
+                        "after recovery",
+                        format!(
+                            "neither old nor new: {} / {}",
+                            describe_diff(&v, &old),
+                            describe_diff(&v, &new)
+                        )
+                    )
+                );
+                states += 1;
+            }
+        }
+    }
+    eprintln!("{states} fault states with a user's bytes moved aside");
+    assert!(states > 300, "only {states}");
+}

@@ -27,7 +27,10 @@
 //!   (`reconcile::place`) arrives whole by one rename, or entry by entry if its name
 //!   was taken meanwhile, whatever holds an entry's name there moved to
 //!   `.stack/quarantine/<txn>/` first, durably; a redo finds it gone and the steps
-//!   that travelled in it then run as any other.
+//!   that travelled in it then run as any other. A memory domain's folder goes
+//!   to the trash holding its bundle alone: anything else in it is moved to the
+//!   quarantine first (by the pull's `RemoveStray` steps, and, for what appeared
+//!   since, by `RemoveBundle` itself).
 //! - Nothing temporary is ever created inside `data/` or `memory/`.
 //! - No step runs on a name or path that could leave the directory: an event's
 //!   names and md5s are `SafeName`s and `Md5Sum`s and its paths were checked when
@@ -300,6 +303,49 @@ impl<'a> Applier<'a> {
         match self.fs.rename_noreplace(&src, &dst) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             r => r.at("rename", &src).map(|()| true),
+        }
+    }
+
+    /// Before a domain's folder `rel` goes to the trash whole: anything in it
+    /// but its bundle is a user's (the pull's `RemoveStray` steps moved what
+    /// was there when it planned; this is what appeared since) and goes to the
+    /// quarantine, durably, said in the warnings. The folder gone already: the
+    /// removal ran. An entry still there after that (a name that is not UTF-8
+    /// cannot be named to move it) fails the step: the folder is never trashed
+    /// with a user's file in it.
+    fn quarantine_users_files_in(&self, rel: &str) -> Result<()> {
+        let dir = self.layout.join(rel);
+        let users = || -> Result<Option<Vec<String>>> {
+            match self.fs.read_dir(&dir) {
+                Ok(entries) => Ok(Some(
+                    entries
+                        .into_iter()
+                        .map(|e| format!("{rel}/{}", e.name))
+                        .filter(|entry| layout::bundle_slug_of(entry).is_none())
+                        .collect(),
+                )),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).at("list", &dir),
+            }
+        };
+        let Some(found) = users()? else {
+            return Ok(());
+        };
+        for entry in &found {
+            self.quarantine_in_the_way(entry)?;
+        }
+        match users()?.unwrap_or_default().first() {
+            None => Ok(()),
+            Some(left) => {
+                let stuck = io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{left} is not stack's and could not be moved out of the folder \
+                         (a name that is not UTF-8?); move it out and pull again"
+                    ),
+                );
+                Err(stuck).at("rename", &dir)
+            }
         }
     }
 
@@ -588,6 +634,7 @@ impl<'a> Applier<'a> {
             }
             Event::RemoveBundle { slug } => {
                 self.forget_dirs();
+                self.quarantine_users_files_in(&layout::domain_dir_rel(slug))?;
                 self.to_trash(seq, &l.join(&layout::domain_dir_rel(slug)))
             }
             Event::RemoveDir { slot } => {
@@ -653,6 +700,9 @@ impl<'a> Applier<'a> {
                     | Event::PutShared { .. }
                     | Event::MakeRef { .. }
                     | Event::PutBundle { .. }
+                    | Event::RemoveRef { .. }
+                    | Event::RemoveShared { .. }
+                    | Event::RemoveBundle { .. }
             )
         });
         self.vacated = records
@@ -1187,6 +1237,72 @@ mod tests {
         .unwrap();
         assert_eq!(fs.read(&mine).unwrap(), b"the user's");
         assert!(!fs.exists(&kept).unwrap());
+    }
+
+    /// A domain leaving the stack whose folder holds the user's files: the one
+    /// the pull saw when it planned goes by its `RemoveStray`, one that appeared
+    /// since by `RemoveBundle` itself, both to the quarantine (the second said
+    /// in the warnings); the folder goes to the trash holding the bundle alone.
+    /// A rollback puts the bundle and the first file back; the second stays in
+    /// the quarantine, where the warning said it went.
+    #[test]
+    fn a_domain_leaving_keeps_the_users_files_and_rolls_back() {
+        let fs = SimFs::new();
+        let l = Layout::new("/d");
+        write(&fs, &l.join("memory/ops/bundle.md"), b"stack's bundle");
+        write(&fs, &l.join("memory/ops/notes.md"), b"the user's notes");
+        write(&fs, &l.join("memory/ops/late.md"), b"made after planning");
+        let old: SyncState = serde_json::from_str(
+            r#"{"version": 1, "direct_tables": {}, "data_packages": {},
+              "memory_domains": {"ops": {"md5": "0123456789abcdef0123456789abcdef",
+                 "path": "memory/ops/bundle.md"}}}"#,
+        )
+        .unwrap();
+        let records = [
+            record(
+                1,
+                Event::RemoveStray {
+                    rel: "memory/ops/notes.md".into(),
+                },
+            ),
+            record(
+                2,
+                Event::RemoveBundle {
+                    slug: "ops".try_into().unwrap(),
+                },
+            ),
+        ];
+        let mut applier = Applier::new(&fs, &l, 1).old_state(&old);
+        applier.apply_all(&records).unwrap();
+        let warnings = applier.take_warnings();
+        assert!(!fs.exists(&l.join("memory/ops")).unwrap());
+        let kept = |rel: &str| fs.read(&quarantined(&l, 1, rel));
+        assert_eq!(kept("memory/ops/notes.md").unwrap(), b"the user's notes");
+        assert_eq!(kept("memory/ops/late.md").unwrap(), b"made after planning");
+        for rel in ["memory/ops/notes.md", "memory/ops/late.md"] {
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.contains(rel) && w.contains(".stack/quarantine/1/")),
+                "{rel}: {warnings:?}"
+            );
+        }
+        assert_eq!(
+            fs.read(&l.trash().join("1/2/bundle.md")).unwrap(),
+            b"stack's bundle"
+        );
+        let trashed = fs.read_dir(&l.trash().join("1/2")).unwrap();
+        assert_eq!(trashed.len(), 1, "{trashed:?}");
+        crate::reconcile::undo::undo(&fs, &l, &old, 1, &records, &Warnings::default()).unwrap();
+        assert_eq!(
+            fs.read(&l.join("memory/ops/bundle.md")).unwrap(),
+            b"stack's bundle"
+        );
+        assert_eq!(
+            fs.read(&l.join("memory/ops/notes.md")).unwrap(),
+            b"the user's notes"
+        );
+        assert_eq!(kept("memory/ops/late.md").unwrap(), b"made after planning");
     }
 
     #[test]

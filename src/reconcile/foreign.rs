@@ -1,9 +1,11 @@
 //! Files stack did not write, in the folders a pull works in.
 //!
 //! Owns: finding them, and the rule that a pull never deletes or overwrites one.
-//! Invariant kept: a file no state entry holds at a path the plan writes is moved
-//! to `.stack/quarantine/<txn>/<path>` by a journaled `RemoveStray` step before
-//! the manifest's file takes its name (never renamed over, never unlinked), and so
+//! Invariant kept: a file no state entry holds at a path the plan writes, or in
+//! the folder of a memory domain the plan removes, and a tracked file whose
+//! bytes are not stack's (`Damage::foreign`), is moved to
+//! `.stack/quarantine/<txn>/<path>` by a journaled `RemoveStray` step before
+//! the plan's step on it (never renamed over, never unlinked), and so
 //! is one in a folder the user made where a pull places one (`Applier::merge`,
 //! recorded by the journaled `Place`) and one that appears at a put's name after
 //! the preflight looked (`Applier::make_room`); any
@@ -121,10 +123,12 @@ pub fn warning(rel: &str) -> String {
     )
 }
 
-/// What a caller tells the user about a file moved out of a name the pull wrote.
+/// What a caller tells the user about bytes stack did not write that a pull
+/// moved out of its way (a name it writes or removes, a domain's folder it
+/// removes).
 pub fn moved(rel: &str, to: &std::path::Path) -> String {
     format!(
-        "{rel} was not written by stack; moved to {} before the manifest's file took its name",
+        "{rel} holds bytes stack did not write; moved to {} out of the pull's way",
         to.display()
     )
 }

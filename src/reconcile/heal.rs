@@ -3,6 +3,10 @@
 //! Owns: the disk check a pull runs before planning. A file whose stat fingerprint
 //! (size, mtime, inode) is unchanged is trusted without reading it; one whose
 //! fingerprint changed is re-hashed, and only wrong content counts as damage.
+//! Invariant kept: a damaged file that holds bytes stack did not write (wrong
+//! content, a link to elsewhere, a file where stack made a link) is named in
+//! [`Damage::foreign`], so the pull moves those bytes to the quarantine before
+//! it re-makes or removes that name; never to the trash, which is deleted.
 //! Reads only: it never mutates anything.
 
 use std::collections::BTreeMap;
@@ -28,17 +32,25 @@ fn fp_now(fs: &dyn Fs, path: &Path) -> Result<Option<StatFp>> {
 }
 
 /// What is the state of one file the engine wrote?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Check {
     Ok,
     Refresh,
+    /// To re-make: nothing holds the name (or a folder does, which the pull
+    /// refuses), or stack's own bytes do.
     Damaged,
+    /// To re-make, and the name holds bytes stack did not write.
+    Foreign,
 }
 
-fn check_file(
+/// A bundle: any change of its fingerprint means fetch again (its manifest md5
+/// may be a version tag); the bytes there are stack's only if they still hash
+/// to `md5`.
+fn check_bundle(
     fs: &dyn Fs,
     path: &Path,
     recorded: Option<StatFp>,
-    md5: Option<&str>,
+    md5: &str,
     hash: HashFn<'_>,
 ) -> Result<Check> {
     let Some(now) = fp_now(fs, path)? else {
@@ -47,17 +59,17 @@ fn check_file(
     if recorded == Some(now) {
         return Ok(Check::Ok);
     }
-    let Some(md5) = md5 else {
-        return Ok(Check::Damaged);
-    };
-    hashed(path, md5, hash)
+    Ok(match hashed(path, md5, hash)? {
+        Check::Refresh => Check::Damaged,
+        c => c,
+    })
 }
 
 /// A file whose fingerprint changed: is its content still `md5`?
 fn hashed(path: &Path, md5: &str, hash: HashFn<'_>) -> Result<Check> {
     match hash(path) {
         Ok(h) if h == md5 => Ok(Check::Refresh),
-        Ok(_) => Ok(Check::Damaged),
+        Ok(_) => Ok(Check::Foreign),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Check::Damaged),
         Err(e) => Err(e).at("read", path),
     }
@@ -181,7 +193,8 @@ where
     })
 }
 
-/// [`check_file`]'s first half, from a stat already made.
+/// What a stat already made says of a file the engine wrote (its content
+/// decided later, when the fingerprint changed).
 fn probe_file(
     layout: &Layout,
     at: &impl Located,
@@ -220,9 +233,12 @@ fn probe_ref(
             let now = StatFp::of(&m);
             let wrong = e.ref_fp != Some(now)
                 && fs.read_link(&path()).at("readlink", &path())? != layout::symlink_target(id);
-            Ok(Probe::Done(if wrong { Check::Damaged } else { Check::Ok }))
+            Ok(Probe::Done(if wrong { Check::Foreign } else { Check::Ok }))
         }
-        Ok(_) => Ok(Probe::Done(Check::Damaged)),
+        // A folder: the pull refuses to put a file there (`pull::preflight`).
+        Ok(m) if m.kind == Kind::Dir => Ok(Probe::Done(Check::Damaged)),
+        // A file where stack made a symlink: the user's.
+        Ok(_) => Ok(Probe::Done(Check::Foreign)),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Probe::Done(Check::Damaged)),
         Err(err) => Err(err).at("stat", &path()),
     }
@@ -318,8 +334,9 @@ pub fn find_damage(
         match check {
             Check::Ok => {}
             Check::Refresh => d.refresh.push(at.loc.rel()),
-            Check::Damaged => {
+            Check::Damaged | Check::Foreign => {
                 d.shared.insert(at.id.clone());
+                note_foreign(&mut d, check, &at.loc);
             }
         }
     }
@@ -362,21 +379,36 @@ pub fn find_damage(
         match check {
             Check::Ok => {}
             Check::Refresh => d.refresh.push(r.loc.rel()),
-            Check::Damaged => {
+            Check::Damaged | Check::Foreign => {
                 let slot = r.slug.map_or(Slot::Direct, |s| Slot::Package(s.clone()));
                 d.refs.insert((slot, r.id.clone()));
+                note_foreign(&mut d, check, &r.loc);
             }
         }
     }
     for (slug, dom) in &state.memory_domains {
         let path = layout.join(&dom.path);
-        // Bundles are small and their manifest md5 may be a version tag: any change
-        // means fetch again.
-        if !matches!(check_file(fs, &path, dom.fp, None, hash)?, Check::Ok) {
+        // Bundles are small: checked one by one.
+        let check = check_bundle(fs, &path, dom.fp, &dom.md5, hash)?;
+        if check != Check::Ok {
             d.domains.insert(slug.clone());
         }
+        if check == Check::Foreign && dom.path == layout::bundle_rel(slug) {
+            d.foreign.push(dom.path.clone());
+        }
     }
+    d.foreign.sort_unstable();
+    d.foreign.dedup();
     Ok(d)
+}
+
+/// A damaged file at the layout's own path holding bytes stack did not write
+/// goes into [`Damage::foreign`] (the pull's steps act on the layout's paths;
+/// an entry a hand-edited state gave paths of its own is re-made elsewhere).
+fn note_foreign(d: &mut Damage, check: Check, loc: &TableLoc<'_>) {
+    if check == Check::Foreign && matches!(loc, TableLoc::Own { .. }) {
+        d.foreign.push(loc.rel());
+    }
 }
 
 #[cfg(test)]
@@ -409,6 +441,62 @@ mod tests {
         let d = find_damage(&RealFs, &layout, &state, &hash).unwrap();
         assert_eq!(*asked.lock().unwrap(), vec![root.join("x.parquet")]);
         assert_eq!(d.refresh, vec!["x.parquet".to_string()]);
+    }
+
+    /// Damaged files holding bytes stack did not write are named in `foreign`:
+    /// a file where stack made a symlink, a copy with other content, a bundle
+    /// that no longer hashes to its md5. A missing file, or one whose content
+    /// is still stack's, is not.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the fixture is made with std::fs
+    fn damage_names_the_files_holding_a_users_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let put = |rel: &str, bytes: &[u8]| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, bytes).unwrap();
+        };
+        let abc = "900150983cd24fb0d6963f7d28e17f72"; // md5("abc")
+        for id in ["a", "b", "c", "d"] {
+            put(&format!("data/_shared/tbl_{id}.parquet"), b"abc");
+        }
+        put("data/_direct/a.parquet", b"the user's a");
+        put("data/_direct/c.parquet", b"abc");
+        put("data/_direct/d.parquet", b"the user's d");
+        put("memory/ops/bundle.md", b"abc");
+        put("memory/fin/bundle.md", b"the user's edit");
+        let entry = |id: &str, strategy: &str| {
+            format!(
+                r#""tbl_{id}":{{"name":"{id}","md5":"{abc}","ref_path":"data/_direct/{id}.parquet","shared_path":"data/_shared/tbl_{id}.parquet","strategy":"{strategy}"}}"#
+            )
+        };
+        let text = format!(
+            r#"{{"version":1,"journal":{{"txn":1,"seq":1}},"direct_tables":{{{},{},{},{}}},"data_packages":{{}},"memory_domains":{{"ops":{{"md5":"{abc}","path":"memory/ops/bundle.md"}},"fin":{{"md5":"{abc}","path":"memory/fin/bundle.md"}}}}}}"#,
+            entry("a", "symlink"),
+            entry("b", "copy"),
+            entry("c", "copy"),
+            entry("d", "copy"),
+        );
+        let state = crate::replay::state::parse_state(text.as_bytes()).unwrap();
+        let hash = |p: &Path| crate::reconcile::origin::md5_file(&RealFs, p);
+        let d = find_damage(&RealFs, &Layout::new(root), &state, &hash).unwrap();
+        assert_eq!(
+            d.foreign,
+            vec![
+                "data/_direct/a.parquet".to_string(),
+                "data/_direct/d.parquet".to_string(),
+                "memory/fin/bundle.md".to_string(),
+            ]
+        );
+        let refs: Vec<&str> = d.refs.iter().map(|(_, id)| id.as_str()).collect();
+        assert_eq!(refs, ["tbl_a", "tbl_b", "tbl_d"]);
+        let domains: Vec<&str> = d.domains.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            domains,
+            ["fin", "ops"],
+            "a bundle without a fingerprint is fetched again"
+        );
     }
 
     /// A batch that returns fewer results than names is an error for the missing

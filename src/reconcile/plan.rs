@@ -60,6 +60,10 @@ pub struct Damage {
     /// Relative paths whose stat changed but whose content is right: only their
     /// fingerprints need recording.
     pub refresh: Vec<String>,
+    /// Relative paths of damaged files (above) that hold bytes stack did not
+    /// write (a user's file or edit), sorted: moved to the quarantine before the
+    /// pull re-makes or removes them, never trashed.
+    pub foreign: Vec<String>,
 }
 
 /// One download to stage.
@@ -81,6 +85,8 @@ pub struct Plan {
     pub tally: Tally,
     /// Fingerprints to refresh (see [`Damage::refresh`]).
     pub refresh: Vec<String>,
+    /// Damaged files holding a user's bytes (see [`Damage::foreign`]).
+    pub foreign: Vec<String>,
 }
 
 impl Plan {
@@ -263,6 +269,7 @@ pub fn plan_from<'s, 'm>(
     } = desired;
     let mut p = Plan {
         refresh: damage.refresh.clone(),
+        foreign: damage.foreign.clone(),
         ..Plan::default()
     };
     p.tally.direct_tables.skipped = skipped.direct;

@@ -406,6 +406,24 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
             folders.insert(crate::layout::slot_dir_rel(slot));
         }
     }
+    // Damaged files holding a user's bytes (heal found them): never trashed.
+    foreign.extend(p.foreign.iter().cloned());
+    // A domain leaves with its folder: what else the user keeps there is moved
+    // out first.
+    let dropped: BTreeSet<String> = p
+        .ops
+        .iter()
+        .filter_map(|ev| match ev {
+            Event::RemoveBundle { slug } => Some(paths::domain_dir_rel(slug)),
+            _ => None,
+        })
+        .collect();
+    if !dropped.is_empty() {
+        let found = crate::reconcile::foreign::in_folders(fs, layout, &dropped, state)?;
+        foreign.extend(found);
+    }
+    foreign.sort_unstable();
+    foreign.dedup();
     Ok(Preflight {
         absent,
         foreign,
@@ -417,8 +435,9 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
 struct Preflight {
     /// The folders the plan writes into that do not exist (relative).
     absent: BTreeSet<String>,
-    /// Files no state entry holds at paths the plan writes: a user's, moved
-    /// aside before the manifest's file takes the name.
+    /// Files no state entry holds at paths the plan writes or in a domain's
+    /// folder it removes, and damaged files holding bytes stack did not write
+    /// (`Plan::foreign`): a user's, moved aside to the quarantine first (sorted).
     foreign: Vec<String>,
     /// Every folder the plan writes into or removes (relative).
     folders: BTreeSet<String>,

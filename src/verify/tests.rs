@@ -145,6 +145,7 @@ fn every_violation_in_order() {
     write(root, "data/loose", "L");
     write(root, "data/p9/x.parquet", "P9");
     write(root, "memory/m/bundle.md", "# m");
+    write(root, "memory/m/notes.md", "the user's notes");
     std::fs::create_dir_all(root.join("memory/zzz")).unwrap();
     write(root, "memory/note.txt", "not a folder");
 
@@ -279,6 +280,18 @@ fn every_violation_in_order() {
             "untracked",
             "data/p9/x.parquet",
             "no state entry holds this file",
+        ),
+        row(
+            4,
+            "untracked",
+            "memory/m/notes.md",
+            "no state entry holds this file",
+        ),
+        row(
+            4,
+            "untracked",
+            "memory/note.txt",
+            "file directly under memory/ is not the engine's",
         ),
         row(
             4,

@@ -117,3 +117,150 @@ impl Drop for Unmount {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// The user's bytes kept in `.stack/quarantine/<txn>/<rel>` by the pull `r`.
+#[track_caller]
+fn quarantined_bytes(dir: &Path, rel: &str) -> Vec<Vec<u8>> {
+    walk(&dir.join(".stack/quarantine"))
+        .into_iter()
+        .filter(|p| p.ends_with(rel))
+        .map(|p| std::fs::read(p).unwrap())
+        .collect()
+}
+
+/// A memory domain leaves the stack while its folder holds a file the user
+/// saved there: `verify` names that file before the pull; the pull removes the
+/// bundle and moves the user's file to `.stack/quarantine/`, said on stderr,
+/// never deleted; the directory then verifies clean.
+#[test]
+fn a_domain_leaving_the_stack_keeps_the_users_files_in_its_folder() {
+    let (_o, l) = pulled("symlink");
+    let dir = l.dir();
+    std::fs::write(dir.join("memory/finance/notes.md"), b"my precious notes").unwrap();
+    let r = verify(&dir, false);
+    assert_eq!(r.code, 4, "verify names the user's file: {r:?}");
+    assert!(r.stdout.contains("memory/finance/notes.md"), "{r:?}");
+    let o2 = Origin::new(&base_tables(), &[]);
+    let r = pull(&o2.manifest(), &dir, &[]);
+    r.ok();
+    assert_eq!(
+        quarantined_bytes(&dir, "memory/finance/notes.md"),
+        vec![b"my precious notes".to_vec()],
+        "the user's notes are kept: {r:?}"
+    );
+    assert!(r.stderr.contains("memory/finance/notes.md"), "{r:?}");
+    assert!(!dir.join("memory/finance/bundle.md").exists());
+    assert_verify_clean(&dir);
+}
+
+/// `gc` moves a user's file out of a domain's folder (the domain stays).
+#[test]
+fn gc_moves_a_users_file_out_of_a_domains_folder() {
+    let (_o, l) = pulled("copy");
+    let dir = l.dir();
+    std::fs::write(dir.join("memory/finance/notes.md"), b"my notes").unwrap();
+    let r = stack(&["gc", "--dir", dir.to_str().unwrap()]);
+    r.ok();
+    assert_eq!(
+        std::fs::read(dir.join(".stack/quarantine/2/memory/finance/notes.md")).unwrap(),
+        b"my notes",
+        "{r:?}"
+    );
+    assert!(dir.join("memory/finance/bundle.md").exists());
+    assert_verify_clean(&dir);
+}
+
+/// A file stack tracks replaced or edited by the user (a reference, for each
+/// link mode; a shared file; a bundle): the pull heals it — the manifest's
+/// file is back — and the bytes the user put there go to
+/// `.stack/quarantine/<txn>/<rel>`, named on stderr, never deleted.
+#[test]
+fn heal_keeps_the_users_bytes_it_replaces() {
+    for link in ["symlink", "hardlink", "copy"] {
+        let (o, l) = pulled(link);
+        let dir = l.dir();
+        let alpha = dir.join("data/p1/alpha.parquet");
+        std::fs::remove_file(&alpha).unwrap();
+        std::fs::write(&alpha, b"my own table").unwrap();
+        let r = pull(&o.manifest(), &dir, &["--link", link]);
+        r.ok();
+        assert_eq!(std::fs::read(&alpha).unwrap(), b"table a, version 1\n");
+        assert_eq!(
+            quarantined_bytes(&dir, "data/p1/alpha.parquet"),
+            vec![b"my own table".to_vec()],
+            "{link}: {r:?}"
+        );
+        assert!(r.stderr.contains("data/p1/alpha.parquet"), "{link}: {r:?}");
+        assert_verify_clean(&dir);
+    }
+    let (o, l) = pulled("symlink");
+    let dir = l.dir();
+    force_write(&dir.join("data/_shared/tbl_c.parquet"), b"my edit of c");
+    std::fs::write(
+        dir.join("memory/finance/bundle.md"),
+        b"my edit of the bundle",
+    )
+    .unwrap();
+    let r = pull(&o.manifest(), &dir, &[]);
+    r.ok();
+    assert_eq!(
+        std::fs::read(dir.join("data/_shared/tbl_c.parquet")).unwrap(),
+        b"table c\n"
+    );
+    assert_eq!(
+        quarantined_bytes(&dir, "data/_shared/tbl_c.parquet"),
+        vec![b"my edit of c".to_vec()],
+        "{r:?}"
+    );
+    assert_eq!(
+        quarantined_bytes(&dir, "memory/finance/bundle.md"),
+        vec![b"my edit of the bundle".to_vec()],
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("data/_shared/tbl_c.parquet"), "{r:?}");
+    assert!(r.stderr.contains("memory/finance/bundle.md"), "{r:?}");
+    assert_verify_clean(&dir);
+}
+
+/// A reference the user replaced with a file of their own, whose table then
+/// leaves the stack: the removal takes stack's file, not the user's — their
+/// bytes go to the quarantine, named on stderr.
+#[test]
+fn a_removal_keeps_the_users_bytes_at_a_tracked_name() {
+    let (_o, l) = pulled("copy");
+    let dir = l.dir();
+    let b = dir.join("data/p1/b.parquet");
+    std::fs::write(&b, b"my own b").unwrap();
+    let mut tables = base_tables();
+    tables.retain(|t| t.id != "tbl_b");
+    let o2 = Origin::new(&tables, &base_domains());
+    let r = pull(&o2.manifest(), &dir, &[]);
+    r.ok();
+    assert!(!b.exists());
+    assert_eq!(
+        quarantined_bytes(&dir, "data/p1/b.parquet"),
+        vec![b"my own b".to_vec()],
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("data/p1/b.parquet"), "{r:?}");
+    assert_verify_clean(&dir);
+}
+
+/// A file whose name is not UTF-8 in the folder of a domain leaving the stack
+/// cannot be named to move it: the pull fails (exit 1) and rolls back rather
+/// than trash the folder with it; the file and the domain stay.
+#[test]
+fn a_domain_folder_holding_a_file_stack_cannot_name_is_not_removed() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_o, l) = pulled("symlink");
+    let dir = l.dir();
+    let odd = dir
+        .join("memory/finance")
+        .join(std::ffi::OsStr::from_bytes(b"notes-\xff.md"));
+    std::fs::write(&odd, b"my precious notes").unwrap();
+    let o2 = Origin::new(&base_tables(), &[]);
+    let r = pull(&o2.manifest(), &dir, &[]);
+    r.code(1);
+    assert_eq!(std::fs::read(&odd).unwrap(), b"my precious notes", "{r:?}");
+    assert!(dir.join("memory/finance/bundle.md").exists(), "{r:?}");
+}
