@@ -1276,7 +1276,7 @@ mod tests {
         applier.apply_all(&records).unwrap();
         let warnings = applier.take_warnings();
         assert!(!fs.exists(&l.join("memory/ops")).unwrap());
-        let kept = |rel: &str| fs.read(&quarantined(&l, 1, rel));
+        let kept = |rel: &str| fs.read(&l.quarantined(1, rel));
         assert_eq!(kept("memory/ops/notes.md").unwrap(), b"the user's notes");
         assert_eq!(kept("memory/ops/late.md").unwrap(), b"made after planning");
         for rel in ["memory/ops/notes.md", "memory/ops/late.md"] {
