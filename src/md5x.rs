@@ -316,10 +316,10 @@ const LANE_CAP: usize = 1024 * 1024;
 /// step: up to eight at a time, one per lane.
 ///
 /// A writer copies its bytes into its lane; once every lane holds
-/// [`LANE_TRIGGER`] bytes (or its own is full) and no pass is running, that
+/// `LANE_TRIGGER` (256 KiB) bytes (or its own is full) and no pass is running, that
 /// writer hashes the blocks of the lanes in one pass, outside the lock, while the
 /// others keep appending. Downloads arrive in bursts, stream by stream, so the
-/// lanes buffer up to [`LANE_CAP`] each to even them out; a lane with fewer
+/// lanes buffer up to `LANE_CAP` (1 MiB) each to even them out; a lane with fewer
 /// blocks than the others keeps its state for the steps it has none (masked), so
 /// a stalled stream never holds up the rest. The digests are plain MD5, checked
 /// against the `md-5` crate by the tests.
@@ -342,7 +342,7 @@ struct Shared {
 
 impl Shared {
     /// Is a pass worth starting now that `lane` grew? When every stream still
-    /// arriving has [`LANE_TRIGGER`] bytes (every step of the pass fills every
+    /// arriving has `LANE_TRIGGER` bytes (every step of the pass fills every
     /// busy lane), or when `lane` is full (its stream outruns the others).
     fn due(&self, lane: usize) -> bool {
         let even = self
