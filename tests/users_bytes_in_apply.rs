@@ -677,3 +677,59 @@ fn a_users_bytes_a_pull_moves_aside_survive_every_persistent_fault() {
     eprintln!("{states} fault states with a user's bytes moved aside");
     assert!(states > 300, "only {states}");
 }
+
+/// Heal finds the user's bytes at `p1/a` while the same pull updates `tbl_a`
+/// (`RemoveStray`, `PutShared`, `MakeRef` at that name), and a persistent
+/// fault rolls the pull back: the old stack comes back whole — `p1/a` never
+/// holds the new table's bytes under the old state — and the user's bytes are
+/// back at their name or in the quarantine.
+#[test]
+fn a_rollback_after_heal_moved_the_users_edit_restores_the_old_stack_whole() {
+    let rel = "data/p1/a.parquet";
+    let mut new_manifest = new_stack();
+    new_manifest["data_packages"][0]["tables"][0] = table("tbl_a", "a", 2);
+    let mut bad = Vec::new();
+    let mut states = 0;
+    for link in [LinkMode::Symlink, LinkMode::Copy, LinkMode::Hardlink] {
+        let base = fresh(link);
+        let at = Path::new(ROOT).join(rel);
+        let _ = base.remove_file(&at);
+        base.write_file(&at, MINE).unwrap();
+        base.make_durable();
+        let old_state = view(&base).unwrap().state;
+        let clean = base.reboot(Crash::Process);
+        let counting = FaultFs::new(clean.clone());
+        pull_with(Arc::new(counting.clone()), &TestOrigin, &new_manifest, link).unwrap();
+        let new_a = clean.read(&at).unwrap();
+        for op in 0..counting.ops() {
+            for fault in [Fault::Io { op }, Fault::NoSpaceMeta { op }] {
+                let sim = base.reboot(Crash::Process);
+                let ffs = FaultFs::new(sim.clone());
+                ffs.arm(fault);
+                let _ = pull_with(Arc::new(ffs.clone()), &TestOrigin, &new_manifest, link);
+                ffs.clear();
+                recover(Arc::new(ffs), &layout()).unwrap();
+                states += 1;
+                let v = view(&sim).unwrap();
+                if v.state == old_state && sim.read(&at).ok().as_deref() == Some(&new_a[..]) {
+                    bad.push(format!(
+                        "{link:?} {fault:?}: the new p1/a under the old state"
+                    ));
+                }
+                if where_mine(&sim).len() != 1 {
+                    bad.push(format!(
+                        "{link:?} {fault:?}: the user's bytes at {:?}",
+                        where_mine(&sim)
+                    ));
+                }
+            }
+        }
+    }
+    assert!(states > 300, "only {states}");
+    assert!(
+        bad.is_empty(),
+        "{} of {states} states: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+}

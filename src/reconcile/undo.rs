@@ -115,7 +115,7 @@ pub fn undo(
             }
             Event::RemoveShared { table_id } => u.unremove(r.seq, &layout::shared_rel(table_id))?,
             Event::RemoveBundle { slug } => u.unremove(r.seq, &layout::domain_dir_rel(slug))?,
-            Event::RemoveStray { rel } => u.unquarantine(rel)?,
+            Event::RemoveStray { rel } => u.unstray(r.seq, rel)?,
             Event::Place { rel, .. } => {
                 u.unmerge(rel)?;
                 placed.insert(rel.clone());
@@ -244,6 +244,11 @@ impl Undoer<'_> {
         if back {
             self.move_to(&kept, &path)?;
         }
+        if self.left.borrow().contains(rel) {
+            // The name is not free until the earlier step's undo moves the
+            // put's file; that undo brings back what was quarantined.
+            return Ok(rel.to_string());
+        }
         self.unquarantine(rel)
     }
 
@@ -285,6 +290,17 @@ impl Undoer<'_> {
         }
         self.move_to(&kept, &path)?;
         Ok(rel.to_string())
+    }
+
+    /// A stray the pull moved to the quarantine (a user's bytes at a name it
+    /// heals): a later put's own file left at that name (see `left`) is moved
+    /// away first, then the stray comes back.
+    fn unstray(&self, seq: u64, rel: &str) -> Result<String> {
+        let path = self.layout.join(rel);
+        if self.left.borrow_mut().remove(rel) && entry_exists(self.fs, &path)? {
+            self.move_to(&path, &self.layout.unput(self.txn, seq))?;
+        }
+        self.unquarantine(rel)
     }
 
     /// A file a pull moved out of a name it put: back, unless something holds
