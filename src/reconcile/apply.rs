@@ -315,6 +315,14 @@ impl<'a> Applier<'a> {
     /// with a user's file in it.
     fn quarantine_users_files_in(&self, rel: &str) -> Result<()> {
         let dir = self.layout.join(rel);
+        match self.fs.symlink_metadata(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).at("stat", &dir),
+            // Not a folder stack made (a link to one elsewhere): moved whole,
+            // never followed.
+            Ok(m) if m.kind != Kind::Dir => return self.quarantine_in_the_way(rel),
+            Ok(_) => {}
+        }
         let users = || -> Result<Option<Vec<String>>> {
             match self.fs.read_dir(&dir) {
                 Ok(entries) => Ok(Some(

@@ -15,7 +15,7 @@
 use std::collections::{BTreeSet, HashSet};
 
 use crate::error::{IoContext, Result};
-use crate::fs::Fs;
+use crate::fs::{Fs, Kind};
 use crate::layout::{self, Layout};
 use crate::model::slot::SlotRef;
 use crate::replay::state::SyncState;
@@ -78,8 +78,9 @@ impl<'s> Held<'s> {
 }
 
 /// The files in `folders` (relative: a package's, `data/_direct`, a domain's)
-/// that `state` does not hold, sorted. A folder that is not there is skipped; the
-/// top folders `data` and `memory` hold folders, not files.
+/// that `state` does not hold, sorted. A folder that is not there is skipped; one
+/// that is not a folder (a link to one elsewhere) is named itself; the top
+/// folders `data` and `memory` hold folders, not files.
 pub fn in_folders(
     fs: &dyn Fs,
     layout: &Layout,
@@ -96,6 +97,18 @@ pub fn in_folders(
         .filter(|f| f.contains('/') && f.as_str() != layout::SHARED_DIR)
     {
         let dir = layout.join(folder);
+        match fs.symlink_metadata(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).at("stat", &dir),
+            // A link where stack keeps a folder (stack never makes one) is the
+            // user's, whole: what it points to, maybe outside the directory, is
+            // never listed.
+            Ok(m) if m.kind != Kind::Dir => {
+                out.push(folder.clone());
+                continue;
+            }
+            Ok(_) => {}
+        }
         let entries = match fs.read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,

@@ -153,6 +153,42 @@ fn a_domain_leaving_the_stack_keeps_the_users_files_in_its_folder() {
     assert_verify_clean(&dir);
 }
 
+/// A domain's folder the user replaced by a symlink to a folder elsewhere: when
+/// the domain leaves, the pull moves the link (not stack's: stack never makes a
+/// folder link) to the quarantine, and never lists, moves or deletes anything
+/// in the folder it points to, outside the directory.
+#[test]
+fn a_leaving_domains_folder_that_is_a_link_is_moved_whole_never_followed() {
+    let (_o, l) = pulled("symlink");
+    let dir = l.dir();
+    let outside = tempfile::tempdir().unwrap();
+    let theirs = outside.path().join("notes");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("bundle.md"), b"their bundle").unwrap();
+    std::fs::write(theirs.join("notes.md"), b"their notes").unwrap();
+    let folder = dir.join("memory/finance");
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::os::unix::fs::symlink(&theirs, &folder).unwrap();
+    let o2 = Origin::new(&base_tables(), &[]);
+    let r = pull(&o2.manifest(), &dir, &[]);
+    r.ok();
+    assert_eq!(
+        std::fs::read(theirs.join("notes.md")).unwrap(),
+        b"their notes",
+        "{r:?}"
+    );
+    assert_eq!(
+        std::fs::read(theirs.join("bundle.md")).unwrap(),
+        b"their bundle",
+        "{r:?}"
+    );
+    let kept = dir.join(".stack/quarantine/2/memory/finance");
+    assert_eq!(std::fs::read_link(&kept).unwrap(), theirs, "{r:?}");
+    assert!(r.stderr.contains("memory/finance"), "{r:?}");
+    assert!(std::fs::symlink_metadata(&folder).is_err(), "{r:?}");
+    assert_verify_clean(&dir);
+}
+
 /// `gc` moves a user's file out of a domain's folder (the domain stays).
 #[test]
 fn gc_moves_a_users_file_out_of_a_domains_folder() {
