@@ -733,3 +733,67 @@ fn a_rollback_after_heal_moved_the_users_edit_restores_the_old_stack_whole() {
         &bad[..bad.len().min(5)]
     );
 }
+
+/// A pull that replaces p1/b's table by another table at the same name
+/// (`RemoveRef` then `MakeRef` at one name): after any persistent fault and the
+/// recovery that follows (which redoes every step), nothing of stack's own is
+/// in the quarantine, and no warning calls it the user's.
+#[test]
+fn a_same_name_swap_redone_never_quarantines_stacks_own_file() {
+    let old_m = manifest(
+        vec![],
+        vec![package("p1", vec![table("tbl_b", "b", 1)])],
+        vec![],
+    );
+    let new_m = manifest(
+        vec![],
+        vec![package("p1", vec![table("tbl_x", "b", 1)])],
+        vec![],
+    );
+    let mut bad = Vec::new();
+    let mut states = 0;
+    for link in [LinkMode::Copy, LinkMode::Symlink, LinkMode::Hardlink] {
+        let base = SimFs::new();
+        base.create_dirs(ROOT).unwrap();
+        plain_pull(&base, &old_m, link);
+        base.make_durable();
+        let clean = base.reboot(Crash::Process);
+        let counting = FaultFs::new(clean.clone());
+        pull_with(Arc::new(counting.clone()), &TestOrigin, &new_m, link).unwrap();
+        for op in 0..counting.ops() {
+            for fault in [Fault::Io { op }, Fault::NoSpaceMeta { op }] {
+                let sim = base.reboot(Crash::Process);
+                let ffs = FaultFs::new(sim.clone());
+                ffs.arm(fault);
+                let _ = pull_with(Arc::new(ffs.clone()), &TestOrigin, &new_m, link);
+                ffs.clear();
+                let rec = recover(Arc::new(ffs), &layout());
+                states += 1;
+                if let Ok(r) = &rec {
+                    if r.warnings.iter().any(|w| w.contains("did not write")) {
+                        bad.push(format!("{link:?} {fault:?}: {:?}", r.warnings));
+                    }
+                }
+                let q: Vec<String> = sim
+                    .snapshot()
+                    .into_keys()
+                    .map(|p| p.display().to_string())
+                    .filter(|p| p.contains("/.stack/quarantine/") && p.ends_with(".parquet"))
+                    .collect();
+                if !q.is_empty() {
+                    bad.push(format!(
+                        "{link:?} {fault:?}: {q:?} {:?}",
+                        rec.map(|_| ()).map_err(|e| e.to_string())
+                    ));
+                }
+            }
+        }
+    }
+    assert!(states > 100, "only {states}");
+    assert!(
+        bad.is_empty(),
+        "{} of {states} states with stack's file in the quarantine: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(4)]
+    );
+}

@@ -97,6 +97,10 @@ pub struct Applier<'a> {
     /// Names a removal of this transaction vacated: what holds one later was
     /// made after the old stack's file went, and is not stack's.
     vacated: std::collections::HashSet<String>,
+    /// Names a put of this transaction takes: what holds one when a removal's
+    /// redo finds its old file kept already is judged by that put
+    /// ([`Self::make_room`]), which knows its own file.
+    put_names: std::collections::HashSet<String>,
     /// Is a failure to quarantine a stray fatal? A pull's strays stand where its
     /// puts go (it must fail rather than overwrite); gc's are best effort.
     strict_strays: bool,
@@ -124,6 +128,7 @@ impl<'a> Applier<'a> {
             threads: 1,
             old: None,
             vacated: std::collections::HashSet::new(),
+            put_names: std::collections::HashSet::new(),
             strict_strays: false,
             unsynced_strays: AtomicBool::new(false),
             staged_read_only: false,
@@ -167,8 +172,9 @@ impl<'a> Applier<'a> {
 
     /// Move the old stack's `path` to `.stack/trash/<txn>/<seq>`, where a
     /// rollback finds it (`reconcile::undo`). Kept there already: the removal
-    /// ran (this is a redo), and what holds the name now was made after it —
-    /// a user's file, moved to the quarantine (durably, and said in the
+    /// ran (this is a redo), and what holds the name now was made after it:
+    /// a later put's of this transaction, or a user's file — left for that
+    /// put to judge, else moved to the quarantine (durably, and said in the
     /// warnings), never over the kept file; the same inode as the kept file
     /// is a no-replace rename cut between its link and its unlink, finished.
     fn to_trash(&self, seq: u64, path: &Path) -> Result<()> {
@@ -180,7 +186,11 @@ impl<'a> Applier<'a> {
             if same_file(self.fs, path, &dst) {
                 return not_found_ok(self.fs.remove_file(path)).at("remove", path);
             }
-            return self.quarantine_in_the_way(&self.rel_of(path));
+            let rel = self.rel_of(path);
+            if self.put_names.contains(&rel) {
+                return Ok(());
+            }
+            return self.quarantine_in_the_way(&rel);
         }
         self.ensure_dir(&self.layout.trash_of(self.txn))?;
         match self.fs.rename_noreplace(path, &dst) {
@@ -718,6 +728,15 @@ impl<'a> Applier<'a> {
             .filter_map(|r| match &r.event {
                 Event::RemoveRef { slot, name, .. } => Some(layout::ref_rel(slot, name)),
                 Event::RemoveShared { table_id } => Some(layout::shared_rel(table_id)),
+                _ => None,
+            })
+            .collect();
+        self.put_names = records
+            .iter()
+            .filter_map(|r| match &r.event {
+                Event::MakeRef { slot, name, .. } => Some(layout::ref_rel(slot, name)),
+                Event::PutShared { table_id, .. } => Some(layout::shared_rel(table_id)),
+                Event::PutBundle { slug, .. } => Some(layout::bundle_rel(slug)),
                 _ => None,
             })
             .collect();
