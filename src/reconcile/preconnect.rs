@@ -8,9 +8,10 @@
 //! request that needs a new connection, [`Trigger`] starts the warm-up once a
 //! first connection (TCP, and TLS where the scheme says so) has succeeded.
 //!
-//! Invariants kept: at most `count` sockets are opened, once per origin, to the
-//! address a connection already succeeded to — a server that cannot be reached,
-//! or whose certificate is refused, sees no extra connection; no request is sent
+//! Invariants kept: at most `count` sockets are opened, once per origin, and
+//! only after a connection to it succeeded (each to the first of its addresses
+//! that accepts) — a server that cannot be reached, or whose certificate is
+//! refused, sees no extra connection; no request is sent
 //! on a warm socket here (a server sees a connection, nothing else, until a
 //! download uses it); a socket is handed out only while fresh and still open
 //! (a server that closed it, e.g. one that limits connections per client, gets
@@ -59,8 +60,10 @@ impl Warm {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Open the sockets to `addr`, each on its own thread, unless that was done.
-    fn start(self: &Arc<Self>, addr: SocketAddr, no_delay: bool) {
+    /// Open the sockets, each on its own thread, unless that was done: each to
+    /// the first of `addrs` (the origin's, in the order ureq tries them) that
+    /// accepts, as ureq's own connection did (its transport does not say which).
+    fn start(self: &Arc<Self>, addrs: &[SocketAddr], no_delay: bool) {
         let mut st = self.lock();
         if st.started {
             return;
@@ -69,8 +72,12 @@ impl Warm {
         drop(st);
         for _ in 0..self.count {
             let warm = Arc::clone(self);
+            let addrs = addrs.to_vec();
             std::thread::spawn(move || {
-                let Ok(s) = TcpStream::connect_timeout(&addr, warm.connect_timeout) else {
+                let Some((addr, s)) = addrs.into_iter().find_map(|a| {
+                    let s = TcpStream::connect_timeout(&a, warm.connect_timeout).ok()?;
+                    Some((a, s))
+                }) else {
                     return;
                 };
                 if no_delay && s.set_nodelay(true).is_err() {
@@ -143,8 +150,8 @@ impl<In: Transport> Connector<In> for Trigger {
         details: &ConnectionDetails,
         chained: Option<In>,
     ) -> Result<Option<Self::Out>, ureq::Error> {
-        if let (Some(_), Some(addr)) = (&chained, details.addrs.first()) {
-            self.0.start(*addr, details.config.no_delay());
+        if chained.is_some() {
+            self.0.start(&details.addrs, details.config.no_delay());
         }
         Ok(chained)
     }
@@ -211,8 +218,14 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    /// Warm sockets to a listener that keeps (`true`) or closes every connection.
+    /// Warm sockets to a listener that keeps (`true`) or closes every connection;
+    /// the origin's addresses list a port that refuses first (as `localhost`
+    /// can resolve to `::1` for a server on IPv4 only).
     fn warm_to(keep: bool) -> (Arc<Warm>, SocketAddr, std::thread::JoinHandle<()>) {
+        let refusing = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
@@ -226,8 +239,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(500));
         });
         let warm = Warm::new(3, Duration::from_secs(5));
-        warm.start(addr, true);
-        warm.start(addr, true); // once per origin
+        warm.start(&[refusing, addr], true);
+        warm.start(&[refusing, addr], true); // once per origin
         let deadline = Instant::now() + Duration::from_secs(5);
         while warm.lock().sockets.len() < 3 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
