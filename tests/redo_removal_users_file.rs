@@ -13,37 +13,22 @@ use serde_json::Value;
 use stack::fs::fault::{Fault, FaultFs};
 use stack::fs::sim::{SimFs, SnapEntry};
 use stack::fs::Fs;
-use stack::reconcile::origin::md5_file;
-use stack::reconcile::pull::{pull, PullConfig, SyncReport, Wanted};
-use stack::{BundleCheck, LinkMode, Manifest};
+
+use stack::reconcile::pull::SyncReport;
+use stack::{BundleCheck, LinkMode};
 use support::sim_stack::*;
 
 const MINE: &[u8] = b"the user's own bytes, which stack never wrote\n";
 
 fn run(fs: Arc<dyn Fs>, m: &Value) -> stack::Result<SyncReport> {
-    let reader = fs.clone();
-    let hash = move |p: &Path| md5_file(reader.as_ref(), p);
-    let mm: Manifest = serde_json::from_value(m.clone()).unwrap();
-    let bytes = serde_json::to_vec(&mm).unwrap();
-    let cfg = PullConfig {
+    let hash = engine_md5(fs.clone());
+    pull_sim(
         fs,
-        layout: layout(),
-        origin: &TestOrigin,
-        link: LinkMode::Copy,
-        jobs: 1,
-        dry_run: false,
-        wait: false,
-        command: "test".to_string(),
-        hash: &hash,
-        bundles: BundleCheck::Verify,
-        progress: &|_| {},
-    };
-    pull(
-        Wanted::Raw {
-            bytes: bytes.as_slice().into(),
-            origin: "test".into(),
-        },
-        &cfg,
+        &TestOrigin,
+        m,
+        LinkMode::Copy,
+        BundleCheck::Verify,
+        &hash,
     )
 }
 

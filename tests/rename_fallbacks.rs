@@ -18,10 +18,10 @@ use serde_json::Value;
 use stack::fs::fault::{FaultFs, Lacks};
 use stack::fs::sim::{Crash, SimFs, SnapEntry};
 use stack::fs::Fs;
-use stack::reconcile::origin::{md5_file, Fetched, Origin, Request};
-use stack::reconcile::pull::{pull, PullConfig, SyncReport, Wanted};
+use stack::reconcile::origin::{Fetched, Origin, Request};
+use stack::reconcile::pull::SyncReport;
 use stack::reconcile::recover::recover;
-use stack::{BundleCheck, LinkMode, Manifest};
+use stack::{BundleCheck, LinkMode};
 use support::sim_stack::*;
 
 const MINE: &[u8] = b"the user's own bytes, which stack never wrote\n";
@@ -57,29 +57,14 @@ impl Origin for UserWrites {
 }
 
 fn run(fs: Arc<dyn Fs>, origin: &dyn Origin, m: &Value) -> stack::Result<SyncReport> {
-    let reader = fs.clone();
-    let hash = move |p: &Path| md5_file(reader.as_ref(), p);
-    let mm: Manifest = serde_json::from_value(m.clone()).unwrap();
-    let bytes = serde_json::to_vec(&mm).unwrap();
-    let cfg = PullConfig {
+    let hash = engine_md5(fs.clone());
+    pull_sim(
         fs,
-        layout: layout(),
         origin,
-        link: LinkMode::Hardlink,
-        jobs: 1,
-        dry_run: false,
-        wait: false,
-        command: "test".to_string(),
-        hash: &hash,
-        bundles: BundleCheck::Verify,
-        progress: &|_| {},
-    };
-    pull(
-        Wanted::Raw {
-            bytes: bytes.as_slice().into(),
-            origin: "test".into(),
-        },
-        &cfg,
+        m,
+        LinkMode::Hardlink,
+        BundleCheck::Verify,
+        &hash,
     )
 }
 

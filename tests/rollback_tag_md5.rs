@@ -14,8 +14,8 @@ use stack::fs::fault::{Fault, FaultFs};
 use stack::fs::sim::SimFs;
 use stack::fs::Fs;
 use stack::reconcile::origin::{md5_file, stream_to_part, Fetched, Origin, Request};
-use stack::reconcile::pull::{pull, PullConfig, SyncReport, Wanted};
-use stack::{BundleCheck, LinkMode, Manifest};
+use stack::reconcile::pull::SyncReport;
+use stack::{BundleCheck, LinkMode};
 use support::sim_stack::*;
 
 /// Serves `"bytes of <md5>"` and reports the md5 the manifest asked for, as an
@@ -53,28 +53,7 @@ fn run(fs: Arc<dyn Fs>, m: &Value, link: LinkMode) -> stack::Result<SyncReport> 
             None => md5_file(reader.as_ref(), p),
         }
     };
-    let mm: Manifest = serde_json::from_value(m.clone()).unwrap();
-    let bytes = serde_json::to_vec(&mm).unwrap();
-    let cfg = PullConfig {
-        fs,
-        layout: layout(),
-        origin: &Tagged,
-        link,
-        jobs: 1,
-        dry_run: false,
-        wait: false,
-        command: "test".to_string(),
-        hash: &hash,
-        bundles: BundleCheck::TrustServer,
-        progress: &|_| {},
-    };
-    pull(
-        Wanted::Raw {
-            bytes: bytes.as_slice().into(),
-            origin: "test".into(),
-        },
-        &cfg,
-    )
+    pull_sim(fs, &Tagged, m, link, BundleCheck::TrustServer, &hash)
 }
 
 const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";

@@ -18,9 +18,9 @@ use stack::fs::fault::{Fault, FaultFs};
 use stack::fs::sim::{Crash, SimFs, SnapEntry};
 use stack::fs::Fs;
 use stack::reconcile::origin::{md5_file, Fetched, Origin, Request};
-use stack::reconcile::pull::{pull, PullConfig, SyncReport, Wanted};
+use stack::reconcile::pull::SyncReport;
 use stack::reconcile::recover::recover;
-use stack::{BundleCheck, LinkMode, Manifest};
+use stack::{BundleCheck, LinkMode};
 use support::sim_stack::*;
 
 const MINE: &[u8] = b"the user's own bytes, which stack never wrote\n";
@@ -31,11 +31,6 @@ fn table(tid: &str, name: &str, ver: u64) -> Value {
 
 fn domain(slug: &str, ver: u64) -> Value {
     serde_json::json!({"slug": slug, "md5": register(&format!("dom_{slug}"), ver, 50)})
-}
-
-fn bytes_of(v: &Value) -> Vec<u8> {
-    let m: Manifest = serde_json::from_value(v.clone()).unwrap();
-    serde_json::to_vec(&m).unwrap()
 }
 
 /// The test origin, which first runs `hook` once (on the first download).
@@ -72,29 +67,8 @@ fn pull_with(
     m: &Value,
     link: LinkMode,
 ) -> stack::Result<SyncReport> {
-    let reader = fs.clone();
-    let hash = move |p: &Path| md5_file(reader.as_ref(), p);
-    let bytes = bytes_of(m);
-    let cfg = PullConfig {
-        fs,
-        layout: layout(),
-        origin,
-        link,
-        jobs: 1,
-        dry_run: false,
-        wait: false,
-        command: "users bytes test".to_string(),
-        hash: &hash,
-        bundles: BundleCheck::Verify,
-        progress: &|_| {},
-    };
-    pull(
-        Wanted::Raw {
-            bytes: bytes.as_slice().into(),
-            origin: "users-bytes-test".into(),
-        },
-        &cfg,
-    )
+    let hash = engine_md5(fs.clone());
+    pull_sim(fs, origin, m, link, BundleCheck::Verify, &hash)
 }
 
 fn plain_pull(fs: &SimFs, m: &Value, link: LinkMode) -> SyncReport {

@@ -5,16 +5,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use md5::{Digest, Md5};
 use serde_json::{json, Value};
 use stack::fs::sim::{SimFs, SnapEntry};
 use stack::fs::Fs;
 use stack::layout::Layout;
+use stack::reconcile::heal::HashFn;
+use stack::reconcile::origin::md5_file;
 use stack::reconcile::origin::{stream_to_part, Fetched, Origin, Request};
+use stack::reconcile::pull::{pull, PullConfig, SyncReport, Wanted};
 use stack::replay::state::{read_state, JournalPos};
-use stack::SyncState;
+use stack::{BundleCheck, LinkMode, Manifest, SyncState};
 
 /// Where the simulated stack lives.
 pub const ROOT: &str = "/stack";
@@ -136,4 +139,44 @@ pub fn describe_diff(got: &View, want: &View) -> String {
         }
     }
     out.join("; ")
+}
+
+/// The engine's own md5 of a file on `fs` (what a pull hashes with when the
+/// caller injects no `md5_of`).
+pub fn engine_md5(fs: Arc<dyn Fs>) -> impl Fn(&Path) -> std::io::Result<String> + Sync {
+    move |p: &Path| md5_file(fs.as_ref(), p)
+}
+
+/// Pull manifest `m` into the simulated stack through `fs`, from `origin`, one
+/// job at a time, hashing with `hash`.
+pub fn pull_sim(
+    fs: Arc<dyn Fs>,
+    origin: &dyn Origin,
+    m: &Value,
+    link: LinkMode,
+    bundles: BundleCheck,
+    hash: HashFn<'_>,
+) -> stack::Result<SyncReport> {
+    let parsed: Manifest = serde_json::from_value(m.clone()).unwrap();
+    let bytes = serde_json::to_vec(&parsed).unwrap();
+    let cfg = PullConfig {
+        fs,
+        layout: layout(),
+        origin,
+        link,
+        jobs: 1,
+        dry_run: false,
+        wait: false,
+        command: "test".to_string(),
+        hash,
+        bundles,
+        progress: &|_| {},
+    };
+    pull(
+        Wanted::Raw {
+            bytes: bytes.as_slice().into(),
+            origin: "test".into(),
+        },
+        &cfg,
+    )
 }
