@@ -395,6 +395,73 @@ fn mine_kept(fs: &SimFs, rel: &str) -> Result<(), String> {
     }
 }
 
+/// What the user sees of the stack, `rel` (the user's file's name) left out.
+fn without(fs: &SimFs, rel: &str) -> View {
+    let mut v = view(fs).unwrap();
+    v.tree.remove(rel);
+    v
+}
+
+/// After a faulted pull: the user's bytes are kept (`kept`) right away, and
+/// again after the recovery that follows, and the stack (`rel` left out) is
+/// then entirely the old or the new one. `what` names the case in a failure.
+fn kept_then_old_or_new(
+    sim: &SimFs,
+    ffs: FaultFs<SimFs>,
+    rel: &str,
+    kept: &dyn Fn(&SimFs, &str) -> Result<(), String>,
+    [old, new]: [&View; 2],
+    what: &dyn Fn(&str, String) -> String,
+) {
+    if let Err(m) = kept(sim, rel) {
+        panic!("{}", what("right after the pull", m));
+    }
+    ffs.clear();
+    recover(Arc::new(ffs), &layout())
+        .unwrap_or_else(|e| panic!("{}", what("recovery", e.to_string())));
+    if let Err(m) = kept(sim, rel) {
+        panic!("{}", what("after recovery", m));
+    }
+    let v = without(sim, rel);
+    assert!(
+        v == *old || v == *new,
+        "{}",
+        what(
+            "after recovery",
+            format!(
+                "neither old nor new: {} / {}",
+                describe_diff(&v, old),
+                describe_diff(&v, new)
+            )
+        )
+    );
+}
+
+/// Folders a fault sweep makes refuse writes, one at a time.
+const DENIED: [&str; 6] = [
+    "/stack/.stack/quarantine",
+    "/stack/data/p1",
+    "/stack/data/_shared",
+    "/stack/data/_direct",
+    "/stack/memory",
+    "/stack/.stack/trash",
+];
+
+/// EIO, a read-only disk and full metadata from each of a pull's `ops`
+/// operations, then each of `denied` refusing writes.
+fn every_persistent_fault(ops: u64, denied: &[&'static str]) -> impl Iterator<Item = Fault> {
+    let denied = denied.to_vec();
+    (0..ops)
+        .flat_map(|op| {
+            [
+                Fault::Io { op },
+                Fault::ReadOnly { op },
+                Fault::NoSpaceMeta { op },
+            ]
+        })
+        .chain(denied.into_iter().map(|under| Fault::Denied { under }))
+}
+
 /// (a), (b), (c) under every persistent fault: a file stack did not write
 /// where the pull puts one — there before the pull (a journaled `RemoveStray`)
 /// or made during its downloads — with EIO, EROFS and ENOSPC on metadata armed
@@ -429,11 +496,7 @@ fn a_users_file_in_the_way_survives_every_persistent_fault() {
                 ran: AtomicBool::new(false),
             }
         };
-        let strip = |fs: &SimFs| {
-            let mut v = view(fs).unwrap();
-            v.tree.remove(rel);
-            v
-        };
+        let strip = |fs: &SimFs| without(fs, rel);
         let old = strip(&base);
         let clean = base.reboot(Crash::Process);
         let counting = FaultFs::new(clean.clone());
@@ -446,24 +509,7 @@ fn a_users_file_in_the_way_survives_every_persistent_fault() {
         .unwrap();
         let new = strip(&clean);
         let n = counting.ops();
-        let faults = (0..n)
-            .flat_map(|op| {
-                [
-                    Fault::Io { op },
-                    Fault::ReadOnly { op },
-                    Fault::NoSpaceMeta { op },
-                ]
-            })
-            .chain(
-                [
-                    "/stack/.stack/quarantine",
-                    "/stack/data/p1",
-                    "/stack/data/_shared",
-                    "/stack/data/_direct",
-                    "/stack/memory",
-                ]
-                .map(|under| Fault::Denied { under }),
-            );
+        let faults = every_persistent_fault(n, &DENIED[..5]);
         for fault in faults {
             let sim = base.reboot(Crash::Process);
             let ffs = FaultFs::new(sim.clone());
@@ -482,28 +528,7 @@ fn a_users_file_in_the_way_survives_every_persistent_fault() {
             let what = |when: &str, m: String| {
                 format!("{link:?} made during the pull: {during}, {fault:?} {when}: {m} ({got:?})")
             };
-            if let Err(m) = mine_kept(&sim, rel) {
-                panic!("{}", what("right after the pull", m));
-            }
-            ffs.clear();
-            recover(Arc::new(ffs), &layout())
-                .unwrap_or_else(|e| panic!("{}", what("recovery", e.to_string())));
-            if let Err(m) = mine_kept(&sim, rel) {
-                panic!("{}", what("after recovery", m));
-            }
-            let v = strip(&sim);
-            assert!(
-                v == old || v == new,
-                "{}",
-                what(
-                    "after recovery",
-                    format!(
-                        "neither old nor new: {} / {}",
-                        describe_diff(&v, &old),
-                        describe_diff(&v, &new)
-                    )
-                )
-            );
+            kept_then_old_or_new(&sim, ffs, rel, &mine_kept, [&old, &new], &what);
             states += 1;
         }
     }
@@ -574,11 +599,7 @@ fn a_users_bytes_a_pull_moves_aside_survive_every_persistent_fault() {
             let _ = base.remove_file(&at);
             base.write_file(&at, MINE).unwrap();
             base.make_durable();
-            let strip = |fs: &SimFs| {
-                let mut v = view(fs).unwrap();
-                v.tree.remove(rel);
-                v
-            };
+            let strip = |fs: &SimFs| without(fs, rel);
             let old = strip(&base);
             let clean = base.reboot(Crash::Process);
             let counting = FaultFs::new(clean.clone());
@@ -595,25 +616,7 @@ fn a_users_bytes_a_pull_moves_aside_survive_every_persistent_fault() {
             );
             let new = strip(&clean);
             let n = counting.ops();
-            let faults = (0..n)
-                .flat_map(|op| {
-                    [
-                        Fault::Io { op },
-                        Fault::ReadOnly { op },
-                        Fault::NoSpaceMeta { op },
-                    ]
-                })
-                .chain(
-                    [
-                        "/stack/.stack/quarantine",
-                        "/stack/.stack/trash",
-                        "/stack/data/p1",
-                        "/stack/data/_shared",
-                        "/stack/data/_direct",
-                        "/stack/memory",
-                    ]
-                    .map(|under| Fault::Denied { under }),
-                );
+            let faults = every_persistent_fault(n, &DENIED);
             for fault in faults {
                 let sim = base.reboot(Crash::Process);
                 let ffs = FaultFs::new(sim.clone());
@@ -622,28 +625,7 @@ fn a_users_bytes_a_pull_moves_aside_survive_every_persistent_fault() {
                 let what = |when: &str, m: String| {
                     format!("{rel} {link:?} {fault:?} {when}: {m} ({got:?})")
                 };
-                if let Err(m) = mine_kept(&sim, rel) {
-                    panic!("{}", what("right after the pull", m));
-                }
-                ffs.clear();
-                recover(Arc::new(ffs), &layout())
-                    .unwrap_or_else(|e| panic!("{}", what("recovery", e.to_string())));
-                if let Err(m) = mine_kept(&sim, rel) {
-                    panic!("{}", what("after recovery", m));
-                }
-                let v = strip(&sim);
-                assert!(
-                    v == old || v == new,
-                    "{}",
-                    what(
-                        "after recovery",
-                        format!(
-                            "neither old nor new: {} / {}",
-                            describe_diff(&v, &old),
-                            describe_diff(&v, &new)
-                        )
-                    )
-                );
+                kept_then_old_or_new(&sim, ffs, rel, &mine_kept, [&old, &new], &what);
                 states += 1;
             }
         }
