@@ -753,3 +753,62 @@ fn a_same_name_swap_redone_never_quarantines_stacks_own_file() {
         &bad[..bad.len().min(4)]
     );
 }
+
+/// Heal moves the user's edit of a shared file aside (RemoveStray)
+/// while the same pull updates that table (sole-consumer PutShared); a
+/// persistent fault rolls back; a crash cuts the rollback; the rollback's
+/// rerun must finish and keep the user's bytes.
+#[test]
+fn a_rerun_rollback_after_unstray_finishes_and_keeps_the_users_edit() {
+    let rel = "data/_shared/tbl_a.parquet";
+    let mut new_manifest = new_stack();
+    new_manifest["data_packages"][0]["tables"][0] = table("tbl_a", "a", 2);
+    let mut bad = Vec::new();
+    let mut states = 0;
+    for link in [LinkMode::Copy, LinkMode::Symlink] {
+        let base = fresh(link);
+        let at = Path::new(ROOT).join(rel);
+        let _ = base.remove_file(&at);
+        base.write_file(&at, MINE).unwrap();
+        base.make_durable();
+        // How many ops the failed pull + its rollback take.
+        let probe = base.reboot(Crash::Process);
+        let ffs = FaultFs::new(probe.clone());
+        ffs.arm(Fault::Denied {
+            under: "/stack/data/p1",
+        });
+        let got = pull_with(Arc::new(ffs.clone()), &TestOrigin, &new_manifest, link);
+        assert!(got.is_err(), "{got:?}");
+        let n = probe.ops();
+        for cut in 0..n {
+            let sim = base.reboot(Crash::Process);
+            sim.crash_after(cut);
+            let ffs = FaultFs::new(sim.clone());
+            ffs.arm(Fault::Denied {
+                under: "/stack/data/p1",
+            });
+            let _ = pull_with(Arc::new(ffs.clone()), &TestOrigin, &new_manifest, link);
+            let after = sim.reboot(Crash::Process);
+            let r1 = recover(Arc::new(after.clone()), &layout());
+            let r2 = recover(Arc::new(after.clone()), &layout());
+            states += 1;
+            if r1.is_err() || r2.is_err() {
+                bad.push(format!(
+                    "{link:?} cut {cut}: recover {:?} / {:?}",
+                    r1.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+                    r2.as_ref().map(|_| ()).map_err(|e| e.to_string())
+                ));
+            }
+            if where_mine(&after).is_empty() {
+                bad.push(format!("{link:?} cut {cut}: the user's bytes are gone"));
+            }
+        }
+    }
+    assert!(states > 10, "only {states}");
+    assert!(
+        bad.is_empty(),
+        "{} of {states} states: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+}

@@ -297,7 +297,10 @@ impl Undoer<'_> {
     /// away first, then the stray comes back.
     fn unstray(&self, seq: u64, rel: &str) -> Result<String> {
         let path = self.layout.join(rel);
-        if self.left.borrow_mut().remove(rel) && entry_exists(self.fs, &path)? {
+        // The stray back already (a rerun of a cut rollback): what holds the
+        // name is the user's, never moved.
+        let waiting = entry_exists(self.fs, &self.layout.quarantined(self.txn, rel))?;
+        if self.left.borrow_mut().remove(rel) && waiting && entry_exists(self.fs, &path)? {
             self.move_to(&path, &self.layout.unput(self.txn, seq))?;
         }
         self.unquarantine(rel)
