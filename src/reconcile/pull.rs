@@ -14,7 +14,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result, Warnings};
-use crate::fs::{not_found_ok, Fs};
+use crate::fs::{not_found_ok, Fs, Kind};
 use crate::journal::event::{Event, LinkMode, Md5Sum, Record};
 use crate::journal::lock;
 use crate::journal::Journal;
@@ -401,9 +401,20 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
         }
     }
     // A package folder the plan empties and removes is one of its folders too.
+    // One that is a link (stack never makes one; the user's, to a folder
+    // elsewhere) is moved whole first, so no removal reaches through it.
     for ev in &p.ops {
         if let Event::RemoveDir { slot } = ev {
-            folders.insert(crate::layout::slot_dir_rel(slot));
+            let rel = crate::layout::slot_dir_rel(slot);
+            let dir = layout.join(&rel);
+            match fs.symlink_metadata(&dir) {
+                Ok(m) if m.kind != Kind::Dir => foreign.push(rel),
+                Ok(_) => {
+                    folders.insert(rel);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).at("stat", &dir),
+            }
         }
     }
     // Damaged files holding a user's bytes (heal found them): never trashed.

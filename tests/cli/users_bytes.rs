@@ -189,6 +189,42 @@ fn a_leaving_domains_folder_that_is_a_link_is_moved_whole_never_followed() {
     assert_verify_clean(&dir);
 }
 
+/// A leaving package's folder the user replaced by a symlink to a folder
+/// elsewhere: the pull moves the link whole to the quarantine and never
+/// reaches through it (its files outside the directory stay as they are).
+#[test]
+fn a_leaving_packages_folder_that_is_a_link_is_moved_whole_never_followed() {
+    let (_o, l) = pulled("copy");
+    let dir = l.dir();
+    let outside = tempfile::tempdir().unwrap();
+    let theirs = outside.path().join("p2");
+    std::fs::create_dir(&theirs).unwrap();
+    for name in ["a.parquet", "c.parquet", "mine.txt"] {
+        std::fs::write(theirs.join(name), name.as_bytes()).unwrap();
+    }
+    let folder = dir.join("data/p2");
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::os::unix::fs::symlink(&theirs, &folder).unwrap();
+    let without_p2: Vec<T> = base_tables()
+        .into_iter()
+        .filter(|t| t.package != Some("p2"))
+        .collect();
+    let o2 = Origin::new(&without_p2, &base_domains());
+    let r = pull(&o2.manifest(), &dir, &[]);
+    r.ok();
+    for name in ["a.parquet", "c.parquet", "mine.txt"] {
+        assert_eq!(
+            std::fs::read(theirs.join(name)).unwrap(),
+            name.as_bytes(),
+            "{name}: {r:?}"
+        );
+    }
+    let kept = dir.join(".stack/quarantine/2/data/p2");
+    assert_eq!(std::fs::read_link(&kept).unwrap(), theirs, "{r:?}");
+    assert!(r.stderr.contains("data/p2"), "{r:?}");
+    assert_verify_clean(&dir);
+}
+
 /// `gc` moves a user's file out of a domain's folder (the domain stays).
 #[test]
 fn gc_moves_a_users_file_out_of_a_domains_folder() {
