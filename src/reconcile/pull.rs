@@ -14,7 +14,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result, Warnings};
-use crate::fs::{not_found_ok, Fs, Kind};
+use crate::fs::{not_found_ok, Fs};
 use crate::journal::event::{Event, LinkMode, Md5Sum, Record};
 use crate::journal::lock;
 use crate::journal::Journal;
@@ -406,14 +406,12 @@ fn preflight(fs: &dyn Fs, layout: &Layout, p: &Plan, state: &SyncState) -> Resul
     for ev in &p.ops {
         if let Event::RemoveDir { slot } = ev {
             let rel = crate::layout::slot_dir_rel(slot);
-            let dir = layout.join(&rel);
-            match fs.symlink_metadata(&dir) {
-                Ok(m) if m.kind != Kind::Dir => foreign.push(rel),
-                Ok(_) => {
+            match kind_of(&rel)? {
+                Some(Kind::Dir) => {
                     folders.insert(rel);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).at("stat", &dir),
+                Some(_) => foreign.push(rel),
+                None => {}
             }
         }
     }
