@@ -319,31 +319,6 @@ impl<F: Fs> Fs for FaultFs<F> {
             st: self.st.clone(),
         }))
     }
-    fn write_files_in(
-        &self,
-        dir: &Path,
-        files: &[(&str, &[u8])],
-        readonly: bool,
-    ) -> Vec<io::Result<()>> {
-        files
-            .iter()
-            .map(|(name, bytes)| {
-                let path = dir.join(name);
-                let mut f = self.create(&path)?;
-                if readonly {
-                    self.set_readonly(&path, true)?;
-                }
-                f.write_all(bytes)?;
-                f.flush()
-            })
-            .collect()
-    }
-    fn symlinks_in(&self, dir: &Path, links: &[(&Path, &str)]) -> Vec<io::Result<()>> {
-        links
-            .iter()
-            .map(|(target, name)| self.symlink(target, &dir.join(name)))
-            .collect()
-    }
     fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
         self.admit(Op::Other, &[path])?;
         let ino = self.ino_of(path);

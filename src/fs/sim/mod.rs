@@ -169,6 +169,21 @@ impl SimFs {
     }
 
     /// Run a counted mutation, logging it.
+    /// A file opened for writing by operation `op`: truncated (`create`) or
+    /// appended to (`open_append`).
+    fn writer(&self, op: &str, path: &Path, append: bool) -> io::Result<Box<dyn FileWrite>> {
+        let ino = self.mutate(format!("{op} {}", path.display()), |st, d| {
+            st.open_write(path, !append, d)
+        })?;
+        Ok(Box::new(SimFile {
+            state: Arc::clone(&self.state),
+            ino,
+            append,
+            pos: 0,
+            path: path.to_path_buf(),
+        }))
+    }
+
     fn mutate<T>(
         &self,
         desc: String,
@@ -423,29 +438,11 @@ impl Fs for SimFs {
     }
 
     fn create(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
-        let ino = self.mutate(format!("create {}", path.display()), |st, d| {
-            st.open_write(path, true, d)
-        })?;
-        Ok(Box::new(SimFile {
-            state: Arc::clone(&self.state),
-            ino,
-            append: false,
-            pos: 0,
-            path: path.to_path_buf(),
-        }))
+        self.writer("create", path, false)
     }
 
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn FileWrite>> {
-        let ino = self.mutate(format!("open_append {}", path.display()), |st, d| {
-            st.open_write(path, false, d)
-        })?;
-        Ok(Box::new(SimFile {
-            state: Arc::clone(&self.state),
-            ino,
-            append: true,
-            pos: 0,
-            path: path.to_path_buf(),
-        }))
+        self.writer("open_append", path, true)
     }
 
     fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
