@@ -508,13 +508,31 @@ impl Journal {
         let measured = frame::measure_frame(&frame_records).map_err(|message| {
             Error::Internal(format!("{}: {message}", self.layout.journal().display()))
         })?;
+        self.replace_file(|w| frame::write_frame(&mut &mut *w, &frame_records, measured))?;
+        // The journal is now the new file: follow it before anything else can
+        // fail, and if something does, append nothing more through this writer
+        // (neither into the replaced file, nor into a name not yet durable).
+        self.next_seq += written;
+        self.len = frame::HEADER_LEN as u64 + measured.frame_len();
+        self.len_after_compaction = self.len;
+        self.follow_replaced_file("a compaction did not complete")
+    }
+
+    /// Write a new journal file (the current header, then what `body` writes)
+    /// under a temp name, sync it and rename it over the journal: a crash leaves
+    /// the old file or the new one. On failure the journal is untouched, and the
+    /// partial copy (as large as the journal, and a leftover that would send the
+    /// next command down the slow path) goes; a simulated crash leaves it, as a
+    /// real one would. The caller then follows the new file
+    /// ([`Self::follow_replaced_file`]).
+    fn replace_file(&self, body: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
         let tmp: PathBuf = self.layout.journal_compact();
         let path = self.layout.journal();
         let written_whole = || -> Result<()> {
             let f = self.fs.create(&tmp).at("create", &tmp)?;
             let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
             w.write_all(&frame::header())
-                .and_then(|()| frame::write_frame(&mut w, &frame_records, measured))
+                .and_then(|()| body(&mut w))
                 .at("write", &tmp)?;
             let mut f = w
                 .into_inner()
@@ -523,22 +541,12 @@ impl Journal {
             f.sync().at("fsync", &tmp)
         };
         if let Err(e) = written_whole() {
-            // The journal is untouched; the partial copy (as large as the journal,
-            // and a leftover that would send the next command down the slow path)
-            // goes. A simulated crash leaves it, as a real one would.
             if !e.is_crash() {
                 let _ = self.fs.remove_file(&tmp);
             }
             return Err(e);
         }
-        self.fs.rename(&tmp, &path).at("rename", &path)?;
-        // The journal is now the new file: follow it before anything else can
-        // fail, and if something does, append nothing more through this writer
-        // (neither into the replaced file, nor into a name not yet durable).
-        self.next_seq += written;
-        self.len = frame::HEADER_LEN as u64 + measured.frame_len();
-        self.len_after_compaction = self.len;
-        self.follow_replaced_file("a compaction did not complete")
+        self.fs.rename(&tmp, &path).at("rename", &path)
     }
 
     /// After a rename put a new file (with the current header) at the journal's
@@ -573,36 +581,20 @@ impl Journal {
         if version == FORMAT_VERSION {
             return Ok(());
         }
-        let tmp = self.layout.journal_compact();
         let path = self.layout.journal();
-        let written_whole = || -> Result<()> {
-            let bytes = self.fs.read(&path).at("read", &path)?;
-            let frames = usize::try_from(self.len)
-                .ok()
-                .and_then(|len| bytes.get(frame::HEADER_LEN..len))
-                .ok_or_else(|| Error::Io {
-                    op: "read",
-                    path: path.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("the journal is shorter than the {} bytes known", self.len),
-                    ),
-                })?;
-            let mut f = self.fs.create(&tmp).at("create", &tmp)?;
-            f.write_all(&frame::header())
-                .and_then(|()| f.write_all(frames))
-                .at("write", &tmp)?;
-            f.sync().at("fsync", &tmp)
-        };
-        if let Err(e) = written_whole() {
-            // The journal is untouched; a partial copy goes (a simulated crash
-            // leaves it, as a real one would).
-            if !e.is_crash() {
-                let _ = self.fs.remove_file(&tmp);
-            }
-            return Err(e);
-        }
-        self.fs.rename(&tmp, &path).at("rename", &path)?;
+        let bytes = self.fs.read(&path).at("read", &path)?;
+        let frames = usize::try_from(self.len)
+            .ok()
+            .and_then(|len| bytes.get(frame::HEADER_LEN..len))
+            .ok_or_else(|| Error::Io {
+                op: "read",
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the journal is shorter than the {} bytes known", self.len),
+                ),
+            })?;
+        self.replace_file(|w| w.write_all(frames))?;
         self.follow_replaced_file("a format upgrade did not complete")
     }
 }
