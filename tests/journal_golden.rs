@@ -15,6 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use stack::fs::fault::{Fault, FaultFs};
 use stack::fs::sim::{Crash, SimFs};
 use stack::fs::{Fs, RealFs};
 use stack::journal::event::Md5Sum;
@@ -486,4 +487,86 @@ fn the_upgrade_is_crash_safe() {
             break;
         }
     }
+}
+
+/// A fault that persists (EIO, a read-only disk, full metadata from any
+/// operation of the upgrade on, or a full disk from any byte of its copy): the
+/// append fails, the journal is the old file byte for byte, and no partial copy
+/// is left behind.
+#[test]
+fn an_upgrade_the_disk_refuses_leaves_the_old_journal_and_no_copy() {
+    let layout = Layout::new("/d");
+    let v1 = journal_bytes(1, &records());
+    let fresh = || {
+        let sim = SimFs::new();
+        sim.create_dirs(layout.private()).unwrap();
+        sim.write_file(layout.journal(), &v1).unwrap();
+        sim.make_durable();
+        sim
+    };
+    let upgrade_and_append = |fs: Arc<dyn Fs>| -> stack::Result<()> {
+        let mut journal = Journal::open(fs, &layout)?.journal;
+        let txn = journal.new_txn();
+        journal.append(txn, Event::Prepared);
+        journal.sync()
+    };
+    let counting = FaultFs::new(fresh());
+    upgrade_and_append(Arc::new(counting.clone())).unwrap();
+    let ops = counting.ops();
+    let faults = (0..ops)
+        .flat_map(|op| {
+            [
+                Fault::Io { op },
+                Fault::ReadOnly { op },
+                Fault::NoSpaceMeta { op },
+            ]
+        })
+        .chain(
+            (0..v1.len() as u64)
+                .step_by(16)
+                .map(|bytes| Fault::NoSpace { bytes }),
+        );
+    let mut refused = 0;
+    for fault in faults {
+        let sim = fresh();
+        let ffs = FaultFs::new(sim.clone());
+        ffs.arm(fault);
+        if upgrade_and_append(Arc::new(ffs.clone())).is_ok() {
+            continue;
+        }
+        refused += 1;
+        let journal = sim.read(&layout.journal()).unwrap();
+        let upgraded = frame::header_version(&journal) == Some(FORMAT_VERSION);
+        assert!(
+            journal == v1 || upgraded && journal[HEADER_LEN..].starts_with(&v1[HEADER_LEN..]),
+            "{fault:?}: the journal is neither the old file nor its upgrade"
+        );
+        // A disk out of data blocks still lets the copy go; one refusing
+        // metadata, failing or read-only may keep it until the next command
+        // that can write.
+        if matches!(fault, Fault::NoSpace { .. }) {
+            assert!(
+                !sim.exists(&layout.journal_compact()).unwrap(),
+                "{fault:?}: a partial copy is left behind"
+            );
+        }
+        ffs.clear();
+        upgrade_and_append(Arc::new(ffs))
+            .unwrap_or_else(|e| panic!("{fault:?}: the next append, the disk writable: {e}"));
+        let journal = sim.read(&layout.journal()).unwrap();
+        assert_eq!(
+            frame::header_version(&journal),
+            Some(FORMAT_VERSION),
+            "{fault:?}"
+        );
+        assert!(
+            journal[HEADER_LEN..].starts_with(&v1[HEADER_LEN..]),
+            "{fault:?}: records lost"
+        );
+        assert!(
+            !sim.exists(&layout.journal_compact()).unwrap(),
+            "{fault:?}: the copy outlives the next append"
+        );
+    }
+    assert!(refused > 10, "only {refused} faulted runs failed");
 }
