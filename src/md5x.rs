@@ -8,6 +8,7 @@
 //! crate by the tests below. Also the one home of an md5's text: lowercase hex
 //! written ([`hex`], [`hex_into`]) and read ([`is_md5_hex`]).
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -306,23 +307,30 @@ pub fn digest_slices(data: &[&[u8]]) -> Vec<[u8; 16]> {
     out
 }
 
-/// Bytes a lane gathers before its writer starts a lock-step pass.
-const LANE_TRIGGER: usize = 256 * 1024;
-/// Bytes a lane holds at most: a writer whose lane is full waits for the pass
-/// under way, so memory stays bounded however far hashing falls behind.
-const LANE_CAP: usize = 1024 * 1024;
+/// Bytes a stream hands to its lane at a time: its reader fills a window of
+/// this size ([`Lane::read_from`] reads straight into it, so the bytes land
+/// where they are hashed), then queues the window's whole blocks.
+const WINDOW: usize = 256 * 1024;
+/// A window with less room than this is queued before the next read: a read
+/// into a sliver of room would cost a system call for a few bytes.
+const MIN_READ: usize = 16 * 1024;
+/// Windows a lane holds queued at most: a writer whose queue is full runs a
+/// pass or waits for the one under way, so memory stays bounded (1 MiB a lane)
+/// however far hashing falls behind.
+const QUEUE_CAP: usize = 4;
 
 /// Streams that arrive piecemeal and concurrently (downloads), hashed in lock
 /// step: up to eight at a time, one per lane.
 ///
-/// A writer copies its bytes into its lane; once every lane holds
-/// `LANE_TRIGGER` (256 KiB) bytes (or its own is full) and no pass is running, that
-/// writer hashes the blocks of the lanes in one pass, outside the lock, while the
-/// others keep appending. Downloads arrive in bursts, stream by stream, so the
-/// lanes buffer up to `LANE_CAP` (1 MiB) each to even them out; a lane with fewer
-/// blocks than the others keeps its state for the steps it has none (masked), so
-/// a stalled stream never holds up the rest. The digests are plain MD5, checked
-/// against the `md-5` crate by the tests.
+/// Each stream fills a window of its own and queues it in its lane once full.
+/// When every stream still arriving has a window queued (or one stream's queue
+/// is full) and no pass is running, that writer takes the front window of every
+/// lane and hashes them in one pass of the 8-lane compress, outside the lock,
+/// while the other streams keep reading. Downloads arrive in bursts, stream by
+/// stream, hence the queues; a lane with fewer blocks than the others keeps its
+/// state for the steps it has none (masked), so a stalled stream never holds up
+/// the rest. The digests are plain MD5, checked against the `md-5` crate by the
+/// tests.
 #[derive(Debug, Default)]
 pub struct LockStep {
     shared: Mutex<Shared>,
@@ -333,44 +341,61 @@ pub struct LockStep {
 #[derive(Debug, Default)]
 struct Shared {
     states: [[u32; LANES]; 4],
-    lanes: [LaneBuf; LANES],
-    /// A pass is hashing the blocks it took out of the lanes.
+    lanes: [LaneQueue; LANES],
+    /// A pass is hashing the windows it took out of the lanes.
     hashing: bool,
-    /// Emptied buffers, kept for the next pass.
+    /// Windows free for reuse.
     spare: Vec<Vec<u8>>,
 }
 
 impl Shared {
-    /// Is a pass worth starting now that `lane` grew? When every stream still
-    /// arriving has `LANE_TRIGGER` bytes (every step of the pass fills every
-    /// busy lane), or when `lane` is full (its stream outruns the others).
+    /// Is a pass worth starting now that `lane` queued a window? When every
+    /// stream still arriving has one (the pass fills every busy lane), or when
+    /// `lane`'s queue is full (its stream outruns the others).
     fn due(&self, lane: usize) -> bool {
         let even = self
             .lanes
             .iter()
             .filter(|l| l.in_use && !l.finished)
-            .all(|l| l.pending.len() >= LANE_TRIGGER);
-        even || self.lanes[lane].pending.len() >= LANE_CAP
+            .all(|l| !l.queued.is_empty());
+        even || self.lanes[lane].queued.len() >= QUEUE_CAP
+    }
+
+    /// A window to fill, reused when one is free.
+    fn window(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_else(|| vec![0; WINDOW])
     }
 }
 
 #[derive(Debug, Default)]
-struct LaneBuf {
+struct LaneQueue {
     in_use: bool,
     /// Its stream asked for its digest and has not been written to since: it is
-    /// probably complete, and no pass waits for it to fill.
+    /// probably complete, and no pass waits for it.
     finished: bool,
-    /// Bytes not hashed yet.
-    pending: Vec<u8>,
+    /// Windows not hashed yet, oldest first, each with the bytes it holds (whole
+    /// blocks).
+    queued: VecDeque<(Vec<u8>, usize)>,
     /// Bytes hashed so far (whole blocks).
     hashed: u64,
 }
 
 /// One stream of a [`LockStep`]; its lane is freed when it is dropped.
-#[derive(Debug)]
 pub struct Lane<'a> {
     group: &'a LockStep,
     index: usize,
+    /// The window being filled: `window[..filled]` is not queued yet.
+    window: Vec<u8>,
+    filled: usize,
+}
+
+impl std::fmt::Debug for Lane<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane")
+            .field("index", &self.index)
+            .field("filled", &self.filled)
+            .finish()
+    }
 }
 
 impl LockStep {
@@ -379,75 +404,63 @@ impl LockStep {
         LockStep::default()
     }
 
-    /// A free lane, reset to an empty stream; `None` when all eight are taken
+    /// A free lane, starting an empty stream; `None` when all eight are taken
     /// (the caller hashes that stream on its own).
     pub fn lane(&self) -> Option<Lane<'_>> {
         let mut s = self.lock();
         let index = s.lanes.iter().position(|l| !l.in_use)?;
+        // No pass touches a free lane's state, so it can be set while one runs.
         s.lanes[index].in_use = true;
-        drop(s);
-        let mut lane = Lane { group: self, index };
-        lane.reset();
-        Some(lane)
+        set_lane(&mut s.states, index, INIT.map(|v| [v]));
+        let window = s.window();
+        Some(Lane {
+            group: self,
+            index,
+            window,
+            filled: 0,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn wait<'g>(&'g self, s: MutexGuard<'g, Shared>) -> MutexGuard<'g, Shared> {
+        self.passed.wait(s).unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Wait until no pass is running.
     fn quiet<'g>(&'g self, mut s: MutexGuard<'g, Shared>) -> MutexGuard<'g, Shared> {
         while s.hashing {
-            s = self.passed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = self.wait(s);
         }
         s
     }
 
-    /// Take whole blocks out of the lanes in use, hash them outside the lock,
-    /// and put the new states back. Only the thread that set `hashing` touches
-    /// the states of the lanes it took, and no lane it took is reset or freed
-    /// meanwhile (both wait for [`LockStep::quiet`]).
+    /// Take the front window of every lane that has one, hash them outside the
+    /// lock, and put the new states back. Only the thread that set `hashing`
+    /// touches the states of the lanes it took, and no lane it took is reset or
+    /// freed meanwhile (both wait for [`LockStep::quiet`]).
     fn pass<'g>(&'g self, mut s: MutexGuard<'g, Shared>) -> MutexGuard<'g, Shared> {
         s.hashing = true;
-        let Shared {
-            states,
-            lanes,
-            spare,
-            ..
-        } = &mut *s;
-        // When every stream still arriving has a good share of bytes, hash the
-        // blocks they all have (every step fills every busy lane) and leave the
-        // rest for later; else (a stream lags) hash everything, masked.
-        let even = lanes
-            .iter()
-            .filter(|l| l.in_use && !l.finished)
-            .map(|l| l.pending.len() / 64 * 64)
-            .min()
-            .filter(|&n| n >= LANE_TRIGGER / 2)
-            .unwrap_or(usize::MAX);
-        let mut work: [Vec<u8>; LANES] = Default::default();
-        for (lane, taken) in lanes.iter_mut().zip(&mut work) {
-            let whole = (lane.pending.len() / 64 * 64).min(even);
-            if !lane.in_use || whole == 0 {
-                continue;
+        let mut work: [(Vec<u8>, usize); LANES] = Default::default();
+        for (lane, taken) in s.lanes.iter_mut().zip(&mut work) {
+            if let Some(front) = lane.queued.pop_front() {
+                *taken = front;
             }
-            let fresh = spare.pop().unwrap_or_default();
-            *taken = std::mem::replace(&mut lane.pending, fresh);
-            lane.pending.extend_from_slice(&taken[whole..]);
-            taken.truncate(whole);
         }
-        let mut new_states = *states;
+        let mut new_states = s.states;
         drop(s);
-        compress_masked(&mut new_states, &work);
+        let blocks: [&[u8]; LANES] = std::array::from_fn(|l| &work[l].0[..work[l].1]);
+        compress_masked(&mut new_states, &blocks);
         let mut s = self.lock();
-        for (l, taken) in work.iter_mut().enumerate() {
-            if taken.is_empty() {
+        for (l, (window, len)) in work.into_iter().enumerate() {
+            if len == 0 {
                 continue;
             }
             set_lane(&mut s.states, l, lane_of(&new_states, l));
-            s.lanes[l].hashed += taken.len() as u64;
-            taken.clear();
-            s.spare.push(std::mem::take(taken));
+            s.lanes[l].hashed += len as u64;
+            s.spare.push(window);
         }
         s.hashing = false;
         self.passed.notify_all();
@@ -456,69 +469,113 @@ impl LockStep {
 }
 
 impl Lane<'_> {
+    /// Read the next bytes of this stream from `source` into its window and
+    /// return them: they are hashed in place, later (no copy is made).
+    pub fn read_from(&mut self, source: &mut dyn Read) -> io::Result<&[u8]> {
+        if WINDOW - self.filled < MIN_READ {
+            self.hand_over();
+        }
+        let start = self.filled;
+        let n = source.read(&mut self.window[start..])?;
+        self.filled += n;
+        Ok(&self.window[start..self.filled])
+    }
+
     /// Hash `data` after what this stream has seen so far.
     pub fn update(&mut self, mut data: &[u8]) {
-        let group = self.group;
-        let mut s = group.lock();
         while !data.is_empty() {
-            let room = LANE_CAP - s.lanes[self.index].pending.len();
-            if room == 0 {
-                s = if s.hashing {
-                    group.passed.wait(s).unwrap_or_else(|p| p.into_inner())
-                } else {
-                    group.pass(s)
-                };
-                continue;
+            if self.filled == WINDOW {
+                self.hand_over();
             }
-            let (now, rest) = data.split_at(room.min(data.len()));
-            let lane = &mut s.lanes[self.index];
-            lane.pending.extend_from_slice(now);
-            lane.finished = false;
-            data = rest;
-            if !s.hashing && s.due(self.index) {
-                s = group.pass(s);
-            }
+            let n = (WINDOW - self.filled).min(data.len());
+            self.window[self.filled..self.filled + n].copy_from_slice(&data[..n]);
+            self.filled += n;
+            data = &data[n..];
         }
     }
 
-    /// The MD5 of everything this stream has seen (it can go on after).
-    pub fn digest(&self) -> [u8; 16] {
-        let mut s = self.group.quiet(self.group.lock());
-        let l = self.index;
-        let mut state = lane_of(&s.states, l);
-        let lane = &mut s.lanes[l];
-        lane.finished = true;
-        let whole = lane.pending.len() / 64 * 64;
-        for block in lane.pending[..whole].chunks_exact(64) {
-            compress(&mut state, &block_words(block));
+    /// Queue the window's whole blocks, waiting while the lane's queue is full,
+    /// and run the passes that are due.
+    fn hand_over(&mut self) {
+        let group = self.group;
+        let mut s = group.lock();
+        while s.lanes[self.index].queued.len() >= QUEUE_CAP {
+            s = if s.hashing {
+                group.wait(s)
+            } else {
+                group.pass(s)
+            };
         }
-        lane.hashed += whole as u64;
-        lane.pending.drain(..whole);
-        let len = lane.hashed + lane.pending.len() as u64;
-        set_lane(&mut s.states, l, state);
-        finish(state.map(|w| w[0]), &s.lanes[l].pending, len)
+        if !self.queue_whole_blocks(&mut s) {
+            return;
+        }
+        while !s.hashing && s.due(self.index) {
+            s = group.pass(s);
+        }
+    }
+
+    /// Queue the whole blocks of the window and go on in a fresh one that
+    /// starts with the rest (under 64 bytes). False when there are none.
+    fn queue_whole_blocks(&mut self, s: &mut Shared) -> bool {
+        let whole = self.filled / 64 * 64;
+        if whole == 0 {
+            return false;
+        }
+        let mut fresh = s.window();
+        let rest = self.filled - whole;
+        fresh[..rest].copy_from_slice(&self.window[whole..self.filled]);
+        let full = std::mem::replace(&mut self.window, fresh);
+        self.filled = rest;
+        let lane = &mut s.lanes[self.index];
+        lane.queued.push_back((full, whole));
+        lane.finished = false;
+        true
+    }
+
+    /// The MD5 of everything this stream has seen (it can go on after). Its
+    /// queued windows are hashed by passes, which take the other lanes' front
+    /// windows along.
+    pub fn digest(&mut self) -> [u8; 16] {
+        let group = self.group;
+        let mut s = group.lock();
+        self.queue_whole_blocks(&mut s);
+        loop {
+            if s.hashing {
+                s = group.wait(s);
+            } else if !s.lanes[self.index].queued.is_empty() {
+                s = group.pass(s);
+            } else {
+                break;
+            }
+        }
+        let lane = &mut s.lanes[self.index];
+        lane.finished = true;
+        let len = lane.hashed + self.filled as u64;
+        let state = lane_of(&s.states, self.index).map(|w| w[0]);
+        finish(state, &self.window[..self.filled], len)
     }
 
     /// Start this stream over, as if it had seen nothing.
     pub fn reset(&mut self) {
         let mut s = self.group.quiet(self.group.lock());
-        let l = self.index;
-        for (w, v) in INIT.iter().enumerate() {
-            s.states[w][l] = *v;
-        }
-        s.lanes[l] = LaneBuf {
-            in_use: true,
-            pending: std::mem::take(&mut s.lanes[l].pending),
-            ..LaneBuf::default()
-        };
-        s.lanes[l].pending.clear();
+        self.release_queue(&mut s);
+        s.lanes[self.index].in_use = true;
+        set_lane(&mut s.states, self.index, INIT.map(|v| [v]));
+        self.filled = 0;
+    }
+
+    /// Empty the lane, its windows back among the spares.
+    fn release_queue(&self, s: &mut Shared) {
+        let queued = std::mem::take(&mut s.lanes[self.index]).queued;
+        s.spare.extend(queued.into_iter().map(|(window, _)| window));
     }
 }
 
 impl Drop for Lane<'_> {
     fn drop(&mut self) {
         let mut s = self.group.quiet(self.group.lock());
-        s.lanes[self.index] = LaneBuf::default();
+        self.release_queue(&mut s);
+        s.spare.push(std::mem::take(&mut self.window));
     }
 }
 
@@ -543,7 +600,7 @@ fn block_words(block: &[u8]) -> [[u32; 1]; 16] {
 /// a lane with fewer blocks than the longest keeps its state for the steps it
 /// has none, and a lane without work comes out undefined. One busy lane is
 /// hashed on its own (eight lanes cost more than one when seven idle).
-fn compress_masked(states: &mut [[u32; LANES]; 4], work: &[Vec<u8>; LANES]) {
+fn compress_masked(states: &mut [[u32; LANES]; 4], work: &[&[u8]; LANES]) {
     let blocks: [usize; LANES] = std::array::from_fn(|l| work[l].len() / 64);
     let busy: Vec<usize> = (0..LANES).filter(|&l| blocks[l] > 0).collect();
     if let [l] = busy[..] {
@@ -803,10 +860,10 @@ mod tests {
             1,
             63,
             64,
-            LANE_TRIGGER - 1,
-            LANE_TRIGGER + 65,
-            LANE_CAP + 7,
-            3 * LANE_CAP + 1000,
+            WINDOW - 1,
+            WINDOW + 65,
+            QUEUE_CAP * WINDOW + 7,
+            3 * QUEUE_CAP * WINDOW + 1000,
         ];
         std::thread::scope(|sc| {
             for (i, &len) in lens.iter().enumerate() {
@@ -823,17 +880,76 @@ mod tests {
         });
     }
 
+    /// A reader that hands out its bytes in reads of uneven sizes, as a socket does.
+    struct Uneven {
+        data: Vec<u8>,
+        pos: usize,
+        step: usize,
+    }
+
+    impl Read for Uneven {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.step = (self.step * 7919 + 13) % 90_001;
+            let n = (1 + self.step)
+                .min(buf.len())
+                .min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn lock_step_streams_read_in_place_match_md5_and_hand_back_every_byte() {
+        let group = LockStep::new();
+        let lens = [
+            0usize,
+            65,
+            WINDOW - MIN_READ + 1,
+            WINDOW + 1,
+            5 * WINDOW + 3,
+            9 * WINDOW,
+        ];
+        std::thread::scope(|sc| {
+            for (i, &len) in lens.iter().enumerate() {
+                let group = &group;
+                sc.spawn(move || {
+                    let data = noise(i as u64 + 20, len);
+                    let mut source = Uneven {
+                        data: data.clone(),
+                        pos: 0,
+                        step: i,
+                    };
+                    let mut lane = group.lane().expect("a lane for each stream");
+                    let mut seen = Vec::new();
+                    loop {
+                        let chunk = lane.read_from(&mut source).unwrap();
+                        if chunk.is_empty() {
+                            break;
+                        }
+                        seen.extend_from_slice(chunk);
+                    }
+                    assert!(
+                        seen == data,
+                        "length {len}: the bytes read are the source's"
+                    );
+                    assert_eq!(hex(&lane.digest()), reference(&data), "length {len}");
+                });
+            }
+        });
+    }
+
     #[test]
     fn lock_step_lanes_are_eight_reset_and_reused() {
         let group = LockStep::new();
         let lanes: Vec<Lane> = (0..LANES).map(|_| group.lane().unwrap()).collect();
         assert!(group.lane().is_none(), "a ninth stream gets no lane");
         drop(lanes);
-        let data = noise(7, 3 * LANE_TRIGGER + 5);
+        let data = noise(7, 3 * WINDOW + 5);
         let mut a = group.lane().unwrap();
         let mut b = group.lane().unwrap();
         a.update(&data[..1000]);
-        b.update(&noise(8, LANE_TRIGGER));
+        b.update(&noise(8, WINDOW));
         // A digest along the way, and the stream goes on.
         assert_eq!(hex(&a.digest()), reference(&data[..1000]));
         a.update(&data[1000..]);
@@ -842,10 +958,10 @@ mod tests {
         a.update(&data[..77]);
         assert_eq!(hex(&a.digest()), reference(&data[..77]));
         drop(a);
-        let fresh = group.lane().unwrap();
+        let mut fresh = group.lane().unwrap();
         assert_eq!(hex(&fresh.digest()), reference(b""));
         b.update(b"x");
-        let mut want = noise(8, LANE_TRIGGER);
+        let mut want = noise(8, WINDOW);
         want.push(b'x');
         assert_eq!(hex(&b.digest()), reference(&want));
     }

@@ -44,7 +44,7 @@
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -291,11 +291,33 @@ enum BodyHash<'o> {
     Lane(Lane<'o>),
 }
 
-impl BodyHash<'_> {
-    fn update(&mut self, bytes: &[u8]) {
+/// How a body's bytes are read: where each chunk lands, and what sees it.
+trait Chunks {
+    /// Read the next chunk from `reader` (empty at the end).
+    fn next<'b>(&'b mut self, reader: &mut dyn Read, buf: &'b mut [u8]) -> io::Result<&'b [u8]>;
+}
+
+/// Chunks read into the caller's buffer and seen by nobody (the manifest).
+struct Plain;
+
+impl Chunks for Plain {
+    fn next<'b>(&'b mut self, reader: &mut dyn Read, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
+        let n = reader.read(buf)?;
+        Ok(&buf[..n])
+    }
+}
+
+impl Chunks for BodyHash<'_> {
+    /// A lane's chunks are read into the lane's own window, where they are
+    /// hashed later: no copy. Others are read into `buf` and hashed now.
+    fn next<'b>(&'b mut self, reader: &mut dyn Read, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
         match self {
-            BodyHash::One(h) => h.update(bytes),
-            BodyHash::Lane(l) => l.update(bytes),
+            BodyHash::One(h) => {
+                let n = reader.read(buf)?;
+                h.update(&buf[..n]);
+                Ok(&buf[..n])
+            }
+            BodyHash::Lane(l) => l.read_from(reader),
         }
     }
 }
@@ -342,8 +364,8 @@ impl<'o> Partial<'o> {
         })
     }
 
-    fn md5(&self) -> String {
-        match &self.hasher {
+    fn md5(&mut self) -> String {
+        match &mut self.hasher {
             BodyHash::One(h) => hex(&h.clone().finalize()),
             BodyHash::Lane(l) => hex(&l.digest()),
         }
@@ -493,7 +515,7 @@ impl HttpOrigin {
             }
             let mut reader = resp.into_body().into_reader();
             let mut out = Vec::new();
-            self.stream_body(&mut reader, expected, |chunk| {
+            self.stream_body(&mut reader, expected, &mut Plain, |chunk| {
                 if out.len() as u64 + chunk.len() as u64 > MAX_MANIFEST_BYTES {
                     return Err(Failure::Permanent {
                         message: format!("manifest is larger than {MAX_MANIFEST_BYTES} bytes"),
@@ -655,20 +677,22 @@ impl HttpOrigin {
         half + half.mul_f64(random_unit())
     }
 
-    /// Read a body through one fixed buffer, handing each chunk to `sink`, and
-    /// check it against the announced length. Returns the number of bytes read.
+    /// Read a body chunk by chunk (through `chunks`), handing each chunk to
+    /// `sink`, and check it against the announced length. Returns the number
+    /// of bytes read.
     fn stream_body(
         &self,
         reader: &mut impl Read,
         expected: Option<u64>,
+        chunks: &mut impl Chunks,
         mut sink: impl FnMut(&[u8]) -> std::result::Result<(), Failure>,
     ) -> std::result::Result<u64, Failure> {
         let mut buf = vec![0u8; BUF_SIZE];
         let mut got = 0u64;
         loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
+            let chunk = match chunks.next(reader, &mut buf) {
+                Ok([]) => break,
+                Ok(chunk) => chunk,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     return Err(Failure::transient(match expected {
@@ -677,10 +701,11 @@ impl HttpOrigin {
                     }))
                 }
             };
-            sink(&buf[..n])?;
-            got += n as u64;
+            let n = chunk.len() as u64;
+            sink(chunk)?;
+            got += n;
             if let Some(progress) = &self.opts.progress {
-                progress(n as u64);
+                progress(n);
             }
         }
         match expected {
@@ -740,11 +765,10 @@ impl HttpOrigin {
         };
         let expected = resp.body().content_length();
         let mut reader = resp.into_body().into_reader();
-        let result = self.stream_body(&mut reader, expected, |chunk| {
+        let result = self.stream_body(&mut reader, expected, &mut st.hasher, |chunk| {
             w.write_all(chunk)
                 .at("write", part)
                 .map_err(Failure::Local)?;
-            st.hasher.update(chunk);
             st.written += chunk.len() as u64;
             *fetched += chunk.len() as u64;
             Ok(())
