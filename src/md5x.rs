@@ -110,20 +110,20 @@ fn step<const N: usize, const I: usize>(
         _ => (7 * I) % 16,
     };
     let s = S[(I / 16) * 4 + I % 4];
+    let ready: [u32; N] = std::array::from_fn(|l| a[l].wrapping_add(K[I]).wrapping_add(m[g][l]));
+    // Opaque to the optimizer, so that it cannot fold the constant back in
+    // after `f`: the sum is made off the critical path (it needs only `a`, four
+    // steps old), leaving `f`, one add, the rotate and one add on it.
+    let ready = std::hint::black_box(ready);
     for l in 0..N {
         let (b, c, d) = (b[l], c[l], d[l]);
         let f = match I / 16 {
-            0 => (b & c) | (!b & d),
-            1 => (b & d) | (c & !d),
+            0 => d ^ (b & (c ^ d)),
+            1 => c ^ (d & (b ^ c)),
             2 => b ^ c ^ d,
             _ => c ^ (b | !d),
         };
-        a[l] = b.wrapping_add(
-            a[l].wrapping_add(f)
-                .wrapping_add(K[I])
-                .wrapping_add(m[g][l])
-                .rotate_left(s),
-        );
+        a[l] = b.wrapping_add(ready[l].wrapping_add(f).rotate_left(s));
     }
 }
 
@@ -315,9 +315,9 @@ const WINDOW: usize = 256 * 1024;
 /// into a sliver of room would cost a system call for a few bytes.
 const MIN_READ: usize = 16 * 1024;
 /// Windows a lane holds queued at most: a writer whose queue is full runs a
-/// pass or waits for the one under way, so memory stays bounded (1 MiB a lane)
+/// pass or waits for the one under way, so memory stays bounded (2 MiB a lane)
 /// however far hashing falls behind.
-const QUEUE_CAP: usize = 4;
+const QUEUE_CAP: usize = 8;
 
 /// Streams that arrive piecemeal and concurrently (downloads), hashed in lock
 /// step: up to eight at a time, one per lane.
