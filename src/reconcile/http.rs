@@ -18,10 +18,10 @@
 //! - Nothing is written anywhere but the `part` path the engine hands to
 //!   [`Origin::fetch`], and only through the engine's [`Fs`]; nothing is synced.
 //! - Memory is bounded whatever the file size: bodies stream through one fixed
-//!   buffer, md5 is computed on the way — a large body's bytes wait for it in a
-//!   lane of at most 1 MiB, where up to eight bodies are hashed in lock step
-//!   ([`crate::md5x::LockStep`]) — and the manifest alone is read into memory,
-//!   capped at [`MAX_MANIFEST_BYTES`].
+//!   buffer, md5 is computed on the way — a large body is read straight into the
+//!   windows of a lane (at most about 2.5 MiB of them), where up to eight bodies
+//!   are hashed in lock step ([`crate::md5x::LockStep`]) — and the manifest alone
+//!   is read into memory, capped at [`MAX_MANIFEST_BYTES`].
 //! - The token (`STACK_TOKEN`) never leaves memory except as the
 //!   `Authorization: Bearer` header of a request to the manifest's own origin
 //!   (same scheme, host and port), also after a redirect that stays within it. It
@@ -276,7 +276,10 @@ impl Failure {
 }
 
 /// A download's progress so far: `written` bytes are in `part` and `hasher` has
-/// seen exactly them; `inherited` says some of them predate this fetch.
+/// seen exactly them; `inherited` says some of them predate this fetch. A chunk
+/// is hashed as it is read, before it is written: when the write fails, the
+/// hasher is one chunk ahead, which is why a local failure ends the fetch and is
+/// never retried with the same `Partial` ([`HttpOrigin::with_retries`]).
 struct Partial<'o> {
     written: u64,
     hasher: BodyHash<'o>,
