@@ -289,6 +289,75 @@ fn private_ca_is_trusted_through_ssl_cert_file_and_ssl_cert_dir() {
     assert_pulled(&out, &dir);
 }
 
+/// The trust store is read for `https://` targets only: a plain `http://` pull
+/// needs no CA, and a missing `SSL_CERT_FILE` stops a pull only once a table
+/// lies behind TLS (as a usage error naming the variable, before any byte).
+#[test]
+fn trust_store_is_read_only_when_a_target_is_https() {
+    let ca = TestCa::new(&["127.0.0.1", "localhost"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_file = tmp.path().join("test-ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let missing = tmp.path().join("no-such-ca.pem");
+    let missing = missing.to_str().unwrap();
+
+    let plain = Origin::http(Limits::default());
+    serve_stack(&plain, 3, 100);
+    let dir = tmp.path().join("plain");
+    let out = pull(
+        &plain.url("/manifest.json"),
+        &dir,
+        &[],
+        &[("SSL_CERT_FILE", missing)],
+    );
+    assert_pulled(&out, &dir);
+
+    // An http:// manifest whose one table is on a TLS server.
+    let secure = Origin::tls(&ca, Limits::default());
+    let b = body(7, 100);
+    secure.route("/t.parquet", Answer::Body(b.clone()));
+    let manifest = json!({"data_packages": [{"id": "a", "slug": "pa", "name": "A",
+        "tables": [{"id": "t7", "name": "t7", "md5": md5_hex(&b),
+                    "parquet_url": secure.url("/t.parquet"), "size": 100}]}]});
+    let mixed = Origin::http(Limits::default());
+    mixed.route(
+        "/manifest.json",
+        Answer::Body(manifest.to_string().into_bytes()),
+    );
+
+    let dir = tmp.path().join("mixed");
+    let out = pull(
+        &mixed.url("/manifest.json"),
+        &dir,
+        &[],
+        &[("SSL_CERT_FILE", missing)],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SSL_CERT_FILE"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !dir.join("data").exists(),
+        "nothing is pulled: {}",
+        text(&out)
+    );
+    assert_eq!(
+        secure.connections(),
+        0,
+        "no connection without a trust store"
+    );
+
+    let out = pull(
+        &mixed.url("/manifest.json"),
+        &dir,
+        &[],
+        &[("SSL_CERT_FILE", ca_file.to_str().unwrap())],
+    );
+    assert_pulled(&out, &dir);
+}
+
 #[test]
 fn untrusted_certificate_fails_at_once_naming_the_host_and_the_fix() {
     let ca = TestCa::new(&["127.0.0.1", "localhost"]);

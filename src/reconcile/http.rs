@@ -12,7 +12,9 @@
 //! per proxy route, sized to the cap), so a file costs one round trip, not three;
 //! the connections of the first window are opened while the manifest is on its way
 //! ([`super::preconnect`], direct connections only).
-//! Proxies and trusted CAs come from the environment ([`netenv`]).
+//! Proxies and trusted CAs come from the environment ([`netenv`]); the trust store
+//! is read when the first `https://` target needs it, so a plain `http://` pull
+//! reads none.
 //!
 //! Invariants kept:
 //! - Nothing is written anywhere but the `part` path the engine hands to
@@ -46,7 +48,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use md5::{Digest, Md5};
@@ -230,15 +232,73 @@ pub struct HttpOrigin {
     manifest_url: String,
     base: Base,
     opts: HttpOptions,
+    /// Requests to `http://` targets: these agents trust no CA at all.
+    plain: Agents,
+    /// Requests to `https://` targets, made on the first one: reading the trust
+    /// store (a hundred files and more, 20 ms here) is for pulls that use TLS.
+    /// A trust store that cannot be read is kept as its message.
+    tls: OnceLock<std::result::Result<Agents, String>>,
+    /// The direct connections' warm sockets, shared by both sets of agents.
+    warm: Arc<Warm>,
+    window: Window,
+    /// Where large bodies are hashed, in lock step.
+    lanes: LockStep,
+}
+
+/// The agents for one scheme: direct, and through the proxy for it.
+struct Agents {
     /// Requests that go direct.
     direct: ureq::Agent,
     /// Requests to `http://` targets through `http_proxy`, and to `https://` ones
     /// through `https_proxy` (each its own connection pool).
     via_http_proxy: Option<ureq::Agent>,
     via_https_proxy: Option<ureq::Agent>,
-    window: Window,
-    /// Where large bodies are hashed, in lock step.
-    lanes: LockStep,
+}
+
+impl Agents {
+    /// Agents that trust `roots`; direct connections take `warm`'s sockets.
+    fn new(opts: &HttpOptions, roots: ureq::tls::RootCerts, warm: &Arc<Warm>) -> Agents {
+        let config = |proxy: Option<&ureq::Proxy>| -> ureq::config::Config {
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(opts.connect_timeout))
+                .timeout_per_read(Some(opts.read_timeout))
+                .timeout_recv_response(Some(opts.read_timeout))
+                // Redirects are followed here (`HttpOrigin::get`), where the token
+                // rule is decided by origin, scheme and port.
+                .max_redirects(0)
+                .redirect_auth_headers(ureq::config::RedirectAuthHeaders::Never)
+                .user_agent(concat!("stack/", env!("CARGO_PKG_VERSION")))
+                // Byte ranges, Content-Length and md5 are about the stored bytes: ask
+                // for them as they are, even if a feature elsewhere in the build
+                // enables ureq's decompression.
+                .accept_encoding("identity")
+                // One idle connection kept per worker: a file costs a request, not
+                // a new TCP (and TLS) handshake.
+                .max_idle_connections(opts.jobs.max(1))
+                .max_idle_connections_per_host(opts.jobs.max(1))
+                .proxy(proxy.cloned())
+                .tls_config(
+                    ureq::tls::TlsConfig::builder()
+                        .root_certs(roots.clone())
+                        .build(),
+                )
+                .build()
+        };
+        // Direct connections: ureq's TCP and TLS connectors, with warm sockets
+        // handed out before the first and the warm-up started after the last.
+        let connector = Provide(Arc::clone(warm))
+            .chain(TcpConnector::default())
+            .chain(RustlsConnector::default())
+            .chain(Trigger(Arc::clone(warm)));
+        let direct = ureq::Agent::with_parts(config(None), connector, DefaultResolver::default());
+        let proxied = |p: &ureq::Proxy| ureq::Agent::from(config(Some(p)));
+        Agents {
+            direct,
+            via_http_proxy: opts.proxies.http.as_ref().map(|(_, p)| proxied(p)),
+            via_https_proxy: opts.proxies.https.as_ref().map(|(_, p)| proxied(p)),
+        }
+    }
 }
 
 impl fmt::Debug for HttpOrigin {
@@ -387,56 +447,43 @@ impl HttpOrigin {
                 )));
             }
         }
-        let roots = netenv::trust_roots()?;
-        let config = |proxy: Option<&ureq::Proxy>| -> ureq::config::Config {
-            ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_connect(Some(opts.connect_timeout))
-                .timeout_per_read(Some(opts.read_timeout))
-                .timeout_recv_response(Some(opts.read_timeout))
-                // Redirects are followed here (`HttpOrigin::get`), where the token
-                // rule is decided by origin, scheme and port.
-                .max_redirects(0)
-                .redirect_auth_headers(ureq::config::RedirectAuthHeaders::Never)
-                .user_agent(concat!("stack/", env!("CARGO_PKG_VERSION")))
-                // Byte ranges, Content-Length and md5 are about the stored bytes: ask
-                // for them as they are, even if a feature elsewhere in the build
-                // enables ureq's decompression.
-                .accept_encoding("identity")
-                // One idle connection kept per worker: a file costs a request, not
-                // a new TCP (and TLS) handshake.
-                .max_idle_connections(opts.jobs.max(1))
-                .max_idle_connections_per_host(opts.jobs.max(1))
-                .proxy(proxy.cloned())
-                .tls_config(
-                    ureq::tls::TlsConfig::builder()
-                        .root_certs(roots.clone())
-                        .build(),
-                )
-                .build()
-        };
-        // Direct connections: ureq's TCP and TLS connectors, with warm sockets
-        // handed out before the first and the warm-up started after the last.
         let warm = Warm::new(
             INITIAL_WINDOW.min(opts.jobs).saturating_sub(1),
             opts.connect_timeout,
         );
-        let connector = Provide(Arc::clone(&warm))
-            .chain(TcpConnector::default())
-            .chain(RustlsConnector::default())
-            .chain(Trigger(warm));
-        let direct = ureq::Agent::with_parts(config(None), connector, DefaultResolver::default());
-        let proxied = |p: &ureq::Proxy| ureq::Agent::from(config(Some(p)));
-        Ok(HttpOrigin {
+        let no_roots = ureq::tls::RootCerts::Specific(Arc::new(Vec::new()));
+        let origin = HttpOrigin {
             manifest_url: manifest_url.to_string(),
-            base,
-            direct,
-            via_http_proxy: opts.proxies.http.as_ref().map(|(_, p)| proxied(p)),
-            via_https_proxy: opts.proxies.https.as_ref().map(|(_, p)| proxied(p)),
+            plain: Agents::new(&opts, no_roots, &warm),
+            tls: OnceLock::new(),
+            warm,
             window: Window::new(opts.jobs),
             lanes: LockStep::new(),
+            base,
             opts,
-        })
+        };
+        if origin.base.scheme == "https" {
+            // A trust store that cannot be read fails the pull before anything.
+            origin.agents("https")?;
+        }
+        Ok(origin)
+    }
+
+    /// The agents for targets of `scheme`; those for `https` are made on the
+    /// first call, with the trust store read then.
+    fn agents(&self, scheme: &str) -> Result<&Agents> {
+        if scheme != "https" {
+            return Ok(&self.plain);
+        }
+        let tls = self.tls.get_or_init(|| {
+            netenv::trust_roots()
+                .map(|roots| Agents::new(&self.opts, roots, &self.warm))
+                .map_err(|e| match e {
+                    Error::Usage(m) => m,
+                    other => other.to_string(),
+                })
+        });
+        tls.as_ref().map_err(|m| Error::Usage(m.clone()))
     }
 
     /// The request window (how many requests may be in flight now).
@@ -569,10 +616,11 @@ impl HttpOrigin {
                 status: None,
             })?;
             let proxy = self.opts.proxies.for_target(&hop.scheme, &hop.host);
+            let agents = self.agents(&hop.scheme).map_err(Failure::Local)?;
             let agent = match (proxy, hop.scheme.as_str()) {
-                (None, _) => &self.direct,
-                (Some(_), "https") => self.via_https_proxy.as_ref().unwrap_or(&self.direct),
-                (Some(_), _) => self.via_http_proxy.as_ref().unwrap_or(&self.direct),
+                (None, _) => &agents.direct,
+                (Some(_), "https") => agents.via_https_proxy.as_ref().unwrap_or(&agents.direct),
+                (Some(_), _) => agents.via_http_proxy.as_ref().unwrap_or(&agents.direct),
             };
             let mut req = agent.get(url.as_str());
             // Through a proxy, only a TLS tunnel keeps the token from the proxy.
