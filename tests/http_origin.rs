@@ -610,3 +610,106 @@ fn manifest_fetch_errors_map_to_exit_codes() {
     let err = fetch_manifest("file:///tmp/m.json", &opts()).unwrap_err();
     assert_eq!(err.exit_code(), 2);
 }
+
+/// A listener on 127.0.0.1 whose accept queue holds one connection: past that,
+/// the kernel drops SYNs, as on a server that cannot keep up.
+fn tiny_backlog_listener() -> std::net::TcpListener {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor this function owns; it is handed
+    // to the listener (which closes it) only once bound and listening.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let bound = libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            libc::listen(fd, 0),
+            0,
+            "listen: {}",
+            std::io::Error::last_os_error()
+        );
+        std::net::TcpListener::from_raw_fd(fd)
+    }
+}
+
+/// A server whose accept queue overflows drops the SYN of a new connection,
+/// which then opens only on the kernel's retransmission a second or more later:
+/// the origin takes that as overload and lowers its window, though the request
+/// itself succeeds.
+#[test]
+fn a_connection_that_lost_its_syn_lowers_the_window() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicUsize;
+    let listener = tiny_backlog_listener();
+    let addr = listener.local_addr().unwrap();
+    let data = body(5000, 11);
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let (data, accepted) = (data.clone(), Arc::clone(&accepted));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                // After the first two (the first request's and the warm socket
+                // opened after it), stop accepting for a while.
+                if accepted.fetch_add(1, Ordering::SeqCst) + 1 == 2 {
+                    std::thread::sleep(Duration::from_millis(1500));
+                }
+                let data = data.clone();
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match conn.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        data.len()
+                    );
+                    let _ = conn.write_all(head.as_bytes());
+                    let _ = conn.write_all(&data);
+                });
+            }
+        });
+    }
+    let o = HttpOrigin::new(
+        &format!("http://{addr}/api/stack/manifest.json"),
+        HttpOptions { jobs: 2, ..opts() },
+    )
+    .expect("origin");
+    let d = dir();
+    let md5 = md5_of(&data);
+    fetch(&o, PATH, &md5, None, &d.part).expect("first fetch");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while accepted.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the warm socket was opened"
+    );
+    std::fs::remove_file(&d.part).unwrap();
+    fetch(&o, PATH, &md5, None, &d.part).expect("second fetch, on the warm socket");
+    assert_eq!(
+        o.window(),
+        2,
+        "two quick successes keep the window at its cap"
+    );
+    // The accept queue is full once this one sits in it.
+    let _filler = std::net::TcpStream::connect(addr).unwrap();
+    std::fs::remove_file(&d.part).unwrap();
+    fetch(&o, PATH, &md5, None, &d.part).expect("third fetch, its SYN dropped at first");
+    assert_eq!(o.window(), 1, "a lost SYN halves the window");
+}

@@ -4,7 +4,8 @@
 //! congestion window (additive increase, multiplicative decrease). It starts small,
 //! grows by one per success while nothing has gone wrong ("slow start": it doubles
 //! every round trip, so a high-latency link fills quickly), and is halved when the
-//! server signals overload (429, 503, a refused or reset connection, a timeout);
+//! server signals overload (429, 503, a refused or reset connection, a timeout, a
+//! connection that took a lost SYN's second to open);
 //! after that it grows by one per window's worth of successes, and eight times
 //! slower within one request of the window the last overload happened at (the
 //! server's limit is probably there: probing it costs a refusal each time).
@@ -15,6 +16,12 @@
 //! decrease it again).
 
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// After a lost handshake, the window grows by one per this long at most: the
+/// signal takes a second to come (the SYN's retransmission), and growth faster
+/// than the signal would refill the server's queue before it could say so.
+const PACED_GROWTH: Duration = Duration::from_secs(1);
 
 /// The window a pull starts with: enough to overlap a few round trips, small enough
 /// that a server that refuses early sees only a few refusals.
@@ -39,6 +46,8 @@ struct State {
     slow_start: bool,
     /// The window when the last overload was signalled.
     ceiling: f64,
+    /// Since a lost handshake: growth is paced, and not before this.
+    paced_until: Option<Instant>,
 }
 
 /// A permit for one request; returned to the window when dropped.
@@ -46,6 +55,8 @@ struct State {
 pub struct Permit<'a> {
     window: &'a Window,
     epoch: u64,
+    /// The window when this request started.
+    started_in: f64,
     /// Other requests of ours were in flight when this one started.
     pub contended: bool,
 }
@@ -62,6 +73,7 @@ impl Window {
                 epoch: 0,
                 slow_start: true,
                 ceiling: f64::INFINITY,
+                paced_until: None,
             }),
             freed: Condvar::new(),
             cap,
@@ -78,6 +90,7 @@ impl Window {
         Permit {
             window: self,
             epoch: st.epoch,
+            started_in: st.window,
             contended: st.in_flight > 1,
         }
     }
@@ -96,6 +109,17 @@ impl Permit<'_> {
     /// The request succeeded: grow the window.
     pub fn succeeded(&self) {
         let mut st = self.window.lock();
+        if let Some(until) = st.paced_until {
+            let now = Instant::now();
+            if now < until {
+                return;
+            }
+            st.paced_until = Some(now + PACED_GROWTH);
+            st.window = (st.window + 1.0).min(self.window.cap as f64);
+            drop(st);
+            self.window.freed.notify_all();
+            return;
+        }
         let grow = if st.slow_start {
             1.0
         } else if st.window + 1.0 < st.ceiling {
@@ -108,15 +132,30 @@ impl Permit<'_> {
         self.window.freed.notify_all();
     }
 
-    /// The server signalled overload: halve the window, once per burst.
+    /// The server signalled overload: halve the window, once per burst. The
+    /// window halved is the one this request started in when that was smaller:
+    /// a signal that comes late (a lost SYN tells after a second) is about the
+    /// load of then, not the growth since.
     pub fn overloaded(&self) {
         let mut st = self.window.lock();
         if self.epoch == st.epoch {
-            st.ceiling = st.window;
-            st.window = (st.window / 2.0).max(1.0);
+            let then = st.window.min(self.started_in);
+            st.ceiling = then;
+            st.window = (then / 2.0).max(1.0);
             st.slow_start = false;
             st.epoch += 1;
         }
+    }
+}
+
+impl Permit<'_> {
+    /// This request's connection lost its handshake (a server whose accept
+    /// queue is full drops SYNs): overload, and from now on the window grows
+    /// no faster than the signal can come.
+    pub fn lost_handshake(&self) {
+        self.overloaded();
+        let mut st = self.window.lock();
+        st.paced_until = Some(Instant::now() + PACED_GROWTH);
     }
 }
 
@@ -173,6 +212,32 @@ mod tests {
         }
         // Normal growth up to 5 (one below the ceiling), then 1/40 per success.
         assert_eq!(w.current(), 5, "probing near the ceiling is slow");
+    }
+
+    #[test]
+    fn a_late_overload_halves_the_window_its_request_started_in() {
+        let w = Window::new(1000);
+        let late = w.acquire();
+        for _ in 0..200 {
+            w.acquire().succeeded();
+        }
+        assert_eq!(w.current(), INITIAL_WINDOW + 200);
+        late.overloaded();
+        assert_eq!(w.current(), INITIAL_WINDOW / 2);
+    }
+
+    #[test]
+    fn after_a_lost_handshake_growth_waits_for_the_signal() {
+        let w = Window::new(100);
+        for _ in 0..8 {
+            w.acquire().succeeded();
+        }
+        w.acquire().lost_handshake();
+        assert_eq!(w.current(), 2 * INITIAL_WINDOW / 2);
+        for _ in 0..100 {
+            w.acquire().succeeded();
+        }
+        assert_eq!(w.current(), INITIAL_WINDOW, "no growth within a second");
     }
 
     #[test]

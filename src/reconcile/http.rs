@@ -59,7 +59,7 @@ use ureq::unversioned::transport::{Connector, RustlsConnector, TcpConnector};
 use super::congestion::{Window, INITIAL_WINDOW};
 use super::netenv::{self, Proxies};
 use super::origin::{hex, origin_relative, Fetched, Origin, Request};
-use super::preconnect::{Provide, Trigger, Warm};
+use super::preconnect::{slow_connect_seen, Provide, Timed, Trigger, Warm};
 use crate::error::{Error, IoContext, Result};
 use crate::fs::{FileWrite, Fs};
 use crate::md5x::{Lane, LockStep};
@@ -288,7 +288,7 @@ impl Agents {
         // Direct connections: ureq's TCP and TLS connectors, with warm sockets
         // handed out before the first and the warm-up started after the last.
         let connector = Provide(Arc::clone(warm))
-            .chain(TcpConnector::default())
+            .chain(Timed::new(TcpConnector::default()))
             .chain(RustlsConnector::default())
             .chain(Trigger(Arc::clone(warm)));
         let direct = ureq::Agent::with_parts(config(None), connector, DefaultResolver::default());
@@ -677,9 +677,19 @@ impl HttpOrigin {
         let mut contended = 0u32;
         loop {
             let permit = self.window.acquire();
-            match attempt() {
+            slow_connect_seen(); // only this attempt's connections count
+            let result = attempt();
+            // A connection that lost its SYN is the server's accept queue
+            // overflowing: fewer requests at once, whatever came of this one.
+            let slow_connect = slow_connect_seen();
+            if slow_connect {
+                permit.lost_handshake();
+            }
+            match result {
                 Ok(v) => {
-                    permit.succeeded();
+                    if !slow_connect {
+                        permit.succeeded();
+                    }
                     return Ok(v);
                 }
                 Err(Failure::Transient {

@@ -3,10 +3,14 @@
 //! pays one round trip (the request), not two (the TCP handshake, then the
 //! request). Browsers do the same ("preconnect").
 //!
-//! Owns: the warm sockets of one origin and the two ureq connectors around the
-//! TCP connector of its direct agent: [`Provide`] hands a warm socket to a
-//! request that needs a new connection, [`Trigger`] starts the warm-up once a
-//! first connection (TCP, and TLS where the scheme says so) has succeeded.
+//! Owns: the warm sockets of one origin and the ureq connectors around the TCP
+//! connector of its direct agent: [`Provide`] hands a warm socket to a request
+//! that needs a new connection, [`Trigger`] starts the warm-up once a first
+//! connection (TCP, and TLS where the scheme says so) has succeeded, and
+//! [`Timed`] notes a connection that took as long as a lost handshake packet
+//! ([`slow_connect_seen`]), the overload signal of a server whose accept queue is
+//! full: it drops the SYN, and only the kernel's retransmission a second later
+//! gets through.
 //!
 //! Invariants kept: at most `count` sockets are opened, once per origin, and
 //! only after a connection to it succeeded (each to the first of its addresses
@@ -18,8 +22,10 @@
 //! it closed, never used); opening one never delays a request (each opens on its
 //! own thread, and a request takes one only if it is ready).
 
+use std::cell::Cell;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +36,25 @@ use ureq::unversioned::transport::{
 /// A warm socket older than this is closed rather than used: servers close idle
 /// connections (nginx after 60 s by default), and the manifest has long arrived.
 const FRESH_FOR: Duration = Duration::from_secs(5);
+
+/// A TCP connection that took this much longer to open than the fastest one of
+/// its agent lost a handshake packet: the kernel retransmits a SYN first
+/// after one second (RFC 6298's initial RTO). A server drops SYNs when its
+/// accept queue is full.
+pub const SLOW_CONNECT: Duration = Duration::from_millis(900);
+
+thread_local! {
+    /// This thread opened a connection that took [`SLOW_CONNECT`] or longer.
+    /// Per thread, because a blocking request connects on its caller's thread and
+    /// ureq gives a connector no handle on the request.
+    static SLOW: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Did a connection opened on this thread since the last call take
+/// [`SLOW_CONNECT`] or longer? Clears the note.
+pub fn slow_connect_seen() -> bool {
+    SLOW.with(|s| s.replace(false))
+}
 
 /// The warm sockets of one origin.
 #[derive(Debug)]
@@ -154,6 +179,47 @@ impl<In: Transport> Connector<In> for Trigger {
             self.0.start(&details.addrs, details.config.no_delay());
         }
         Ok(chained)
+    }
+}
+
+/// Wraps ureq's TCP connector: a new connection that took [`SLOW_CONNECT`]
+/// longer than the fastest one so far is noted for [`slow_connect_seen`] (the
+/// fastest is the link's round trip, however long that is).
+#[derive(Debug)]
+pub struct Timed<C> {
+    inner: C,
+    /// The fastest connect so far, in nanoseconds.
+    fastest: AtomicU64,
+}
+
+impl<C> Timed<C> {
+    pub fn new(inner: C) -> Timed<C> {
+        Timed {
+            inner,
+            fastest: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl<In: Transport, C: Connector<In>> Connector<In> for Timed<C> {
+    type Out = C::Out;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        let opens = chained.is_none();
+        let started = Instant::now();
+        let made = self.inner.connect(details, chained);
+        if opens && made.is_ok() {
+            let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let fastest = self.fastest.fetch_min(took, Ordering::Relaxed).min(took);
+            if took.saturating_sub(fastest) >= SLOW_CONNECT.as_nanos() as u64 {
+                SLOW.with(|s| s.set(true));
+            }
+        }
+        made
     }
 }
 
