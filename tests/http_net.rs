@@ -312,14 +312,24 @@ fn trust_store_is_read_only_when_a_target_is_https() {
     );
     assert_pulled(&out, &dir);
 
-    // An http:// manifest whose one table is on a TLS server.
+    // An http:// manifest whose last table is on a TLS server.
     let secure = Origin::tls(&ca, Limits::default());
-    let b = body(7, 100);
-    secure.route("/t.parquet", Answer::Body(b.clone()));
-    let manifest = json!({"data_packages": [{"id": "a", "slug": "pa", "name": "A",
-        "tables": [{"id": "t7", "name": "t7", "md5": md5_hex(&b),
-                    "parquet_url": secure.url("/t.parquet"), "size": 100}]}]});
     let mixed = Origin::http(Limits::default());
+    let mut tables = Vec::new();
+    for i in 0..4 {
+        let b = body(i, 1000);
+        let (o, path) = match i {
+            3 => (&secure, "/t.parquet".to_string()),
+            _ => (&mixed, format!("/api/data/t{i}/download")),
+        };
+        o.route(&path, Answer::Body(b.clone()));
+        tables.push(
+            json!({"id": format!("t{i}"), "name": format!("t{i}"), "md5": md5_hex(&b),
+                           "parquet_url": o.url(&path), "size": 1000}),
+        );
+    }
+    let manifest =
+        json!({"data_packages": [{"id": "a", "slug": "pa", "name": "A", "tables": tables}]});
     mixed.route(
         "/manifest.json",
         Answer::Body(manifest.to_string().into_bytes()),
@@ -329,7 +339,7 @@ fn trust_store_is_read_only_when_a_target_is_https() {
     let out = pull(
         &mixed.url("/manifest.json"),
         &dir,
-        &[],
+        &["--jobs", "1"],
         &[("SSL_CERT_FILE", missing)],
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
@@ -338,11 +348,8 @@ fn trust_store_is_read_only_when_a_target_is_https() {
         "{}",
         text(&out)
     );
-    assert!(
-        !dir.join("data").exists(),
-        "nothing is pulled: {}",
-        text(&out)
-    );
+    assert!(!dir.exists(), "nothing is written: {}", text(&out));
+    assert_eq!(mixed.requests().len(), 1, "only the manifest is fetched");
     assert_eq!(
         secure.connections(),
         0,
@@ -449,6 +456,82 @@ fn http_target_uses_http_proxy_not_all_proxy_and_withholds_the_token() {
     for r in o.requests() {
         assert_eq!(r.header("authorization"), None, "{}", r.path);
     }
+}
+
+/// A TLS front (a certificate of `ca` for 127.0.0.1) that pumps bytes to
+/// `upstream`: with a plain proxy behind it, an `https://` proxy.
+fn tls_front(ca: &TestCa, upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::io::{ErrorKind, Read, Write};
+    let cfg = ca.server_config();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let mut up = std::net::TcpStream::connect(upstream).unwrap();
+                c.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+                up.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+                let mut tls =
+                    rustls::StreamOwned::new(rustls::ServerConnection::new(cfg).unwrap(), c);
+                let mut buf = vec![0u8; 65536];
+                let idle = |e: &std::io::Error| {
+                    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+                };
+                loop {
+                    match tls.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            if up.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if idle(&e) => {}
+                        Err(_) => return,
+                    }
+                    match up.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            if tls.write_all(&buf[..n]).is_err() || tls.flush().is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) if idle(&e) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An `http://` pull whose `http_proxy` is reached over TLS trusts the CA
+/// it was given for the proxy.
+#[test]
+fn http_target_through_a_tls_proxy_trusts_the_given_ca() {
+    let ca = TestCa::new(&["127.0.0.1"]);
+    let o = Origin::http(Limits::default());
+    serve_stack(&o, 3, 1000);
+    let proxy = Proxy::start(format!("127.0.0.1:{}", o.port()).parse().unwrap());
+    let plain_proxy: std::net::SocketAddr = proxy.url()["http://".len()..].parse().unwrap();
+    let front = tls_front(&ca, plain_proxy);
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_file = tmp.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let dir = tmp.path().join("d");
+    let out = pull(
+        &o.url_as(HIDDEN, "/manifest.json"),
+        &dir,
+        &[],
+        &[
+            ("http_proxy", &format!("https://{front}")),
+            ("SSL_CERT_FILE", ca_file.to_str().unwrap()),
+        ],
+    );
+    assert_pulled(&out, &dir);
+    assert!(proxy.tunnels() >= 1);
 }
 
 #[test]

@@ -245,19 +245,22 @@ pub struct HttpOrigin {
     lanes: LockStep,
 }
 
-/// The agents for one scheme: direct, and through the proxy for it.
+/// The agents for one scheme: direct, and through the proxy for it (each its
+/// own connection pool).
 struct Agents {
-    /// Requests that go direct.
     direct: ureq::Agent,
-    /// Requests to `http://` targets through `http_proxy`, and to `https://` ones
-    /// through `https_proxy` (each its own connection pool).
-    via_http_proxy: Option<ureq::Agent>,
-    via_https_proxy: Option<ureq::Agent>,
+    via_proxy: Option<ureq::Agent>,
 }
 
 impl Agents {
-    /// Agents that trust `roots`; direct connections take `warm`'s sockets.
-    fn new(opts: &HttpOptions, roots: ureq::tls::RootCerts, warm: &Arc<Warm>) -> Agents {
+    /// Agents that trust `roots`, the one through `proxy` (the scheme's) too;
+    /// direct connections take `warm`'s sockets.
+    fn new(
+        opts: &HttpOptions,
+        roots: ureq::tls::RootCerts,
+        warm: &Arc<Warm>,
+        proxy: Option<&ureq::Proxy>,
+    ) -> Agents {
         let config = |proxy: Option<&ureq::Proxy>| -> ureq::config::Config {
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -292,11 +295,9 @@ impl Agents {
             .chain(RustlsConnector::default())
             .chain(Trigger(Arc::clone(warm)));
         let direct = ureq::Agent::with_parts(config(None), connector, DefaultResolver::default());
-        let proxied = |p: &ureq::Proxy| ureq::Agent::from(config(Some(p)));
         Agents {
             direct,
-            via_http_proxy: opts.proxies.http.as_ref().map(|(_, p)| proxied(p)),
-            via_https_proxy: opts.proxies.https.as_ref().map(|(_, p)| proxied(p)),
+            via_proxy: proxy.map(|p| ureq::Agent::from(config(Some(p)))),
         }
     }
 }
@@ -451,10 +452,15 @@ impl HttpOrigin {
             INITIAL_WINDOW.min(opts.jobs).saturating_sub(1),
             opts.connect_timeout,
         );
-        let no_roots = ureq::tls::RootCerts::Specific(Arc::new(Vec::new()));
+        // An `http://` target needs no CA, unless its proxy is reached over TLS.
+        let http_proxy = opts.proxies.http.as_ref().map(|(_, p)| p);
+        let plain_roots = match http_proxy.map(ureq::Proxy::protocol) {
+            Some(ureq::ProxyProtocol::Https) => netenv::trust_roots()?,
+            _ => ureq::tls::RootCerts::Specific(Arc::new(Vec::new())),
+        };
         let origin = HttpOrigin {
             manifest_url: manifest_url.to_string(),
-            plain: Agents::new(&opts, no_roots, &warm),
+            plain: Agents::new(&opts, plain_roots, &warm, http_proxy),
             tls: OnceLock::new(),
             warm,
             window: Window::new(opts.jobs),
@@ -477,7 +483,10 @@ impl HttpOrigin {
         }
         let tls = self.tls.get_or_init(|| {
             netenv::trust_roots()
-                .map(|roots| Agents::new(&self.opts, roots, &self.warm))
+                .map(|roots| {
+                    let proxy = self.opts.proxies.https.as_ref().map(|(_, p)| p);
+                    Agents::new(&self.opts, roots, &self.warm, proxy)
+                })
                 .map_err(|e| match e {
                     Error::Usage(m) => m,
                     other => other.to_string(),
@@ -617,10 +626,9 @@ impl HttpOrigin {
             })?;
             let proxy = self.opts.proxies.for_target(&hop.scheme, &hop.host);
             let agents = self.agents(&hop.scheme).map_err(Failure::Local)?;
-            let agent = match (proxy, hop.scheme.as_str()) {
-                (None, _) => &agents.direct,
-                (Some(_), "https") => agents.via_https_proxy.as_ref().unwrap_or(&agents.direct),
-                (Some(_), _) => agents.via_http_proxy.as_ref().unwrap_or(&agents.direct),
+            let agent = match proxy {
+                None => &agents.direct,
+                Some(_) => agents.via_proxy.as_ref().unwrap_or(&agents.direct),
             };
             let mut req = agent.get(url.as_str());
             // Through a proxy, only a TLS tunnel keeps the token from the proxy.
@@ -877,7 +885,18 @@ impl Origin for HttpOrigin {
     }
 
     fn resolve(&self, url: &str) -> std::result::Result<(), String> {
-        self.resolve_url(url).map(|_| ())
+        let target = self.resolve_url(url)?;
+        // A target behind TLS needs the trust store: one that cannot be read
+        // fails the pull here, before anything is fetched or written.
+        let tls = target
+            .url
+            .get(..6)
+            .is_some_and(|s| s.eq_ignore_ascii_case("https:"));
+        if tls {
+            self.agents("https")
+                .map_err(|e| format!("{} is served over TLS, and {e}", target.url))?;
+        }
+        Ok(())
     }
 
     fn fetch(&self, fs: &dyn Fs, req: &Request<'_>, part: &Path) -> Result<Fetched> {

@@ -46,7 +46,7 @@ impl TestCa {
         }
     }
 
-    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(self.server_key.clone().into());
         let cfg = rustls::ServerConfig::builder_with_provider(provider)
