@@ -649,20 +649,22 @@ fn tiny_backlog_listener() -> std::net::TcpListener {
 fn a_connection_that_lost_its_syn_lowers_the_window() {
     use std::io::{Read, Write};
     use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
     let listener = tiny_backlog_listener();
     let addr = listener.local_addr().unwrap();
     let data = body(5000, 11);
     let accepted = Arc::new(AtomicUsize::new(0));
+    // The server accepts one connection per token: without tokens, connections
+    // wait in its accept queue, and once that is full new SYNs are dropped.
+    let (grant, tokens) = mpsc::channel::<()>();
     {
         let (data, accepted) = (data.clone(), Arc::clone(&accepted));
         std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { return };
-                // After the first two (the first request's and the warm socket
-                // opened after it), stop accepting for a while.
-                if accepted.fetch_add(1, Ordering::SeqCst) + 1 == 2 {
-                    std::thread::sleep(Duration::from_millis(1500));
-                }
+            while tokens.recv().is_ok() {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    return;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let data = data.clone();
                 std::thread::spawn(move || {
                     let mut head = Vec::new();
@@ -690,6 +692,9 @@ fn a_connection_that_lost_its_syn_lowers_the_window() {
     .expect("origin");
     let d = dir();
     let md5 = md5_of(&data);
+    // The first request's connection, and the warm socket opened after it.
+    grant.send(()).unwrap();
+    grant.send(()).unwrap();
     fetch(&o, PATH, &md5, None, &d.part).expect("first fetch");
     let deadline = Instant::now() + Duration::from_secs(5);
     while accepted.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
@@ -707,8 +712,15 @@ fn a_connection_that_lost_its_syn_lowers_the_window() {
         2,
         "two quick successes keep the window at its cap"
     );
-    // The accept queue is full once this one sits in it.
+    // Not accepted: this one fills the queue (Linux queues one past a backlog
+    // of 0), so the next SYN is dropped until the queue moves, in 1.5 s.
     let _filler = std::net::TcpStream::connect(addr).unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        for _ in 0..2 {
+            let _ = grant.send(());
+        }
+    });
     std::fs::remove_file(&d.part).unwrap();
     fetch(&o, PATH, &md5, None, &d.part).expect("third fetch, its SYN dropped at first");
     assert_eq!(o.window(), 1, "a lost SYN halves the window");

@@ -18,9 +18,10 @@
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// After a lost handshake, the window grows by one per this long at most: the
-/// signal takes a second to come (the SYN's retransmission), and growth faster
-/// than the signal would refill the server's queue before it could say so.
+/// After a lost handshake, until the window is back where it was then, it grows
+/// by one per this long at most: the signal takes a second to come (the SYN's
+/// retransmission), and growth faster than the signal would refill the server's
+/// queue before it could say so.
 const PACED_GROWTH: Duration = Duration::from_secs(1);
 
 /// The window a pull starts with: enough to overlap a few round trips, small enough
@@ -46,8 +47,9 @@ struct State {
     slow_start: bool,
     /// The window when the last overload was signalled.
     ceiling: f64,
-    /// Since a lost handshake: growth is paced, and not before this.
-    paced_until: Option<Instant>,
+    /// Since a lost handshake (when, and the window it left): growth is paced
+    /// until the window is back at the ceiling.
+    paced: Option<(Instant, f64)>,
 }
 
 /// A permit for one request; returned to the window when dropped.
@@ -73,7 +75,7 @@ impl Window {
                 epoch: 0,
                 slow_start: true,
                 ceiling: f64::INFINITY,
-                paced_until: None,
+                paced: None,
             }),
             freed: Condvar::new(),
             cap,
@@ -109,17 +111,6 @@ impl Permit<'_> {
     /// The request succeeded: grow the window.
     pub fn succeeded(&self) {
         let mut st = self.window.lock();
-        if let Some(until) = st.paced_until {
-            let now = Instant::now();
-            if now < until {
-                return;
-            }
-            st.paced_until = Some(now + PACED_GROWTH);
-            st.window = (st.window + 1.0).min(self.window.cap as f64);
-            drop(st);
-            self.window.freed.notify_all();
-            return;
-        }
         let grow = if st.slow_start {
             1.0
         } else if st.window + 1.0 < st.ceiling {
@@ -127,35 +118,50 @@ impl Permit<'_> {
         } else {
             1.0 / (8.0 * st.window)
         };
-        st.window = (st.window + grow).min(self.window.cap as f64);
+        let mut grown = (st.window + grow).min(self.window.cap as f64);
+        if let Some((since, left)) = st.paced {
+            let allowed = left + since.elapsed().as_secs_f64() / PACED_GROWTH.as_secs_f64();
+            grown = grown.min(allowed.floor().max(st.window));
+            if grown >= st.ceiling {
+                st.paced = None;
+            }
+        }
+        st.window = grown;
         drop(st);
         self.window.freed.notify_all();
     }
 
-    /// The server signalled overload: halve the window, once per burst. The
-    /// window halved is the one this request started in when that was smaller:
-    /// a signal that comes late (a lost SYN tells after a second) is about the
-    /// load of then, not the growth since.
+    /// The server signalled overload: halve the window, once per burst.
     pub fn overloaded(&self) {
         let mut st = self.window.lock();
         if self.epoch == st.epoch {
+            let now = st.window;
+            st.decrease_from(now);
+        }
+    }
+
+    /// This request's connection lost its handshake (a server whose accept
+    /// queue is full drops SYNs): overload, once per burst, halving the window
+    /// this request started in when that was smaller (the signal comes a second
+    /// late, and is about the load of then, not the growth since); then growth
+    /// is paced until the window is back there.
+    pub fn lost_handshake(&self) {
+        let mut st = self.window.lock();
+        if self.epoch == st.epoch {
             let then = st.window.min(self.started_in);
-            st.ceiling = then;
-            st.window = (then / 2.0).max(1.0);
-            st.slow_start = false;
-            st.epoch += 1;
+            st.decrease_from(then);
+            st.paced = Some((Instant::now(), st.window));
         }
     }
 }
 
-impl Permit<'_> {
-    /// This request's connection lost its handshake (a server whose accept
-    /// queue is full drops SYNs): overload, and from now on the window grows
-    /// no faster than the signal can come.
-    pub fn lost_handshake(&self) {
-        self.overloaded();
-        let mut st = self.window.lock();
-        st.paced_until = Some(Instant::now() + PACED_GROWTH);
+impl State {
+    /// Halve `from` (at least one), remembered as the ceiling to probe slowly.
+    fn decrease_from(&mut self, from: f64) {
+        self.ceiling = from;
+        self.window = (from / 2.0).max(1.0);
+        self.slow_start = false;
+        self.epoch += 1;
     }
 }
 
@@ -215,29 +221,56 @@ mod tests {
     }
 
     #[test]
-    fn a_late_overload_halves_the_window_its_request_started_in() {
+    fn a_late_lost_handshake_halves_the_window_its_request_started_in() {
         let w = Window::new(1000);
         let late = w.acquire();
         for _ in 0..200 {
             w.acquire().succeeded();
         }
         assert_eq!(w.current(), INITIAL_WINDOW + 200);
-        late.overloaded();
+        late.lost_handshake();
         assert_eq!(w.current(), INITIAL_WINDOW / 2);
     }
 
     #[test]
-    fn after_a_lost_handshake_growth_waits_for_the_signal() {
+    fn a_late_failure_halves_the_window_as_it_is_now() {
+        // A long download started small, cut minutes later: the window grown
+        // meanwhile served the server well, and is halved, not collapsed.
+        let w = Window::new(1000);
+        let late = w.acquire();
+        for _ in 0..200 {
+            w.acquire().succeeded();
+        }
+        late.overloaded();
+        assert_eq!(w.current(), (INITIAL_WINDOW + 200) / 2);
+    }
+
+    #[test]
+    fn after_a_lost_handshake_growth_is_paced_until_back_at_the_ceiling() {
         let w = Window::new(100);
         for _ in 0..8 {
             w.acquire().succeeded();
         }
-        w.acquire().lost_handshake();
-        assert_eq!(w.current(), 2 * INITIAL_WINDOW / 2);
+        w.acquire().lost_handshake(); // 16 -> 8, ceiling 16
+        assert_eq!(w.current(), INITIAL_WINDOW);
         for _ in 0..100 {
             w.acquire().succeeded();
         }
         assert_eq!(w.current(), INITIAL_WINDOW, "no growth within a second");
+        // A second on, the usual growth (1/8 a success), not one a success.
+        let since = Instant::now() - Duration::from_millis(1050);
+        w.lock().paced = Some((since, INITIAL_WINDOW as f64));
+        for _ in 0..3 {
+            w.acquire().succeeded();
+        }
+        assert_eq!(w.current(), INITIAL_WINDOW);
+        // Long after, the usual growth up to the ceiling, and the pacing ends.
+        w.lock().paced = Some((Instant::now() - Duration::from_secs(100), 8.0));
+        for _ in 0..200 {
+            w.acquire().succeeded();
+        }
+        assert!(w.lock().paced.is_none());
+        assert!(w.current() >= 2 * INITIAL_WINDOW, "{}", w.current());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! connector of its direct agent: [`Provide`] hands a warm socket to a request
 //! that needs a new connection, [`Trigger`] starts the warm-up once a first
 //! connection (TCP, and TLS where the scheme says so) has succeeded, and
-//! [`Timed`] notes a connection that took as long as a lost handshake packet
+//! [`Timed`] notes a connection that took as long as a lost SYN
 //! ([`slow_connect_seen`]), the overload signal of a server whose accept queue is
 //! full: it drops the SYN, and only the kernel's retransmission a second later
 //! gets through.
@@ -23,9 +23,9 @@
 //! own thread, and a request takes one only if it is ready).
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,21 +37,31 @@ use ureq::unversioned::transport::{
 /// connections (nginx after 60 s by default), and the manifest has long arrived.
 const FRESH_FOR: Duration = Duration::from_secs(5);
 
-/// A TCP connection that took this much longer to open than the fastest one of
-/// its agent lost a handshake packet: the kernel retransmits a SYN first
-/// after one second (RFC 6298's initial RTO). A server drops SYNs when its
-/// accept queue is full.
-pub const SLOW_CONNECT: Duration = Duration::from_millis(900);
+/// How much longer than the fastest connection to the same host a connection
+/// that lost its SYN takes to open: the kernel retransmits a SYN one second
+/// after it (RFC 6298's initial RTO), then every second more (Linux's
+/// `tcp_syn_linear_timeouts`, 4 by default) or after two more (the RFC's
+/// doubling). A server drops SYNs when its accept queue is full. Longer delays
+/// (ureq giving up on one address of several for the next, after seconds) are
+/// not taken for this signal.
+const LOST_SYN_DELAYS: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(900)..=Duration::from_millis(4600);
+
+/// Does a connection that took `extra` longer than the fastest one look like
+/// one that lost its SYN?
+fn lost_syn(extra: Duration) -> bool {
+    LOST_SYN_DELAYS.contains(&extra)
+}
 
 thread_local! {
-    /// This thread opened a connection that took [`SLOW_CONNECT`] or longer.
+    /// This thread opened a connection that lost its SYN.
     /// Per thread, because a blocking request connects on its caller's thread and
     /// ureq gives a connector no handle on the request.
     static SLOW: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Did a connection opened on this thread since the last call take
-/// [`SLOW_CONNECT`] or longer? Clears the note.
+/// Did a connection opened on this thread since the last call lose its SYN
+/// (see [`Timed`])? Clears the note.
 pub fn slow_connect_seen() -> bool {
     SLOW.with(|s| s.replace(false))
 }
@@ -182,21 +192,21 @@ impl<In: Transport> Connector<In> for Trigger {
     }
 }
 
-/// Wraps ureq's TCP connector: a new connection that took [`SLOW_CONNECT`]
-/// longer than the fastest one so far is noted for [`slow_connect_seen`] (the
-/// fastest is the link's round trip, however long that is).
+/// Wraps ureq's TCP connector: a new connection that took one to four seconds
+/// longer than the fastest one to its host (the link's round trip, however long
+/// that is) lost its SYN, and is noted for [`slow_connect_seen`].
 #[derive(Debug)]
 pub struct Timed<C> {
     inner: C,
-    /// The fastest connect so far, in nanoseconds.
-    fastest: AtomicU64,
+    /// The fastest connect so far to each host (`host:port`).
+    fastest: Mutex<HashMap<String, Duration>>,
 }
 
 impl<C> Timed<C> {
     pub fn new(inner: C) -> Timed<C> {
         Timed {
             inner,
-            fastest: AtomicU64::new(u64::MAX),
+            fastest: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -213,9 +223,12 @@ impl<In: Transport, C: Connector<In>> Connector<In> for Timed<C> {
         let started = Instant::now();
         let made = self.inner.connect(details, chained);
         if opens && made.is_ok() {
-            let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let fastest = self.fastest.fetch_min(took, Ordering::Relaxed).min(took);
-            if took.saturating_sub(fastest) >= SLOW_CONNECT.as_nanos() as u64 {
+            let took = started.elapsed();
+            let host = details.uri.authority().map_or("", |a| a.as_str());
+            let mut fastest = self.fastest.lock().unwrap_or_else(|p| p.into_inner());
+            let best = fastest.entry(host.to_string()).or_insert(took);
+            *best = (*best).min(took);
+            if lost_syn(took - *best) {
                 SLOW.with(|s| s.set(true));
             }
         }
