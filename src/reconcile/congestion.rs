@@ -8,7 +8,9 @@
 //! connection that took a lost SYN's second to open);
 //! after that it grows by one per window's worth of successes, and eight times
 //! slower within one request of the window the last overload happened at (the
-//! server's limit is probably there: probing it costs a refusal each time).
+//! server's limit is probably there: probing it costs a refusal each time). A lost
+//! SYN tells a second late: it halves the window its request started in, and the
+//! growth back to there is held to one a second.
 //!
 //! Invariants kept: never more than `cap` requests in flight (the `--jobs` hard
 //! cap), never fewer than one allowed; one burst of failures halves the window once,
