@@ -922,16 +922,36 @@ mod tests {
         });
     }
 
-    /// A reader that hands out its bytes in reads of uneven sizes, as a socket does.
+    /// A reader that hands out its bytes in reads of uneven sizes, as a socket
+    /// does; when `flaky`, reads also fail now and then (interrupted, or cut).
     struct Uneven {
         data: Vec<u8>,
         pos: usize,
         step: usize,
+        flaky: bool,
+    }
+
+    impl Uneven {
+        fn new(data: Vec<u8>, step: usize, flaky: bool) -> Uneven {
+            Uneven {
+                data,
+                pos: 0,
+                step,
+                flaky,
+            }
+        }
     }
 
     impl Read for Uneven {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             self.step = (self.step * 7919 + 13) % 90_001;
+            if self.flaky {
+                match self.step % 5 {
+                    1 => return Err(io::ErrorKind::Interrupted.into()),
+                    3 => return Err(io::Error::other("cut")),
+                    _ => {}
+                }
+            }
             let n = (1 + self.step)
                 .min(buf.len())
                 .min(self.data.len() - self.pos);
@@ -957,11 +977,7 @@ mod tests {
                 let group = &group;
                 sc.spawn(move || {
                     let data = noise(i as u64 + 20, len);
-                    let mut source = Uneven {
-                        data: data.clone(),
-                        pos: 0,
-                        step: i,
-                    };
+                    let mut source = Uneven::new(data.clone(), i, false);
                     let mut lane = group.lane().expect("a lane for each stream");
                     let mut seen = Vec::new();
                     loop {
@@ -1208,41 +1224,12 @@ mod tests {
         });
     }
 
-    /// A reader that fails now and then (Interrupted, or another error) and
-    /// otherwise hands out uneven pieces.
-    struct Flaky {
-        data: Vec<u8>,
-        pos: usize,
-        calls: usize,
-    }
-
-    impl Read for Flaky {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.calls += 1;
-            match self.calls % 5 {
-                1 => return Err(io::ErrorKind::Interrupted.into()),
-                3 => return Err(io::Error::other("cut")),
-                _ => {}
-            }
-            let n = (1 + self.calls * 7919 % 70_000)
-                .min(buf.len())
-                .min(self.data.len() - self.pos);
-            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
-            self.pos += n;
-            Ok(n)
-        }
-    }
-
     #[test]
     fn read_errors_mid_window_add_no_bytes() {
         let group = LockStep::new();
         let _other = group.lane().unwrap();
         let data = noise(50, 3 * WINDOW + 4321);
-        let mut src = Flaky {
-            data: data.clone(),
-            pos: 0,
-            calls: 0,
-        };
+        let mut src = Uneven::new(data.clone(), 0, true);
         let mut lane = group.lane().unwrap();
         let mut seen = Vec::new();
         loop {
