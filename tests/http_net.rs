@@ -365,6 +365,40 @@ fn trust_store_is_read_only_when_a_target_is_https() {
     assert_pulled(&out, &dir);
 }
 
+/// A redirect to https:// is only known once followed: with no usable trust
+/// store, that table fails (exit 1), naming the redirect and the variable, and
+/// no certificate is asked for.
+#[test]
+fn redirect_to_https_without_a_trust_store_fails_that_table_naming_why() {
+    let ca = TestCa::new(&["127.0.0.1", "localhost"]);
+    let secure = Origin::tls(&ca, Limits::default());
+    let plain = Origin::http(Limits::default());
+    serve_stack(&plain, 1, 100);
+    let b = body(0, 100);
+    secure.route("/blob", Answer::Body(b));
+    plain.route(
+        "/api/data/tbl_0/download",
+        Answer::Redirect(302, secure.url("/blob")),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-ca.pem");
+    let dir = tmp.path().join("d");
+    let out = pull(
+        &plain.url("/manifest.json"),
+        &dir,
+        &[],
+        &[("SSL_CERT_FILE", missing.to_str().unwrap())],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SSL_CERT_FILE") && err.contains("/blob"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(secure.connections(), 0);
+}
+
 #[test]
 fn untrusted_certificate_fails_at_once_naming_the_host_and_the_fix() {
     let ca = TestCa::new(&["127.0.0.1", "localhost"]);

@@ -687,7 +687,15 @@ fn a_connection_that_lost_its_syn_lowers_the_window() {
     }
     let o = HttpOrigin::new(
         &format!("http://{addr}/api/stack/manifest.json"),
-        HttpOptions { jobs: 2, ..opts() },
+        // No retry, and time for the SYN's retransmissions: the third fetch
+        // must succeed on its one connection, not on a retry after a connect
+        // timeout (which halves the window too).
+        HttpOptions {
+            jobs: 2,
+            retries: 0,
+            connect_timeout: Duration::from_secs(5),
+            ..opts()
+        },
     )
     .expect("origin");
     let d = dir();
@@ -705,6 +713,8 @@ fn a_connection_that_lost_its_syn_lowers_the_window() {
         2,
         "the warm socket was opened"
     );
+    // The warm socket is kept once its connect returns, just after the accept.
+    std::thread::sleep(Duration::from_millis(100));
     std::fs::remove_file(&d.part).unwrap();
     fetch(&o, PATH, &md5, None, &d.part).expect("second fetch, on the warm socket");
     assert_eq!(

@@ -153,6 +153,10 @@ impl Permit<'_> {
             let then = st.window.min(self.started_in);
             st.decrease_from(then);
             st.paced = Some((Instant::now(), st.window));
+        } else if st.paced.is_none() {
+            // Another signal of the burst halved the window already; the
+            // growth back is paced all the same.
+            st.paced = Some((Instant::now(), st.window));
         }
     }
 }
@@ -266,6 +270,10 @@ mod tests {
             w.acquire().succeeded();
         }
         assert_eq!(w.current(), INITIAL_WINDOW);
+        assert!(
+            w.lock().window > INITIAL_WINDOW as f64,
+            "it grows all the same"
+        );
         // Long after, the usual growth up to the ceiling, and the pacing ends.
         w.lock().paced = Some((Instant::now() - Duration::from_secs(100), 8.0));
         for _ in 0..200 {
@@ -273,6 +281,23 @@ mod tests {
         }
         assert!(w.lock().paced.is_none());
         assert!(w.current() >= 2 * INITIAL_WINDOW, "{}", w.current());
+    }
+
+    #[test]
+    fn a_lost_handshake_after_another_overload_paces_the_growth() {
+        let w = Window::new(100);
+        let late = w.acquire();
+        w.acquire().overloaded(); // 8 -> 4
+        late.lost_handshake(); // the same burst: no second halving
+        assert_eq!(w.current(), INITIAL_WINDOW / 2);
+        for _ in 0..100 {
+            w.acquire().succeeded();
+        }
+        assert_eq!(
+            w.current(),
+            INITIAL_WINDOW / 2,
+            "paced: no growth within a second"
+        );
     }
 
     #[test]

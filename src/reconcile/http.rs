@@ -625,7 +625,12 @@ impl HttpOrigin {
                 status: None,
             })?;
             let proxy = self.opts.proxies.for_target(&hop.scheme, &hop.host);
-            let agents = self.agents(&hop.scheme).map_err(Failure::Local)?;
+            // Every URL of the manifest was checked by `resolve`; a redirect to
+            // https:// without a usable trust store fails this item.
+            let agents = self.agents(&hop.scheme).map_err(|e| Failure::Permanent {
+                message: format!("{url} is served over TLS, and {e}"),
+                status: None,
+            })?;
             let agent = match proxy {
                 None => &agents.direct,
                 Some(_) => agents.via_proxy.as_ref().unwrap_or(&agents.direct),

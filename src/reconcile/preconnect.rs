@@ -198,8 +198,8 @@ impl<In: Transport> Connector<In> for Trigger {
 #[derive(Debug)]
 pub struct Timed<C> {
     inner: C,
-    /// The fastest connect so far to each host (`host:port`).
-    fastest: Mutex<HashMap<String, Duration>>,
+    /// The fastest connect so far to each host and port (as the URL gives it).
+    fastest: Mutex<HashMap<(String, Option<u16>), Duration>>,
 }
 
 impl<C> Timed<C> {
@@ -224,9 +224,10 @@ impl<In: Transport, C: Connector<In>> Connector<In> for Timed<C> {
         let made = self.inner.connect(details, chained);
         if opens && made.is_ok() {
             let took = started.elapsed();
-            let host = details.uri.authority().map_or("", |a| a.as_str());
+            let host = details.uri.host().unwrap_or("").to_ascii_lowercase();
+            let port = details.uri.port_u16();
             let mut fastest = self.fastest.lock().unwrap_or_else(|p| p.into_inner());
-            let best = fastest.entry(host.to_string()).or_insert(took);
+            let best = fastest.entry((host, port)).or_insert(took);
             *best = (*best).min(took);
             if lost_syn(took - *best) {
                 SLOW.with(|s| s.set(true));
