@@ -397,6 +397,29 @@ fn redirect_to_https_without_a_trust_store_fails_that_table_naming_why() {
         text(&out)
     );
     assert_eq!(secure.connections(), 0);
+
+    // The manifest itself redirected there: a usage error, nothing touched.
+    serve_stack(&secure, 1, 100);
+    let moved = Origin::http(Limits::default());
+    moved.route(
+        "/manifest.json",
+        Answer::Redirect(301, secure.url("/manifest.json")),
+    );
+    let dir = tmp.path().join("d2");
+    let out = pull(
+        &moved.url("/manifest.json"),
+        &dir,
+        &[],
+        &[("SSL_CERT_FILE", missing.to_str().unwrap())],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SSL_CERT_FILE"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.exists(), "nothing is written: {}", text(&out));
+    assert_eq!(secure.connections(), 0);
 }
 
 #[test]

@@ -60,6 +60,10 @@ use super::congestion::{Window, INITIAL_WINDOW};
 use super::netenv::{self, Proxies};
 use super::origin::{hex, origin_relative, Fetched, Origin, Request};
 use super::preconnect::{slow_connect_seen, Provide, Timed, Trigger, Warm};
+
+/// A lost SYN noted longer ago than this (its request downloaded a large body
+/// since) no longer says anything about the server's queue.
+const LATE_SIGNAL: Duration = Duration::from_secs(2);
 use crate::error::{Error, IoContext, Result};
 use crate::fs::{FileWrite, Fs};
 use crate::md5x::{Lane, LockStep};
@@ -325,6 +329,10 @@ enum Failure {
     },
     /// The local filesystem failed: propagated untouched (it may be a simulated crash).
     Local(Error),
+    /// A redirect to `https://` with no usable trust store: the user's set-up.
+    /// The manifest's is a usage error (nothing was touched yet); a table's
+    /// fails that table.
+    Untrusted(String),
 }
 
 impl Failure {
@@ -600,6 +608,9 @@ impl HttpOrigin {
                     String::new()
                 }
             ))),
+            Failure::Untrusted(message) => {
+                Error::Usage(self.redact(format!("manifest URL {}: {message}", self.manifest_url)))
+            }
             Failure::Permanent { message, .. } | Failure::Transient { message, .. } => {
                 Error::Fetch {
                     what: "manifest".to_string(),
@@ -627,10 +638,9 @@ impl HttpOrigin {
             let proxy = self.opts.proxies.for_target(&hop.scheme, &hop.host);
             // Every URL of the manifest was checked by `resolve`; a redirect to
             // https:// without a usable trust store fails this item.
-            let agents = self.agents(&hop.scheme).map_err(|e| Failure::Permanent {
-                message: format!("{url} is served over TLS, and {e}"),
-                status: None,
-            })?;
+            let agents = self
+                .agents(&hop.scheme)
+                .map_err(|e| Failure::Untrusted(format!("{url} is served over TLS, and {e}")))?;
             let agent = match proxy {
                 None => &agents.direct,
                 Some(_) => agents.via_proxy.as_ref().unwrap_or(&agents.direct),
@@ -694,7 +704,8 @@ impl HttpOrigin {
             let result = attempt();
             // A connection that lost its SYN is the server's accept queue
             // overflowing: fewer requests at once, whatever came of this one.
-            let slow_connect = slow_connect_seen();
+            // Told at the end of a long download, it is news of another time.
+            let slow_connect = slow_connect_seen().is_some_and(|at| at.elapsed() < LATE_SIGNAL);
             if slow_connect {
                 permit.lost_handshake();
             }
@@ -868,13 +879,13 @@ impl HttpOrigin {
     fn fetch_error(&self, req: &Request<'_>, url: &str, f: Failure) -> Error {
         match f {
             Failure::Local(e) => e,
-            Failure::Permanent { message, .. } | Failure::Transient { message, .. } => {
-                Error::Fetch {
-                    what: req.item.describe(),
-                    message: self.redact(format!("GET {url}: {message}")),
-                    source: None,
-                }
-            }
+            Failure::Permanent { message, .. }
+            | Failure::Transient { message, .. }
+            | Failure::Untrusted(message) => Error::Fetch {
+                what: req.item.describe(),
+                message: self.redact(format!("GET {url}: {message}")),
+                source: None,
+            },
         }
     }
 }

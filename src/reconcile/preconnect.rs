@@ -57,13 +57,13 @@ thread_local! {
     /// This thread opened a connection that lost its SYN.
     /// Per thread, because a blocking request connects on its caller's thread and
     /// ureq gives a connector no handle on the request.
-    static SLOW: Cell<bool> = const { Cell::new(false) };
+    static SLOW: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-/// Did a connection opened on this thread since the last call lose its SYN
-/// (see [`Timed`])? Clears the note.
-pub fn slow_connect_seen() -> bool {
-    SLOW.with(|s| s.replace(false))
+/// When a connection opened on this thread since the last call, which lost
+/// its SYN (see [`Timed`]), was made. Clears the note.
+pub fn slow_connect_seen() -> Option<Instant> {
+    SLOW.with(|s| s.take())
 }
 
 /// The warm sockets of one origin.
@@ -199,7 +199,7 @@ impl<In: Transport> Connector<In> for Trigger {
 pub struct Timed<C> {
     inner: C,
     /// The fastest connect so far to each host and port (as the URL gives it).
-    fastest: Mutex<HashMap<(String, Option<u16>), Duration>>,
+    fastest: Mutex<HashMap<(String, u16), Duration>>,
 }
 
 impl<C> Timed<C> {
@@ -225,12 +225,16 @@ impl<In: Transport, C: Connector<In>> Connector<In> for Timed<C> {
         if opens && made.is_ok() {
             let took = started.elapsed();
             let host = details.uri.host().unwrap_or("").to_ascii_lowercase();
-            let port = details.uri.port_u16();
+            let https = details.uri.scheme_str() == Some("https");
+            let port = details
+                .uri
+                .port_u16()
+                .unwrap_or(if https { 443 } else { 80 });
             let mut fastest = self.fastest.lock().unwrap_or_else(|p| p.into_inner());
             let best = fastest.entry((host, port)).or_insert(took);
             *best = (*best).min(took);
             if lost_syn(took - *best) {
-                SLOW.with(|s| s.set(true));
+                SLOW.with(|s| s.set(Some(Instant::now())));
             }
         }
         made
