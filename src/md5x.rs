@@ -282,32 +282,16 @@ pub fn digest_slices(data: &[&[u8]]) -> Vec<[u8; 16]> {
     let mut out = Vec::with_capacity(data.len());
     for group in data.chunks(LANES) {
         let mut states = INIT.map(|v| [v; LANES]);
-        let blocks: Vec<usize> = group.iter().map(|d| d.len() / 64).collect();
-        let most = blocks.iter().copied().max().unwrap_or(0);
-        let mut m = [[0u32; LANES]; 16];
-        for k in 0..most {
-            let before = states;
-            for (l, d) in group.iter().enumerate() {
-                if k < blocks[l] {
-                    let words = d[64 * k..64 * k + 64].chunks_exact(4);
-                    for (slot, w) in m.iter_mut().zip(words) {
-                        slot[l] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-                    }
-                }
-            }
-            compress_lanes(&mut states, &m);
-            // A lane whose slice has no block `k` keeps its state.
-            for (l, &n) in blocks.iter().enumerate() {
-                if k >= n {
-                    for (now, was) in states.iter_mut().zip(&before) {
-                        now[l] = was[l];
-                    }
-                }
-            }
-        }
+        let whole: [&[u8]; LANES] =
+            std::array::from_fn(|l| group.get(l).map_or(&[][..], |d| &d[..d.len() / 64 * 64]));
+        compress_masked(&mut states, &whole);
         for (l, d) in group.iter().enumerate() {
-            let st = [states[0][l], states[1][l], states[2][l], states[3][l]];
-            out.push(finish(st, &d[64 * blocks[l]..], d.len() as u64));
+            // A slice without a whole block left its lane undefined: it is INIT.
+            let st = match whole[l].is_empty() {
+                true => INIT,
+                false => [states[0][l], states[1][l], states[2][l], states[3][l]],
+            };
+            out.push(finish(st, &d[whole[l].len()..], d.len() as u64));
         }
     }
     out
